@@ -1,0 +1,153 @@
+"""Atomic, checksummed checkpoints: a folder of safetensors files plus one JSON of metadata.
+
+Every checkpoint (centralized step, federated round) is written to a temporary folder, fsynced, then renamed,
+so a crash leaves either the old checkpoint or the new one, never half of one. `meta.json` records the
+SHA-256 of every tensor file; a damaged file is detected at load and the previous good checkpoint is used.
+Tensors only: nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from photon.errors import UserError
+
+log = logging.getLogger(__name__)
+META = "meta.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
+                    extra_files: tuple[Path, ...] = ()) -> Path:
+    """Write `path/` holding one `<group>.safetensors` per entry of `tensors`, copies of `extra_files`
+    (the tokenizer, so a checkpoint stands alone) and `meta.json`, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    for group, tdict in tensors.items():
+        fname = f"{group}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tdict.items()}, tmp / fname)
+        files[fname] = sha256_file(tmp / fname)
+    for src in extra_files:
+        shutil.copyfile(src, tmp / Path(src).name)
+        files[Path(src).name] = sha256_file(tmp / Path(src).name)
+    atomic_write_text(tmp / META, json.dumps({"files": files, **meta}, indent=1))
+    _fsync_dir(tmp)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Read and verify a checkpoint folder; UserError naming the damaged file if a checksum fails."""
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.exists():
+        raise UserError(f"{path} is not a checkpoint (no {META}); pass a folder under RUN_DIR/checkpoints/")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{meta_path} is corrupted (not JSON); use an earlier checkpoint") from None
+    tensors = {}
+    for fname, digest in meta.get("files", {}).items():
+        fpath = path / fname
+        if not fpath.exists() or sha256_file(fpath) != digest:
+            raise UserError(f"{fpath} is missing or corrupted (checksum mismatch); use an earlier checkpoint")
+        if fname.endswith(".safetensors"):
+            tensors[fname.removesuffix(".safetensors")] = load_file(fpath)
+    return tensors, meta
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint folders under `ckpt_dir`, oldest first (names sort by step/round)."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    return sorted(p for p in Path(ckpt_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_latest(ckpt_dir: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            tensors, meta = load_checkpoint(path)
+        except UserError as e:
+            log.warning("skipping damaged checkpoint: %s", e)
+            continue
+        return path, tensors, meta
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (at least 2, so a damaged newest still has a fallback)."""
+    for path in list_checkpoints(ckpt_dir)[: -max(keep, 2)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run directory (its newest checkpoint that verifies)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a checkpoint folder or a run directory")
+    if (path / META).exists():
+        return path
+    found = load_latest(path / "checkpoints")
+    if found is None:
+        raise UserError(f"{path} holds no checkpoint; pass RUN_DIR or RUN_DIR/checkpoints/<name>")
+    return found[0]
+
+
+def load_model_checkpoint(path: Path):
+    """(model, config, meta, tokenizer.json path) from a checkpoint folder or run directory."""
+    from photon.config import build_config
+    from photon.model.transformer import Transformer, load_unique_state_dict
+
+    path = resolve_checkpoint(path)
+    tensors, meta = load_checkpoint(path)
+    if "model" not in tensors or "config" not in meta:
+        raise UserError(f"{path} holds no model; pass a checkpoint written by photon train-central or run")
+    cfg = build_config(meta["config"])
+    model = Transformer(cfg.model)
+    load_unique_state_dict(model, tensors["model"])
+    model.eval()
+    return model, cfg, meta, path / "tokenizer.json"

@@ -1,0 +1,194 @@
+"""The `photon` command line (typer): parses flags into a config once, then calls the library.
+
+A `UserError` (bad input the user can fix) is printed as one line and exits with code 2; `--debug` shows
+the traceback. Every verb has `--help`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from photon.config import RunConfig, load_config, preset_names
+from photon.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Photon: federated pre-training of language models on Flower.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios against a baseline run in the same call.")
+app.add_typer(bench_app, name="bench")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help=f"Preset name ({', '.join(preset_names())}) "
+                                        "or a YAML file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=3e-4 (repeatable).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Prepared data dir (default: the preset's data.prep_dir).")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _config(preset: str, overrides: list[str] | None, data: Path | None = None, **extra: object) -> RunConfig:
+    sets = list(overrides or [])
+    if data is not None:
+        sets.append(f"data.prep_dir={data}")
+    sets += [f"{k}={v}" for k, v in extra.items() if v is not None]
+    return load_config(preset, sets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Foundation: data, centralized training, evaluation, export
+
+
+@app.command()
+def prepare(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Your text: a dir of domain subdirs with .txt/.jsonl/"
+                                                  ".parquet. Default: the built-in offline multi-domain corpus.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write (default: the preset's data.prep_dir).")] = None,
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
+) -> None:
+    """Build the tokenizer and token shards (per domain, train/val) once, offline."""
+    from photon.data.shards import prepare as do_prepare
+
+    cfg = _config(preset, overrides, out)
+    path = do_prepare(cfg.data, cfg.model.vocab_size, source=data, cache_dir=cache)
+    console.print(f"prepared data in {path}")
+
+
+@app.command("train-central")
+def train_central(
+    data: DataOpt = None,
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    steps: Annotated[Optional[int], typer.Option(help="Schedule length in steps (train.steps).")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/central"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+) -> None:
+    """Train the centralized baseline on the union of all domains; checkpoints under OUT/checkpoints/."""
+    from photon.train.centralized import train_central as run
+
+    cfg = _config(preset, overrides, data, **{"train.steps": steps})
+    run(cfg, out, resume=resume, console=console)
+    console.print(f"run directory: {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory (its newest checkpoint).")],
+    data: DataOpt = None,
+    batches: Annotated[Optional[int], typer.Option(help="Validation batches per domain.")] = None,
+) -> None:
+    """Print validation loss and perplexity per domain and overall."""
+    from photon.checkpoint import load_model_checkpoint
+    from photon.data.shards import open_prepared
+    from photon.report import eval_table
+    from photon.train.evaluate import evaluate
+
+    model, cfg, meta, _ = load_model_checkpoint(ckpt)
+    prepared = open_prepared(data or cfg.data.prep_dir)
+    t = cfg.train
+    losses = evaluate(model, prepared, t.seq_len, t.batch_size, batches or t.eval_batches, t.bf16)
+    console.print(eval_table(losses, title=f"{ckpt}"))
+
+
+@app.command()
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
+    hf: Annotated[Path, typer.Option("--hf", help="Output dir loadable by transformers' from_pretrained.")],
+) -> None:
+    """Write a Hugging Face LlamaForCausalLM + tokenizer directory."""
+    from photon.checkpoint import load_model_checkpoint
+    from photon.model.hf import export_hf
+
+    model, cfg, _, tokenizer = load_model_checkpoint(ckpt)
+    export_hf(model, cfg.model, tokenizer, hf)
+    console.print(f"exported to {hf} (load with AutoModelForCausalLM.from_pretrained({str(hf)!r}))")
+
+
+@app.command()
+def generate(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "The",
+    tokens: Annotated[int, typer.Option(help="New tokens to sample.")] = 80,
+    temperature: Annotated[float, typer.Option(min=0.01)] = 0.8,
+    top_k: Annotated[int, typer.Option(min=1)] = 50,
+    seed: int = 0,
+) -> None:
+    """Sample a continuation of PROMPT."""
+    import torch
+
+    from photon.checkpoint import load_model_checkpoint
+    from photon.data.tokenizer import load_tokenizer
+
+    model, _, _, tok_path = load_model_checkpoint(ckpt)
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode(prompt).ids or [0]
+    gen = torch.Generator().manual_seed(seed)
+    out = model.generate(torch.tensor([ids]), tokens, temperature=temperature, top_k=top_k, generator=gen)
+    console.print(tok.decode(out[0].tolist()), markup=False, highlight=False)
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+         out: Annotated[Optional[Path], typer.Option(help="PNG path (default RUN_DIR/curves.png).")] = None) -> None:
+    """Draw the loss / perplexity curves of a run as a PNG."""
+    from photon.report import plot_run
+
+    console.print(f"wrote {plot_run(run_dir, out)}")
+
+
+@app.command()
+def presets() -> None:
+    """List the presets with their model sizes."""
+    from photon.model.transformer import describe
+
+    for name in preset_names():
+        cfg = load_config(name)
+        console.print(f"[bold]{name:12s}[/] {describe(cfg.model)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+@bench_app.command("trainer")
+def bench_trainer(
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    steps: Annotated[int, typer.Option(help="Timed steps per arm.")] = 20,
+    repeats: Annotated[int, typer.Option(help="Alternating repeats per arm (best is kept).")] = 3,
+) -> None:
+    """Tokens/s of photon's local trainer vs a bare PyTorch loop (same model, batch, threads)."""
+    from photon.bench.trainer import run_trainer_bench
+
+    run_trainer_bench(_config(preset, overrides), steps=steps, repeats=repeats, console=console)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        app()
+    except UserError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""One typed configuration for every Photon run: model shape, data, local training, federation.
+
+A run is a YAML preset (``photon/presets/<name>.yaml``) plus ``key.path=value`` overrides. Everything is
+validated here, once, at the edge: unknown keys, wrong types and out-of-range values are refused with a
+message that names the key and the fix. Nothing below this module reads environment variables or YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from photon.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    """Shape of the decoder-only (Llama-style) transformer."""
+
+    vocab_size: int = Field(8192, ge=256, description="Tokenizer vocabulary size (embedding rows).")
+    n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
+    d_model: int = Field(128, ge=8, description="Hidden width.")
+    n_head: int = Field(4, ge=1, description="Attention heads.")
+    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (grouped-query); None = n_head.")
+    ffn_hidden: int | None = Field(None, ge=8, description="SwiGLU hidden width; None = 8/3·d_model rounded up to 64.")
+    max_seq_len: int = Field(256, ge=8, description="Longest context the model is configured for.")
+    tie_embeddings: bool = Field(True, description="Share input embedding and output head weights.")
+    rope_theta: float = Field(10000.0, gt=0, description="Rotary embedding base.")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal init of linear and embedding weights.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("model.d_model / model.n_head must be even (rotary embeddings rotate pairs)")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-int(8 * self.d_model / 3) // 64) * 64
+
+
+class PartitionConfig(_Frozen):
+    """How the prepared training tokens are split into logical clients (data partitions)."""
+
+    kind: Literal["iid", "by-domain", "dirichlet"] = Field(
+        "by-domain", description="iid: every client gets an equal slice of every domain; by-domain: each client "
+        "holds whole domains; dirichlet: domain mixture per client drawn from Dir(alpha).")
+    num_clients: int = Field(4, ge=1, description="N, the number of logical clients (partitions).")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (kind=dirichlet only); small = skewed.")
+    seed: int = Field(0, description="Seed for the partition draw.")
+
+
+class DataConfig(_Frozen):
+    """Where prepared data lives and how raw text becomes token shards."""
+
+    prep_dir: Path = Field(Path("data/prepared"), description="Prepared corpus: tokenizer, shards, manifest.")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of each domain's documents held out.")
+    max_mb_per_domain: float | None = Field(
+        None, gt=0, description="Cap on raw text per domain (MB), for quick runs; None = all of it.")
+    tokenizer_sample_mb: float = Field(20.0, gt=0, description="Raw text (MB) sampled to train the BPE tokenizer.")
+    seed: int = Field(0, description="Seed for document shuffling and the train/val split.")
+    partition: PartitionConfig = PartitionConfig()
+
+
+class TrainConfig(_Frozen):
+    """The local (inner) optimizer and its schedule; also the centralized baseline's."""
+
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (per client).")
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate of the cosine schedule.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (paper: 0.1).")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup, in global steps.")
+    steps: int = Field(2000, ge=1, description="Schedule length in global steps (centralized run length).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0).")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
+    bf16: bool = Field(False, description="bf16 autocast for forward/backward (weights stay fp32).")
+    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default.")
+    seed: int = Field(0, description="Seed for parameter init and data order.")
+    eval_every: int = Field(200, ge=1, description="Evaluate every this many steps (centralized).")
+    eval_batches: int = Field(8, ge=1, description="Validation batches per domain at each evaluation.")
+    ckpt_every: int = Field(200, ge=1, description="Checkpoint every this many steps (centralized).")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}")
+        return self
+
+
+class OuterConfig(_Frozen):
+    """The server (outer) optimizer applied to the pseudo-gradient Δ = θ − mean(θ_k)."""
+
+    name: Literal["fedavg", "nesterov", "fedmom", "fedadam", "fedyogi"] = Field(
+        "fedavg", description="fedavg is Photon's recipe (lr 1.0); nesterov is DiLoCo's (lr 0.7, momentum 0.9).")
+    lr: float = Field(1.0, gt=0, description="Server learning rate η.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (nesterov, fedmom).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay (fedadam, fedyogi).")
+    beta2: float = Field(0.99, ge=0, lt=1, description="Second-moment decay (fedadam, fedyogi).")
+    tau: float = Field(1e-3, gt=0, description="Adaptivity floor τ (fedadam, fedyogi).")
+
+
+class FederationConfig(_Frozen):
+    """Rounds, sampling and fault tolerance of the federated run."""
+
+    rounds: int = Field(8, ge=1, description="Number of federated rounds.")
+    clients_per_round: int = Field(4, ge=1, description="K, clients sampled each round (may exceed the nodes).")
+    local_steps: int = Field(16, ge=1, description="H, local optimizer steps per client per round.")
+    outer: OuterConfig = OuterConfig()
+    client_optimizer: Literal["reset", "persist"] = Field(
+        "reset", description="reset: fresh AdamW every round (stateless); persist: kept per client on node disk.")
+    min_replies: int = Field(1, ge=1, description="A round needs at least this many good replies, else it is retried.")
+    max_round_retries: int = Field(3, ge=0, description="Retries of a round that got too few replies.")
+    round_timeout_s: float = Field(3600.0, gt=0, description="Replies later than this are dropped.")
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
+    num_nodes: int = Field(2, ge=1, description="Simulated nodes (Flower SuperNodes) in simulation.")
+
+
+class RunConfig(_Frozen):
+    """A whole run: a preset plus overrides."""
+
+    name: str = Field("tiny", description="Preset name, for logs.")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> RunConfig:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        fed, n = self.federation, self.data.partition.num_clients
+        if fed.clients_per_round > n:
+            raise ValueError(f"federation.clients_per_round={fed.clients_per_round} exceeds "
+                             f"data.partition.num_clients={n}: sample at most N clients per round")
+        if fed.min_replies > fed.clients_per_round:
+            raise ValueError(f"federation.min_replies={fed.min_replies} exceeds "
+                             f"federation.clients_per_round={fed.clients_per_round}")
+        return self
+
+    @property
+    def federated_steps(self) -> int:
+        """Length of the global schedule in a federated run: rounds × H sequential steps."""
+        return self.federation.rounds * self.federation.local_steps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: preset + overrides -> RunConfig
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted!r}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.lr=3e-4'`` -> ``('train.lr', 0.0003)``; the value is read as YAML (numbers, bools, lists)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        value = _yaml_float(value)
+    return key, value
+
+
+def _yaml_float(s: str) -> Any:
+    # PyYAML reads "3e-4" as a string (YAML 1.1 wants a dot); accept it as the float everyone means.
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def _fix_floats(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _fix_floats(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fix_floats(v) for v in tree]
+    if isinstance(tree, str):
+        return _yaml_float(tree)
+    return tree
+
+
+def _format_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `photon config --help` lists the sections)"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def build_config(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(_fix_floats(tree))
+    except ValidationError as e:
+        raise UserError(f"bad config: {_format_validation(e)}") from None
+
+
+def load_config(preset: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset by name (or a YAML file path) and apply ``key=value`` overrides."""
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise UserError(f"unknown preset {str(preset)!r}; choose one of: {', '.join(preset_names())} "
+                            "or pass a YAML file path")
+    elif not path.exists():
+        raise UserError(f"config file {path} does not exist")
+    tree = _read_yaml(path)
+    tree.setdefault("name", path.stem)
+    for text in overrides or []:
+        _set_path(tree, *parse_override(text))
+    return build_config(tree)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

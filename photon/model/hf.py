@@ -1,0 +1,161 @@
+"""Export a trained model to a Hugging Face ``LlamaForCausalLM`` folder (weights, config, tokenizer), and back.
+
+Everything is offline: the folder loads with ``from_pretrained(dir)`` without the Hub. This module does not
+import transformers (it writes the files by hand), so the training path never pays for that import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from photon.config import ModelConfig
+from photon.errors import UserError
+from photon.model.transformer import HEAD_KEY, Transformer, load_unique_state_dict, unique_state_dict
+
+
+def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
+    """A LlamaConfig as a dict, in the transformers 5.x form (``rope_parameters``)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        # transformers 4.x reads the base from the top level; 5.x prefers rope_parameters when both exist.
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": "float32",
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def export_hf(model: Transformer, cfg: ModelConfig, tokenizer_json: Path, out_dir: Path,
+              eos_token: str = "<|endoftext|>") -> None:
+    """Write a complete HF folder at out_dir, replacing it atomically (readers never see half a folder)."""
+    tokenizer_json, out_dir = Path(tokenizer_json), Path(out_dir)
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        raise UserError(f"{tokenizer_json}: not a readable tokenizers JSON file ({e})") from None
+    eot_id = tok.token_to_id(eos_token)
+    if eot_id is None:
+        raise UserError(f"{tokenizer_json}: has no token {eos_token!r}; pass the tokenizer's end-of-text token")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise UserError(f"{tokenizer_json}: has {tok.get_vocab_size()} tokens but model.vocab_size="
+                        f"{cfg.vocab_size}; export with the tokenizer the model was trained with")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder; choose another output path")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        # safetensors wants contiguous, unshared tensors; fp32 so HF's from_pretrained needs no cast.
+        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unique_state_dict(model).items()}
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config(cfg, eot_id))
+        _write_json(tmp / "generation_config.json",
+                    {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id})
+        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        _write_json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token,
+            "model_max_length": cfg.max_seq_len,
+            "clean_up_tokenization_spaces": False,
+        })
+        _write_json(tmp / "special_tokens_map.json",
+                    {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token})
+        _swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    # rename() cannot replace a non-empty folder, so move the old one aside first and delete it last.
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _config_from_hf(c: dict[str, Any], where: Path) -> ModelConfig:
+    if c.get("model_type") != "llama":
+        raise UserError(f"{where}: model_type is {c.get('model_type')!r}, not 'llama'; only Llama folders import")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"{where}: rope type {rope.get('rope_type')!r} is not supported (only 'default')")
+    if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: biases or a non-SiLU activation are not supported by photon's model")
+    heads, d = c["num_attention_heads"], c["hidden_size"]
+    if c.get("head_dim") not in (None, d // heads):
+        raise UserError(f"{where}: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads")
+    kv = c.get("num_key_value_heads") or heads
+    default = ModelConfig(d_model=d, n_head=heads)
+    try:
+        # Fields equal to their defaults are left None, so an export/import round trip gives the same config.
+        return ModelConfig(
+            vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], d_model=d, n_head=heads,
+            n_kv_head=None if kv == heads else kv,
+            ffn_hidden=None if c["intermediate_size"] == default.hidden else c["intermediate_size"],
+            max_seq_len=c["max_position_embeddings"], tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+            norm_eps=c.get("rms_norm_eps", 1e-6), init_std=c.get("initializer_range", 0.02),
+        )
+    except ValidationError as e:
+        raise UserError(f"{where}: config does not fit photon's model: {e.errors()[0]['msg']}") from None
+
+
+def import_hf(hf_dir: Path) -> tuple[Transformer, ModelConfig]:
+    """Read an HF Llama folder (config.json + model.safetensors) into a Transformer."""
+    hf_dir = Path(hf_dir)
+    cfg_path, weights = hf_dir / "config.json", hf_dir / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise UserError(f"{hf_dir}: no {p.name}; expected a folder written by `export_hf` (Llama, safetensors)")
+    try:
+        c = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    try:
+        cfg = _config_from_hf(c, cfg_path)
+    except KeyError as e:
+        raise UserError(f"{cfg_path}: missing key {e.args[0]!r}; not a Llama config") from None
+    try:
+        sd = load_file(str(weights))
+    except SafetensorsError as e:
+        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+    if cfg.tie_embeddings:
+        sd.pop(HEAD_KEY, None)  # some writers store the tied head anyway
+    model = Transformer(cfg)
+    load_unique_state_dict(model, sd)
+    return model, cfg

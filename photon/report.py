@@ -1,0 +1,67 @@
+"""Turns run logs into what people read: per-evaluation tables on the console and PNG curves.
+
+Reads only `metrics.jsonl` (see `photon.runlog`), so a plot can be redrawn from any finished or running run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from rich.table import Table
+
+from photon.errors import UserError
+from photon.runlog import read_metrics
+from photon.train.evaluate import OVERALL, perplexity
+
+
+def eval_table(losses: dict[str, float], title: str, before: dict[str, float] | None = None) -> Table:
+    """Loss and perplexity per domain; with `before`, the perplexity before training beside it."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("domain")
+    if before:
+        table.add_column("ppl before", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("ppl", justify="right")
+    for domain, loss in losses.items():
+        row = [f"[bold]{domain}[/]" if domain == OVERALL else domain]
+        if before:
+            row.append(f"{perplexity(before[domain]):.1f}" if domain in before else "-")
+        row += [f"{loss:.4f}", f"{perplexity(loss):.1f}"]
+        table.add_row(*row)
+    return table
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """PNG with training loss (left) and validation perplexity per domain (right) against tokens or steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run directory made by photon train-central/run")
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
+    ax_loss.set(xlabel="global step", ylabel="train loss", title="training loss")
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in evals:
+        for key, value in r.items():
+            if key.startswith("loss/"):
+                curves[key.removeprefix("loss/")].append((r["step"], perplexity(value)))
+    for domain, points in sorted(curves.items()):
+        xs, ys = zip(*points)
+        ax_ppl.plot(xs, ys, marker="o", ms=3, lw=2.5 if domain == OVERALL else 1, label=domain)
+    ax_ppl.set(xlabel="global step", ylabel="validation perplexity", title="validation perplexity", yscale="log")
+    if curves:
+        ax_ppl.legend(fontsize=7)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,124 @@
+"""The centralized baseline: one site trains on the union of all domains, with the same local trainer.
+
+Checkpoints every `train.ckpt_every` steps (model, AdamW state, data cursor, step) and resumes exactly: a
+run stopped and resumed ends with parameters bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from photon.checkpoint import list_checkpoints, load_latest, prune_checkpoints, save_checkpoint
+from photon.config import RunConfig, config_to_dict
+from photon.data.shards import Prepared, TokenStream, open_prepared
+from photon.errors import UserError
+from photon.report import eval_table
+from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
+from photon.runlog import RunLog
+from photon.train.evaluate import OVERALL, evaluate
+from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
+                                train_local)
+
+log = logging.getLogger(__name__)
+
+
+def open_data(cfg: RunConfig) -> Prepared:
+    """The prepared corpus for `cfg`, checked against the model's vocabulary."""
+    prepared = open_prepared(cfg.data.prep_dir)
+    vocab = prepared.manifest["vocab_size"]
+    if vocab != cfg.model.vocab_size:
+        raise UserError(f"{cfg.data.prep_dir} was prepared with vocab_size={vocab} but model.vocab_size="
+                        f"{cfg.model.vocab_size}; run `photon prepare` with this preset or point --data elsewhere")
+    return prepared
+
+
+def build_model(cfg: RunConfig) -> Transformer:
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(cfg.model)
+
+
+def check_same_model(cfg: RunConfig, meta: dict, where: Path) -> None:
+    saved = meta.get("config", {}).get("model")
+    if saved is not None and saved != cfg.model.model_dump(mode="json"):
+        raise UserError(f"{where} was trained with a different model shape ({saved}); "
+                        "resume with the same preset and overrides, or use another --out")
+
+
+def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: int | None = None,
+                  console: Console | None = None, keep_checkpoints: int = 3) -> dict[str, float]:
+    """Train for `cfg.train.steps` steps (or stop early at `stop_at`); returns the last evaluation."""
+    console = console or Console()
+    tcfg = cfg.train
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    prepared = open_data(cfg)
+    model = build_model(cfg)
+    optimizer = make_optimizer(model, tcfg)
+    stream = TokenStream([prepared.tokens(d, "train") for d in prepared.domains], tcfg.seq_len,
+                         tcfg.batch_size, tcfg.seed)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    step, cursor = 0, 0
+    if resume:
+        found = load_latest(ckpt_dir)
+        if found is None:
+            raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
+        path, tensors, meta = found
+        check_same_model(cfg, meta, path)
+        load_unique_state_dict(model, tensors["model"])
+        load_optimizer_state_tensors(model, optimizer, tensors.get("optimizer", {}))
+        step, cursor = meta["step"], meta["cursor"]
+        console.print(f"resumed from {path} at step {step}")
+    elif list_checkpoints(ckpt_dir):
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+    runlog = RunLog(run_dir, resume_step=step if resume else None)
+    (Path(run_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    total = tcfg.steps
+    end = min(total, stop_at) if stop_at is not None else total
+    console.print(f"centralized: {model.num_params() / 1e6:.2f}M parameters, {total} steps of "
+                  f"{tcfg.batch_size}×{tcfg.seq_len} tokens, data {cfg.data.prep_dir}")
+
+    def run_eval(at: int) -> dict[str, float]:
+        losses = evaluate(model, prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, tcfg.bf16)
+        runlog.log("eval", at, **{f"loss/{k}": v for k, v in losses.items()})
+        console.print(eval_table(losses, title=f"validation at step {at}"))
+        return losses
+
+    losses = run_eval(step) if step == 0 else {}
+    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                        TimeRemainingColumn(), console=console, transient=True)
+
+    with progress:
+        task = progress.add_task("train", total=total, completed=step, loss="-")
+
+        def on_step(s: int, loss: float, lr: float) -> None:
+            runlog.log("train", s + 1, loss=loss, lr=lr)
+            progress.update(task, advance=1, loss=f"{loss:.3f}")
+
+        while step < end:
+            nxt = min(end, (step // tcfg.eval_every + 1) * tcfg.eval_every,
+                      (step // tcfg.ckpt_every + 1) * tcfg.ckpt_every)
+            result = train_local(model, optimizer, stream, cursor, step, nxt - step, tcfg, total, on_step)
+            step, cursor = nxt, result.cursor
+            if step % tcfg.eval_every == 0 or step == total:
+                progress.stop()
+                losses = run_eval(step)
+                progress.start()
+            if step % tcfg.ckpt_every == 0 or step == end:
+                save_checkpoint(ckpt_dir / f"step_{step:08d}", {
+                    "model": unique_state_dict(model),
+                    "optimizer": optimizer_state_tensors(model, optimizer),
+                }, {"kind": "central", "step": step, "cursor": cursor, "config": config_to_dict(cfg),
+                    "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")},
+                    extra_files=(prepared.tokenizer_path,))
+                prune_checkpoints(ckpt_dir, keep_checkpoints)
+    runlog.close()
+    if losses:
+        console.print(f"final validation loss {losses[OVERALL]:.4f}")
+    return losses

@@ -1,0 +1,44 @@
+"""Validation loss and perplexity of a model, per domain and overall, on the held-out shards.
+
+The batches are the first `n_batches` contiguous blocks of each domain's validation tokens, so every
+evaluation of every run (centralized, federated, any seed) scores exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from photon.data.shards import Prepared, eval_batches
+
+OVERALL = "overall"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, prepared: Prepared, seq_len: int, batch_size: int, n_batches: int,
+             bf16: bool = False) -> dict[str, float]:
+    """Mean next-token loss per domain and `overall` (weighted by tokens scored)."""
+    was_training = model.training
+    model.eval()
+    losses: dict[str, float] = {}
+    total_loss, total_tokens = 0.0, 0
+    for domain in prepared.domains:
+        dom_loss, dom_tokens = 0.0, 0
+        for x, y in eval_batches(prepared.tokens(domain, "val"), seq_len, batch_size, n_batches):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                _, loss = model(x, y)
+            dom_loss += loss.item() * y.numel()
+            dom_tokens += y.numel()
+        if dom_tokens:
+            losses[domain] = dom_loss / dom_tokens
+            total_loss += dom_loss
+            total_tokens += dom_tokens
+    losses[OVERALL] = total_loss / max(1, total_tokens)
+    model.train(was_training)
+    return losses
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
