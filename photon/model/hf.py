@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -152,7 +152,7 @@ def import_hf(hf_dir: Path) -> tuple[Transformer, ModelConfig]:
         raise UserError(f"{cfg_path}: missing key {e.args[0]!r}; not a Llama config") from None
     try:
         sd = load_file(str(weights))
-    except SafetensorsError as e:
+    except SafetensorError as e:
         raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
     if cfg.tie_embeddings:
         sd.pop(HEAD_KEY, None)  # some writers store the tied head anyway

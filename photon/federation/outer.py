@@ -1,0 +1,117 @@
+"""Outer (server) optimizers over the pseudo-gradient Δ = θ − weighted_mean(θ_k).
+
+FedAvg with lr 1.0 is Photon's recipe (θ ← mean θ_k); Nesterov outer SGD (lr 0.7, momentum 0.9) is
+DiLoCo's; FedMom is heavy-ball momentum; FedAdam and FedYogi follow Reddi et al. 2021 ("Adaptive
+Federated Optimization"): no bias correction, τ as the adaptivity floor. Each is a small class with
+`step(params, delta)` updating params in place and `state_dict`/`load_state_dict` of plain tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from photon.config import OuterConfig
+
+Tensors = dict[str, torch.Tensor]
+Delta = Mapping[str, torch.Tensor]  # name -> Δ, possibly float64 (see aggregate.PseudoGradient)
+
+
+class OuterOptimizer:
+    """Base: stateless unless a subclass keeps per-parameter buffers in `self.buffers`."""
+
+    buffer_names: tuple[str, ...] = ()
+
+    def __init__(self, cfg: OuterConfig):
+        self.cfg = cfg
+        self.buffers: dict[str, Tensors] = {name: {} for name in self.buffer_names}
+
+    def step(self, params: Tensors, delta: Delta) -> None:
+        raise NotImplementedError
+
+    def _buffer(self, kind: str, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers[kind].get(name)
+        if buf is None:
+            buf = self.buffers[kind][name] = torch.zeros_like(like)
+        return buf
+
+    def state_dict(self) -> Tensors:
+        return {f"{kind}/{name}": t for kind, bufs in self.buffers.items() for name, t in bufs.items()}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        self.buffers = {name: {} for name in self.buffer_names}
+        for key, t in state.items():
+            kind, _, name = key.partition("/")
+            if kind not in self.buffers:
+                raise ValueError(f"outer optimizer state has unknown buffer {key!r}: saved by another optimizer?")
+            self.buffers[kind][name] = t.clone()
+
+
+class FedAvg(OuterOptimizer):
+    """θ ← θ − η·Δ. With η = 1 the new model is exactly the weighted mean of the clients' models."""
+
+    def step(self, params: Tensors, delta: Delta) -> None:
+        for name, p in params.items():
+            # In float64, rounded once: with η = 1 this lands on the fp32 mean itself.
+            p.copy_(p.to(torch.float64) - self.cfg.lr * delta[name].to(torch.float64))
+
+
+class FedMom(OuterOptimizer):
+    """Heavy-ball momentum: m ← μ·m + Δ; θ ← θ − η·m."""
+
+    buffer_names = ("momentum",)
+
+    def step(self, params: Tensors, delta: Delta) -> None:
+        for name, p in params.items():
+            m = self._buffer("momentum", name, p)
+            m.mul_(self.cfg.momentum).add_(delta[name].to(p.dtype))
+            p.sub_(m, alpha=self.cfg.lr)
+
+
+class Nesterov(OuterOptimizer):
+    """Nesterov outer SGD as in DiLoCo (torch.optim.SGD's form): m ← μ·m + Δ; θ ← θ − η·(Δ + μ·m)."""
+
+    buffer_names = ("momentum",)
+
+    def step(self, params: Tensors, delta: Delta) -> None:
+        mu = self.cfg.momentum
+        for name, p in params.items():
+            m = self._buffer("momentum", name, p)
+            d = delta[name].to(p.dtype)
+            m.mul_(mu).add_(d)
+            p.sub_(d + mu * m, alpha=self.cfg.lr)
+
+
+class FedAdam(OuterOptimizer):
+    """m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ²; θ ← θ − η·m / (√v + τ)."""
+
+    buffer_names = ("m", "v")
+
+    def _second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
+        v.mul_(self.cfg.beta2).add_(d2, alpha=1 - self.cfg.beta2)
+
+    def step(self, params: Tensors, delta: Delta) -> None:
+        for name, p in params.items():
+            d = delta[name].to(p.dtype)
+            m = self._buffer("m", name, p)
+            v = self._buffer("v", name, p)
+            m.mul_(self.cfg.beta1).add_(d, alpha=1 - self.cfg.beta1)
+            self._second_moment(v, d * d)
+            p.sub_(self.cfg.lr * m / (v.sqrt() + self.cfg.tau))
+
+
+class FedYogi(FedAdam):
+    """As FedAdam, but v ← v − (1−β2)·Δ²·sign(v − Δ²): v grows only as fast as Δ² demands."""
+
+    def _second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
+        v.sub_((1 - self.cfg.beta2) * d2 * torch.sign(v - d2))
+
+
+OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {
+    "fedavg": FedAvg, "fedmom": FedMom, "nesterov": Nesterov, "fedadam": FedAdam, "fedyogi": FedYogi,
+}
+
+
+def make_outer(cfg: OuterConfig) -> OuterOptimizer:
+    return OUTER_OPTIMIZERS[cfg.name](cfg)

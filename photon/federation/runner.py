@@ -1,0 +1,140 @@
+"""The federated run from the server's side: set up or resume state, loop rounds, evaluate, checkpoint, report.
+
+Engine-free: the Flower ServerApp passes a Grid-backed transport, tests pass an in-process one. The server
+checkpoints after every committed round, so `photon run --resume RUN_DIR` loses at most the round in flight
+and ends with the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from photon.checkpoint import atomic_write_text, list_checkpoints
+from photon.config import RunConfig, config_to_dict
+from photon.data.partition import make_partition
+from photon.errors import UserError
+from photon.federation.aggregator import Aggregator, RoundResult, Transport
+from photon.federation.server_state import ServerState
+from photon.model.transformer import load_unique_state_dict, unique_state_dict
+from photon.report import eval_table, plot_run
+from photon.runlog import RunLog, read_metrics
+from photon.train.centralized import build_model, check_same_model, open_data
+from photon.train.evaluate import OVERALL, evaluate, perplexity
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("round", "ok", "failed", "train loss", "val ppl", "MB down", "MB up", "train s", "round s")
+
+
+def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> ServerState:
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        found = ServerState.load_latest(ckpt_dir)
+        if found is None:
+            raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
+        state, meta = found
+        check_same_model(cfg, meta, ckpt_dir)
+        if len(state.clients) != cfg.data.partition.num_clients:
+            raise UserError(f"{run_dir} has {len(state.clients)} clients but data.partition.num_clients="
+                            f"{cfg.data.partition.num_clients}; resume with the same config")
+        console.print(f"resumed {run_dir} after round {state.round} (global step {state.global_step})")
+        return state
+    if list_checkpoints(ckpt_dir):
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    model = build_model(cfg)
+    params = {k: v.detach().clone() for k, v in unique_state_dict(model).items()}
+    return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed)
+
+
+def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: bool = False,
+                   console: Console | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Run rounds until `federation.rounds` (or `stop_after` rounds in this call); returns a summary."""
+    console = console or Console()
+    run_dir = Path(run_dir)
+    fed = cfg.federation
+    prepared = open_data(cfg)
+    partition = make_partition(prepared.manifest, cfg.data.partition)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))
+    state = _open_state(cfg, run_dir, resume, console)
+    atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+    task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
+    agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config)
+    runlog = RunLog(run_dir, resume_step=state.round if resume else None, step_key="round")
+    eval_model = build_model(cfg)
+    t = cfg.train
+
+    def run_eval() -> dict[str, float]:
+        load_unique_state_dict(eval_model, state.params)
+        losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
+        runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
+                   **{f"loss/{k}": v for k, v in losses.items()})
+        return losses
+
+    console.print(f"federation: {cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
+                  f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
+                  f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
+    first = run_eval() if state.round == 0 else None
+    console.print("  ".join(f"{c:>10s}" for c in COLUMNS))
+    last = first or {}
+    end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
+    retries = 0
+    while state.round < end:
+        result = agg.run_round(transport)
+        if not result.committed:
+            retries += 1
+            console.print(f"round {result.round}: only {len(result.ok)} good replies (< {fed.min_replies}); "
+                          f"retry {retries}/{fed.max_round_retries}")
+            if retries > fed.max_round_retries:
+                raise UserError(f"round {result.round} failed {retries} times: {'; '.join(result.failed[-3:])}")
+            continue
+        retries = 0
+        if state.round % fed.eval_every == 0 or state.round == fed.rounds:
+            last = run_eval()
+        _log_round(runlog, state, result, last, console)
+        state.save(run_dir / "checkpoints", config_to_dict(cfg), extra_files=(prepared.tokenizer_path,))
+    runlog.close()
+    summary = _summary(run_dir, state, last)
+    if state.round >= fed.rounds:
+        before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
+        before_losses = {k.removeprefix("loss/"): v for k, v in (before or {}).items() if k.startswith("loss/")}
+        console.print(eval_table(last, title=f"validation after {state.round} rounds", before=before_losses))
+        summary["plot"] = str(plot_run(run_dir))
+        console.print(f"curves: {summary['plot']}")
+    return summary
+
+
+def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[str, float],
+               console: Console) -> None:
+    ppl = perplexity(losses[OVERALL]) if losses else float("nan")
+    runlog.log("round", state.global_step, round=state.round, ok=len(r.ok), failed=len(r.failed), loss=r.loss,
+               bytes_up=r.bytes_up, bytes_down=r.bytes_down, tokens=r.tokens, train_seconds=r.train_seconds,
+               wall_seconds=r.wall_seconds)
+    runlog.log("train", state.global_step, round=state.round, loss=r.loss)
+    cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{r.bytes_down / 1e6:.1f}",
+             f"{r.bytes_up / 1e6:.1f}", f"{r.train_seconds:.1f}", f"{r.wall_seconds:.1f}")
+    console.print("  ".join(f"{c!s:>10s}" for c in cells))
+    for reason in r.failed:
+        console.print(f"  [yellow]dropped[/] {reason}")
+
+
+def _summary(run_dir: Path, state: ServerState, losses: dict[str, float]) -> dict[str, Any]:
+    return {"run_dir": str(run_dir), "rounds": state.round, "global_step": state.global_step,
+            "losses": losses, "totals": dict(state.totals),
+            "params_sha": _params_digest(state.params)}
+
+
+def _params_digest(params: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
