@@ -150,6 +150,58 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
 
 
 @app.command()
+def run(
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<preset>-federated).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the federated run in this directory, with "
+                                                   "the config saved there (--preset/--set are ignored).")] = None,
+    engine: Annotated[str, typer.Option(help="simulation (Flower, default) or inprocess (no Flower; debugging).")]
+    = "simulation",
+    cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
+) -> None:
+    """Federated pre-training on this machine: prepares data on first use, then runs Photon's rounds."""
+    from photon.data.shards import prepare as do_prepare
+
+    if resume is not None:
+        cfg = _saved_config(resume)
+        run_dir = resume
+    else:
+        cfg = _config(preset, overrides)
+        run_dir = out or Path("runs") / f"{cfg.name}-federated"
+    if not (cfg.data.prep_dir / "manifest.json").exists():  # first use: the built-in offline corpus
+        do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
+    summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
+    console.print(f"run directory: {summary['run_dir']}")
+
+
+def _saved_config(run_dir: Path) -> RunConfig:
+    import json
+
+    from photon.config import build_config
+
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise UserError(f"{run_dir} has no config.json: not a photon run directory (start it with photon run --out)")
+    return build_config(json.loads(path.read_text()))
+
+
+def run_federated(cfg: RunConfig, run_dir: Path, resume: bool, engine: str) -> dict:
+    if engine == "simulation":
+        from photon.federation.launch import run_simulated
+
+        return run_simulated(cfg, run_dir, resume=resume, console=console)
+    if engine == "inprocess":
+        from photon.federation.inprocess import InProcessTransport
+        from photon.federation.runner import run_federation
+        from photon.federation.worker import ClientWorker
+
+        transport = InProcessTransport(ClientWorker(run_dir / "node-state"), cfg.federation.num_nodes)
+        return run_federation(cfg, run_dir, transport, resume=resume, console=console)
+    raise UserError(f"--engine {engine!r}: choose simulation or inprocess")
+
+
+@app.command()
 def presets() -> None:
     """List the presets with their model sizes."""
     from photon.model.transformer import describe

@@ -29,7 +29,7 @@ from photon.train.evaluate import OVERALL, evaluate, perplexity
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("round", "ok", "failed", "train loss", "val ppl", "MB down", "MB up", "train s", "round s")
+COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "MB down", "MB up", "train s", "round s")
 
 
 def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> ServerState:
@@ -81,7 +81,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
                   f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
                   f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
     first = run_eval() if state.round == 0 else None
-    console.print("  ".join(f"{c:>10s}" for c in COLUMNS))
+    console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
     last = first or {}
     end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
     retries = 0
@@ -119,7 +119,7 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
     runlog.log("train", state.global_step, round=state.round, loss=r.loss)
     cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{r.bytes_down / 1e6:.1f}",
              f"{r.bytes_up / 1e6:.1f}", f"{r.train_seconds:.1f}", f"{r.wall_seconds:.1f}")
-    console.print("  ".join(f"{c!s:>10s}" for c in cells))
+    console.print(" ".join(f"{c!s:>7s}" for c in cells))
     for reason in r.failed:
         console.print(f"  [yellow]dropped[/] {reason}")
 

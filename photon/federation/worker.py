@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from photon.config import build_config
+from photon.config import ModelConfig, build_config
 from photon.data.shards import Prepared, TokenStream, open_prepared
 from photon.errors import UserError
 from photon.federation.task import ClientReply, ClientTask, Tensors
@@ -46,14 +46,14 @@ class ClientWorker:
     def model(self, model_cfg: dict) -> Transformer:
         key = json.dumps(model_cfg, sort_keys=True)
         if self._model is None or self._model[0] != key:
-            self._model = (key, Transformer(build_config({"model": model_cfg}).model))
+            self._model = (key, Transformer(ModelConfig.model_validate(model_cfg)))
         return self._model[1]
 
     def _opt_path(self, client_id: int) -> Path | None:
         return self.state_dir / f"client_{client_id:05d}.optimizer.safetensors" if self.state_dir else None
 
     def run(self, task: ClientTask, params: Tensors) -> ClientReply:
-        cfg = build_config(task.config)
+        cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         prepared = self.prepared(str(cfg.data.prep_dir), task.config.get("tokenizer_sha256"))

@@ -1,0 +1,61 @@
+"""Starting a federation: Flower's simulation runtime on this machine (the default), or the deployment
+runtime across machines (see `deploy.py`). Flower's environment variables are set here, at the edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from photon.config import RunConfig, build_config, config_to_dict
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Variables every Flower process of ours needs on an offline machine (FLOWER-NOTES.md)."""
+    return {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DEDUP_LOGS": "0",
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def with_threads(cfg: RunConfig, workers: int) -> RunConfig:
+    """Give each concurrent worker its share of the cores unless the user chose a thread count."""
+    if cfg.train.threads:
+        return cfg
+    tree = config_to_dict(cfg)
+    tree["train"]["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    return build_config(tree)
+
+
+def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """Run the federation with Flower's simulation runtime: `federation.num_nodes` virtual SuperNodes,
+    as many Ray workers as there are cores (at most one per node), each with its share of threads."""
+    os.environ.update(flower_env(Path(run_dir).resolve().parent / ".flwr"))
+    from flwr.simulation import run_simulation
+
+    from photon.federation.client_app import app as client_app
+    from photon.federation.server_app import make_server_app
+
+    nodes = cfg.federation.num_nodes
+    workers = max(1, min(nodes, os.cpu_count() or 1))
+    cfg = with_threads(cfg, workers)
+    result: dict[str, Any] = {}
+    server_app = make_server_app(cfg, Path(run_dir), resume, result, console=console, **kwargs)
+    backend = {"client_resources": {"num_cpus": (os.cpu_count() or 1) / workers, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0, "include_dashboard": False,
+                             "logging_level": logging.ERROR, "log_to_driver": True}}
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # run_simulation warns that it is deprecated in favour of `flwr run`
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes, backend_config=backend)
+    finally:
+        flwr_log.setLevel(level)
+    if "rounds" not in result:
+        raise RuntimeError(f"the simulation ended without a result; see the log above and {run_dir}")
+    return result

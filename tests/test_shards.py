@@ -1,0 +1,221 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from photon.config import DataConfig
+from photon.data import shards
+from photon.data.shards import TokenStream, eval_batches, open_prepared, prepare
+from photon.data.tokenizer import load_tokenizer
+from photon.errors import UserError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "corpus"
+VOCAB = 512
+
+
+def _cfg(tmp: Path, **kw) -> DataConfig:
+    return DataConfig(prep_dir=tmp / "prep", tokenizer_sample_mb=0.1, val_fraction=0.1, **kw)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shards")
+    prepare(_cfg(tmp), VOCAB, source=FIXTURE)
+    return open_prepared(tmp / "prep")
+
+
+def test_prepare_writes_shards_and_manifest(prepared):
+    m = prepared.manifest
+    assert prepared.domains == ["code_python", "literature", "speech_sotu"]
+    assert m["vocab_size"] == VOCAB and m["dtype"] == "uint16" and m["eot_id"] == 0
+    assert m["source"].startswith("user:") and m["seed"] == 0
+    lit = m["domains"]["literature"]
+    assert lit["train"]["documents"] == 5 and lit["val"]["documents"] == 1  # 6 docs, at least 1 held out
+    assert len(lit["text_sha256"]) == 64
+    names = sorted(p.name for p in prepared.path.iterdir())
+    assert names == sorted(["manifest.json", "tokenizer.json"] +
+                           [f"{d}.{s}.bin" for d in prepared.domains for s in ("train", "val")])
+
+
+def test_shards_decode_to_documents(prepared):
+    tok = load_tokenizer(prepared.tokenizer_path)
+    for d in prepared.domains:
+        for split in ("train", "val"):
+            arr = prepared.tokens(d, split)
+            assert isinstance(arr, np.memmap) and not arr.flags.writeable
+            assert arr[-1] == 0  # every document ends with EOT
+            assert int((arr == 0).sum()) == prepared.manifest["domains"][d][split]["documents"]
+    text = tok.decode(prepared.tokens("literature", "val").tolist())
+    assert len(text) > 1000
+
+
+def test_prepare_is_deterministic_and_reuses(prepared, tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    prepare(cfg, VOCAB, source=FIXTURE)
+    again = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    assert again == prepared.manifest  # same recipe, same bytes
+    monkeypatch.setattr(shards, "_load", lambda *a: pytest.fail("reuse must not reload the corpus"))
+    assert prepare(cfg, VOCAB, source=FIXTURE) == tmp_path / "prep"
+
+
+def test_changed_recipe_rebuilds_in_place(tmp_path):
+    prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
+    prepare(_cfg(tmp_path, seed=1), 300, source=FIXTURE)
+    p = open_prepared(tmp_path / "prep")
+    assert p.manifest["vocab_size"] == 300 and p.manifest["seed"] == 1
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["prep"]  # no temp or old dirs left
+
+
+def test_failed_prepare_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **kw):
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(shards, "_encode_to", boom)
+    with pytest.raises(RuntimeError):
+        prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "prep" / "precious.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a Photon prepared folder"):
+        prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
+    assert (tmp_path / "prep" / "precious.txt").exists()
+
+
+def test_open_prepared_detects_problems(prepared, tmp_path):
+    import shutil
+    with pytest.raises(UserError, match="photon prepare"):
+        open_prepared(tmp_path / "nothing")
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.path, copy)
+    tok = copy / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|endoftext|>"', '"<|eot|>"', 1))
+    with pytest.raises(UserError, match="tokenizer does not match the shards"):
+        open_prepared(copy)
+    shutil.copy(prepared.tokenizer_path, tok)
+    open_prepared(copy)
+    shard = copy / "literature.train.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(UserError, match="literature.train.bin"):
+        open_prepared(copy)
+    (copy / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="manifest is corrupt"):
+        open_prepared(copy)
+
+
+def test_unknown_domain(prepared):
+    with pytest.raises(UserError, match="prepared domains"):
+        prepared.tokens("klingon", "train")
+
+
+def test_one_document_domain_is_refused(tmp_path):
+    (tmp_path / "c" / "a").mkdir(parents=True)
+    (tmp_path / "c" / "a" / "x.txt").write_text("only one")
+    with pytest.raises(UserError, match="at least 2"):
+        prepare(_cfg(tmp_path), VOCAB, source=tmp_path / "c")
+
+
+def test_tokenizer_sample_is_balanced():
+    train = {"big": ["a" * 1000] * 100, "small": ["b" * 100] * 2}
+    sample = shards.tokenizer_sample(train, 0.001)  # 1000 bytes: small gives its 200, big the other 800
+    assert sum(len(s) for s in sample if s[0] == "b") == 200
+    assert sum(len(s) for s in sample if s[0] == "a") == 800
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TokenStream
+
+
+def _arrays():
+    # Distinct values per array so a gathered row can be traced back to its source.
+    return [np.arange(0, 1000, dtype=np.uint16), np.arange(5000, 5037, dtype=np.uint16),
+            np.arange(9000, 9003, dtype=np.uint16), np.arange(20000, 20500, dtype=np.uint16)]
+
+
+def test_shapes_and_shift():
+    s = TokenStream(_arrays(), seq_len=16, batch_size=4, seed=0)
+    assert s.rows == 999 // 16 + 36 // 16 + 0 + 499 // 16
+    x, y, c = s.next_batch(0)
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.long and c == 4
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(y - x, torch.ones_like(x))  # arange arrays: targets are the next token
+    y.view(-1)  # contiguous
+
+
+def test_deterministic_and_seeded():
+    a = TokenStream(_arrays(), 16, 4, seed=1)
+    b = TokenStream(_arrays(), 16, 4, seed=1)
+    c = TokenStream(_arrays(), 16, 4, seed=2)
+    assert torch.equal(a.next_batch(8)[0], b.next_batch(8)[0])
+    assert not torch.equal(a.next_batch(8)[0], c.next_batch(8)[0])
+
+
+def _iterate(stream, cursor, n):
+    out = []
+    for _ in range(n):
+        x, y, cursor = stream.next_batch(cursor)
+        out.append((cursor, x, y))
+    return out
+
+
+def test_resume_is_exact():
+    full = _iterate(TokenStream(_arrays(), 16, 5, seed=3), 0, 40)  # past several epochs (rows = 65)
+    for stop in (1, 13, 14, 27):
+        # a restarted process: a new stream (empty permutation cache) from the saved cursor
+        resumed = _iterate(TokenStream(_arrays(), 16, 5, seed=3), full[stop - 1][0], 40 - stop)
+        for (c, x, y), (c2, x2, y2) in zip(full[stop:], resumed, strict=True):
+            assert c == c2 and torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_epoch_visits_every_row_once():
+    s = TokenStream(_arrays(), 16, 7, seed=0)
+    R = s.rows
+    assert s.epoch(R - 1) == 0 and s.epoch(R) == 1
+    first = s.rows_at(0, R)
+    assert sorted(first.tolist()) == list(range(R))
+    second = s.rows_at(R, R)
+    assert sorted(second.tolist()) == list(range(R)) and not np.array_equal(first, second)
+    # a batch that straddles the epoch boundary takes the tail of epoch 0 and the head of epoch 1
+    assert np.array_equal(s.rows_at(R - 3, 7), np.concatenate([first[-3:], second[:4]]))
+
+
+def test_too_short_spans():
+    with pytest.raises(UserError, match=r"seq_len\+1=17.*lower train.seq_len"):
+        TokenStream([np.zeros(16, np.uint16), np.zeros(10, np.uint16)], 16, 2, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=5), seq_len=st.integers(1, 40),
+       batch=st.integers(1, 9), cursor=st.integers(0, 10_000), seed=st.integers(0, 2**32 - 1))
+def test_batches_are_real_consecutive_tokens(lengths, seq_len, batch, cursor, seed):
+    arrays = [np.arange(i * 1000, i * 1000 + n, dtype=np.int64) for i, n in enumerate(lengths)]
+    if sum(max(0, (n - 1) // seq_len) for n in lengths) < 1:
+        with pytest.raises(UserError):
+            TokenStream(arrays, seq_len, batch, seed)
+        return
+    x, y, c = TokenStream(arrays, seq_len, batch, seed).next_batch(cursor)
+    assert c == cursor + batch
+    rows = torch.cat([x, y[:, -1:]], dim=1).numpy()
+    for row in rows:
+        src = row[0] // 1000
+        assert np.array_equal(row, np.arange(row[0], row[0] + seq_len + 1))  # consecutive
+        assert row[-1] < src * 1000 + lengths[src]  # inside its array
+        assert (row[0] - src * 1000) % seq_len == 0  # on the row grid
+
+
+def test_eval_batches():
+    arr = np.arange(1000, dtype=np.uint16)
+    bs = eval_batches(arr, 16, 4, 3)
+    assert len(bs) == 3 and all(x.shape == (4, 16) for x, _ in bs)
+    assert bs[0][0][0, 0] == 0 and bs[0][0][1, 0] == 16 and bs[1][0][0, 0] == 64
+    assert torch.equal(bs[2][1], bs[2][0] + 1)
+    short = eval_batches(arr[:40], 16, 4, 3)  # 2 rows only: one smaller batch
+    assert len(short) == 1 and short[0][0].shape == (2, 16)
+    assert eval_batches(arr[:16], 16, 4, 3) == []
+    assert len(eval_batches(arr[:17], 16, 4, 3)) == 1
+    assert len(eval_batches(arr, 16, 4, 100)) == 15  # 62 rows -> 15 full batches
