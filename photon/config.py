@@ -126,6 +126,13 @@ class OuterConfig(_Frozen):
     tau: float = Field(1e-3, gt=0, description="Adaptivity floor τ (fedadam, fedyogi).")
 
 
+class FaultConfig(_Frozen):
+    """Deliberate faults, for testing that a deployment survives them (chaos testing). Off by default."""
+
+    fail_clients: list[int] = Field([], description="Clients whose training raises an error ...")
+    fail_every: int = Field(2, ge=1, description="... in every round r with r % fail_every == 0.")
+
+
 class FederationConfig(_Frozen):
     """Rounds, sampling and fault tolerance of the federated run."""
 
@@ -140,6 +147,7 @@ class FederationConfig(_Frozen):
     round_timeout_s: float = Field(3600.0, gt=0, description="Replies later than this are dropped.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     num_nodes: int = Field(2, ge=1, description="Simulated nodes (Flower SuperNodes) in simulation.")
+    faults: FaultConfig = FaultConfig()
 
 
 class RunConfig(_Frozen):

@@ -1,5 +1,44 @@
 """Shared pytest setup."""
 
+from pathlib import Path
+
+import pytest
+
+FIXTURE_CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "network: needs pip/npm to reach the package registries (skips if not)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny fixture corpus, prepared once per session, and configs that point at it.
+
+
+def tiny_cfg(prep_dir, *overrides: str, preset: str = "tiny"):
+    """The `tiny` preset (or `preset`) reading data from `prep_dir`, plus `key=value` overrides.
+
+    Import it in a test module with `from conftest import tiny_cfg`.
+    """
+    from photon.config import load_config
+
+    return load_config(preset, [f"data.prep_dir={prep_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_prep(tmp_path_factory) -> Path:
+    """The tiny fixture corpus (3 domains), prepared once per session with the tiny preset's data recipe
+    (vocab 1024); returns the prep dir. Shared by many tests: treat it as read-only."""
+    from photon.data.shards import prepare
+
+    prep_dir = tmp_path_factory.mktemp("tiny") / "prep"
+    cfg = tiny_cfg(prep_dir)
+    return prepare(cfg.data, cfg.model.vocab_size, source=FIXTURE_CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_prep):
+    """`Prepared` handle on `tiny_prep`."""
+    from photon.data.shards import open_prepared
+
+    return open_prepared(tiny_prep)

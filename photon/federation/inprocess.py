@@ -34,6 +34,12 @@ class InProcessTransport:
         out: list[tuple[str, ClientReply | str]] = []
         for handle, (task, params) in sorted(self._pending.items()):
             error = self.fail(task) if self.fail else None
-            out.append((handle, error if error else self.worker.run(task, params)))
+            if error is None:
+                try:
+                    out.append((handle, self.worker.run(task, params)))
+                except Exception as e:  # as Flower does: a ClientApp exception becomes an error reply
+                    out.append((handle, f"{type(e).__name__}: {e}"))
+                continue
+            out.append((handle, error))
         self._pending.clear()
         return out

@@ -54,6 +54,9 @@ class ClientWorker:
 
     def run(self, task: ClientTask, params: Tensors) -> ClientReply:
         cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
+        faults = cfg.federation.faults
+        if task.client_id in faults.fail_clients and task.round % faults.fail_every == 0:
+            raise RuntimeError(f"injected fault: client {task.client_id} in round {task.round} (federation.faults)")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         prepared = self.prepared(str(cfg.data.prep_dir), task.config.get("tokenizer_sha256"))

@@ -1,0 +1,405 @@
+"""The deployment runtime across machines: certificates, a SuperLink, SuperNodes and runs submitted to them.
+
+Flower's own executables (`flower-superlink`, `flower-supernode`, `flwr`) do all the networking; this module
+writes their inputs (certificates, the connection in `$FLWR_HOME/config.toml`, the app bundle), starts them
+with Flower's environment, watches them and stops what it started. No training logic lives here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Callable
+
+import tomli
+import tomli_w
+
+from photon.config import RunConfig, config_to_dict
+from photon.errors import UserError
+from photon.federation.launch import flower_env
+
+log = logging.getLogger(__name__)
+
+SERVER_FILES = ("ca.crt", "server.pem", "server.key")
+CONNECTION = "photon"  # the [superlink.<name>] table we write into $FLWR_HOME/config.toml
+FINAL = ("finished:completed", "finished:failed", "finished:stopped")
+
+# ---------------------------------------------------------------------------------------------------------
+# Certificates: a CA, a server certificate it signs, and one ECDSA P-384 key pair per node (OpenSSH format,
+# what `flower-supernode --auth-supernode-private-key` and `flwr supernode register` read).
+
+
+def make_certs(out_dir: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), nodes: int = 2,
+               force: bool = False, days: int = 365) -> list[Path]:
+    """Write ca.crt, ca.key, server.pem, server.key and node-<i>.key(.pub) for i < nodes; returns the paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out_dir = Path(out_dir)
+    names = ["ca.crt", "ca.key", "server.pem", "server.key"]
+    names += [f"node-{i}.key{ext}" for i in range(nodes) for ext in ("", ".pub")]
+    paths = [out_dir / n for n in names]
+    existing = [p.name for p in paths if p.exists()]
+    if existing and not force:
+        raise UserError(f"{out_dir} already holds {', '.join(existing)}; pass --force to overwrite "
+                        "(nodes holding the old keys and CA will then be refused)")
+    if not hosts:
+        raise UserError("no --host for the server certificate: name the address nodes use to reach the server")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "photon CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+              .issuer_name(ca_name).public_key(server_key.public_key())
+              .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+              .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA384()))
+    files = {"ca.crt": ca.public_bytes(serialization.Encoding.PEM), "ca.key": pem_key(ca_key),
+             "server.pem": server.public_bytes(serialization.Encoding.PEM), "server.key": pem_key(server_key)}
+    for i in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        files[f"node-{i}.key"] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                    serialization.NoEncryption())
+        files[f"node-{i}.key.pub"] = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                   serialization.PublicFormat.OpenSSH)
+    for name, data in files.items():
+        path = out_dir / name
+        path.write_bytes(data)
+        if name.endswith(".key"):
+            path.chmod(0o600)  # private keys: owner only
+    return paths
+
+
+def _need_files(certs: Path, names: tuple[str, ...], what: str) -> list[Path]:
+    paths = [Path(certs) / n for n in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{certs} lacks {', '.join(missing)} needed by {what}; make them with "
+                        f"`photon certs --out {certs}` (on the server) and copy them here")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processes: every child gets Flower's environment and its own process group, so stopping it stops the
+# ServerApp/ClientApp processes it spawned too.
+
+
+def executable(name: str) -> str:
+    """Flower's executables, preferring the ones beside this Python (the same virtualenv)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise UserError(f"`{name}` not found beside {sys.executable} or on PATH; install photon's dependencies "
+                        "(pip install -e .) in this environment")
+    return found
+
+
+def child_env(home: Path) -> dict[str, str]:
+    """Flower's variables, and our virtualenv first on PATH: the SuperLink and SuperNode start
+    `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name."""
+    Path(home).mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **flower_env(Path(home).resolve()), "PATH": path}
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"port {port} on {host} is in use ({e.strerror}); stop what holds it or pick "
+                            "another with --port") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def spawn(args: list[str], home: Path, log_file: Path | None = None) -> subprocess.Popen:
+    """Start a Flower process in its own session; output goes to `log_file` (appended) or our terminal."""
+    out: IO | None = None
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "ab")
+    log.info("starting %s", " ".join(args))
+    try:
+        return subprocess.Popen(args, env=child_env(home), stdout=out, stderr=subprocess.STDOUT if out else None,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()  # the child holds its own descriptor
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=timeout)
+            if sig == signal.SIGTERM:  # let the group's stragglers (app processes) go too
+                os.killpg(proc.pid, signal.SIGKILL)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            break
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("process %d did not exit", proc.pid)
+
+
+def _tail(log_file: Path | None, n: int = 15) -> str:
+    if log_file is None or not Path(log_file).exists():
+        return ""
+    lines = Path(log_file).read_text(errors="replace").splitlines()[-n:]
+    return "\n" + "\n".join(lines)
+
+
+def wait_listening(proc: subprocess.Popen, host: str, port: int, what: str, timeout: float = 60.0,
+                   log_file: Path | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise UserError(f"{what} exited with code {proc.returncode} before listening on {host}:{port}; "
+                            f"see its log{_tail(log_file)}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    stop(proc)
+    raise UserError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s{_tail(log_file)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SuperLink (server) and SuperNodes (nodes)
+
+
+def _tls_args(certs: Path | None, insecure: bool, what: str) -> tuple[Path | None, bool]:
+    if insecure == (certs is not None):
+        raise UserError(f"{what}: pass exactly one of --certs DIR (TLS, the default) or --insecure")
+    if insecure:
+        log.warning("--insecure: no TLS and no node authentication; anyone who can reach the port can join "
+                    "the federation and read the model. Use it only on a trusted network or 127.0.0.1.")
+    return (Path(certs).resolve() if certs else None), insecure
+
+
+def start_superlink(port: int, state: Path, certs: Path | None = None, insecure: bool = False,
+                    host: str = "127.0.0.1", log_file: Path | None = None) -> subprocess.Popen:
+    """Start `flower-superlink` (TLS + node auth, or --insecure) with its database and FLWR_HOME under
+    `state`; returns once the port accepts connections. One port serves nodes, `flwr` and ServerApps."""
+    certs, insecure = _tls_args(certs, insecure, "photon server")
+    state = Path(state).resolve()
+    args = [executable("flower-superlink"), "--host", host, "--port", str(port),
+            "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation"]
+    if insecure:
+        args.append("--insecure")
+    else:
+        ca, cert, key = _need_files(certs, SERVER_FILES, "photon server")
+        args += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                 "--enable-supernode-auth"]
+    check_port_free(host, port)
+    state.mkdir(parents=True, exist_ok=True)
+    proc = spawn(args, state / "flwr", log_file)
+    wait_listening(proc, "127.0.0.1" if host in ("0.0.0.0", "") else host, port, "flower-superlink",
+                   log_file=log_file)
+    return proc
+
+
+def start_supernode(superlink: str, port: int, state: Path, data: Path | None = None,
+                    certs: Path | None = None, key: Path | None = None, insecure: bool = False,
+                    log_file: Path | None = None, max_wait_s: float | None = None) -> subprocess.Popen:
+    """Start `flower-supernode` connected to `superlink` (HOST:PORT). `port` is its local ClientApp API
+    (127.0.0.1 only), distinct per node on one host. The ClientApp reads `data-dir` and `state-dir`."""
+    certs, insecure = _tls_args(certs, insecure, "photon node")
+    state = Path(state).resolve()
+    node_config = f'state-dir="{state / "worker"}"'
+    if data is not None:
+        if not (Path(data) / "manifest.json").exists():
+            raise UserError(f"--data {data} is not prepared data (no manifest.json); run `photon prepare --out "
+                            f"{data}` with the run's preset first")
+        node_config += f' data-dir="{Path(data).resolve()}"'
+    args = [executable("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+            "--node-config", node_config]
+    if max_wait_s is not None:
+        args += ["--max-wait-time", str(max_wait_s)]
+    if insecure:
+        args.append("--insecure")
+    else:
+        (ca,) = _need_files(certs, ("ca.crt",), "photon node")
+        if key is None:
+            raise UserError("photon node: --key NODE.key is required with --certs (the node's private key, "
+                            "registered with the server)")
+        key = Path(key) if Path(key).is_absolute() or Path(key).exists() else certs / key
+        if not key.is_file():
+            raise UserError(f"--key {key}: no such file; copy node-<i>.key from the server's certs dir")
+        args += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key.resolve())]
+    check_port_free("127.0.0.1", port)
+    return spawn(args, state / "flwr", log_file)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The `flwr` side: a connection in $FLWR_HOME/config.toml, node registration, runs
+
+
+def write_connection(home: Path, superlink: str, certs: Path | None = None, insecure: bool = False,
+                     name: str = CONNECTION) -> Path:
+    """Add (or replace) `[superlink.<name>]` in `$FLWR_HOME/config.toml` and make it the default."""
+    path = Path(home) / "config.toml"
+    doc = tomli.loads(path.read_text()) if path.exists() else {}
+    links = doc.setdefault("superlink", {})
+    links["default"] = name
+    table: dict[str, object] = {"address": superlink}
+    if insecure:
+        table["insecure"] = True
+    else:
+        (ca,) = _need_files(Path(certs), ("ca.crt",), "the SuperLink connection")  # type: ignore[arg-type]
+        table["root-certificates"] = str(ca.resolve())
+    links[name] = table
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def flwr(home: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run the `flwr` CLI with our FLWR_HOME; raises UserError with its output when it fails."""
+    cmd = [executable("flwr"), *args]
+    res = subprocess.run(cmd, env=child_env(home), capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        out = (res.stdout + res.stderr).strip().splitlines()
+        raise UserError(f"`flwr {' '.join(args[:2])}` failed: {' / '.join(out[-4:]) or res.returncode}")
+    return res
+
+
+def _json_out(res: subprocess.CompletedProcess) -> dict:
+    """The JSON object `flwr ... --format json` prints (possibly after other lines)."""
+    text = res.stdout
+    start = text.find("{")
+    try:
+        return json.JSONDecoder().raw_decode(text[start:])[0] if start >= 0 else {}
+    except json.JSONDecodeError:
+        raise UserError(f"unexpected output from flwr: {text[-300:]!r}") from None
+
+
+def register_node(home: Path, public_key: Path, name: str = CONNECTION) -> int:
+    """Register a node's public key with the SuperLink (needs `--enable-supernode-auth`); returns its id."""
+    res = flwr(home, "supernode", "register", str(public_key), name, "--format", "json")
+    return int(_json_out(res)["node-id"])
+
+
+def list_nodes(home: Path, name: str = CONNECTION) -> list[dict]:
+    res = flwr(home, "supernode", "list", name, "--format", "json")
+    return _json_out(res).get("nodes", [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs: the app bundle is staged from photon's source so data, runs and virtualenvs never enter it (the FAB is
+# capped at 10 MB), and the config travels as JSON in the run config.
+
+
+def stage_app(dest: Path) -> Path:
+    """Copy pyproject.toml and photon's .py/.yaml files into `dest/photon` (the dir name is the app name)."""
+    import photon
+
+    pkg = Path(photon.__file__).resolve().parent
+    pyproject = pkg.parent / "pyproject.toml"
+    if not pyproject.exists() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise UserError(f"no pyproject.toml with [tool.flwr.app] beside {pkg}; submit runs from a source "
+                        "checkout of photon (git clone, then pip install -e .)")
+    app = Path(dest) / "photon"
+    (app / "photon").mkdir(parents=True)
+    shutil.copy2(pyproject, app / "pyproject.toml")
+    for src in pkg.rglob("*"):
+        if src.suffix in (".py", ".yaml") and "__pycache__" not in src.parts:
+            dst = app / "photon" / src.relative_to(pkg)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return app
+
+
+def submit_run(home: Path, cfg: RunConfig, run_dir: str, resume: bool = False, name: str = CONNECTION) -> int:
+    """Start a run of photon's ServerApp on the SuperLink; returns the run id. `run_dir` is a path on the
+    server machine, where the ServerApp runs."""
+    overrides = {"config-json": json.dumps(config_to_dict(cfg)), "run-dir": str(run_dir), "resume": resume}
+    with tempfile.TemporaryDirectory(prefix="photon-fab-") as tmp:
+        app = stage_app(Path(tmp))
+        run_config = Path(tmp) / "run-config.toml"  # a file, so the JSON needs no shell or TOML quoting
+        run_config.write_text(tomli_w.dumps(overrides))
+        res = flwr(home, "run", str(app), name, "--run-config", str(run_config), "--format", "json")
+    out = _json_out(res)
+    if not out.get("success") or out.get("run-id") is None:
+        raise UserError(f"the SuperLink did not start the run: {out}")
+    return int(out["run-id"])
+
+
+def run_status(home: Path, run_id: int, name: str = CONNECTION) -> dict:
+    res = flwr(home, "list", name, "--run-id", str(run_id), "--format", "json")
+    runs = _json_out(res).get("runs", [])
+    if not runs:
+        raise UserError(f"the SuperLink knows no run {run_id}")
+    return runs[0]
+
+
+def wait_run(home: Path, run_id: int, name: str = CONNECTION, poll_s: float = 2.0, timeout_s: float | None = None,
+             on_status: Callable[[dict], None] | None = None) -> dict:
+    """Poll the run's status until it is finished (completed, failed or stopped); returns the last status."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    last = ""
+    while True:
+        status = run_status(home, run_id, name)
+        if status["status"] != last and on_status is not None:
+            on_status(status)
+        last = status["status"]
+        if last in FINAL:
+            return status
+        if end is not None and time.monotonic() > end:
+            raise TimeoutError(f"run {run_id} still {last} after {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def stream_logs(home: Path, run_id: int, name: str = CONNECTION, log_file: Path | None = None) -> subprocess.Popen:
+    """`flwr log --stream` in the background: the ServerApp's output, until the run ends."""
+    return spawn([executable("flwr"), "log", str(run_id), name, "--stream"], home, log_file)

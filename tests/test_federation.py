@@ -1,0 +1,159 @@
+"""The federated round loop, engine-free (in-process transport): sampling, client table, failures, resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from photon.checkpoint import list_checkpoints
+from photon.config import load_config
+from photon.errors import UserError
+from photon.federation.aggregator import Aggregator, check_reply
+from photon.federation.inprocess import InProcessTransport
+from photon.federation.runner import run_federation
+from photon.federation.server_state import ServerState
+from photon.federation.worker import ClientWorker
+from photon.runlog import read_metrics
+
+
+def fed_cfg(prep: Path, *overrides: str):
+    base = [f"data.prep_dir={prep}", "data.partition.num_clients=3", "federation.clients_per_round=2",
+            "federation.local_steps=4", "federation.rounds=3", "train.eval_batches=2"]
+    return load_config("tiny", base + list(overrides))
+
+
+def run(cfg, run_dir, nodes=1, fail=None, **kwargs):
+    transport = InProcessTransport(ClientWorker(run_dir / "node"), nodes, fail=fail)
+    return run_federation(cfg, run_dir, transport, **kwargs)
+
+
+def test_rounds_advance_global_step_clients_and_lower_the_loss(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.rounds=4", "federation.clients_per_round=3", "federation.local_steps=8")
+    summary = run(cfg, tmp_path, nodes=2)
+    assert summary["rounds"] == 4 and summary["global_step"] == 4 * 8
+    state, _ = ServerState.load_latest(tmp_path / "checkpoints")
+    assert all(c.rounds == 4 and c.steps == 32 and c.cursor == 32 * 8 for c in state.clients)
+    evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert evals[-1]["loss/overall"] < evals[0]["loss/overall"] - 0.3
+    rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
+    assert [r["ok"] for r in rounds] == [3, 3, 3, 3]
+    assert rounds[0]["bytes_down"] == rounds[0]["bytes_up"] > 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_more_clients_per_round_than_nodes(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=1")
+    assert run(cfg, tmp_path, nodes=1)["rounds"] == 1
+
+
+def test_sampling_is_seeded_and_replayed_from_the_checkpointed_rng(tiny_prep):
+    cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=2")
+    params = {"w": torch.zeros(2)}
+    a = Aggregator(cfg, ServerState.fresh(params, 4, seed=7), [[]] * 4, {})
+    b = Aggregator(cfg, ServerState.fresh(params, 4, seed=7), [[]] * 4, {})
+    draws = [a.sample_clients() for _ in range(5)]
+    assert draws == [b.sample_clients() for _ in range(5)]
+    assert all(len(set(d)) == 2 for d in draws) and len({tuple(d) for d in draws}) > 1
+    c = Aggregator(cfg, ServerState.fresh(params, 4, seed=7), [[]] * 4, {})
+    c.sample_clients()
+    c.sample_clients()
+    resumed = Aggregator(cfg, ServerState.fresh(params, 4, seed=0), [[]] * 4, {})
+    resumed.state.rng_state = c.state.rng_state
+    assert resumed.sample_clients() == draws[2]
+
+
+def test_a_failing_client_is_dropped_requeued_and_not_advanced(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=2")
+    calls = []
+
+    def fail(task):
+        calls.append((task.client_id, task.round, task.attempt))
+        return "boom" if task.client_id == 1 and task.round == 0 else None
+
+    run(cfg, tmp_path, fail=fail)
+    assert (1, 0, 1) in calls and (1, 0, 2) in calls  # re-queued once within the round
+    state, _ = ServerState.load_latest(tmp_path / "checkpoints")
+    assert state.clients[1].rounds == 1 and state.clients[1].failures == 2
+    assert state.clients[0].rounds == 2 and state.clients[1].cursor == 4 * 8
+    rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
+    assert [(r["ok"], r["failed"]) for r in rounds] == [(2, 2), (3, 0)]
+
+
+def test_a_retry_that_succeeds_counts_the_client(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.rounds=1")
+    summary = run(cfg, tmp_path, fail=lambda t: "flaky" if t.attempt == 1 and t.client_id == 0 else None)
+    state, _ = ServerState.load_latest(tmp_path / "checkpoints")
+    assert summary["rounds"] == 1 and sum(c.rounds for c in state.clients) == 2
+
+
+def test_a_round_with_too_few_replies_is_retried_then_given_up(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.min_replies=2", "federation.max_round_retries=1")
+    with pytest.raises(UserError, match="failed 2 times"):
+        run(cfg, tmp_path, fail=lambda t: "down")
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_injected_faults_from_config_fail_every_other_round(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=4",
+                  "federation.faults.fail_clients=[2]", "federation.faults.fail_every=2")
+    summary = run(cfg, tmp_path)
+    assert summary["rounds"] == 4
+    rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
+    assert [r["failed"] for r in rounds] == [2, 0, 2, 0]
+    evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert evals[-1]["loss/overall"] < evals[0]["loss/overall"]
+
+
+def test_check_reply_rejects_bad_updates(tiny_prep):
+    from photon.federation.task import ClientReply
+
+    ref = {"w": torch.zeros(2, 2)}
+
+    def reply(params, samples=4):
+        return ClientReply(0, 0, samples, 1, 0, 0.0, 0.0, params)
+
+    assert check_reply(reply({"w": torch.ones(2, 2)}), ref) is None
+    assert "non-finite" in check_reply(reply({"w": torch.tensor([[float("nan"), 0], [0, 0]])}), ref)
+    assert "expected" in check_reply(reply({"w": torch.ones(3)}), ref)
+    assert "names differ" in check_reply(reply({"v": torch.ones(2, 2)}), ref)
+    assert "sample" in check_reply(reply({"w": torch.ones(2, 2)}, samples=0), ref)
+
+
+@pytest.mark.parametrize("outer", ["fedavg", "nesterov"])
+def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_prep, tmp_path, outer):
+    cfg = fed_cfg(tiny_prep, "federation.rounds=4", f"federation.outer.name={outer}",
+                  "federation.outer.lr=0.7" if outer == "nesterov" else "federation.outer.lr=1.0",
+                  "data.partition.num_clients=3")
+    straight = run(cfg, tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_round_2(task):
+        if task.round == 2:
+            raise Crash  # the server dies mid-round: nothing of round 2 was committed
+        return None
+
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "b", fail=crash_in_round_2)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")][-1] == "round_000002"
+    resumed = run(cfg, tmp_path / "b", resume=True)
+    assert resumed["params_sha"] == straight["params_sha"]
+    assert resumed["rounds"] == 4
+    rows = [r["round"] for r in read_metrics(tmp_path / "b") if r["kind"] == "round"]
+    assert rows == [1, 2, 3, 4]
+
+
+def test_persisted_client_optimizer_state_lives_on_the_node(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.client_optimizer=persist", "federation.rounds=2")
+    run(cfg, tmp_path)
+    saved = sorted(p.name for p in (tmp_path / "node").glob("client_*.optimizer.safetensors"))
+    assert saved and all(name.startswith("client_0000") for name in saved)
+
+
+def test_resume_refuses_a_different_model(tiny_prep, tmp_path):
+    run(fed_cfg(tiny_prep, "federation.rounds=1"), tmp_path)
+    with pytest.raises(UserError, match="different model shape"):
+        run(fed_cfg(tiny_prep, "federation.rounds=2", "model.n_layer=3"), tmp_path, resume=True)
+    with pytest.raises(UserError, match="already holds a run"):
+        run(fed_cfg(tiny_prep), tmp_path)
