@@ -214,6 +214,127 @@ def presets() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Deployment runtime (many machines): certs, server, node, submit — see photon/federation/deploy.py
 
+CertsOpt = Annotated[Optional[Path], typer.Option("--certs", help="Dir from `photon certs` (TLS + node keys).")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: anyone who can "
+                                           "reach the port can join and read the model. Trusted networks only.")]
+SuperlinkOpt = Annotated[str, typer.Option("--superlink", help="The server's address, HOST:PORT.")]
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the CA, server certificate and node keys.")],
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="Name or IP nodes use to reach the server "
+                                                      "(repeatable; 127.0.0.1 and localhost are always added).")] = None,
+    nodes: Annotated[int, typer.Option(min=0, help="Node key pairs to make (node-0.key ...).")] = 2,
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Make a CA, a server TLS certificate and per-node keys (run on the server)."""
+    from photon.federation.deploy import make_certs
+
+    hosts = tuple(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
+    make_certs(out, hosts=hosts, nodes=nodes, force=force)
+    console.print(f"wrote {out}: keep ca.key and server.key on the server; give node i ca.crt and node-{{i}}.key "
+                  f"(server certificate valid for {', '.join(hosts)})")
+
+
+def _warn_insecure(insecure: bool) -> None:
+    if insecure:
+        err_console.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; anyone who can "
+                          "reach the port can join the federation and read the model", highlight=False)
+
+
+def _wait_foreground(proc, what: str, log_file: Path) -> None:
+    """Block until the child ends (Ctrl-C stops it); a child that fails by itself is a UserError."""
+    from photon.federation.deploy import explain_exit, stop
+
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        stop(proc)
+        console.print(f"stopped {what}")
+        return
+    if code != 0:
+        raise UserError(f"{what} exited with code {code}: {explain_exit(log_file)} (log: {log_file})")
+
+
+@app.command()
+def server(
+    port: Annotated[int, typer.Option(help="The one port nodes and `photon submit` connect to.")] = 9092,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to accept other machines.")] = "127.0.0.1",
+    certs: CertsOpt = None,
+    insecure: InsecureOpt = False,
+    state: Annotated[Path, typer.Option(help="SuperLink database, Flower home and log.")] = Path(".photon/server"),
+) -> None:
+    """Start the SuperLink; registers every node-*.key.pub in --certs. Runs until Ctrl-C."""
+    from photon.federation import deploy
+
+    _warn_insecure(insecure)
+    log_file = state / "superlink.log"
+    proc = deploy.start_superlink(port, state, certs=certs, insecure=insecure, host=host, log_file=log_file)
+    try:
+        home = state / "flwr"
+        deploy.write_connection(home, f"127.0.0.1:{port}", certs=certs, insecure=insecure)
+        if certs is not None:
+            for pub in sorted(certs.glob("node-*.key.pub")):
+                console.print(f"{pub.name}: {deploy.register_key(home, pub)}")
+    except BaseException:
+        deploy.stop(proc)
+        raise
+    mode = "insecure" if insecure else "TLS, registered nodes only"
+    console.print(f"SuperLink on {host}:{port} ({mode}); log {log_file}. Nodes: photon node --superlink "
+                  f"SERVER:{port} {'--insecure' if insecure else '--certs DIR --key node-<i>.key'}. Ctrl-C stops.")
+    _wait_foreground(proc, "flower-superlink", log_file)
+
+
+@app.command()
+def node(
+    superlink: SuperlinkOpt,
+    port: Annotated[int, typer.Option(help="Local port for this node's ClientApps (127.0.0.1; one per node "
+                                      "on a host).")] = 9094,
+    certs: CertsOpt = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help="This node's private key (a path, or a name "
+                                                "inside --certs).")] = None,
+    insecure: InsecureOpt = False,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Prepared data on this node (default: the "
+                                                 "run's data.prep_dir).")] = None,
+    state: Annotated[Optional[Path], typer.Option(help="Node state and log (default .photon/node-PORT).")] = None,
+) -> None:
+    """Start a SuperNode that trains for the server at --superlink. Runs until Ctrl-C."""
+    from photon.federation import deploy
+
+    _warn_insecure(insecure)
+    state = state or Path(f".photon/node-{port}")
+    log_file = state / "supernode.log"
+    proc = deploy.start_supernode(superlink, port, state, data=data, certs=certs, key=key, insecure=insecure,
+                                  log_file=log_file)
+    console.print(f"SuperNode for {superlink} started; log {log_file}. Ctrl-C stops.")
+    _wait_foreground(proc, "flower-supernode", log_file)
+
+
+@app.command()
+def submit(
+    superlink: SuperlinkOpt,
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory ON THE SERVER (default runs/<preset>-deployed, "
+                                                "relative to where `photon server` runs).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same "
+                                         "--preset/--set).")] = False,
+    certs: CertsOpt = None,
+    insecure: InsecureOpt = False,
+    home: Annotated[Path, typer.Option(help="Flower home for this client (connection, cache).")] = Path(".photon/submit"),
+) -> None:
+    """Start a federated run on the server's SuperLink, stream its log and wait for it to finish."""
+    from photon.federation import deploy
+
+    _warn_insecure(insecure)
+    cfg = _config(preset, overrides)
+    run_dir = out or Path("runs") / f"{cfg.name}-deployed"
+    status = deploy.run_to_end(home, superlink, cfg, str(run_dir), resume=resume, certs=certs, insecure=insecure,
+                               console=console)
+    console.print(f"run {status['run-id']}: {status['status']} after {status['elapsed']:.0f} s; "
+                  f"run directory (on the server): {run_dir}")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Benchmarks

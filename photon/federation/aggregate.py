@@ -1,20 +1,27 @@
-"""Streaming weighted mean of client models: each reply is folded in as it arrives and then dropped.
+"""Streaming weighted mean of client models: replies are folded in one at a time and then dropped.
 
-The server holds the global model plus one float64 accumulator, whatever K is. Float64 makes the
-result independent of arrival order in practice (exactly so for K ≤ 2, since addition commutes): a resumed
-run whose replies arrive in another order still reproduces the same parameters.
+The server holds the global model, one fp32 accumulator and the reply being folded (3× the model),
+whatever K is. Replies are folded in a canonical order (sampled client order), not arrival order, so the
+result is bitwise reproducible however the network reorders replies, which is what makes a killed and
+resumed run land on exactly the parameters of an uninterrupted one. A reply that arrives ahead of its
+turn waits on disk (safetensors), not in RAM.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 Tensors = dict[str, torch.Tensor]
 
 
 class StreamingMean:
+    """Σ w_k·θ_k and Σ w_k, accumulated in the parameters' dtype."""
+
     def __init__(self) -> None:
         self.sum: Tensors = {}
         self.weight = 0.0
@@ -26,16 +33,16 @@ class StreamingMean:
         for name, t in params.items():
             acc = self.sum.get(name)
             if acc is None:
-                self.sum[name] = t.to(torch.float64) * weight
+                self.sum[name] = t.detach().clone().mul_(weight)
             else:
-                acc.add_(t.to(torch.float64), alpha=weight)
+                acc.add_(t, alpha=weight)
         self.weight += weight
         self.count += 1
 
     def mean(self, like: Tensors) -> Tensors:
-        """The weighted mean, cast to each reference tensor's dtype."""
+        """The weighted mean (computed in float64, rounded once to each reference tensor's dtype)."""
         assert self.count > 0, "mean of no replies"
-        return {name: (self.sum[name] / self.weight).to(ref.dtype) for name, ref in like.items()}
+        return {name: (self.sum[name].double() / self.weight).to(ref.dtype) for name, ref in like.items()}
 
     def pseudo_gradient(self, params: Tensors) -> PseudoGradient:
         """Δ = θ − mean(θ_k) in float64, computed one tensor at a time as the outer optimizer asks."""
@@ -52,8 +59,8 @@ class PseudoGradient(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self._last is None or self._last[0] != name:
-            acc = self._mean.sum[name]
-            self._last = (name, self._params[name].to(torch.float64) - acc / self._mean.weight)
+            acc = self._mean.sum[name].double()
+            self._last = (name, self._params[name].double() - acc / self._mean.weight)
         return self._last[1]
 
     def __iter__(self) -> Iterator[str]:
@@ -61,3 +68,52 @@ class PseudoGradient(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._params)
+
+
+class OrderedFold:
+    """Folds replies into a `StreamingMean` in `order`, whatever order they arrive in.
+
+    `add` a reply when it arrives; `give_up` on a client that will not reply this round. A reply whose
+    predecessors are still pending is spilled to `spill_dir` and folded as soon as they resolve.
+    """
+
+    def __init__(self, order: list[int], spill_dir: Path):
+        self.mean = StreamingMean()
+        self._order = list(order)
+        self._next = 0
+        self._ready: dict[int, float | None] = {}  # client -> weight of its spilled reply, None = gave up
+        self._spill = Path(spill_dir)
+
+    def _path(self, client: int) -> Path:
+        return self._spill / f"client_{client:06d}.safetensors"
+
+    def add(self, client: int, params: Tensors, weight: float) -> None:
+        if self._next < len(self._order) and self._order[self._next] == client:
+            self.mean.add(params, weight)
+            self._next += 1
+            self._drain()
+        else:
+            self._spill.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in params.items()}, self._path(client))
+            self._ready[client] = weight
+
+    def give_up(self, client: int) -> None:
+        self._ready[client] = None
+        self._drain()
+
+    def finish(self) -> StreamingMean:
+        """Fold everything still waiting (clients that never replied are skipped)."""
+        for client in self._order[self._next:]:
+            self._ready.setdefault(client, None)
+        self._drain()
+        shutil.rmtree(self._spill, ignore_errors=True)
+        return self.mean
+
+    def _drain(self) -> None:
+        while self._next < len(self._order) and self._order[self._next] in self._ready:
+            client = self._order[self._next]
+            weight = self._ready.pop(client)
+            if weight is not None:
+                self.mean.add(load_file(self._path(client)), weight)
+                self._path(client).unlink()
+            self._next += 1

@@ -10,15 +10,18 @@ Grid in production, a direct call in tests.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from photon.config import RunConfig
-from photon.federation.aggregate import StreamingMean
+from photon.federation.aggregate import OrderedFold, StreamingMean
 from photon.federation.outer import make_outer
 from photon.federation.server_state import ServerState
 from photon.federation.task import ClientReply, ClientTask, Tensors, tensor_bytes
@@ -69,7 +72,10 @@ def check_reply(reply: ClientReply, reference: Tensors) -> str | None:
 class Aggregator:
     """Owns the server state between rounds; `run_round` drives one round over a transport."""
 
-    def __init__(self, cfg: RunConfig, state: ServerState, spans: list[list[dict]], task_config: dict):
+    def __init__(self, cfg: RunConfig, state: ServerState, spans: list[list[dict]], task_config: dict,
+                 spill_dir: Path | None = None):
+        """`spill_dir` holds replies that arrive ahead of their turn (see `aggregate.OrderedFold`)."""
+        self.spill_dir = spill_dir or Path(tempfile.gettempdir()) / f"photon-spill-{os.getpid()}"
         self.cfg = cfg
         self.state = state
         self.spans = spans
@@ -97,8 +103,9 @@ class Aggregator:
         start = time.perf_counter()
         deadline = start + (timeout_s or fed.round_timeout_s)
         result = RoundResult(round=self.state.round)
-        mean, replies = StreamingMean(), {}
-        queue, attempts = deque(self.sample_clients()), Counter()
+        sampled = self.sample_clients()
+        fold, replies = OrderedFold(sampled, self.spill_dir), {}
+        queue, attempts = deque(sampled), Counter()
         in_flight: dict[str, tuple[int, int]] = {}
         model_bytes = tensor_bytes(self.state.params)
         while (queue or in_flight) and time.perf_counter() < deadline:
@@ -120,8 +127,8 @@ class Aggregator:
                 if not isinstance(reply, str):
                     result.bytes_up += tensor_bytes(reply.params)
                 if reason is None:
-                    mean.add(reply.params, float(reply.samples))
-                    reply.params = {}  # folded: drop the copy now
+                    fold.add(cid, reply.params, float(reply.samples))
+                    reply.params = {}  # folded or spilled: drop the copy now
                     replies[cid] = reply
                     continue
                 log.warning("round %d: client %d attempt %d rejected: %s", self.state.round, cid, attempts[cid], reason)
@@ -129,13 +136,16 @@ class Aggregator:
                 self.state.clients[cid].failures += 1
                 if attempts[cid] < max_attempts:
                     queue.append(cid)
+                else:
+                    fold.give_up(cid)
         for _, cid in in_flight.values():
             result.failed.append(f"client {cid}: missed the round deadline")
             self.state.clients[cid].failures += 1
+        mean = fold.finish()
         result.ok = sorted(replies)
-        result.wall_seconds = time.perf_counter() - start
         if len(replies) >= fed.min_replies:
             self._commit(mean, replies, result)
+        result.wall_seconds = time.perf_counter() - start
         return result
 
     def _commit(self, mean: StreamingMean, replies: dict[int, ClientReply], result: RoundResult) -> None:

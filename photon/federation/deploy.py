@@ -220,9 +220,6 @@ def wait_listening(proc: subprocess.Popen, host: str, port: int, what: str, time
 def _tls_args(certs: Path | None, insecure: bool, what: str) -> tuple[Path | None, bool]:
     if insecure == (certs is not None):
         raise UserError(f"{what}: pass exactly one of --certs DIR (TLS, the default) or --insecure")
-    if insecure:
-        log.warning("--insecure: no TLS and no node authentication; anyone who can reach the port can join "
-                    "the federation and read the model. Use it only on a trusted network or 127.0.0.1.")
     return (Path(certs).resolve() if certs else None), insecure
 
 
@@ -330,6 +327,16 @@ def register_node(home: Path, public_key: Path, name: str = CONNECTION) -> int:
     return int(_json_out(res)["node-id"])
 
 
+def register_key(home: Path, public_key: Path, name: str = CONNECTION) -> str:
+    """`register_node`, where a key the SuperLink's database already holds is fine (a restarted server)."""
+    try:
+        return f"registered as node {register_node(home, public_key, name)}"
+    except UserError as e:
+        if "already in use" in str(e):
+            return "already registered"
+        raise
+
+
 def list_nodes(home: Path, name: str = CONNECTION) -> list[dict]:
     res = flwr(home, "supernode", "list", name, "--format", "json")
     return _json_out(res).get("nodes", [])
@@ -403,3 +410,43 @@ def wait_run(home: Path, run_id: int, name: str = CONNECTION, poll_s: float = 2.
 def stream_logs(home: Path, run_id: int, name: str = CONNECTION, log_file: Path | None = None) -> subprocess.Popen:
     """`flwr log --stream` in the background: the ServerApp's output, until the run ends."""
     return spawn([executable("flwr"), "log", str(run_id), name, "--stream"], home, log_file)
+
+
+def explain_exit(log_file: Path) -> str:
+    """Why a Flower process stopped, from its log: the lines after its last ERROR, else the last line."""
+    lines = [l.strip() for l in Path(log_file).read_text(errors="replace").splitlines()] if Path(log_file).exists() else []
+    errors = [i for i, l in enumerate(lines) if "ERROR" in l]
+    if not errors:
+        return lines[-1] if lines else "no log"
+    reason = " ".join(l for l in lines[errors[-1]:errors[-1] + 4] if l and not l.startswith("For more"))
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        reason += " (is --certs/ca.crt the server's CA, and the server certificate made for this --superlink host?)"
+    elif "Failed to activate SuperNode" in reason:
+        reason += " (is this node's public key registered? `photon server --certs` registers node-*.key.pub)"
+    return reason
+
+
+def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume: bool = False,
+               certs: Path | None = None, insecure: bool = False, console=None, poll_s: float = 2.0) -> dict:
+    """`photon submit`: write the connection, start the run, stream the ServerApp's log, wait for the end."""
+    certs, insecure = _tls_args(certs, insecure, "photon submit")
+    write_connection(home, superlink, certs=certs, insecure=insecure)
+    run_id = submit_run(home, cfg, run_dir, resume=resume)
+    say = console.print if console is not None else print
+    say(f"started run {run_id} on {superlink}; its log follows (Ctrl-C detaches, the run goes on)")
+    streamer = stream_logs(home, run_id) if console is not None else None
+    try:
+        status = wait_run(home, run_id, poll_s=poll_s)
+    except KeyboardInterrupt:
+        raise UserError(f"detached from run {run_id}; it goes on: watch it with `FLWR_HOME={home} flwr log {run_id} "
+                        f"{CONNECTION}`, stop it with `flwr stop {run_id} {CONNECTION}`") from None
+    finally:
+        if streamer is not None:
+            try:
+                streamer.wait(timeout=10)  # the stream ends with the run; give it time to print the tail
+            except subprocess.TimeoutExpired:
+                stop(streamer)
+    if status["status"] != "finished:completed":
+        raise UserError(f"run {run_id} ended {status['status']} ({status.get('status-details')}); the server's "
+                        f"log: `FLWR_HOME={home} flwr log {run_id} {CONNECTION} --show`")
+    return status

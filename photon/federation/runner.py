@@ -65,7 +65,8 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     state = _open_state(cfg, run_dir, resume, console)
     atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
     task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
-    agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config)
+    agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
+                     spill_dir=run_dir / ".spill")
     runlog = RunLog(run_dir, resume_step=state.round if resume else None, step_key="round")
     eval_model = build_model(cfg)
     t = cfg.train
