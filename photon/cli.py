@@ -161,18 +161,23 @@ def run(
     cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
 ) -> None:
     """Federated pre-training on this machine: prepares data on first use, then runs Photon's rounds."""
-    from photon.data.shards import prepare as do_prepare
-
     if resume is not None:
         cfg = _saved_config(resume)
         run_dir = resume
     else:
         cfg = _config(preset, overrides)
         run_dir = out or Path("runs") / f"{cfg.name}-federated"
-    if not (cfg.data.prep_dir / "manifest.json").exists():  # first use: the built-in offline corpus
-        do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
+    ensure_prepared(cfg, cache)
     summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
     console.print(f"run directory: {summary['run_dir']}")
+
+
+def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources")) -> None:
+    """First use: prepare the built-in offline corpus; afterwards whatever is in data.prep_dir is used."""
+    from photon.data.shards import prepare as do_prepare
+
+    if not (cfg.data.prep_dir / "manifest.json").exists():
+        do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
 
 
 def _saved_config(run_dir: Path) -> RunConfig:
@@ -233,7 +238,7 @@ def certs(
 
     hosts = tuple(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
     make_certs(out, hosts=hosts, nodes=nodes, force=force)
-    console.print(f"wrote {out}: keep ca.key and server.key on the server; give node i ca.crt and node-{{i}}.key "
+    console.print(f"wrote {out}: keep ca.key and server.key on the server; give node i ca.crt and node-<i>.key "
                   f"(server certificate valid for {', '.join(hosts)})")
 
 
@@ -244,9 +249,15 @@ def _warn_insecure(insecure: bool) -> None:
 
 
 def _wait_foreground(proc, what: str, log_file: Path) -> None:
-    """Block until the child ends (Ctrl-C stops it); a child that fails by itself is a UserError."""
+    """Block until the child ends; Ctrl-C or SIGTERM stops it. A child that fails by itself is a UserError."""
+    import signal
+
     from photon.federation.deploy import explain_exit, stop
 
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # the child runs in its own session: a service manager's stop must reach it
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -351,6 +362,29 @@ def bench_trainer(
     from photon.bench.trainer import run_trainer_bench
 
     run_trainer_bench(_config(preset, overrides), steps=steps, repeats=repeats, console=console)
+
+
+@bench_app.command("federation")
+def bench_federation(
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    local_steps: Annotated[int, typer.Option(help="H for the overhead run.")] = 64,
+    rounds: Annotated[int, typer.Option(help="Rounds of the overhead run (the first includes start-up).")] = 3,
+    memory_preset: Annotated[str, typer.Option(help="Model shape for the aggregator-memory probe.")] = "paper-125m",
+    out: Annotated[Path, typer.Option(help="Where runs and results go.")] = Path("runs/bench-federation"),
+) -> None:
+    """Federation overhead in simulation, aggregator peak RAM for K=2,4,8, bytes per token vs data-parallel."""
+    import shutil
+
+    from photon.bench.federation import run_federation_bench
+
+    k = 2
+    cfg = _config(preset, list(overrides or []) + [
+        f"federation.local_steps={local_steps}", f"federation.rounds={rounds}", f"federation.clients_per_round={k}",
+        f"federation.num_nodes={k}", f"federation.eval_every={rounds}"])
+    shutil.rmtree(out, ignore_errors=True)
+    ensure_prepared(cfg)
+    run_federation_bench(cfg, load_config(memory_preset), out, console)
 
 
 def main() -> None:

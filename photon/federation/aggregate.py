@@ -4,7 +4,8 @@ The server holds the global model, one fp32 accumulator and the reply being fold
 whatever K is. Replies are folded in a canonical order (sampled client order), not arrival order, so the
 result is bitwise reproducible however the network reorders replies, which is what makes a killed and
 resumed run land on exactly the parameters of an uninterrupted one. A reply that arrives ahead of its
-turn waits on disk (safetensors), not in RAM.
+turn waits on disk as raw arrays (dtype and shape from the global model) and is read back one tensor at a
+time, so waiting replies cost no RAM.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -45,13 +46,19 @@ class StreamingMean:
         return {name: (self.sum[name].double() / self.weight).to(ref.dtype) for name, ref in like.items()}
 
     def pseudo_gradient(self, params: Tensors) -> PseudoGradient:
-        """Δ = θ − mean(θ_k) in float64, computed one tensor at a time as the outer optimizer asks."""
+        """Δ = θ − mean(θ_k), computed one tensor at a time as the outer optimizer asks."""
         assert self.count > 0, "pseudo-gradient of no replies"
         return PseudoGradient(params, self)
 
 
+CHUNK = 1 << 20  # elements per float64 step: keeps temporaries small even for a 7B model's embedding
+
+
 class PseudoGradient(Mapping[str, torch.Tensor]):
-    """A read-only mapping name -> Δ tensor (float64) that never materialises the whole Δ at once."""
+    """A read-only mapping name -> Δ tensor that never materialises the whole Δ at once.
+
+    Each Δ tensor is computed in float64 a chunk at a time and rounded once to θ's dtype.
+    """
 
     def __init__(self, params: Tensors, mean: StreamingMean):
         self._params, self._mean = params, mean
@@ -59,8 +66,11 @@ class PseudoGradient(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self._last is None or self._last[0] != name:
-            acc = self._mean.sum[name].double()
-            self._last = (name, self._params[name].double() - acc / self._mean.weight)
+            p, acc = self._params[name], self._mean.sum[name]
+            delta = torch.empty_like(p)
+            for d, pc, ac in zip(delta.view(-1).split(CHUNK), p.view(-1).split(CHUNK), acc.view(-1).split(CHUNK)):
+                d.copy_(pc.double() - ac.double() / self._mean.weight)
+            self._last = (name, delta)
         return self._last[1]
 
     def __iter__(self) -> Iterator[str]:
@@ -85,7 +95,7 @@ class OrderedFold:
         self._spill = Path(spill_dir)
 
     def _path(self, client: int) -> Path:
-        return self._spill / f"client_{client:06d}.safetensors"
+        return self._spill / f"client_{client:06d}.bin"
 
     def add(self, client: int, params: Tensors, weight: float) -> None:
         if self._next < len(self._order) and self._order[self._next] == client:
@@ -94,7 +104,10 @@ class OrderedFold:
             self._drain()
         else:
             self._spill.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in params.items()}, self._path(client))
+            self._layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(params.items())]
+            with open(self._path(client), "wb") as f:
+                for name, _, _ in self._layout:
+                    f.write(params[name].contiguous().numpy().data)
             self._ready[client] = weight
 
     def give_up(self, client: int) -> None:
@@ -114,6 +127,31 @@ class OrderedFold:
             client = self._order[self._next]
             weight = self._ready.pop(client)
             if weight is not None:
-                self.mean.add(load_file(self._path(client)), weight)
+                self.mean.add(_SpilledReply(self._path(client), self._layout), weight)
                 self._path(client).unlink()
             self._next += 1
+
+
+class _SpilledReply(Mapping[str, torch.Tensor]):
+    """A spilled reply read back lazily: each tensor is a memory-mapped view of its bytes in the file."""
+
+    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self._path, self._offsets = path, {}
+        offset = 0
+        for name, dtype, shape in layout:
+            self._offsets[name] = (offset, dtype, shape)
+            offset += torch.empty((), dtype=dtype).element_size() * int(np.prod(shape, dtype=np.int64))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        offset, dtype, shape = self._offsets[name]
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return torch.empty(shape, dtype=dtype)
+        array = np.memmap(self._path, dtype=np_dtype, mode="c", offset=offset, shape=shape)
+        return torch.from_numpy(array)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets)

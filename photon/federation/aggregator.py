@@ -49,6 +49,7 @@ class RoundResult:
     bytes_up: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    critical_train_seconds: float = 0.0  # the busiest node's time inside local training
     wall_seconds: float = 0.0
     committed: bool = False
 
@@ -107,6 +108,7 @@ class Aggregator:
         fold, replies = OrderedFold(sampled, self.spill_dir), {}
         queue, attempts = deque(sampled), Counter()
         in_flight: dict[str, tuple[int, int]] = {}
+        node_train: Counter[int] = Counter()
         model_bytes = tensor_bytes(self.state.params)
         while (queue or in_flight) and time.perf_counter() < deadline:
             busy = {node for node, _ in in_flight.values()}
@@ -122,10 +124,11 @@ class Aggregator:
                 time.sleep(0.5)  # no node connected yet: wait for one rather than spin
                 continue
             for handle, reply in transport.collect(min(1.0, max(0.0, deadline - time.perf_counter()))):
-                _, cid = in_flight.pop(handle)
+                node, cid = in_flight.pop(handle)
                 reason = reply if isinstance(reply, str) else check_reply(reply, self.state.params)
                 if not isinstance(reply, str):
                     result.bytes_up += tensor_bytes(reply.params)
+                    node_train[node] += reply.train_seconds
                 if reason is None:
                     fold.add(cid, reply.params, float(reply.samples))
                     reply.params = {}  # folded or spilled: drop the copy now
@@ -143,6 +146,7 @@ class Aggregator:
             self.state.clients[cid].failures += 1
         mean = fold.finish()
         result.ok = sorted(replies)
+        result.critical_train_seconds = max(node_train.values(), default=0.0)
         if len(replies) >= fed.min_replies:
             self._commit(mean, replies, result)
         result.wall_seconds = time.perf_counter() - start

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -140,6 +141,7 @@ def child_env(home: Path) -> dict[str, str]:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError as e:
@@ -414,15 +416,17 @@ def stream_logs(home: Path, run_id: int, name: str = CONNECTION, log_file: Path 
 
 def explain_exit(log_file: Path) -> str:
     """Why a Flower process stopped, from its log: the lines after its last ERROR, else the last line."""
-    lines = [l.strip() for l in Path(log_file).read_text(errors="replace").splitlines()] if Path(log_file).exists() else []
-    errors = [i for i, l in enumerate(lines) if "ERROR" in l]
+    text = Path(log_file).read_text(errors="replace") if Path(log_file).exists() else ""
+    lines = [l.strip() for l in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
+    errors = [i for i, l in enumerate(lines) if l.startswith("ERROR")]
     if not errors:
         return lines[-1] if lines else "no log"
-    reason = " ".join(l for l in lines[errors[-1]:errors[-1] + 4] if l and not l.startswith("For more"))
+    reason = " ".join(l for l in lines[errors[-1] + 1:errors[-1] + 4] if l and not l.startswith("For more"))
+    reason = reason.replace("[", "(").replace("]", ")")  # the CLI prints errors as rich markup
     if "CERTIFICATE_VERIFY_FAILED" in reason:
-        reason += " (is --certs/ca.crt the server's CA, and the server certificate made for this --superlink host?)"
+        reason += " Is --certs/ca.crt the server's CA, and the server certificate made for this --superlink host?"
     elif "Failed to activate SuperNode" in reason:
-        reason += " (is this node's public key registered? `photon server --certs` registers node-*.key.pub)"
+        reason += " Is this node's public key registered? `photon server --certs` registers node-*.key.pub."
     return reason
 
 
@@ -437,15 +441,16 @@ def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume:
     streamer = stream_logs(home, run_id) if console is not None else None
     try:
         status = wait_run(home, run_id, poll_s=poll_s)
+        if streamer is not None:
+            streamer.wait(timeout=15)  # the stream ends with the run; let it print the tail
     except KeyboardInterrupt:
         raise UserError(f"detached from run {run_id}; it goes on: watch it with `FLWR_HOME={home} flwr log {run_id} "
                         f"{CONNECTION}`, stop it with `flwr stop {run_id} {CONNECTION}`") from None
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         if streamer is not None:
-            try:
-                streamer.wait(timeout=10)  # the stream ends with the run; give it time to print the tail
-            except subprocess.TimeoutExpired:
-                stop(streamer)
+            stop(streamer)
     if status["status"] != "finished:completed":
         raise UserError(f"run {run_id} ended {status['status']} ({status.get('status-details')}); the server's "
                         f"log: `FLWR_HOME={home} flwr log {run_id} {CONNECTION} --show`")

@@ -19,7 +19,7 @@ def params_record(params: Tensors) -> ArrayRecord:
 
 
 def record_params(record: ArrayRecord) -> Tensors:
-    return {k: torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
+    return {k: torch.from_numpy(a.numpy()) for k, a in record.items()}  # np.load gives a fresh, writable array
 
 
 def task_content(task: ClientTask, params: ArrayRecord) -> RecordDict:

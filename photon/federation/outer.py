@@ -15,7 +15,7 @@ import torch
 from photon.config import OuterConfig
 
 Tensors = dict[str, torch.Tensor]
-Delta = Mapping[str, torch.Tensor]  # name -> Δ, possibly float64 (see aggregate.PseudoGradient)
+Delta = Mapping[str, torch.Tensor]  # name -> Δ, computed lazily (see aggregate.PseudoGradient)
 
 
 class OuterOptimizer:
@@ -53,8 +53,7 @@ class FedAvg(OuterOptimizer):
 
     def step(self, params: Tensors, delta: Delta) -> None:
         for name, p in params.items():
-            # In float64, rounded once: with η = 1 this lands on the fp32 mean itself.
-            p.copy_(p.to(torch.float64) - self.cfg.lr * delta[name].to(torch.float64))
+            p.sub_(delta[name].to(p.dtype), alpha=self.cfg.lr)
 
 
 class FedMom(OuterOptimizer):

@@ -29,6 +29,7 @@ from photon.train.evaluate import OVERALL, evaluate, perplexity
 
 log = logging.getLogger(__name__)
 
+# "train s" is the busiest node's time inside local training; "round s" the round's wall time.
 COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "MB down", "MB up", "train s", "round s")
 
 
@@ -116,10 +117,10 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
     ppl = perplexity(losses[OVERALL]) if losses else float("nan")
     runlog.log("round", state.global_step, round=state.round, ok=len(r.ok), failed=len(r.failed), loss=r.loss,
                bytes_up=r.bytes_up, bytes_down=r.bytes_down, tokens=r.tokens, train_seconds=r.train_seconds,
-               wall_seconds=r.wall_seconds)
+               critical_train_seconds=r.critical_train_seconds, wall_seconds=r.wall_seconds)
     runlog.log("train", state.global_step, round=state.round, loss=r.loss)
     cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{r.bytes_down / 1e6:.1f}",
-             f"{r.bytes_up / 1e6:.1f}", f"{r.train_seconds:.1f}", f"{r.wall_seconds:.1f}")
+             f"{r.bytes_up / 1e6:.1f}", f"{r.critical_train_seconds:.1f}", f"{r.wall_seconds:.1f}")
     console.print(" ".join(f"{c!s:>7s}" for c in cells))
     for reason in r.failed:
         console.print(f"  [yellow]dropped[/] {reason}")

@@ -1,0 +1,141 @@
+"""`photon bench federation`: what the federation costs beyond local training, in time, memory and bytes.
+
+- Overhead: (round wall time − the busiest node's time inside local training) / round wall time, from a
+  real Flower simulation run (goal ≤ 3%).
+- Aggregator peak RAM as a multiple of the model's size for K = 2, 4, 8 (goal ≤ 3×), each K measured in a
+  fresh subprocess around the real `Aggregator.run_round` with replies arriving in reverse order.
+- Bytes sent per training token, measured, next to per-step data-parallel training's ring all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from photon.config import RunConfig, build_config, config_to_dict
+from photon.runlog import read_metrics
+
+
+def overhead(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
+    from photon.federation.launch import run_simulated
+
+    run_simulated(cfg, run_dir, console=console)
+    rounds = [r for r in read_metrics(run_dir) if r["kind"] == "round"]
+    per_round = [(r["wall_seconds"] - r["critical_train_seconds"]) / r["wall_seconds"] for r in rounds]
+    steady = per_round[1:] or per_round
+    tokens = sum(r["tokens"] for r in rounds)
+    sent = sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+    return {"overhead_first_round": per_round[0], "overhead_steady": statistics.mean(steady),
+            "round_seconds": statistics.mean(r["wall_seconds"] for r in rounds[1:] or rounds),
+            "train_seconds": statistics.mean(r["critical_train_seconds"] for r in rounds[1:] or rounds),
+            "bytes_per_token": sent / tokens, "tokens": tokens, "bytes": sent}
+
+
+def data_parallel_bytes_per_token(model_bytes: int, workers: int, batch: int, seq: int) -> float:
+    """Ring all-reduce: each of n workers sends 2(n−1)/n × model bytes per step, for n·batch·seq tokens."""
+    return workers * 2 * (workers - 1) / workers * model_bytes / (workers * batch * seq)
+
+
+class _SyntheticTransport:
+    """Replies = θ + noise, made only when collected (as a decoded message would be), newest client first."""
+
+    def __init__(self, nodes: int):
+        self._nodes, self._pending = nodes, []
+
+    def nodes(self):
+        return list(range(self._nodes))
+
+    def submit(self, node, task, params):
+        self._pending.append((f"m{len(self._pending)}-{task.client_id}", task, params))
+        return self._pending[-1][0]
+
+    def collect(self, timeout):
+        from photon.federation.task import ClientReply
+
+        if not self._pending:
+            return []
+        handle, task, params = self._pending.pop()  # reverse order: forces the out-of-order path
+        reply = ClientReply(task.client_id, task.round, samples=8, steps=task.local_steps, cursor=0, loss=0.0,
+                            train_seconds=0.0, params={k: v + 1e-3 for k, v in params.items()})
+        return [(handle, reply)]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_probe(config_json: str, k: int, spill: str) -> None:
+    """Run in a fresh process: print {"multiple": peak RAM over baseline / model bytes} as JSON."""
+    from photon.federation.aggregator import Aggregator
+    from photon.federation.server_state import ServerState
+    from photon.federation.task import tensor_bytes
+    from photon.model.transformer import Transformer, unique_state_dict
+
+    cfg = build_config(json.loads(config_json))
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = {n: (t.shape, t.dtype) for n, t in unique_state_dict(Transformer(cfg.model)).items()}
+    base = _rss_mb()
+    params = {n: torch.randn(shape, dtype=dtype) * 0.02 for n, (shape, dtype) in shapes.items()}
+    state = ServerState.fresh(params, cfg.data.partition.num_clients, 0)
+    agg = Aggregator(cfg, state, [[]] * cfg.data.partition.num_clients, {}, spill_dir=Path(spill))
+    agg.run_round(_SyntheticTransport(nodes=k))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model_mb = tensor_bytes(params) / 2**20
+    print(json.dumps({"k": k, "model_mb": model_mb, "peak_over_base_mb": peak - base,
+                      "multiple": (peak - base) / model_mb}))
+
+
+def aggregator_memory(cfg: RunConfig, ks: tuple[int, ...], spill: Path) -> list[dict[str, Any]]:
+    out = []
+    for k in ks:
+        tree = config_to_dict(cfg)
+        tree["data"]["partition"]["num_clients"] = max(k, tree["data"]["partition"]["num_clients"])
+        tree["federation"]["clients_per_round"] = k
+        tree["federation"]["min_replies"] = 1
+        code = ("import sys; from photon.bench.federation import memory_probe; "
+                "memory_probe(sys.argv[1], int(sys.argv[2]), sys.argv[3])")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(tree), str(k), str(spill / f"k{k}")],
+                              capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def run_federation_bench(cfg: RunConfig, mem_cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
+    from photon.federation.task import tensor_bytes
+    from photon.model.transformer import Transformer, unique_state_dict
+
+    result = overhead(cfg, out / "overhead-run", console)
+    model_bytes = tensor_bytes(unique_state_dict(Transformer(cfg.model)))
+    t, fed = cfg.train, cfg.federation
+    result["dp_bytes_per_token"] = data_parallel_bytes_per_token(model_bytes, fed.clients_per_round,
+                                                                 t.batch_size, t.seq_len)
+    result["memory"] = aggregator_memory(mem_cfg, (2, 4, 8), out / "spill")
+    table = Table(title=f"federation benchmark: {cfg.name}, K={fed.clients_per_round}, H={fed.local_steps}, "
+                        f"{fed.num_nodes} simulated nodes")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("overhead, first round (Ray/worker start-up)", f"{result['overhead_first_round']:.1%}")
+    table.add_row("overhead, later rounds", f"{result['overhead_steady']:.1%}")
+    table.add_row("round wall s / busiest node's training s",
+                  f"{result['round_seconds']:.2f} / {result['train_seconds']:.2f}")
+    table.add_row("bytes sent per training token (measured)", f"{result['bytes_per_token']:.1f}")
+    table.add_row(f"per-step data-parallel, {fed.clients_per_round} workers (ring all-reduce)",
+                  f"{result['dp_bytes_per_token']:.1f}")
+    table.add_row("communication ratio DP / Photon", f"{result['dp_bytes_per_token'] / result['bytes_per_token']:.1f}×")
+    for m in result["memory"]:
+        table.add_row(f"aggregator peak RAM / model size, K={m['k']} ({m['model_mb']:.0f} MB model)",
+                      f"{m['multiple']:.2f}×")
+    console.print(table)
+    (out / "federation-bench.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,182 @@
+"""Checkpoints: round trip, atomic replace, damage detected and skipped, pruning, and no pickle anywhere."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from photon.checkpoint import (META, list_checkpoints, load_checkpoint, load_latest, prune_checkpoints,
+                               resolve_checkpoint, save_checkpoint)
+from photon.errors import UserError
+
+PHOTON = Path(__file__).parent.parent / "photon"
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(3, 4, generator=g), "b": torch.arange(5, dtype=torch.int64)},
+            "optimizer": {"w.step": torch.tensor(7.0), "w.exp_avg": torch.randn(3, 4, generator=g)}}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for group in a:
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]) and a[group][k].dtype == b[group][k].dtype
+
+
+def test_round_trip(tmp_path):
+    extra = tmp_path / "tokenizer.json"
+    extra.write_text('{"tok": 1}')
+    path = save_checkpoint(tmp_path / "ckpts" / "step_00000010", _tensors(), {"step": 10, "cursor": 80},
+                           extra_files=(extra,))
+    assert sorted(p.name for p in path.iterdir()) == [META, "model.safetensors", "optimizer.safetensors",
+                                                       "tokenizer.json"]
+    tensors, meta = load_checkpoint(path)
+    _assert_same(tensors, _tensors())
+    assert meta["step"] == 10 and meta["cursor"] == 80
+    assert set(meta["files"]) == {"model.safetensors", "optimizer.safetensors", "tokenizer.json"}
+    assert (path / "tokenizer.json").read_text() == '{"tok": 1}'
+
+
+def test_non_contiguous_and_view_tensors_are_saved(tmp_path):
+    base = torch.randn(4, 6)
+    path = save_checkpoint(tmp_path / "c", {"m": {"t": base.t(), "s": base[1]}}, {})
+    tensors, _ = load_checkpoint(path)
+    assert torch.equal(tensors["m"]["t"], base.t()) and torch.equal(tensors["m"]["s"], base[1])
+
+
+def test_overwrite_keeps_one_checkpoint_and_no_temporaries(tmp_path):
+    ck = tmp_path / "ckpts"
+    save_checkpoint(ck / "step_1", _tensors(0), {"step": 1})
+    save_checkpoint(ck / "step_1", _tensors(1), {"step": 1, "again": True})
+    assert [p.name for p in ck.iterdir()] == ["step_1"]
+    tensors, meta = load_checkpoint(ck / "step_1")
+    _assert_same(tensors, _tensors(1))
+    assert meta["again"] is True
+
+
+def test_leftover_temporary_is_not_a_checkpoint(tmp_path):
+    ck = tmp_path / "ckpts"
+    save_checkpoint(ck / "step_1", _tensors(), {"step": 1})
+    # A crash between mkdir and rename leaves a hidden temporary, maybe even complete: never listed.
+    save_checkpoint(ck / ".step_2.tmp-123", _tensors(1), {"step": 2})
+    (ck / ".step_3.tmp-99").mkdir()
+    assert list_checkpoints(ck) == [ck / "step_1"]
+    path, _, meta = load_latest(ck)
+    assert path == ck / "step_1" and meta["step"] == 1
+
+
+def test_list_checkpoints_sorted_and_missing_dir(tmp_path):
+    assert list_checkpoints(tmp_path / "nope") == []
+    assert load_latest(tmp_path / "nope") is None
+    for s in (20, 3, 100):
+        save_checkpoint(tmp_path / f"step_{s:08d}", {"m": {"x": torch.zeros(1)}}, {"step": s})
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000020", "step_00000100"]
+
+
+def _truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_byte, Path.unlink])
+def test_damaged_tensor_file_is_a_user_error_and_latest_falls_back(tmp_path, damage, caplog):
+    ck = tmp_path / "ckpts"
+    save_checkpoint(ck / "step_00000001", _tensors(0), {"step": 1})
+    save_checkpoint(ck / "step_00000002", _tensors(1), {"step": 2})
+    damage(ck / "step_00000002" / "model.safetensors")
+    with pytest.raises(UserError, match=r"model\.safetensors is missing or corrupted"):
+        load_checkpoint(ck / "step_00000002")
+    path, tensors, meta = load_latest(ck)
+    assert path == ck / "step_00000001" and meta["step"] == 1
+    _assert_same(tensors, _tensors(0))
+    assert "skipping damaged checkpoint" in caplog.text
+
+
+def test_damaged_meta_is_a_user_error(tmp_path):
+    path = save_checkpoint(tmp_path / "c", _tensors(), {"step": 1})
+    _truncate(path / META)
+    with pytest.raises(UserError, match="not JSON"):
+        load_checkpoint(path)
+    (path / META).unlink()
+    with pytest.raises(UserError, match="not a checkpoint"):
+        load_checkpoint(path)
+
+
+def test_all_damaged_gives_none(tmp_path):
+    save_checkpoint(tmp_path / "step_1", _tensors(), {"step": 1})
+    _flip_byte(tmp_path / "step_1" / "optimizer.safetensors")
+    assert load_latest(tmp_path) is None
+
+
+@pytest.mark.parametrize("keep, left", [(3, 3), (2, 2), (1, 2), (0, 2), (10, 5)])
+def test_prune_keeps_the_newest_and_at_least_two(tmp_path, keep, left):
+    for s in range(5):
+        save_checkpoint(tmp_path / f"step_{s:08d}", {"m": {"x": torch.full((1,), float(s))}}, {"step": s})
+    prune_checkpoints(tmp_path, keep)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{s:08d}" for s in range(5 - left, 5)]
+
+
+def test_resolve_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    run.mkdir()
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        resolve_checkpoint(run)
+    save_checkpoint(ck / "step_00000001", _tensors(), {"step": 1})
+    save_checkpoint(ck / "step_00000002", _tensors(), {"step": 2})
+    assert resolve_checkpoint(ck / "step_00000001") == ck / "step_00000001"  # a folder is taken as is
+    assert resolve_checkpoint(run) == ck / "step_00000002"  # a run dir: its newest
+    _truncate(ck / "step_00000002" / "model.safetensors")
+    assert resolve_checkpoint(run) == ck / "step_00000001"  # ... that verifies
+    with pytest.raises(UserError):
+        resolve_checkpoint(tmp_path / "run" / "checkpoints" / "missing")
+
+
+def test_meta_is_plain_json(tmp_path):
+    path = save_checkpoint(tmp_path / "c", _tensors(), {"step": 3, "config": {"a": [1, 2]}})
+    meta = json.loads((path / META).read_text())
+    assert meta["config"] == {"a": [1, 2]} and all(len(d) == 64 for d in meta["files"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# No pickle: checkpoints and everything else load tensors only.
+
+_PICKLE_IMPORT = re.compile(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib|shelve)\b", re.M)
+
+
+def _unsafe(text: str) -> list[str]:
+    """What in `text` could unpickle: pickle-family imports, torch.load without weights_only=True,
+    numpy's allow_pickle=True."""
+    found = [f"import: {m.group(0).strip()}" for m in _PICKLE_IMPORT.finditer(text)]
+    for m in re.finditer(r"torch\.load\(", text):
+        call = text[m.start(): text.find(")", m.start()) + 1]
+        if "weights_only=True" not in call:
+            found.append(f"torch.load without weights_only=True: {call}")
+    found += ["allow_pickle=True" for _ in re.finditer(r"allow_pickle\s*=\s*True", text)]
+    return found
+
+
+def test_no_pickle_in_photon():
+    found = {str(p.relative_to(PHOTON.parent)): _unsafe(p.read_text(encoding="utf-8"))
+             for p in sorted(PHOTON.rglob("*.py"))}
+    assert len(found) > 20  # the scan saw the package
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_the_scan_catches_pickle():
+    bad = "import pickle\nx = torch.load(f)\ny = torch.load(f, weights_only=True)\nnp.load(p, allow_pickle=True)\n"
+    assert len(_unsafe(bad)) == 3
