@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from photon.config import RunConfig, load_config, preset_names
 from photon.errors import UserError
@@ -387,6 +388,22 @@ def bench_federation(
     run_federation_bench(cfg, load_config(memory_preset), out, console)
 
 
+@bench_app.command("robust")
+def bench_robust(
+    preset: PresetOpt = "tiny",
+    overrides: SetOpt = None,
+    noise_scale: Annotated[float, typer.Option(help="Std of the noisy client's reply around θ.")] = 0.5,
+    out: Annotated[Path, typer.Option(help="Where the arms' runs go.")] = Path("runs/bench-robust"),
+) -> None:
+    """One of four clients sends noise every round: plain mean vs norm check, median, trimmed mean, clipping."""
+    from photon.bench.robust import run_robust_bench
+
+    cfg = _config(preset, list(overrides or []) + ["data.partition.num_clients=4",
+                                                     "federation.clients_per_round=4"])
+    ensure_prepared(cfg)
+    run_robust_bench(cfg, out, noise_scale, console)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
@@ -394,7 +411,8 @@ def main() -> None:
     except UserError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # soft_wrap: one line at any terminal width; escape: a path like data/[v2] is printed as typed.
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -131,6 +131,9 @@ class FaultConfig(_Frozen):
 
     fail_clients: list[int] = Field([], description="Clients whose training raises an error ...")
     fail_every: int = Field(2, ge=1, description="... in every round r with r % fail_every == 0.")
+    noise_clients: list[int] = Field([], description="Clients that reply with θ + N(0, noise_scale²) every round "
+                                     "(a broken or Byzantine site).")
+    noise_scale: float = Field(1.0, gt=0, description="Std of the noise sent by noise_clients.")
 
 
 class FederationConfig(_Frozen):
@@ -147,6 +150,14 @@ class FederationConfig(_Frozen):
     round_timeout_s: float = Field(3600.0, gt=0, description="Replies later than this are dropped.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     num_nodes: int = Field(2, ge=1, description="Simulated nodes (Flower SuperNodes) in simulation.")
+    aggregation: Literal["mean", "trimmed-mean", "median"] = Field(
+        "mean", description="mean: streaming weighted mean (Photon); trimmed-mean / median: coordinate-wise, "
+        "robust to a minority of bad updates.")
+    trim_fraction: float = Field(0.25, ge=0, lt=0.5, description="Share trimmed from each end (trimmed-mean).")
+    clip_update_norm: float | None = Field(None, gt=0, description="Clip each update θ_k − θ to this L2 norm.")
+    max_norm_ratio: float | None = Field(
+        10.0, gt=1, description="Reject an update whose norm exceeds this multiple of the previous round's "
+        "median update norm (None disables the check).")
     faults: FaultConfig = FaultConfig()
 
 

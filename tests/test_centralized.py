@@ -114,7 +114,17 @@ def test_resume_after_a_damaged_newest_checkpoint_replays_and_matches(short_runs
     assert _steps(rows, "train") == list(range(1, 41)) and _steps(rows, "eval") == [0, 10, 20, 30, 40]
 
 
-def test_resume_2000_steps_is_bitwise_equal_to_straight(tiny_prep, tmp_path):
+@pytest.fixture
+def one_thread():
+    # At 2×16 the model is too small to gain from a second thread, and on a shared 2-core box a spinning
+    # second thread is what makes this test slow.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_2000_steps_is_bitwise_equal_to_straight(tiny_prep, tmp_path, one_thread):
     cfg = tiny_cfg(tiny_prep, *LONG)
     train_central(cfg, tmp_path / "straight", console=_quiet())
     train_central(cfg, tmp_path / "resumed", stop_at=1000, console=_quiet())

@@ -106,7 +106,7 @@ def test_deployed_run_completes_two_rounds_on_two_nodes(link, procs, tiny_prep):
     run_dir = link.root / "run"
     run_id = deploy.submit_run(link.home, cfg, str(run_dir))
     status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
-    assert status["status"] == "finished:completed", deploy.flwr(link.home, "log", str(run_id), "--show").stdout
+    assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
     assert (run_dir / "checkpoints" / "round_000002").is_dir()
     rounds = [r for r in read_metrics(run_dir) if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]

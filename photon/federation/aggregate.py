@@ -80,6 +80,48 @@ class PseudoGradient(Mapping[str, torch.Tensor]):
         return len(self._params)
 
 
+def update_norm(params: Mapping[str, torch.Tensor], reference: Tensors) -> float:
+    """‖θ_k − θ‖₂ over all tensors, a chunk at a time."""
+    total = 0.0
+    for name, ref in reference.items():
+        for pc, rc in zip(params[name].reshape(-1).split(CHUNK), ref.reshape(-1).split(CHUNK)):
+            total += float((pc.double() - rc.double()).square().sum())
+    return total ** 0.5
+
+
+def clip_update(params: Tensors, reference: Tensors, max_norm: float, norm: float) -> None:
+    """Scale θ_k − θ down to `max_norm` in place (per-update norm clipping); no-op if already within."""
+    if norm <= max_norm:
+        return
+    scale = max_norm / norm
+    for name, ref in reference.items():
+        params[name].sub_(ref).mul_(scale).add_(ref)
+
+
+class Spill:
+    """Replies parked on disk as raw arrays, in sorted-name order; read back lazily (memory-mapped)."""
+
+    def __init__(self, spill_dir: Path):
+        self.dir = Path(spill_dir)
+        self.layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+
+    def path(self, client: int) -> Path:
+        return self.dir / f"client_{client:06d}.bin"
+
+    def write(self, client: int, params: Tensors) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(params.items())]
+        with open(self.path(client), "wb") as f:
+            for name, _, _ in self.layout:
+                f.write(params[name].contiguous().numpy().data)
+
+    def read(self, client: int) -> Mapping[str, torch.Tensor]:
+        return _SpilledReply(self.path(client), self.layout)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class OrderedFold:
     """Folds replies into a `StreamingMean` in `order`, whatever order they arrive in.
 
@@ -92,10 +134,7 @@ class OrderedFold:
         self._order = list(order)
         self._next = 0
         self._ready: dict[int, float | None] = {}  # client -> weight of its spilled reply, None = gave up
-        self._spill = Path(spill_dir)
-
-    def _path(self, client: int) -> Path:
-        return self._spill / f"client_{client:06d}.bin"
+        self._spill = Spill(spill_dir)
 
     def add(self, client: int, params: Tensors, weight: float) -> None:
         if self._next < len(self._order) and self._order[self._next] == client:
@@ -103,11 +142,7 @@ class OrderedFold:
             self._next += 1
             self._drain()
         else:
-            self._spill.mkdir(parents=True, exist_ok=True)
-            self._layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(params.items())]
-            with open(self._path(client), "wb") as f:
-                for name, _, _ in self._layout:
-                    f.write(params[name].contiguous().numpy().data)
+            self._spill.write(client, params)
             self._ready[client] = weight
 
     def give_up(self, client: int) -> None:
@@ -119,7 +154,7 @@ class OrderedFold:
         for client in self._order[self._next:]:
             self._ready.setdefault(client, None)
         self._drain()
-        shutil.rmtree(self._spill, ignore_errors=True)
+        self._spill.clear()
         return self.mean
 
     def _drain(self) -> None:
@@ -127,9 +162,57 @@ class OrderedFold:
             client = self._order[self._next]
             weight = self._ready.pop(client)
             if weight is not None:
-                self.mean.add(_SpilledReply(self._path(client), self._layout), weight)
-                self._path(client).unlink()
+                self.mean.add(self._spill.read(client), weight)
+                self._spill.path(client).unlink()
             self._next += 1
+
+
+class RobustFold:
+    """Coordinate-wise median or trimmed mean of the replies (unweighted), computed at the end of the round.
+
+    Not streaming by nature: every reply waits on disk and the statistic is taken a chunk of coordinates
+    at a time, so RAM still holds only the global model, the result and K small chunks.
+    """
+
+    def __init__(self, order: list[int], spill_dir: Path, kind: str, trim_fraction: float = 0.2):
+        assert kind in ("median", "trimmed-mean"), kind
+        self.kind, self.trim = kind, trim_fraction
+        self._order = list(order)
+        self._spill = Spill(spill_dir)
+        self._have: list[int] = []
+
+    def add(self, client: int, params: Tensors, weight: float) -> None:
+        self._spill.write(client, params)
+        self._have.append(client)
+
+    def give_up(self, client: int) -> None:
+        pass
+
+    def finish(self) -> StreamingMean:
+        out = StreamingMean()
+        clients = [c for c in self._order if c in self._have]
+        if clients:
+            replies = [self._spill.read(c) for c in clients]
+            for name, dtype, shape in self._spill.layout:
+                result = torch.empty(shape, dtype=dtype)
+                views = [r[name].reshape(-1) for r in replies]
+                for start in range(0, result.numel(), CHUNK):
+                    stacked = torch.stack([v[start:start + CHUNK] for v in views])
+                    result.view(-1)[start:start + CHUNK] = self._statistic(stacked)
+                out.sum[name] = result
+            out.weight, out.count = 1.0, len(clients)
+        self._spill.clear()
+        return out
+
+    def _statistic(self, stacked: torch.Tensor) -> torch.Tensor:
+        k = stacked.shape[0]
+        if self.kind == "median":
+            # The mean of the two middle values for even K (torch.median would take the lower one).
+            ordered = stacked.sort(dim=0).values
+            return (ordered[(k - 1) // 2].double() + ordered[k // 2].double()).div(2).to(stacked.dtype)
+        cut = min(int(k * self.trim), (k - 1) // 2)
+        ordered = stacked.sort(dim=0).values
+        return ordered[cut:k - cut].double().mean(dim=0).to(stacked.dtype)
 
 
 class _SpilledReply(Mapping[str, torch.Tensor]):

@@ -21,7 +21,9 @@ from typing import Protocol
 import torch
 
 from photon.config import RunConfig
-from photon.federation.aggregate import OrderedFold, StreamingMean
+import statistics
+
+from photon.federation.aggregate import OrderedFold, RobustFold, StreamingMean, clip_update, update_norm
 from photon.federation.outer import make_outer
 from photon.federation.server_state import ServerState
 from photon.federation.task import ClientReply, ClientTask, Tensors, tensor_bytes
@@ -105,7 +107,12 @@ class Aggregator:
         deadline = start + (timeout_s or fed.round_timeout_s)
         result = RoundResult(round=self.state.round)
         sampled = self.sample_clients()
-        fold, replies = OrderedFold(sampled, self.spill_dir), {}
+        if fed.aggregation == "mean":
+            fold = OrderedFold(sampled, self.spill_dir)
+        else:
+            fold = RobustFold(sampled, self.spill_dir, fed.aggregation, fed.trim_fraction)
+        replies: dict[int, ClientReply] = {}
+        norms: list[float] = []
         queue, attempts = deque(sampled), Counter()
         in_flight: dict[str, tuple[int, int]] = {}
         node_train: Counter[int] = Counter()
@@ -130,6 +137,8 @@ class Aggregator:
                     result.bytes_up += tensor_bytes(reply.params)
                     node_train[node] += reply.train_seconds
                 if reason is None:
+                    reason = self._screen(reply, norms)
+                if reason is None:
                     fold.add(cid, reply.params, float(reply.samples))
                     reply.params = {}  # folded or spilled: drop the copy now
                     replies[cid] = reply
@@ -149,8 +158,26 @@ class Aggregator:
         result.critical_train_seconds = max(node_train.values(), default=0.0)
         if len(replies) >= fed.min_replies:
             self._commit(mean, replies, result)
+            self.state.last_norms = norms
         result.wall_seconds = time.perf_counter() - start
         return result
+
+    def _screen(self, reply: ClientReply, norms: list[float]) -> str | None:
+        """Norm check against the previous round's median (order-independent), then optional clipping.
+
+        In the first round there is no previous median yet: the median of this round's replies so far is used.
+        """
+        fed = self.cfg.federation
+        norm = update_norm(reply.params, self.state.params)
+        reference = self.state.last_norms or norms
+        if fed.max_norm_ratio is not None and reference:
+            limit = fed.max_norm_ratio * statistics.median(reference)
+            if norm > limit:
+                return f"update norm {norm:.3g} exceeds {fed.max_norm_ratio:g}× the median {limit / fed.max_norm_ratio:.3g}"
+        if fed.clip_update_norm is not None:
+            clip_update(reply.params, self.state.params, fed.clip_update_norm, norm)
+        norms.append(norm)
+        return None
 
     def _commit(self, mean: StreamingMean, replies: dict[int, ClientReply], result: RoundResult) -> None:
         self.outer.step(self.state.params, mean.pseudo_gradient(self.state.params))

@@ -170,8 +170,29 @@ def spawn(args: list[str], home: Path, log_file: Path | None = None) -> subproce
             out.close()  # the child holds its own descriptor
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), including those in sessions of their own: the SuperLink
+    starts `flower-superexec` detached, and that one starts the ServerApp."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
+    """SIGTERM the process group (a SuperLink or SuperNode shuts its apps down), SIGKILL it after `timeout`,
+    then SIGKILL any descendant still alive after a grace period (a detached ServerApp would otherwise
+    outlive its SuperLink and keep writing to the run directory)."""
+    below = descendants(proc.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -179,17 +200,24 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             break
         try:
             proc.wait(timeout=timeout)
-            if sig == signal.SIGTERM:  # let the group's stragglers (app processes) go too
-                os.killpg(proc.pid, signal.SIGKILL)
             break
         except subprocess.TimeoutExpired:
             continue
+    end = time.monotonic() + 5.0
+    for pid in below:
+        while time.monotonic() < end and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+            time.sleep(0.1)
+        try:
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
-            break
+            pass
+
+
+def _zombie(pid: int) -> bool:
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        log.warning("process %d did not exit", proc.pid)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _tail(log_file: Path | None, n: int = 15) -> str:
@@ -314,13 +342,17 @@ def flwr(home: Path, *args: str, timeout: float = 120.0) -> subprocess.Completed
 
 
 def _json_out(res: subprocess.CompletedProcess) -> dict:
-    """The JSON object `flwr ... --format json` prints (possibly after other lines)."""
+    """The JSON object `flwr ... --format json` prints; its failures (exit code 0, success false) raise."""
     text = res.stdout
     start = text.find("{")
     try:
-        return json.JSONDecoder().raw_decode(text[start:])[0] if start >= 0 else {}
+        out = json.JSONDecoder().raw_decode(text[start:])[0] if start >= 0 else {}
     except json.JSONDecodeError:
         raise UserError(f"unexpected output from flwr: {text[-300:]!r}") from None
+    if out.get("success") is False:
+        reason = str(out.get("error-message", out)).replace("\n", " ").replace("[", "(").replace("]", ")")
+        raise UserError(f"`flwr {' '.join(res.args[1:3])}` failed: {reason}")
+    return out
 
 
 def register_node(home: Path, public_key: Path, name: str = CONNECTION) -> int:
@@ -350,7 +382,8 @@ def list_nodes(home: Path, name: str = CONNECTION) -> list[dict]:
 
 
 def stage_app(dest: Path) -> Path:
-    """Copy pyproject.toml and photon's .py/.yaml files into `dest/photon` (the dir name is the app name)."""
+    """Copy pyproject.toml (less the simulation's federations) and photon's .py/.yaml files into `dest/photon`
+    (the dir name is the app name)."""
     import photon
 
     pkg = Path(photon.__file__).resolve().parent
@@ -360,7 +393,10 @@ def stage_app(dest: Path) -> Path:
                         "checkout of photon (git clone, then pip install -e .)")
     app = Path(dest) / "photon"
     (app / "photon").mkdir(parents=True)
-    shutil.copy2(pyproject, app / "pyproject.toml")
+    project = tomli.loads(pyproject.read_text())
+    # `flwr run` migrates [tool.flwr.federations] (the simulation's) into config.toml, replacing our default
+    project["tool"]["flwr"].pop("federations", None)
+    (app / "pyproject.toml").write_text(tomli_w.dumps(project))
     for src in pkg.rglob("*"):
         if src.suffix in (".py", ".yaml") and "__pycache__" not in src.parts:
             dst = app / "photon" / src.relative_to(pkg)

@@ -40,6 +40,7 @@ class ServerState:
     clients: list[ClientRecord]
     rng_state: dict[str, Any]
     totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "tokens": 0})
+    last_norms: list[float] = field(default_factory=list)  # accepted update norms of the last round
 
     @classmethod
     def fresh(cls, params: Tensors, num_clients: int, seed: int) -> ServerState:
@@ -55,7 +56,7 @@ class ServerState:
     def save(self, ckpt_dir: Path, config: dict[str, Any], extra_files: tuple[Path, ...] = (), keep: int = 3) -> Path:
         meta = {"kind": "federated", "round": self.round, "global_step": self.global_step,
                 "clients": [asdict(c) for c in self.clients], "rng_state": self.rng_state,
-                "totals": self.totals, "config": config}
+                "totals": self.totals, "last_norms": self.last_norms, "config": config}
         path = save_checkpoint(Path(ckpt_dir) / f"round_{self.round:06d}",
                                {"model": self.params, "outer": self.outer_state}, meta, extra_files)
         prune_checkpoints(ckpt_dir, keep)
@@ -70,5 +71,5 @@ class ServerState:
         state = cls(round=meta["round"], global_step=meta["global_step"], params=tensors["model"],
                     outer_state=tensors.get("outer", {}),
                     clients=[ClientRecord(**c) for c in meta["clients"]], rng_state=meta["rng_state"],
-                    totals=meta.get("totals", {}))
+                    totals=meta.get("totals", {}), last_norms=meta.get("last_norms", []))
         return state, meta

@@ -75,7 +75,10 @@ class ClientWorker:
             tmp = opt_path.with_suffix(".tmp")
             save_file(optimizer_state_tensors(model, optimizer), tmp)
             tmp.replace(opt_path)
+        out = {k: v.detach().clone() for k, v in unique_state_dict(model).items()}
+        if task.client_id in faults.noise_clients:  # a broken site: noise instead of its update
+            gen = torch.Generator().manual_seed(task.round * 1000 + task.client_id)
+            out = {k: params[k] + faults.noise_scale * torch.randn(v.shape, generator=gen) for k, v in out.items()}
         return ClientReply(client_id=task.client_id, round=task.round, samples=result.samples,
                            steps=result.steps, cursor=result.cursor, loss=result.loss,
-                           train_seconds=result.seconds,
-                           params={k: v.detach().clone() for k, v in unique_state_dict(model).items()})
+                           train_seconds=result.seconds, params=out)

@@ -1,0 +1,175 @@
+"""The command line: help on every verb, one-line errors with exit code 2, and the tiny pipeline end to end."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from photon import cli
+from photon.config import load_config, preset_names
+
+FIXTURE_CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+
+
+def _verbs(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(cmd, click.Group):
+            yield from _verbs(cmd, (*prefix, name))
+
+
+VERBS = list(_verbs(typer.main.get_command(cli.app)))
+
+
+def run_cli(*args, cwd=None):
+    """`python -m photon.cli ARGS` in a fresh interpreter, as a user runs it."""
+    env = {**os.environ, "COLUMNS": "80", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "photon.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+@pytest.fixture
+def photon(monkeypatch, capsys):
+    """Run `photon ARGS` in this process through `cli.main` (what the console script calls)."""
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["photon", *map(str, args)])
+        monkeypatch.setitem(cli._state, "debug", False)
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def test_every_verb_is_listed():
+    names = {v[-1] for v in VERBS}
+    assert {"prepare", "train-central", "eval", "export", "generate", "plot", "run", "presets", "bench",
+            "trainer"} <= names
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=" ".join)
+def test_help_for_every_verb(verb):
+    result = CliRunner().invoke(cli.app, [*verb, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and verb[-1] in result.output
+
+
+def test_help_in_a_fresh_interpreter():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "train-central" in r.stdout and r.stderr == ""
+
+
+def test_user_error_is_one_line_on_stderr_with_exit_2(tmp_path):
+    r = run_cli("prepare", "--preset", "tiny", "--data", "/nonexistent", "--out", tmp_path / "prep", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # not wrapped, however long
+    assert r.stderr.startswith("error: /nonexistent")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run_cli("--debug", "prepare", "--preset", "tiny", "--data", "/nonexistent", "--out", tmp_path / "p",
+                cwd=tmp_path)
+    assert r.returncode not in (0, 2)
+    assert "Traceback" in r.stderr and "UserError" in r.stderr and "/nonexistent" in r.stderr
+
+
+def test_bad_set_key_exits_2_naming_the_key(tmp_path):
+    r = run_cli("train-central", "--preset", "tiny", "--set", "train.lrr=1", "--out", tmp_path / "run",
+                cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "train.lrr" in r.stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_error_message_is_printed_verbatim(photon, tmp_path):
+    # Rich markup in a path must not be interpreted (it used to print "/x/" for "/x/[bold]y").
+    code, _, err = photon("prepare", "--preset", "tiny", "--data", tmp_path / "[bold]y", "--out", tmp_path / "p")
+    assert code == 2 and f"{tmp_path}/[bold]y" in err
+
+
+def test_bad_value_and_unknown_preset(photon):
+    code, _, err = photon("train-central", "--preset", "tiny", "--set", "train.lr=-1")
+    assert code == 2 and "train.lr" in err and "greater than 0" in err
+    code, _, err = photon("train-central", "--preset", "nope")
+    assert code == 2 and "tiny" in err and "paper-7b" in err
+
+
+def test_presets_lists_every_preset_with_its_size(photon):
+    code, out, _ = photon("presets")
+    assert code == 0
+    text = " ".join(out.split())  # rich wraps at the terminal width
+    for name in preset_names():
+        m = re.search(rf"\b{re.escape(name)} (\d+) layers.*? ([\d.]+[KMB]) parameters", text)
+        assert m, name
+        assert int(m.group(1)) == load_config(name).model.n_layer
+    assert text.index("paper-125m") < text.index("paper-7b")
+    assert re.search(r"paper-7b 32 layers.*? 6\.\d+B parameters", text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare -> train-central -> eval -> export --hf -> generate -> plot, all on the tiny preset
+
+
+def test_tiny_pipeline_end_to_end(photon, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    prep, run, hf = tmp_path / "prep", tmp_path / "run", tmp_path / "hf"
+
+    code, out, err = photon("prepare", "--preset", "tiny", "--data", FIXTURE_CORPUS, "--out", prep)
+    assert code == 0, err
+    assert (prep / "manifest.json").is_file()
+
+    code, out, err = photon("train-central", "--preset", "tiny", "--data", prep, "--steps", 20, "--out", run,
+                            "--set", "train.warmup_steps=2", "--set", "train.eval_every=10",
+                            "--set", "train.ckpt_every=10", "--set", "train.eval_batches=1")
+    assert code == 0, err
+    assert "final validation loss" in out and (run / "checkpoints" / "step_00000020").is_dir()
+
+    code, out, err = photon("train-central", "--preset", "tiny", "--data", prep, "--steps", 20, "--out", run)
+    assert code == 2 and "--resume" in err  # the run dir is taken
+
+    code, out, err = photon("eval", run)
+    assert code == 0, err
+    for domain in ("code_python", "literature", "speech_sotu", "overall"):
+        assert domain in out
+
+    code, out, err = photon("export", run, "--hf", hf)
+    assert code == 0, err
+    assert (hf / "config.json").is_file() and (hf / "tokenizer.json").is_file()
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, local_files_only=True).eval()
+    from photon.checkpoint import load_model_checkpoint
+
+    ours, _, _, _ = load_model_checkpoint(run)
+    x = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(x).logits, ours(x)[0], rtol=1e-4, atol=1e-4)
+
+    code, out, err = photon("generate", run, "--prompt", "To be", "--tokens", 12, "--seed", 1)
+    assert code == 0, err
+    assert out.startswith("To be") and len(out.strip()) > len("To be")
+    assert photon("generate", run, "--prompt", "To be", "--tokens", 12, "--seed", 1)[1] == out  # seeded
+
+    code, out, err = photon("plot", run)
+    assert code == 0, err
+    png = run / "curves.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_of_a_missing_checkpoint(photon, tmp_path):
+    code, _, err = photon("eval", tmp_path / "nothing")
+    assert code == 2 and "does not exist" in err
