@@ -229,8 +229,9 @@ SuperlinkOpt = Annotated[str, typer.Option("--superlink", help="The server's add
 @app.command()
 def certs(
     out: Annotated[Path, typer.Option("--out", help="Where to write the CA, server certificate and node keys.")],
-    host: Annotated[Optional[list[str]], typer.Option("--host", help="Name or IP nodes use to reach the server "
-                                                      "(repeatable; 127.0.0.1 and localhost are always added).")] = None,
+    host: Annotated[Optional[list[str]], typer.Option(
+        "--host", help="Name or IP nodes use to reach the server (repeatable; 127.0.0.1 and localhost are "
+        "always added).")] = None,
     nodes: Annotated[int, typer.Option(min=0, help="Node key pairs to make (node-0.key ...).")] = 2,
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
 ) -> None:
@@ -334,7 +335,7 @@ def submit(
                                          "--preset/--set).")] = False,
     certs: CertsOpt = None,
     insecure: InsecureOpt = False,
-    home: Annotated[Path, typer.Option(help="Flower home for this client (connection, cache).")] = Path(".photon/submit"),
+    home: Annotated[Path, typer.Option(help="Flower home for this client (its connection).")] = Path(".photon/submit"),
 ) -> None:
     """Start a federated run on the server's SuperLink, stream its log and wait for it to finish."""
     from photon.federation import deploy

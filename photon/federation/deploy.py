@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import tomli
 import tomli_w
@@ -107,7 +107,7 @@ def make_certs(out_dir: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     return paths
 
 
-def _need_files(certs: Path, names: tuple[str, ...], what: str) -> list[Path]:
+def _need_files(certs: Path | None, names: tuple[str, ...], what: str) -> list[Path]:
     paths = [Path(certs) / n for n in names]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
@@ -247,6 +247,12 @@ def wait_listening(proc: subprocess.Popen, host: str, port: int, what: str, time
 # SuperLink (server) and SuperNodes (nodes)
 
 
+def check_address(superlink: str) -> None:
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. 10.0.0.5:9092")
+
+
 def _tls_args(certs: Path | None, insecure: bool, what: str) -> tuple[Path | None, bool]:
     if insecure == (certs is not None):
         raise UserError(f"{what}: pass exactly one of --certs DIR (TLS, the default) or --insecure")
@@ -277,10 +283,11 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
 
 def start_supernode(superlink: str, port: int, state: Path, data: Path | None = None,
                     certs: Path | None = None, key: Path | None = None, insecure: bool = False,
-                    log_file: Path | None = None, max_wait_s: float | None = None) -> subprocess.Popen:
+                    log_file: Path | None = None) -> subprocess.Popen:
     """Start `flower-supernode` connected to `superlink` (HOST:PORT). `port` is its local ClientApp API
     (127.0.0.1 only), distinct per node on one host. The ClientApp reads `data-dir` and `state-dir`."""
     certs, insecure = _tls_args(certs, insecure, "photon node")
+    check_address(superlink)
     state = Path(state).resolve()
     node_config = f'state-dir="{state / "worker"}"'
     if data is not None:
@@ -290,8 +297,6 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
         node_config += f' data-dir="{Path(data).resolve()}"'
     args = [executable("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
             "--node-config", node_config]
-    if max_wait_s is not None:
-        args += ["--max-wait-time", str(max_wait_s)]
     if insecure:
         args.append("--insecure")
     else:
@@ -314,6 +319,8 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
 def write_connection(home: Path, superlink: str, certs: Path | None = None, insecure: bool = False,
                      name: str = CONNECTION) -> Path:
     """Add (or replace) `[superlink.<name>]` in `$FLWR_HOME/config.toml` and make it the default."""
+    certs, insecure = _tls_args(certs, insecure, "the SuperLink connection")
+    check_address(superlink)
     path = Path(home) / "config.toml"
     doc = tomli.loads(path.read_text()) if path.exists() else {}
     links = doc.setdefault("superlink", {})
@@ -322,8 +329,8 @@ def write_connection(home: Path, superlink: str, certs: Path | None = None, inse
     if insecure:
         table["insecure"] = True
     else:
-        (ca,) = _need_files(Path(certs), ("ca.crt",), "the SuperLink connection")  # type: ignore[arg-type]
-        table["root-certificates"] = str(ca.resolve())
+        (ca,) = _need_files(certs, ("ca.crt",), "the SuperLink connection")
+        table["root-certificates"] = str(ca)
     links[name] = table
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(doc))
@@ -336,9 +343,16 @@ def flwr(home: Path, *args: str, timeout: float = 120.0) -> subprocess.Completed
     res = subprocess.run(cmd, env=child_env(home), capture_output=True, text=True, timeout=timeout,
                          stdin=subprocess.DEVNULL)
     if res.returncode != 0:
-        out = (res.stdout + res.stderr).strip().splitlines()
-        raise UserError(f"`flwr {' '.join(args[:2])}` failed: {' / '.join(out[-4:]) or res.returncode}")
+        raise UserError(f"`flwr {args[0]}` failed: {_flwr_reason(res.stdout + res.stderr) or res.returncode}")
     return res
+
+
+def _flwr_reason(text: str) -> str:
+    """The message inside the `flwr` CLI's error box, on one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [l.strip(" │╭╮╰╯─") for l in text.splitlines()]
+    keep = [l for l in lines if l and not l.startswith(("Using SuperLink", "INFO", "Error"))]
+    return " ".join(keep[-6:]).replace("[", "(").replace("]", ")")
 
 
 def _json_out(res: subprocess.CompletedProcess) -> dict:
@@ -350,8 +364,8 @@ def _json_out(res: subprocess.CompletedProcess) -> dict:
     except json.JSONDecodeError:
         raise UserError(f"unexpected output from flwr: {text[-300:]!r}") from None
     if out.get("success") is False:
-        reason = str(out.get("error-message", out)).replace("\n", " ").replace("[", "(").replace("]", ")")
-        raise UserError(f"`flwr {' '.join(res.args[1:3])}` failed: {reason}")
+        reason = _flwr_reason(str(out.get("error-message", out)))
+        raise UserError(f"`flwr {res.args[1]}` failed: {reason}")
     return out
 
 
@@ -428,15 +442,12 @@ def run_status(home: Path, run_id: int, name: str = CONNECTION) -> dict:
     return runs[0]
 
 
-def wait_run(home: Path, run_id: int, name: str = CONNECTION, poll_s: float = 2.0, timeout_s: float | None = None,
-             on_status: Callable[[dict], None] | None = None) -> dict:
+def wait_run(home: Path, run_id: int, name: str = CONNECTION, poll_s: float = 2.0,
+             timeout_s: float | None = None) -> dict:
     """Poll the run's status until it is finished (completed, failed or stopped); returns the last status."""
     end = None if timeout_s is None else time.monotonic() + timeout_s
-    last = ""
     while True:
         status = run_status(home, run_id, name)
-        if status["status"] != last and on_status is not None:
-            on_status(status)
         last = status["status"]
         if last in FINAL:
             return status

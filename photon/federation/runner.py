@@ -33,24 +33,28 @@ log = logging.getLogger(__name__)
 COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "MB down", "MB up", "train s", "round s")
 
 
-def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> ServerState:
+def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> tuple[ServerState, bool]:
+    """The state to start from, and whether it came from a checkpoint."""
     ckpt_dir = run_dir / "checkpoints"
-    if resume:
-        found = ServerState.load_latest(ckpt_dir)
-        if found is None:
-            raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
+    found = ServerState.load_latest(ckpt_dir) if resume else None
+    if resume and found is None:
+        if list_checkpoints(ckpt_dir):
+            raise UserError(f"every checkpoint in {ckpt_dir} failed verification (see the warnings above); "
+                            "restore one from a backup or start a new run with another --out")
+        console.print(f"no checkpoint in {ckpt_dir} yet (killed during the first round?): starting from round 0")
+    if found is not None:
         state, meta = found
         check_same_model(cfg, meta, ckpt_dir)
         if len(state.clients) != cfg.data.partition.num_clients:
             raise UserError(f"{run_dir} has {len(state.clients)} clients but data.partition.num_clients="
                             f"{cfg.data.partition.num_clients}; resume with the same config")
         console.print(f"resumed {run_dir} after round {state.round} (global step {state.global_step})")
-        return state
+        return state, True
     if list_checkpoints(ckpt_dir):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     model = build_model(cfg)
     params = {k: v.detach().clone() for k, v in unique_state_dict(model).items()}
-    return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed)
+    return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed), False
 
 
 def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: bool = False,
@@ -63,12 +67,12 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     partition = make_partition(prepared.manifest, cfg.data.partition)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))
-    state = _open_state(cfg, run_dir, resume, console)
+    state, found = _open_state(cfg, run_dir, resume, console)
     atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
     task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
     agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
                      spill_dir=run_dir / ".spill")
-    runlog = RunLog(run_dir, resume_step=state.round if resume else None, step_key="round")
+    runlog = RunLog(run_dir, resume_step=state.round if found is not None else None, step_key="round")
     eval_model = build_model(cfg)
     t = cfg.train
 
@@ -129,10 +133,10 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
 def _summary(run_dir: Path, state: ServerState, losses: dict[str, float]) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "rounds": state.round, "global_step": state.global_step,
             "losses": losses, "totals": dict(state.totals),
-            "params_sha": _params_digest(state.params)}
+            "params_sha": params_digest(state.params)}
 
 
-def _params_digest(params: dict[str, torch.Tensor]) -> str:
+def params_digest(params: dict[str, torch.Tensor]) -> str:
     import hashlib
 
     h = hashlib.sha256()
