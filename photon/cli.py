@@ -286,7 +286,8 @@ def server(
     proc = deploy.start_superlink(port, state, certs=certs, insecure=insecure, host=host, log_file=log_file)
     try:
         home = state / "flwr"
-        deploy.write_connection(home, f"127.0.0.1:{port}", certs=certs, insecure=insecure)
+        local = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        deploy.write_connection(home, f"{local}:{port}", certs=certs, insecure=insecure)
         if certs is not None:
             for pub in sorted(certs.glob("node-*.key.pub")):
                 console.print(f"{pub.name}: {deploy.register_key(home, pub)}")
@@ -404,6 +405,33 @@ def bench_robust(
     ensure_prepared(cfg)
     run_robust_bench(cfg, out, noise_scale, console)
 
+
+@bench_app.command("claims")
+def bench_claims(
+    scale: Annotated[str, typer.Option(help="tiny (a few minutes) or small (about an hour on 2 cores).")] = "tiny",
+    out: Annotated[Optional[Path], typer.Option(help="Where arms, claims.md and plots go (default "
+                                                "runs/claims-SCALE). Rerunning skips finished arms.")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the core arms (default: the scale's).")] = None,
+    sweep_seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the K and H sweeps (default: the "
+                                                       "scale's).")] = None,
+    overrides: SetOpt = None,
+    data: DataOpt = None,
+) -> None:
+    """The paper's claims as experiments (federated vs centralized, K, H, network, heterogeneity, DiLoCo,
+    ablation) and OUT/claims.md with tables and plots generated from the run logs."""
+    import dataclasses
+    import shlex
+
+    from photon.bench.claims import PLANS, run_claims
+
+    if scale not in PLANS:
+        raise UserError(f"--scale {scale!r}: choose one of {', '.join(PLANS)}")
+    plan = PLANS[scale]
+    plan = dataclasses.replace(plan, seeds=seeds or plan.seeds, sweep_seeds=sweep_seeds or plan.sweep_seeds)
+    cfg = _config(plan.preset, overrides, data)
+    ensure_prepared(cfg)
+    out = out or Path("runs") / f"claims-{scale}"
+    run_claims(cfg, out, plan, console=console, command=shlex.join(["photon", *sys.argv[1:]]))
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

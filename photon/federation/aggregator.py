@@ -143,7 +143,8 @@ class Aggregator:
                     reply.params = {}  # folded or spilled: drop the copy now
                     replies[cid] = reply
                     continue
-                log.warning("round %d: client %d attempt %d rejected: %s", self.state.round, cid, attempts[cid], reason)
+                log.warning("round %d: client %d attempt %d rejected: %s", self.state.round + 1, cid, attempts[cid],
+                            reason)
                 result.failed.append(f"client {cid}: {reason}")
                 self.state.clients[cid].failures += 1
                 if attempts[cid] < max_attempts:

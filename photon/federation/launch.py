@@ -46,16 +46,21 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
     server_app = make_server_app(cfg, Path(run_dir), resume, result, console=console, **kwargs)
+    debug = logging.getLogger().level <= logging.INFO
     backend = {"client_resources": {"num_cpus": (os.cpu_count() or 1) / workers, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0, "include_dashboard": False,
-                             "logging_level": logging.ERROR, "log_to_driver": True}}
+                             "logging_level": logging.ERROR, "log_to_driver": debug}}
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
-    flwr_log.setLevel(logging.ERROR)  # run_simulation warns that it is deprecated in favour of `flwr run`
+    # Quiet: run_simulation warns that it is deprecated, and Flower logs each ClientApp traceback that our
+    # transport already reports as one line. `photon --debug` keeps them.
+    flwr_log.setLevel(logging.INFO if debug else logging.CRITICAL)
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes, backend_config=backend)
     finally:
         flwr_log.setLevel(level)
+    if "error" in result:
+        raise result["error"]
     if "rounds" not in result:
         raise RuntimeError(f"the simulation ended without a result; see the log above and {run_dir}")
     return result

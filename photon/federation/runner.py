@@ -95,10 +95,11 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
         result = agg.run_round(transport)
         if not result.committed:
             retries += 1
-            console.print(f"round {result.round}: only {len(result.ok)} good replies (< {fed.min_replies}); "
+            console.print(f"round {result.round + 1}: only {len(result.ok)} good replies (< {fed.min_replies}); "
                           f"retry {retries}/{fed.max_round_retries}")
             if retries > fed.max_round_retries:
-                raise UserError(f"round {result.round} failed {retries} times: {'; '.join(result.failed[-3:])}")
+                raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
+                                f"{'; '.join(result.failed[-2:])}")
             continue
         retries = 0
         if state.round % fed.eval_every == 0 or state.round == fed.rounds:

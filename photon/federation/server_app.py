@@ -6,6 +6,7 @@ over `Grid.push_messages`/`pull_messages` keeps deadlines, re-queueing and parti
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -48,12 +49,20 @@ class GridTransport:
                 handle = msg.metadata.reply_to_message_id
                 self._pending.discard(handle)
                 if msg.has_error():
-                    out.append((handle, f"node {msg.metadata.src_node_id} error: {msg.error.reason}"))
+                    out.append((handle, f"node {msg.metadata.src_node_id}: {short_reason(msg.error.reason)}"))
                 else:
                     out.append((handle, content_reply(msg.content)))
             if out or time.monotonic() >= end:
                 return out
             time.sleep(self.poll_s)
+
+
+def short_reason(reason: str | None) -> str:
+    """One line out of a remote traceback: the exception's own message where Flower/Ray wrapped it."""
+    text = reason or "unknown error"
+    found = re.findall(r"Message: (.+?)(?:'>|$)", text, flags=re.MULTILINE)
+    line = found[-1] if found else next((ln for ln in reversed(text.splitlines()) if ln.strip()), text)
+    return line.strip()[:300]
 
 
 def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, **kwargs) -> ServerApp:
@@ -62,7 +71,10 @@ def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, *
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result.update(run_federation(cfg, run_dir, GridTransport(grid), resume=resume, **kwargs))
+        try:
+            result.update(run_federation(cfg, run_dir, GridTransport(grid), resume=resume, **kwargs))
+        except BaseException as e:  # Flower would log and swallow it: hand it back to the caller
+            result["error"] = e
 
     return app
 
