@@ -1,5 +1,6 @@
 """Shared pytest setup."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,26 @@ def tiny_prepared(tiny_prep):
     from photon.data.shards import open_prepared
 
     return open_prepared(tiny_prep)
+
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on `n` intra-op threads inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test. Tiny models gain nothing from a second thread, and on a
+    busy 2-core box two spinning OpenMP threads make a step 10-30x slower. Opt in per module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")` (module-scoped fixtures: `with torch_threads(1)`)."""
+    with torch_threads(1):
+        yield

@@ -10,6 +10,8 @@ from photon.train.local import (load_optimizer_state_tensors, make_optimizer, op
                                 train_local)
 from photon.train.schedule import get_lr
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box
+
 
 def _setup(prepared, *overrides):
     cfg = tiny_cfg(prepared.path, *overrides)
