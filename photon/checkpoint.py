@@ -8,7 +8,6 @@ Tensors only: nothing here is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,18 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from photon.digest import sha256_file
 from photon.errors import UserError
 
 log = logging.getLogger(__name__)
 META = "meta.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

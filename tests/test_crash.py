@@ -8,7 +8,7 @@ import sys
 import time
 
 from photon.checkpoint import list_checkpoints
-from photon.federation.runner import params_digest
+from photon.digest import tensors_digest
 from photon.federation.server_state import ServerState
 from photon.runlog import read_metrics
 
@@ -42,5 +42,5 @@ def test_server_killed_mid_round_resumes_bitwise(tiny_prep, tmp_path):
     assert "resumed" in done.stdout
     state, _ = ServerState.load_latest(run_dir / "checkpoints")
     assert state.round == 5
-    assert reference["params_sha"] == params_digest(state.params)
+    assert reference["params_sha"] == tensors_digest(state.params)
     assert [r["round"] for r in read_metrics(run_dir) if r["kind"] == "round"] == [1, 2, 3, 4, 5]

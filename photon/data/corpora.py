@@ -11,7 +11,6 @@ import email
 import email.errors
 import email.header
 import email.message
-import hashlib
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from photon.digest import sha256_file
 from photon.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,6 @@ MIN_DOMAINS = 2
 # Long books are cut into documents of about this many words, so a domain has enough documents to shuffle,
 # hold out and partition.
 DOC_WORDS = 3000
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _client_command(client: str, specs: list[str], dest: Path) -> list[str]:
@@ -139,7 +131,7 @@ def _download(client: str, todo: list[Archive], cache_dir: Path) -> None:
             got = Path(tmp) / a.filename
             if not got.exists():
                 raise UserError(f"`{client}` did not produce {a.filename}; put the file in {cache_dir} by hand")
-            digest = _sha256(got)
+            digest = sha256_file(got)
             if digest != a.sha256:
                 raise UserError(f"{a.filename}: sha256 {digest} does not match the pinned {a.sha256}; "
                                 "the download is damaged or tampered with, fetch it again")

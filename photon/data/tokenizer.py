@@ -6,12 +6,12 @@ The end-of-text token is id 0 and separates documents in the shards; nothing her
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from photon.digest import sha256_file
 from photon.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -60,4 +60,4 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def tokenizer_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(Path(path))

@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from photon.checkpoint import atomic_write_text, list_checkpoints
 from photon.config import RunConfig, config_to_dict
 from photon.data.partition import make_partition
+from photon.digest import tensors_digest
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator, RoundResult, Transport
 from photon.federation.server_state import ServerState
@@ -134,14 +134,4 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
 def _summary(run_dir: Path, state: ServerState, losses: dict[str, float]) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "rounds": state.round, "global_step": state.global_step,
             "losses": losses, "totals": dict(state.totals),
-            "params_sha": params_digest(state.params)}
-
-
-def params_digest(params: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(params):
-        h.update(name.encode())
-        h.update(params[name].contiguous().numpy().tobytes())
-    return h.hexdigest()
+            "params_sha": tensors_digest(state.params)}
