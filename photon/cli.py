@@ -414,6 +414,8 @@ def bench_claims(
     seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the core arms (default: the scale's).")] = None,
     sweep_seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the K and H sweeps (default: the "
                                                        "scale's).")] = None,
+    jobs: Annotated[Optional[int], typer.Option(min=1, help="Arms trained at once, one process and one thread "
+                                                "each (default: the scale's, 2).")] = None,
     overrides: SetOpt = None,
     data: DataOpt = None,
 ) -> None:
@@ -427,7 +429,8 @@ def bench_claims(
     if scale not in PLANS:
         raise UserError(f"--scale {scale!r}: choose one of {', '.join(PLANS)}")
     plan = PLANS[scale]
-    plan = dataclasses.replace(plan, seeds=seeds or plan.seeds, sweep_seeds=sweep_seeds or plan.sweep_seeds)
+    plan = dataclasses.replace(plan, seeds=seeds or plan.seeds, sweep_seeds=sweep_seeds or plan.sweep_seeds,
+                               jobs=jobs or plan.jobs)
     cfg = _config(plan.preset, overrides, data)
     ensure_prepared(cfg)
     out = out or Path("runs") / f"claims-{scale}"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from photon.errors import UserError
 
@@ -75,6 +75,11 @@ class PartitionConfig(_Frozen):
 
 class DataConfig(_Frozen):
     """Where prepared data lives and how raw text becomes token shards."""
+
+    @field_validator("prep_dir", mode="before")
+    @classmethod
+    def _path_from_number(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
     prep_dir: Path = Field(Path("data/prepared"), description="Prepared corpus: tokenizer, shards, manifest.")
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of each domain's documents held out.")
@@ -226,36 +231,29 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``'train.lr=3e-4'`` -> ``('train.lr', 0.0003)``; the value is read as YAML (numbers, bools, lists)."""
+    """``'train.lr=3e-4'`` -> ``('train.lr', '3e-4')``: the value is read as YAML (numbers, bools, lists, null);
+    pydantic then converts it to the field's type. A value with `#` is taken verbatim (not a YAML comment)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    if "#" in raw:
+        return key, raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        return key, yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):
-        value = _yaml_float(value)
-    return key, value
+        return key, raw.strip()
 
 
-def _yaml_float(s: str) -> Any:
-    # PyYAML reads "3e-4" as a string (YAML 1.1 wants a dot); accept it as the float everyone means.
-    try:
-        return float(s)
-    except ValueError:
-        return s
-
-
-def _fix_floats(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _fix_floats(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_fix_floats(v) for v in tree]
-    if isinstance(tree, str):
-        return _yaml_float(tree)
-    return tree
+def _fields_at(loc: tuple) -> list[str]:
+    """The valid keys of the config section that `loc` (a pydantic error location) points into."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None)
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            return []
+    return sorted(getattr(model, "model_fields", {}))
 
 
 def _format_validation(e: ValidationError) -> str:
@@ -264,14 +262,14 @@ def _format_validation(e: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `photon config --help` lists the sections)"
+            msg = f"unknown key (valid here: {', '.join(_fields_at(err['loc']))}; `photon presets` lists presets)"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
 def build_config(tree: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig.model_validate(_fix_floats(tree))
+        return RunConfig.model_validate(tree)
     except ValidationError as e:
         raise UserError(f"bad config: {_format_validation(e)}") from None
 
@@ -288,6 +286,8 @@ def load_config(preset: str | Path = "tiny", overrides: list[str] | None = None)
         raise UserError(f"config file {path} does not exist")
     tree = _read_yaml(path)
     tree.setdefault("name", path.stem)
+    if not isinstance(tree["name"], str):
+        tree["name"] = str(tree["name"])
     for text in overrides or []:
         _set_path(tree, *parse_override(text))
     return build_config(tree)

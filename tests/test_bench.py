@@ -2,10 +2,13 @@
 
 import io
 
+import pytest
 from rich.console import Console
 
 from photon.bench.trainer import run_trainer_bench
 from photon.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box
 
 
 def test_trainer_bench_on_tiny():

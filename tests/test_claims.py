@@ -1,6 +1,8 @@
 """The claims harness end to end on tiny budgets (runs, resumes, writes claims.md and plots) and the network
 model's arithmetic on known numbers."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -13,7 +15,7 @@ from photon.bench.network import (Network, crossovers, data_parallel_step_second
 
 # 2 rounds × 2 local steps, K=2: every arm is a few seconds; one seed, a 3-step DDP calibration.
 PLAN = ClaimsPlan("tiny", clients=2, rounds=2, local_steps=2, ks=(1, 2), hs=(1, 4), seeds=1, sweep_seeds=1,
-                  ddp_steps=3)
+                  ddp_steps=3, jobs=1)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +52,16 @@ def test_rerun_skips_finished_arms(claims_run, capsys):
     assert (out / "claims.md").exists()
 
 
-def test_an_unfinished_arm_is_rerun_from_scratch(claims_run):
+def test_an_unfinished_arm_is_rerun_from_scratch_in_a_subprocess(claims_run):
     base, out, _ = claims_run
     arm = out / "arms" / "k1" / "seed0"
+    before = json.loads((arm / "done.json").read_text())
     (arm / "done.json").unlink()
     (arm / "stale-file").write_text("left by a killed run")
-    run_claims(base, out, PLAN, command="pytest")
+    run_claims(base, out, dataclasses.replace(PLAN, jobs=2), command="pytest")  # jobs > 1: one process per arm
     assert (arm / "done.json").exists() and not (arm / "stale-file").exists()
+    assert (out / "logs" / "k1-seed0.log").exists()
+    assert json.loads((arm / "done.json").read_text())["overrides"] == before["overrides"]
 
 
 def test_arms_share_budget_and_evaluation(claims_run):

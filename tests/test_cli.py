@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from photon import cli
 from photon.config import load_config, preset_names
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box
+
 FIXTURE_CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
 
@@ -176,8 +178,6 @@ def test_eval_of_a_missing_checkpoint(photon, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config._format_validation tells the user to run "
-                   "`photon config --help`, a verb that does not exist")
 def test_unknown_key_hint_names_a_real_verb(photon):
     code, _, err = photon("train-central", "--preset", "tiny", "--set", "train.lrr=1")
     assert code == 2

@@ -1,7 +1,11 @@
-"""The deployment runtime on 127.0.0.1: TLS + node auth, a 2-round run on two SuperNodes, refused nodes."""
+"""The deployment runtime on 127.0.0.1: TLS + node auth, a 2-round run on two SuperNodes, refused nodes, a node
+killed mid-round."""
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,3 +120,45 @@ def test_deployed_run_completes_two_rounds_on_two_nodes(link, procs, tiny_prep):
     for r in rounds:
         print(f"round {r['round']}: wall {r['wall_seconds']:.1f} s, train {r['train_seconds']:.1f} s")
     print(f"run elapsed {status['elapsed']:.1f} s")
+
+
+def _wait_online(link, n, timeout=60.0):
+    end = time.monotonic() + timeout
+    while sum(node["status"] == "online" for node in deploy.list_nodes(link.home)) < n:
+        assert time.monotonic() < end, f"fewer than {n} nodes online after {timeout} s"
+        time.sleep(0.5)
+
+
+def test_node_killed_mid_round_is_replaced_and_the_run_finishes(link, procs, tiny_prep):
+    """kill -9 a SuperNode's process group (the SuperNode and its ClientApp runtime) while it trains in round 1:
+    Flower reports the node unavailable once its heartbeat lapses (≤ 20 s with photon's 10 s interval), the
+    aggregator re-queues the client on the other node, round 1 completes with a failed reply on record and
+    round 2 runs on the survivor."""
+    victim, victim_log = _node(link, 0, link.certs / "node-0.key", link.certs, procs, data=tiny_prep)
+    _node(link, 1, link.certs / "node-1.key", link.certs, procs, data=tiny_prep)
+    _wait_online(link, 2)
+    group = [victim.pid, *deploy.descendants(victim.pid)]
+    assert len(group) >= 2  # the SuperNode and its ClientApp runtime
+    # long enough that the kill lands mid-task; round 2 runs both clients on one node
+    cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=2", "federation.clients_per_round=2",
+                   "federation.local_steps=100", "train.threads=1")
+    run_dir = link.root / "run-kill"
+    start = time.monotonic()
+    run_id = deploy.submit_run(link.home, cfg, str(run_dir))
+    while "Received successfully" not in victim_log.read_text(errors="replace"):
+        assert victim.poll() is None and time.monotonic() - start < 60, victim_log.read_text()[-2000:]
+        time.sleep(0.1)
+    time.sleep(0.5)  # the runtime has the task: it is pulling or training
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+    killed = time.monotonic()
+    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=240)
+    assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
+    rounds = [r for r in read_metrics(run_dir) if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["failed"] >= 1 and rounds[0]["ok"] == 2, rounds[0]
+    assert rounds[1]["ok"] == 2, rounds[1]
+    assert (run_dir / "checkpoints" / "round_000002").is_dir()
+    assert all(not Path(f"/proc/{pid}").exists() or deploy._zombie(pid) for pid in group)  # the runtime died too
+    print(f"kill at {killed - start:.1f} s; round 1 wall {rounds[0]['wall_seconds']:.1f} s; run elapsed "
+          f"{status['elapsed']:.1f} s")

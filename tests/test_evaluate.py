@@ -11,6 +11,8 @@ from photon.data.shards import eval_batches
 from photon.model.transformer import Transformer
 from photon.train.evaluate import OVERALL, evaluate, perplexity
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box
+
 T, B, N = 64, 8, 4  # the tiny preset's seq_len, batch_size, eval_batches
 
 
