@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from photon.config import RunConfig, load_config, preset_names
+from photon.config import RunConfig, load_config, load_saved_config, preset_names
 from photon.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -75,12 +75,18 @@ def train_central(
     overrides: SetOpt = None,
     steps: Annotated[Optional[int], typer.Option(help="Schedule length in steps (train.steps).")] = None,
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/central"),
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint, with the config "
+                                         "saved there (--set/--steps apply on top; --preset is ignored).")] = False,
 ) -> None:
     """Train the centralized baseline on the union of all domains; checkpoints under OUT/checkpoints/."""
     from photon.train.centralized import train_central as run
 
-    cfg = _config(preset, overrides, data, **{"train.steps": steps})
+    if resume and (out / "config.json").exists():
+        sets = list(overrides or []) + ([f"data.prep_dir={data}"] if data else []) + (
+            [f"train.steps={steps}"] if steps else [])
+        cfg = load_saved_config(out, sets)
+    else:
+        cfg = _config(preset, overrides, data, **{"train.steps": steps})
     run(cfg, out, resume=resume, console=console)
     console.print(f"run directory: {out}")
 
@@ -155,15 +161,16 @@ def run(
     preset: PresetOpt = "small",
     overrides: SetOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<preset>-federated).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the federated run in this directory, with "
-                                                   "the config saved there (--preset/--set are ignored).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the federated run in this directory with the "
+                                                   "config saved there; --set still applies on top (e.g. "
+                                                   "federation.rounds=20 to run longer); --preset is ignored.")] = None,
     engine: Annotated[str, typer.Option(help="simulation (Flower, default) or inprocess (no Flower; debugging).")]
     = "simulation",
     cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
 ) -> None:
     """Federated pre-training on this machine: prepares data on first use, then runs Photon's rounds."""
     if resume is not None:
-        cfg = _saved_config(resume)
+        cfg = load_saved_config(resume, overrides)
         run_dir = resume
     else:
         cfg = _config(preset, overrides)
@@ -179,17 +186,6 @@ def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources")) -> None:
 
     if not (cfg.data.prep_dir / "manifest.json").exists():
         do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
-
-
-def _saved_config(run_dir: Path) -> RunConfig:
-    import json
-
-    from photon.config import build_config
-
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise UserError(f"{run_dir} has no config.json: not a photon run directory (start it with photon run --out)")
-    return build_config(json.loads(path.read_text()))
 
 
 def run_federated(cfg: RunConfig, run_dir: Path, resume: bool, engine: str) -> dict:
@@ -375,6 +371,9 @@ def bench_federation(
     rounds: Annotated[int, typer.Option(help="Rounds of the overhead run (the first includes start-up).")] = 3,
     memory_preset: Annotated[str, typer.Option(help="Model shape for the aggregator-memory probe.")] = "paper-125m",
     out: Annotated[Path, typer.Option(help="Where runs and results go.")] = Path("runs/bench-federation"),
+    deployed: Annotated[bool, typer.Option("--deployed", help="Also measure the overhead on Flower's deployment "
+                                           "runtime: a loopback SuperLink and 2 `photon node`s (insecure, "
+                                           "127.0.0.1 only).")] = False,
 ) -> None:
     """Federation overhead in simulation, aggregator peak RAM for K=2,4,8, bytes per token vs data-parallel."""
     import shutil
@@ -388,6 +387,10 @@ def bench_federation(
     shutil.rmtree(out, ignore_errors=True)
     ensure_prepared(cfg)
     run_federation_bench(cfg, load_config(memory_preset), out, console)
+    if deployed:
+        from photon.bench.federation import report_deployed
+
+        report_deployed(cfg, out / "deployed", console)
 
 
 @bench_app.command("robust")

@@ -288,9 +288,24 @@ def load_config(preset: str | Path = "tiny", overrides: list[str] | None = None)
     tree.setdefault("name", path.stem)
     if not isinstance(tree["name"], str):
         tree["name"] = str(tree["name"])
+    return apply_overrides(tree, overrides)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> RunConfig:
+    """A config tree (a preset, or a run's saved config.json) with `key=value` overrides, validated."""
     for text in overrides or []:
         _set_path(tree, *parse_override(text))
     return build_config(tree)
+
+
+def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config a run directory was started with (its config.json), plus overrides."""
+    import json
+
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise UserError(f"{run_dir} has no config.json: not a photon run directory")
+    return apply_overrides(json.loads(path.read_text(encoding="utf-8")), overrides)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -44,10 +44,16 @@ def build_model(cfg: RunConfig) -> Transformer:
 
 
 def check_same_model(cfg: RunConfig, meta: dict, where: Path) -> None:
-    saved = meta.get("config", {}).get("model")
-    if saved is not None and saved != cfg.model.model_dump(mode="json"):
-        raise UserError(f"{where} was trained with a different model shape ({saved}); "
+    """Refuse to resume with a model shape, or a data order, other than the checkpoint's."""
+    saved = meta.get("config", {})
+    if saved.get("model") is not None and saved["model"] != cfg.model.model_dump(mode="json"):
+        raise UserError(f"{where} was trained with a different model shape ({saved['model']}); "
                         "resume with the same preset and overrides, or use another --out")
+    for key in ("batch_size", "seq_len", "seed"):  # these decide which tokens the cursor points at
+        was, now = saved.get("train", {}).get(key), getattr(cfg.train, key)
+        if was is not None and was != now:
+            raise UserError(f"{where} was trained with train.{key}={was}, not {now}: the data cursor would "
+                            "point at other tokens; resume with the saved config")
 
 
 def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: int | None = None,
