@@ -308,6 +308,8 @@ def node(
     data: Annotated[Optional[Path], typer.Option("--data", help="Prepared data on this node (default: the "
                                                  "run's data.prep_dir).")] = None,
     state: Annotated[Optional[Path], typer.Option(help="Node state and log (default .photon/node-PORT).")] = None,
+    warm: Annotated[bool, typer.Option(help="Experimental: one long-lived ClientApp process and shorter polls "
+                                       "instead of Flower's process per message (see docs/DEPLOY.md).")] = False,
 ) -> None:
     """Start a SuperNode that trains for the server at --superlink. Runs until Ctrl-C."""
     from photon.federation import deploy
@@ -316,7 +318,7 @@ def node(
     state = state or Path(f".photon/node-{port}")
     log_file = state / "supernode.log"
     proc = deploy.start_supernode(superlink, port, state, data=data, certs=certs, key=key, insecure=insecure,
-                                  log_file=log_file)
+                                  log_file=log_file, warm=warm)
     console.print(f"SuperNode for {superlink} started; log {log_file}. Ctrl-C stops.")
     _wait_foreground(proc, "flower-supernode", log_file)
 

@@ -43,10 +43,10 @@ def procs():
         deploy.stop(p)
 
 
-def _node(link, i, key, certs, procs, data=None):
+def _node(link, i, key, certs, procs, data=None, warm=False):
     log = link.root / f"node-{i}.log"
     p = deploy.start_supernode(link.address, deploy.free_port(), link.root / f"node-{i}", data=data, certs=certs,
-                               key=key, log_file=log)
+                               key=key, log_file=log, warm=warm)
     procs.append(p)
     return p, log
 
@@ -133,9 +133,10 @@ def test_node_killed_mid_round_is_replaced_and_the_run_finishes(link, procs, tin
     """kill -9 a SuperNode's process group (the SuperNode and its ClientApp runtime) while it trains in round 1:
     Flower reports the node unavailable once its heartbeat lapses (≤ 20 s with photon's 10 s interval), the
     aggregator re-queues the client on the other node, round 1 completes with a failed reply on record and
-    round 2 runs on the survivor."""
-    victim, victim_log = _node(link, 0, link.certs / "node-0.key", link.certs, procs, data=tiny_prep)
-    _node(link, 1, link.certs / "node-1.key", link.certs, procs, data=tiny_prep)
+    round 2 runs on the survivor. Warm nodes: their 10 s heartbeat keeps the test short (a plain Flower node is
+    declared dead after ≤ 60 s; the aggregator's handling is the same)."""
+    victim, victim_log = _node(link, 0, link.certs / "node-0.key", link.certs, procs, data=tiny_prep, warm=True)
+    _node(link, 1, link.certs / "node-1.key", link.certs, procs, data=tiny_prep, warm=True)
     _wait_online(link, 2)
     group = [victim.pid, *deploy.descendants(victim.pid)]
     assert len(group) >= 2  # the SuperNode and its ClientApp runtime

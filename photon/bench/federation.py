@@ -14,6 +14,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,90 @@ def run_federation_bench(cfg: RunConfig, mem_cfg: RunConfig, out: Path, console:
     console.print(table)
     (out / "federation-bench.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def overhead_from_run(run_dir: Path) -> dict[str, Any]:
+    """`overhead()`'s measures from a finished run's metrics.jsonl (round rows), whatever runtime ran it."""
+    rounds = [r for r in read_metrics(run_dir) if r["kind"] == "round"]
+    if not rounds:
+        raise RuntimeError(f"{run_dir} holds no round metrics")
+    per_round = [(r["wall_seconds"] - r["critical_train_seconds"]) / r["wall_seconds"] for r in rounds]
+    later = rounds[1:] or rounds
+    return {"overhead_first_round": per_round[0], "overhead_steady": statistics.mean(per_round[1:] or per_round),
+            "overhead_per_round": per_round,
+            "round_seconds": statistics.mean(r["wall_seconds"] for r in later),
+            "train_seconds": statistics.mean(r["critical_train_seconds"] for r in later),
+            "failed": sum(r["failed"] for r in rounds)}
+
+
+def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None, nodes: int = 2,
+                      timeout_s: float = 1800.0, warm: bool = False) -> dict[str, Any]:
+    """The same overhead measure on Flower's deployment runtime: a SuperLink and `nodes` SuperNodes started
+    by `photon.federation.deploy` on 127.0.0.1, the run submitted with `flwr run` as `photon submit` does.
+
+    INSECURE on purpose (no TLS, no node authentication): everything binds to 127.0.0.1 and lives only for the
+    benchmark. TLS would add a little per-message cost; the process, polling and transfer costs are the same.
+    Each node trains with cores / nodes threads (as the simulation gives its workers)."""
+    from photon.federation import deploy
+    from photon.federation.launch import with_threads
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tree = config_to_dict(with_threads(cfg, nodes))
+    tree["data"]["prep_dir"] = str(Path(tree["data"]["prep_dir"]).resolve())  # the ServerApp's cwd is not ours
+    cfg = build_config(tree)
+    say = console.print if console is not None else print
+    address = f"127.0.0.1:{deploy.free_port()}"
+    procs = []
+    start = time.monotonic()
+    try:
+        procs.append(deploy.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
+                                            log_file=out / "superlink.log"))
+        for i in range(nodes):
+            procs.append(deploy.start_supernode(address, deploy.free_port(), out / f"node-{i}", data=cfg.data.prep_dir,
+                                                insecure=True, log_file=out / f"node-{i}.log", warm=warm))
+        home = out / "submit"
+        deploy.write_connection(home, address, insecure=True)
+        end = time.monotonic() + 60
+        while sum(n["status"] == "online" for n in deploy.list_nodes(home)) < nodes:  # all nodes in round 1
+            if time.monotonic() > end:
+                raise RuntimeError(f"fewer than {nodes} nodes online after 60 s; see {out}/node-*.log")
+            time.sleep(0.5)
+        ready = time.monotonic() - start
+        run_dir = out / "run"
+        run_id = deploy.submit_run(home, cfg, str(run_dir))
+        say(f"deployed benchmark: run {run_id} on {address} (insecure, loopback), {nodes} nodes; logs in {out}")
+        status = deploy.wait_run(home, run_id, poll_s=1.0, timeout_s=timeout_s)
+    finally:
+        for p in reversed(procs):
+            deploy.stop(p)
+    if status["status"] != "finished:completed":
+        raise RuntimeError(f"deployed benchmark run ended {status['status']}: {status.get('status-details')}; "
+                           f"see `FLWR_HOME={home} flwr log {run_id} {deploy.CONNECTION}` and {out}")
+    result = overhead_from_run(run_dir)
+    result.update(startup_seconds=ready, run_seconds=float(status.get("elapsed") or 0.0), nodes=nodes)
+    return result
+
+
+def report_deployed(cfg: RunConfig, out: Path, console: Console) -> dict[str, dict[str, Any]]:
+    """`photon bench federation --deployed`: plain Flower nodes vs `photon node --warm`, as a table and
+    OUT/deployed-bench.json."""
+    results = {kind: deployed_overhead(cfg, Path(out) / kind, console, warm=(kind == "warm"))
+               for kind in ("plain", "warm")}
+    fed = cfg.federation
+    table = Table(title=f"deployed (loopback, insecure, {results['plain']['nodes']} nodes): {cfg.name}, "
+                        f"K={fed.clients_per_round}, H={fed.local_steps}")
+    table.add_column("measure")
+    table.add_column("plain Flower node", justify="right")
+    table.add_column("photon node --warm", justify="right")
+    rows = [("overhead, first round", lambda r: f"{r['overhead_first_round']:.1%}"),
+            ("overhead, later rounds", lambda r: f"{r['overhead_steady']:.1%}"),
+            ("round wall s / busiest node's training s",
+             lambda r: f"{r['round_seconds']:.2f} / {r['train_seconds']:.2f}"),
+            ("failed replies", lambda r: str(r["failed"])),
+            ("SuperLink + nodes up, s", lambda r: f"{r['startup_seconds']:.1f}")]
+    for label, cell in rows:
+        table.add_row(label, cell(results["plain"]), cell(results["warm"]))
+    console.print(table)
+    (Path(out) / "deployed-bench.json").write_text(json.dumps(results, indent=1))
+    return results
