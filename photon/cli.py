@@ -232,7 +232,7 @@ def certs(
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
 ) -> None:
     """Make a CA, a server TLS certificate and per-node keys (run on the server)."""
-    from photon.federation.deploy import make_certs
+    from photon.federation.certs import make_certs
 
     hosts = tuple(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
     make_certs(out, hosts=hosts, nodes=nodes, force=force)

@@ -14,6 +14,7 @@ import pytest
 from conftest import tiny_cfg
 from photon.errors import UserError
 from photon.federation import deploy
+from photon.federation.certs import make_certs
 from photon.runlog import read_metrics
 
 
@@ -22,7 +23,7 @@ def link(tmp_path_factory):
     """A SuperLink with TLS and node auth on a free port; node-0 and node-1 registered, node-2 not."""
     root = tmp_path_factory.mktemp("deploy")
     certs = root / "certs"
-    deploy.make_certs(certs, nodes=3)
+    make_certs(certs, nodes=3)
     port = deploy.free_port()
     proc = deploy.start_superlink(port, root / "server", certs=certs, log_file=root / "superlink.log")
     try:
@@ -55,10 +56,10 @@ def test_certs_refuse_to_overwrite_and_keys_load(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
     from cryptography.x509 import load_pem_x509_certificate
 
-    deploy.make_certs(tmp_path, nodes=1)
+    make_certs(tmp_path, nodes=1)
     with pytest.raises(UserError, match="--force"):
-        deploy.make_certs(tmp_path, nodes=1)
-    deploy.make_certs(tmp_path, nodes=1, force=True)
+        make_certs(tmp_path, nodes=1)
+    make_certs(tmp_path, nodes=1, force=True)
     key = load_ssh_private_key((tmp_path / "node-0.key").read_bytes(), password=None)
     assert key.curve.name == "secp384r1"
     assert load_ssh_public_key((tmp_path / "node-0.key.pub").read_bytes()).public_numbers() == \
@@ -86,7 +87,7 @@ def test_app_bundle_holds_only_code_and_config(tmp_path):
 
 def test_unregistered_or_untrusted_nodes_are_refused(link, procs, tmp_path):
     other = tmp_path / "other-ca"
-    deploy.make_certs(other, nodes=0)
+    make_certs(other, nodes=0)
     unregistered, log_a = _node(link, "a", link.certs / "node-2.key", link.certs, procs)
     wrong_ca, log_b = _node(link, "b", link.certs / "node-0.key", other, procs)
     no_ca = deploy.spawn([deploy.executable("flower-supernode"), "--superlink", link.address, "--port",
