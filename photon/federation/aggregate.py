@@ -57,21 +57,21 @@ CHUNK = 1 << 20  # elements per float64 step: keeps temporaries small even for a
 class PseudoGradient(Mapping[str, torch.Tensor]):
     """A read-only mapping name -> Δ tensor that never materialises the whole Δ at once.
 
-    Each Δ tensor is computed in float64 a chunk at a time and rounded once to θ's dtype.
+    The outer optimizers ask for it a chunk at a time (`chunk`), computed in float64 and rounded once to θ's
+    dtype; indexing by name gives a whole tensor (for inspection and tests).
     """
 
     def __init__(self, params: Tensors, mean: StreamingMean):
         self._params, self._mean = params, mean
-        self._last: tuple[str, torch.Tensor] | None = None
+
+    def chunk(self, name: str, sl: slice) -> torch.Tensor:
+        p, acc = self._params[name].view(-1)[sl], self._mean.sum[name].reshape(-1)[sl]
+        return (p.double() - acc.double() / self._mean.weight).to(p.dtype)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if self._last is None or self._last[0] != name:
-            p, acc = self._params[name], self._mean.sum[name]
-            delta = torch.empty_like(p)
-            for d, pc, ac in zip(delta.view(-1).split(CHUNK), p.view(-1).split(CHUNK), acc.view(-1).split(CHUNK)):
-                d.copy_(pc.double() - ac.double() / self._mean.weight)
-            self._last = (name, delta)
-        return self._last[1]
+        p = self._params[name]
+        return torch.cat([self.chunk(name, slice(s, s + CHUNK)) for s in range(0, p.numel(), CHUNK)]
+                         ).view(p.shape) if p.numel() else torch.empty_like(p)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._params)

@@ -18,8 +18,15 @@ Tensors = dict[str, torch.Tensor]
 Delta = Mapping[str, torch.Tensor]  # name -> Δ, computed lazily (see aggregate.PseudoGradient)
 
 
+CHUNK = 1 << 20  # elements per step: the outer update never holds more than a chunk of temporaries
+
+
 class OuterOptimizer:
-    """Base: stateless unless a subclass keeps per-parameter buffers in `self.buffers`."""
+    """Base: walks every parameter a chunk at a time and calls `_update` on views of θ, Δ and buffers.
+
+    All outer optimizers here are elementwise, so updating flat chunks in place is exact and keeps the
+    server's extra memory to a chunk, however large the model. Subclasses keep per-parameter state in
+    `self.buffers[kind][name]` (kinds listed in `buffer_names`)."""
 
     buffer_names: tuple[str, ...] = ()
 
@@ -28,6 +35,18 @@ class OuterOptimizer:
         self.buffers: dict[str, Tensors] = {name: {} for name in self.buffer_names}
 
     def step(self, params: Tensors, delta: Delta) -> None:
+        chunk_of = getattr(delta, "chunk", None)  # aggregate.PseudoGradient computes Δ chunk by chunk
+        for name, p in params.items():
+            assert p.is_contiguous(), f"{name}: outer step needs contiguous parameters"
+            bufs = [self._buffer(kind, name, p).view(-1) for kind in self.buffer_names]
+            flat = p.view(-1)
+            whole = None if chunk_of else delta[name].reshape(-1)
+            for start in range(0, flat.numel(), CHUNK):
+                sl = slice(start, start + CHUNK)
+                d = chunk_of(name, sl) if chunk_of else whole[sl]
+                self._update(flat[sl], d.to(p.dtype), *(b[sl] for b in bufs))
+
+    def _update(self, p: torch.Tensor, d: torch.Tensor, *bufs: torch.Tensor) -> None:
         raise NotImplementedError
 
     def _buffer(self, kind: str, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -45,15 +64,14 @@ class OuterOptimizer:
             kind, _, name = key.partition("/")
             if kind not in self.buffers:
                 raise ValueError(f"outer optimizer state has unknown buffer {key!r}: saved by another optimizer?")
-            self.buffers[kind][name] = t.clone()
+            self.buffers[kind][name] = t.clone().contiguous()
 
 
 class FedAvg(OuterOptimizer):
-    """θ ← θ − η·Δ. With η = 1 the new model is exactly the weighted mean of the clients' models."""
+    """θ ← θ − η·Δ. With η = 1 the new model is the weighted mean of the clients' models (to an ulp)."""
 
-    def step(self, params: Tensors, delta: Delta) -> None:
-        for name, p in params.items():
-            p.sub_(delta[name].to(p.dtype), alpha=self.cfg.lr)
+    def _update(self, p, d):
+        p.sub_(d, alpha=self.cfg.lr)
 
 
 class FedMom(OuterOptimizer):
@@ -61,11 +79,9 @@ class FedMom(OuterOptimizer):
 
     buffer_names = ("momentum",)
 
-    def step(self, params: Tensors, delta: Delta) -> None:
-        for name, p in params.items():
-            m = self._buffer("momentum", name, p)
-            m.mul_(self.cfg.momentum).add_(delta[name].to(p.dtype))
-            p.sub_(m, alpha=self.cfg.lr)
+    def _update(self, p, d, m):
+        m.mul_(self.cfg.momentum).add_(d)
+        p.sub_(m, alpha=self.cfg.lr)
 
 
 class Nesterov(OuterOptimizer):
@@ -73,13 +89,10 @@ class Nesterov(OuterOptimizer):
 
     buffer_names = ("momentum",)
 
-    def step(self, params: Tensors, delta: Delta) -> None:
+    def _update(self, p, d, m):
         mu = self.cfg.momentum
-        for name, p in params.items():
-            m = self._buffer("momentum", name, p)
-            d = delta[name].to(p.dtype)
-            m.mul_(mu).add_(d)
-            p.sub_(d + mu * m, alpha=self.cfg.lr)
+        m.mul_(mu).add_(d)
+        p.sub_(d + mu * m, alpha=self.cfg.lr)
 
 
 class FedAdam(OuterOptimizer):
@@ -90,14 +103,10 @@ class FedAdam(OuterOptimizer):
     def _second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
         v.mul_(self.cfg.beta2).add_(d2, alpha=1 - self.cfg.beta2)
 
-    def step(self, params: Tensors, delta: Delta) -> None:
-        for name, p in params.items():
-            d = delta[name].to(p.dtype)
-            m = self._buffer("m", name, p)
-            v = self._buffer("v", name, p)
-            m.mul_(self.cfg.beta1).add_(d, alpha=1 - self.cfg.beta1)
-            self._second_moment(v, d * d)
-            p.sub_(self.cfg.lr * m / (v.sqrt() + self.cfg.tau))
+    def _update(self, p, d, m, v):
+        m.mul_(self.cfg.beta1).add_(d, alpha=1 - self.cfg.beta1)
+        self._second_moment(v, d * d)
+        p.sub_(self.cfg.lr * m / (v.sqrt() + self.cfg.tau))
 
 
 class FedYogi(FedAdam):
