@@ -33,7 +33,7 @@ def test_every_arrival_order_gives_bitwise_the_same_mean(tmp_path):
     for arrival in itertools.permutations(range(4)):
         fold = OrderedFold([0, 1, 2, 3], tmp_path / "spill")
         for i in arrival:
-            fold.add(i, models[i], weights[i])
+            fold.add(i, dict(models[i]), weights[i])
         results.append(fold.finish().mean(models[0]))
     assert not (tmp_path / "spill").exists()
     for r in results[1:]:
@@ -44,8 +44,8 @@ def test_every_arrival_order_gives_bitwise_the_same_mean(tmp_path):
 def test_ordered_fold_skips_clients_given_up_and_never_heard_from(tmp_path):
     models = _models(4, seed=5)
     fold = OrderedFold([0, 1, 2, 3], tmp_path)
-    fold.add(3, models[3], 1.0)  # early: waits on disk
-    fold.add(2, models[2], 1.0)
+    fold.add(3, dict(models[3]), 1.0)  # early: waits on disk
+    fold.add(2, dict(models[2]), 1.0)
     fold.give_up(0)
     assert fold.mean.count == 0  # still waiting for client 1
     mean = fold.finish()  # client 1 never replied

@@ -18,7 +18,7 @@ def test_median_is_coordinatewise(tmp_path, k):
     replies = _replies(k)
     fold = RobustFold(list(range(k)), tmp_path, "median")
     for i in reversed(range(k)):
-        fold.add(i, replies[i], 1.0)
+        fold.add(i, dict(replies[i]), 1.0)
     out = fold.finish()
     for name in replies[0]:
         stacked = torch.stack([r[name] for r in replies]).double()
@@ -31,7 +31,7 @@ def test_trimmed_mean_drops_the_extremes(tmp_path):
     replies[3] = {n: t * 1e6 for n, t in replies[3].items()}  # an outlier everywhere
     fold = RobustFold([0, 1, 2, 3], tmp_path, "trimmed-mean", trim_fraction=0.25)
     for i in range(4):
-        fold.add(i, replies[i], 1.0)
+        fold.add(i, dict(replies[i]), 1.0)
     out = fold.finish()
     for name in replies[0]:
         ordered = torch.stack([r[name] for r in replies]).sort(dim=0).values

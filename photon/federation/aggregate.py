@@ -137,12 +137,16 @@ class OrderedFold:
         self._spill = Spill(spill_dir)
 
     def add(self, client: int, params: Tensors, weight: float) -> None:
+        """Fold (or park) a reply. Takes ownership: `params` is emptied, so its tensors are freed before any
+        parked reply is read back."""
         if self._next < len(self._order) and self._order[self._next] == client:
             self.mean.add(params, weight)
+            params.clear()
             self._next += 1
             self._drain()
         else:
             self._spill.write(client, params)
+            params.clear()
             self._ready[client] = weight
 
     def give_up(self, client: int) -> None:
@@ -183,6 +187,7 @@ class RobustFold:
 
     def add(self, client: int, params: Tensors, weight: float) -> None:
         self._spill.write(client, params)
+        params.clear()
         self._have.append(client)
 
     def give_up(self, client: int) -> None:

@@ -139,8 +139,7 @@ class Aggregator:
                 if reason is None:
                     reason = self._screen(reply, norms)
                 if reason is None:
-                    fold.add(cid, reply.params, float(reply.samples))
-                    reply.params = {}  # folded or spilled: drop the copy now
+                    fold.add(cid, reply.params, float(reply.samples))  # empties reply.params
                     replies[cid] = reply
                     continue
                 log.warning("round %d: client %d attempt %d rejected: %s", self.state.round + 1, cid, attempts[cid],
