@@ -58,8 +58,13 @@ def test_an_unfinished_arm_is_rerun_from_scratch_in_a_subprocess(claims_run):
     before = json.loads((arm / "done.json").read_text())
     (arm / "done.json").unlink()
     (arm / "stale-file").write_text("left by a killed run")
+    outdated = out / "arms" / "h4" / "seed0" / "done.json"  # finished, but with another config: trained again
+    record = json.loads(outdated.read_text())
+    record["config"]["train"]["lr"] = 0.5
+    outdated.write_text(json.dumps(record))
     run_claims(base, out, dataclasses.replace(PLAN, jobs=2), command="pytest")  # jobs > 1: one process per arm
     assert (arm / "done.json").exists() and not (arm / "stale-file").exists()
+    assert json.loads(outdated.read_text())["config"]["train"]["lr"] != 0.5
     assert (out / "logs" / "k1-seed0.log").exists()
     assert json.loads((arm / "done.json").read_text())["overrides"] == before["overrides"]
 

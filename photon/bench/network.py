@@ -5,7 +5,7 @@ Assumptions (kept simple on purpose, and stated in claims.md):
   direction, with one-way `latency_s` per message; the Photon server's link is not the bottleneck (it can be
   sharded or replicated), so the K clients download and upload in parallel.
 - Photon round = the slowest client's local training + download θ + upload θ_k + `round_overhead_s`
-  (scheduling, (de)serialization) + the server's measured aggregation time. No overlap of compute and transfer.
+  (scheduling, (de)serialization) + the measured set-up/aggregation time. No overlap of compute and transfer.
 - Data-parallel step = compute + a ring all-reduce of the gradients: 2(n−1) sequential phases, each sending
   model_bytes/n over every link (Patarasuk & Yuan 2009), without overlapping backward (an upper bound on
   DDP's cost; perfect overlap would hide up to one backward pass of it).

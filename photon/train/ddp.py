@@ -9,7 +9,6 @@ gradient bucket synchronously and times it. Ranks are plain subprocesses; result
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from photon.config import RunConfig, build_config, config_to_dict
+from photon.digest import tensors_digest
 from photon.errors import UserError
 
 
@@ -31,14 +31,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def params_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class CommTimer:
@@ -104,9 +96,10 @@ def _rank_main(cfg: RunConfig, rank: int, world: int, port: int, out_dir: Path, 
             "allreduce_bytes_per_step": hook.bytes / steps, "allreduce_calls_per_step": hook.calls / steps,
             "tokens_per_step": world * cfg.train.batch_size * cfg.train.seq_len,
             "loss_first": result.losses[0], "loss_last": result.losses[-1],
-            "params_sha256": params_digest(model),
+            "params_sha256": tensors_digest(model.state_dict()),
         }
         (out_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+        dist.barrier()  # no rank tears gloo down (rank 0 hosts the store) while another still talks to it
     finally:
         dist.destroy_process_group()
 
