@@ -8,7 +8,8 @@ import math
 import pytest
 from conftest import tiny_cfg
 
-from photon.bench.claims import ClaimsPlan, make_arms, run_claims, to_target
+from photon.bench.claims import ClaimsPlan, make_arms, run_claims
+from photon.bench.claims_report import to_target
 from photon.bench.federation import data_parallel_bytes_per_token
 from photon.bench.network import (Network, crossovers, data_parallel_step_seconds, photon_round_seconds,
                                   ring_allreduce_bytes, ring_allreduce_seconds)
@@ -71,7 +72,7 @@ def test_an_unfinished_arm_is_rerun_from_scratch_in_a_subprocess(claims_run):
 
 def test_arms_share_budget_and_evaluation(claims_run):
     base, out, _ = claims_run
-    from photon.bench.claims import Results
+    from photon.bench.claims_report import Results
 
     res = Results(base, PLAN, make_arms(base, PLAN), out)
     iso = ["photon", "central", "central-hilr", "iid", "diloco", "bigbatch", "h1", "h4"]
