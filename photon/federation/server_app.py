@@ -14,7 +14,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from photon.config import RunConfig, build_config
-from photon.federation.messages import content_reply, params_record, task_content
+from photon.federation.messages import content_reply, params_layout, params_record, task_content
 from photon.federation.runner import run_federation
 from photon.federation.task import ClientReply, ClientTask, Tensors
 
@@ -34,8 +34,8 @@ class GridTransport:
     def submit(self, node: int, task: ClientTask, params: Tensors) -> str:
         key = (task.round, task.global_step)
         if self._record is None or self._record[0] != key:  # encode the global model once per round
-            self._record = (key, params_record(params))
-        msg = Message(task_content(task, self._record[1]), dst_node_id=node, message_type="train",
+            self._record = (key, (params_record(params), params_layout(params)))
+        msg = Message(task_content(task, *self._record[1]), dst_node_id=node, message_type="train",
                       group_id=str(task.round))
         (msg_id,) = self.grid.push_messages([msg])
         self._pending.add(msg_id)
