@@ -157,3 +157,10 @@ def test_resume_refuses_a_different_model(tiny_prep, tmp_path):
         run(fed_cfg(tiny_prep, "federation.rounds=2", "model.n_layer=3"), tmp_path, resume=True)
     with pytest.raises(UserError, match="already holds a run"):
         run(fed_cfg(tiny_prep), tmp_path)
+
+
+def test_too_many_clients_is_refused_before_any_round_with_the_fix(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "data.partition.kind=iid", "data.partition.num_clients=500", "train.seq_len=128")
+    with pytest.raises(UserError, match=r"use at most \d+ clients"):
+        run(cfg, tmp_path)
+    assert list_checkpoints(tmp_path / "checkpoints") == []

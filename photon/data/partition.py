@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from photon.config import PartitionConfig
+from photon.config import PartitionConfig, RunConfig
 from photon.data.shards import Prepared, TokenStream
 from photon.errors import UserError
 
@@ -156,23 +156,36 @@ def _max_clients(manifest: dict[str, Any], part: dict[str, Any], seq_len: int) -
     return 0
 
 
-def client_stream(prepared: Prepared, part: dict[str, Any], client_id: int, seq_len: int, batch_size: int,
-                  seed: int) -> TokenStream:
-    """The TokenStream over one client's spans of the prepared training memmaps."""
-    clients = {c["id"]: c for c in part["clients"]}
-    if client_id not in clients:
-        raise UserError(f"client {client_id} is not in the partition (ids 0..{len(clients) - 1})")
-    spans = clients[client_id]["spans"]
+def client_seed(cfg: RunConfig, client_id: int) -> int:
+    """Each client's data order has its own seed, derived from the run's."""
+    return cfg.train.seed + client_id
+
+
+def spans_stream(prepared: Prepared, spans: list[dict[str, Any]], seq_len: int, batch_size: int,
+                 seed: int) -> TokenStream:
+    """The TokenStream over `spans` of the prepared training memmaps, checked against the manifest.
+
+    What a node calls with the spans a task names; `client_stream` adds the partition-level advice."""
     for s in spans:
         if s["domain"] not in prepared.manifest["domains"] or \
                 s["end"] > prepared.manifest["domains"][s["domain"]]["train"]["tokens"]:
             raise UserError(f"the partition does not match the prepared data in {prepared.path} (span {s}); "
                             "delete the partition file and create it again")
-    if _span_rows(spans, seq_len) < 1:
+    arrays = [prepared.tokens(s["domain"], "train")[s["start"]:s["end"]] for s in spans]
+    return TokenStream(arrays, seq_len, batch_size, seed)
+
+
+def client_stream(prepared: Prepared, part: dict[str, Any], client_id: int, seq_len: int, batch_size: int,
+                  seed: int) -> TokenStream:
+    """The TokenStream over one client's spans; too few tokens for a row says how many clients would fit."""
+    clients = {c["id"]: c for c in part["clients"]}
+    if client_id not in clients:
+        raise UserError(f"client {client_id} is not in the partition (ids 0..{len(clients) - 1})")
+    spans = clients[client_id]["spans"]
+    if all(s["domain"] in prepared.manifest["domains"] for s in spans) and _span_rows(spans, seq_len) < 1:
         at_most = _max_clients(prepared.manifest, part, seq_len)
         fix = (f"use at most {at_most} clients (data.partition.num_clients) or lower train.seq_len" if at_most
                else "lower train.seq_len or prepare more data")
         raise UserError(f"client {client_id} of {part['num_clients']} ({part['kind']}) has "
                         f"{clients[client_id]['tokens']} tokens, no span of seq_len+1={seq_len + 1}; {fix}")
-    arrays = [prepared.tokens(s["domain"], "train")[s["start"]:s["end"]] for s in spans]
-    return TokenStream(arrays, seq_len, batch_size, seed)
+    return spans_stream(prepared, spans, seq_len, batch_size, seed)

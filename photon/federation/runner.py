@@ -16,7 +16,7 @@ from rich.console import Console
 
 from photon.checkpoint import atomic_write_text, list_checkpoints
 from photon.config import RunConfig, config_to_dict
-from photon.data.partition import make_partition
+from photon.data.partition import client_seed, client_stream, make_partition
 from photon.digest import tensors_digest
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator, RoundResult, Transport
@@ -65,6 +65,8 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     fed = cfg.federation
     prepared = open_data(cfg)
     partition = make_partition(prepared.manifest, cfg.data.partition)
+    for c in partition["clients"]:  # every client can fill a batch: say so now, with the fix, not mid-round
+        client_stream(prepared, partition, c["id"], cfg.train.seq_len, cfg.train.batch_size, client_seed(cfg, c["id"]))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))
     state, found = _open_state(cfg, run_dir, resume, console)

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from photon.config import ModelConfig, build_config
-from photon.data.shards import Prepared, TokenStream, open_prepared
+from photon.data.partition import client_seed, spans_stream
+from photon.data.shards import Prepared, open_prepared
 from photon.errors import UserError
 from photon.federation.task import ClientReply, ClientTask, Tensors
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
@@ -60,8 +61,8 @@ class ClientWorker:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         prepared = self.prepared(str(cfg.data.prep_dir), task.config.get("tokenizer_sha256"))
-        arrays = [prepared.tokens(s["domain"], "train")[s["start"]:s["end"]] for s in task.spans]
-        stream = TokenStream(arrays, cfg.train.seq_len, cfg.train.batch_size, cfg.train.seed + task.client_id)
+        stream = spans_stream(prepared, task.spans, cfg.train.seq_len, cfg.train.batch_size,
+                              client_seed(cfg, task.client_id))
         model = self.model(task.config["model"])
         load_unique_state_dict(model, params)
         optimizer = make_optimizer(model, cfg.train)
