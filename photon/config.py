@@ -298,6 +298,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> RunCon
     return build_config(tree)
 
 
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A copy of `cfg` with `key=value` overrides applied and validated."""
+    return apply_overrides(config_to_dict(cfg), list(overrides))
+
+
 def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
     """The config a run directory was started with (its config.json), plus overrides."""
     import json

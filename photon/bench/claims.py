@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from photon.checkpoint import atomic_write_text
-from photon.config import RunConfig, build_config, config_to_dict, parse_override
+from photon.config import RunConfig, build_config, config_to_dict, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +110,6 @@ def make_arms(base: RunConfig, plan: ClaimsPlan) -> list[Arm]:
     if plan.arms is not None:
         arms = [a for a in arms if a.name in plan.arms]
     return arms
-
-
-def with_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
-    tree = config_to_dict(cfg)
-    for text in overrides:
-        key, value = parse_override(text)
-        node = tree
-        *path, last = key.split(".")
-        for k in path:
-            node = node[k]
-        node[last] = value
-    return build_config(tree)
 
 
 # ---------------------------------------------------------------------------------------------------------

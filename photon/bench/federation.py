@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from photon.config import RunConfig, build_config, config_to_dict
+from photon.config import RunConfig, build_config, config_to_dict, with_overrides
 from photon.runlog import read_metrics
 
 
@@ -169,9 +169,8 @@ def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None,
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tree = config_to_dict(with_threads(cfg, nodes))
-    tree["data"]["prep_dir"] = str(Path(tree["data"]["prep_dir"]).resolve())  # the ServerApp's cwd is not ours
-    cfg = build_config(tree)
+    # The ServerApp's working directory is not ours: give it an absolute data path.
+    cfg = with_overrides(with_threads(cfg, nodes), [f"data.prep_dir={Path(cfg.data.prep_dir).resolve()}"])
     say = console.print if console is not None else print
     address = f"127.0.0.1:{deploy.free_port()}"
     procs = []

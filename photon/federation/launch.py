@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.config import RunConfig, build_config, config_to_dict
+from photon.config import RunConfig, with_overrides
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -26,9 +26,7 @@ def with_threads(cfg: RunConfig, workers: int) -> RunConfig:
     """Give each concurrent worker its share of the cores unless the user chose a thread count."""
     if cfg.train.threads:
         return cfg
-    tree = config_to_dict(cfg)
-    tree["train"]["threads"] = max(1, (os.cpu_count() or 1) // workers)
-    return build_config(tree)
+    return with_overrides(cfg, [f"train.threads={max(1, (os.cpu_count() or 1) // workers)}"])
 
 
 def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None,
