@@ -39,12 +39,14 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _config(preset: str, overrides: list[str] | None, data: Path | None = None, **extra: object) -> RunConfig:
+def _config(preset: str, overrides: list[str] | None, data: Path | None = None, saved: Path | None = None,
+            **extra: object) -> RunConfig:
+    """The preset (or, with `saved`, that run directory's config.json) plus --set, --data and other flags."""
     sets = list(overrides or [])
     if data is not None:
         sets.append(f"data.prep_dir={data}")
     sets += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    return load_config(preset, sets)
+    return load_saved_config(saved, sets) if saved is not None else load_config(preset, sets)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,12 +83,8 @@ def train_central(
     """Train the centralized baseline on the union of all domains; checkpoints under OUT/checkpoints/."""
     from photon.train.centralized import train_central as run
 
-    if resume and (out / "config.json").exists():
-        sets = list(overrides or []) + ([f"data.prep_dir={data}"] if data else []) + (
-            [f"train.steps={steps}"] if steps else [])
-        cfg = load_saved_config(out, sets)
-    else:
-        cfg = _config(preset, overrides, data, **{"train.steps": steps})
+    saved = out if resume and (out / "config.json").exists() else None
+    cfg = _config(preset, overrides, data, saved=saved, **{"train.steps": steps})
     run(cfg, out, resume=resume, console=console)
     console.print(f"run directory: {out}")
 
@@ -170,7 +168,7 @@ def run(
 ) -> None:
     """Federated pre-training on this machine: prepares data on first use, then runs Photon's rounds."""
     if resume is not None:
-        cfg = load_saved_config(resume, overrides)
+        cfg = _config(preset, overrides, saved=resume)
         run_dir = resume
     else:
         cfg = _config(preset, overrides)

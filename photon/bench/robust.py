@@ -30,19 +30,17 @@ ARMS: dict[str, dict[str, Any]] = {
     "mean + norm check (default)": {},
     "median": {**NO_CHECK, "aggregation": "median"},
     "trimmed mean (25%)": {**NO_CHECK, "aggregation": "trimmed-mean", "trim_fraction": 0.25},
-    "mean + norm clipping": {**NO_CHECK, "clip_update_norm": "auto"},
+    "mean + norm clipping": {**NO_CHECK, "clip_update_norm": 1.0},  # about a clean update's norm per round
 }
 
 
 def arm_config(cfg: RunConfig, arm: dict[str, Any], noisy_client: int, noise_scale: float) -> RunConfig:
     tree = config_to_dict(cfg)
     fed = tree["federation"]
-    fed["min_replies"] = 1
+    fed["min_replies"] = 1  # a round with the noisy client rejected must still commit
     for key, value in arm.items():
         if key != "noisy":
             fed[key] = value
-    if fed.get("clip_update_norm") == "auto":
-        fed["clip_update_norm"] = 1.0  # about a clean tiny/small update's norm over one round
     if arm.get("noisy", True):
         fed["faults"] = {**fed["faults"], "noise_clients": [noisy_client], "noise_scale": noise_scale}
     return build_config(tree)
