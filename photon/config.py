@@ -105,7 +105,8 @@ class TrainConfig(_Frozen):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
     bf16: bool = Field(False, description="bf16 autocast for forward/backward (weights stay fp32).")
-    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
+    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after). Not "
+                          "supported yet: refused.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default.")
     seed: int = Field(0, description="Seed for parameter init and data order.")
     eval_every: int = Field(200, ge=1, description="Evaluate every this many steps (centralized).")
@@ -113,9 +114,9 @@ class TrainConfig(_Frozen):
     ckpt_every: int = Field(200, ge=1, description="Checkpoint every this many steps (centralized).")
 
     @model_validator(mode="after")
-    def _check_schedule(self) -> TrainConfig:
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}")
+    def _check_compile(self) -> TrainConfig:
+        if self.compile:
+            raise ValueError("train.compile=true is not supported yet (nothing would be compiled); leave it false")
         return self
 
 
@@ -131,6 +132,10 @@ class OuterConfig(_Frozen):
     tau: float = Field(1e-3, gt=0, description="Adaptivity floor τ (fedadam, fedyogi).")
 
 
+ReplyFault = Literal["flip", "nan", "lie", "wrong-round", "wrong-client", "truncate", "oversize", "bad-header",
+                     "bad-layout", "wrong-dtype", "no-payload"]
+
+
 class FaultConfig(_Frozen):
     """Deliberate faults, for testing that a deployment survives them (chaos testing). Off by default."""
 
@@ -139,6 +144,12 @@ class FaultConfig(_Frozen):
     noise_clients: list[int] = Field([], description="Clients that reply with θ + N(0, noise_scale²) every round "
                                      "(a broken or Byzantine site).")
     noise_scale: float = Field(1.0, gt=0, description="Std of the noise sent by noise_clients.")
+    reply: dict[int, ReplyFault] = Field(
+        {}, description="Client -> a hostile or broken reply it sends every round: flip (its update reversed and "
+        "scaled by flip_scale), nan, lie (header claims 10^6 x the samples and 1000 x the steps), wrong-round, "
+        "wrong-client, truncate / oversize (payload bytes cut or padded), bad-header (not JSON), bad-layout "
+        "(a layout that does not match the model), wrong-dtype, no-payload.")
+    flip_scale: float = Field(5.0, gt=0, description="Scale of the reversed update sent by `reply: flip` clients.")
 
 
 class FederationConfig(_Frozen):
@@ -149,10 +160,23 @@ class FederationConfig(_Frozen):
     local_steps: int = Field(16, ge=1, description="H, local optimizer steps per client per round.")
     outer: OuterConfig = OuterConfig()
     client_optimizer: Literal["reset", "persist"] = Field(
-        "reset", description="reset: fresh AdamW every round (stateless); persist: kept per client on node disk.")
+        "reset", description="reset: fresh AdamW every round (stateless clients); persist: each client's AdamW "
+        "state is kept across rounds (the paper's scripts), cached on the nodes and committed with the round.")
+    state_backup: bool = Field(
+        True, description="Upload each client's kept state (persisted AdamW moments) to the server every round, "
+        "so it survives the loss of the node that holds it and follows the client to any node. Costs the state's "
+        "size in up-link bytes (counted apart as bytes_state_up). false: state lives only in node caches; a "
+        "client trained by a node without it starts from a fresh state (logged).")
     min_replies: int = Field(1, ge=1, description="A round needs at least this many good replies, else it is retried.")
     max_round_retries: int = Field(3, ge=0, description="Retries of a round that got too few replies.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Replies later than this are dropped.")
+    schedule_rounds: int | None = Field(
+        None, ge=1, description="Rounds the LR schedule spans (None = federation.rounds). Set it to the original "
+        "rounds when extending a run with more rounds: the extra rounds train on the LR floor.")
+    node_max_failures: int = Field(
+        3, ge=1, description="Exclude a node from the run after this many tasks in a row that it could not run "
+        "(error replies), for at least two different clients: a node without data fails every client, while a "
+        "bad client fails everywhere. Rejected replies count against the client, not the node.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     num_nodes: int = Field(2, ge=1, description="Simulated nodes (Flower SuperNodes) in simulation.")
     aggregation: Literal["mean", "trimmed-mean", "median"] = Field(
@@ -161,8 +185,13 @@ class FederationConfig(_Frozen):
     trim_fraction: float = Field(0.25, ge=0, lt=0.5, description="Share trimmed from each end (trimmed-mean).")
     clip_update_norm: float | None = Field(None, gt=0, description="Clip each update θ_k − θ to this L2 norm.")
     max_norm_ratio: float | None = Field(
-        10.0, gt=1, description="Reject an update whose norm exceeds this multiple of the previous round's "
-        "median update norm (None disables the check).")
+        10.0, gt=1, description="Reject an update whose norm exceeds this multiple of the median update norm of "
+        "the round's replies (of the previous round when fewer than 3 replied); None disables the check.")
+    min_cosine: float | None = Field(
+        0.0, ge=-1, lt=1, description="Reject an update whose cosine similarity to the coordinate-wise median of "
+        "the round's updates is below this (decided once the round's replies are in, so arrival order does not "
+        "matter; needs at least 3 replies). 0 rejects updates pointing away from the consensus, such as a "
+        "reversed (sign-flipped) update at any scale. None disables the check.")
     faults: FaultConfig = FaultConfig()
 
 
@@ -187,12 +216,28 @@ class RunConfig(_Frozen):
         if fed.min_replies > fed.clients_per_round:
             raise ValueError(f"federation.min_replies={fed.min_replies} exceeds "
                              f"federation.clients_per_round={fed.clients_per_round}")
+        for client in [*fed.faults.reply, *fed.faults.fail_clients, *fed.faults.noise_clients]:
+            if not 0 <= client < n:
+                raise ValueError(f"federation.faults names client {client}, but clients are 0..{n - 1}")
         return self
 
     @property
     def federated_steps(self) -> int:
-        """Length of the global schedule in a federated run: rounds × H sequential steps."""
-        return self.federation.rounds * self.federation.local_steps
+        """Length of the global schedule in a federated run: (schedule_rounds or rounds) × H sequential steps."""
+        return (self.federation.schedule_rounds or self.federation.rounds) * self.federation.local_steps
+
+    def check_federated_schedule(self) -> None:
+        """The warmup fits the federated schedule (checked where a federated run starts, not for every config:
+        a centralized run's schedule is train.steps)."""
+        if self.train.warmup_steps > self.federated_steps:
+            raise UserError(f"train.warmup_steps={self.train.warmup_steps} exceeds the federated schedule of "
+                            f"{self.federated_steps} global steps (federation.rounds × federation.local_steps); "
+                            "lower the warmup or train for more rounds")
+
+    def check_central_schedule(self) -> None:
+        if self.train.warmup_steps > self.train.steps:
+            raise UserError(f"train.warmup_steps={self.train.warmup_steps} exceeds train.steps={self.train.steps}; "
+                            "lower the warmup or train for more steps")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_unknown_key_is_named(override, key):
     ("train.seq_len=256", "train.seq_len"),
     ("model.n_head=3", "model.n_head"),
     ("model.d_model=36", "model.d_model / model.n_head"),  # head dim 9: rotary embeddings need it even
-    ("train.warmup_steps=201", "train.warmup_steps"),
+    ("federation.faults.reply={9: flip}", "federation.faults names client 9"),
     ("train.beta2=1.0", "train.beta2"),
     ("data.val_fraction=0.5", "data.val_fraction"),
     ("federation.min_replies=3", "federation.min_replies"),

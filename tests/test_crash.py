@@ -21,7 +21,8 @@ def _photon(*args):
 
 def test_server_killed_mid_round_resumes_bitwise(tiny_prep, tmp_path):
     sets = [f"data.prep_dir={tiny_prep}", "data.partition.num_clients=3", "federation.clients_per_round=2",
-            "federation.local_steps=16", "federation.rounds=5", "train.eval_batches=1", "train.threads=1"]
+            "federation.local_steps=16", "federation.rounds=5", "train.eval_batches=1", "train.threads=1",
+            "train.warmup_steps=2"]
     reference = run(fed_cfg(tiny_prep, *sets[1:]), tmp_path / "reference")
     run_dir = tmp_path / "killed"
     cmd = _photon("run", "--preset", "tiny", "--engine", "inprocess", "--out", str(run_dir),

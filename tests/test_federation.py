@@ -8,7 +8,7 @@ import torch
 from photon.checkpoint import list_checkpoints
 from photon.config import load_config
 from photon.errors import UserError
-from photon.federation.aggregator import Aggregator, check_reply
+from photon.federation.aggregator import Aggregator
 from photon.federation.inprocess import InProcessTransport
 from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
@@ -18,7 +18,7 @@ from photon.runlog import read_metrics
 
 def fed_cfg(prep: Path, *overrides: str):
     base = [f"data.prep_dir={prep}", "data.partition.num_clients=3", "federation.clients_per_round=2",
-            "federation.local_steps=4", "federation.rounds=3", "train.eval_batches=2"]
+            "federation.local_steps=4", "federation.rounds=3", "train.eval_batches=2", "train.warmup_steps=2"]
     return load_config("tiny", base + list(overrides))
 
 
@@ -87,7 +87,8 @@ def test_a_retry_that_succeeds_counts_the_client(tiny_prep, tmp_path):
 
 
 def test_a_round_with_too_few_replies_is_retried_then_given_up(tiny_prep, tmp_path):
-    cfg = fed_cfg(tiny_prep, "federation.min_replies=2", "federation.max_round_retries=1")
+    cfg = fed_cfg(tiny_prep, "federation.min_replies=2", "federation.max_round_retries=1",
+                  "federation.node_max_failures=100")  # every task fails: keep the one node in the run
     with pytest.raises(UserError, match="failed 2 times"):
         run(cfg, tmp_path, fail=lambda t: "down")
     assert list_checkpoints(tmp_path / "checkpoints") == []
@@ -102,21 +103,6 @@ def test_injected_faults_from_config_fail_every_other_round(tiny_prep, tmp_path)
     assert [r["failed"] for r in rounds] == [2, 0, 2, 0]
     evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
     assert evals[-1]["loss/overall"] < evals[0]["loss/overall"]
-
-
-def test_check_reply_rejects_bad_updates(tiny_prep):
-    from photon.federation.task import ClientReply
-
-    ref = {"w": torch.zeros(2, 2)}
-
-    def reply(params, samples=4):
-        return ClientReply(0, 0, samples, 1, 0, 0.0, 0.0, params)
-
-    assert check_reply(reply({"w": torch.ones(2, 2)}), ref) is None
-    assert "non-finite" in check_reply(reply({"w": torch.tensor([[float("nan"), 0], [0, 0]])}), ref)
-    assert "expected" in check_reply(reply({"w": torch.ones(3)}), ref)
-    assert "names differ" in check_reply(reply({"v": torch.ones(2, 2)}), ref)
-    assert "sample" in check_reply(reply({"w": torch.ones(2, 2)}, samples=0), ref)
 
 
 @pytest.mark.parametrize("outer", ["fedavg", "nesterov"])
@@ -142,13 +128,6 @@ def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_pr
     assert resumed["rounds"] == 4
     rows = [r["round"] for r in read_metrics(tmp_path / "b") if r["kind"] == "round"]
     assert rows == [1, 2, 3, 4]
-
-
-def test_persisted_client_optimizer_state_lives_on_the_node(tiny_prep, tmp_path):
-    cfg = fed_cfg(tiny_prep, "federation.client_optimizer=persist", "federation.rounds=2")
-    run(cfg, tmp_path)
-    saved = sorted(p.name for p in (tmp_path / "node").glob("client_*.optimizer.safetensors"))
-    assert saved and all(name.startswith("client_0000") for name in saved)
 
 
 def test_resume_refuses_a_different_model(tiny_prep, tmp_path):

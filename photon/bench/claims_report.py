@@ -142,7 +142,7 @@ def dp_times(run: Run, step_s: float, model_bytes: int, workers: int, net: Netwo
 
 
 def model_bytes(cfg: RunConfig) -> int:
-    from photon.federation.task import tensor_bytes
+    from photon.federation.protocol import tensor_bytes
     from photon.model.transformer import Transformer, unique_state_dict
 
     return tensor_bytes(unique_state_dict(Transformer(cfg.model)))

@@ -79,7 +79,7 @@ def memory_probe(config_json: str, k: int, spill: str) -> None:
     """Run in a fresh process: print {"multiple": peak RAM over baseline / model bytes} as JSON."""
     from photon.federation.aggregator import Aggregator
     from photon.federation.server_state import ServerState
-    from photon.federation.task import tensor_bytes
+    from photon.federation.protocol import tensor_bytes
     from photon.model.transformer import Transformer, unique_state_dict
 
     cfg = build_config(json.loads(config_json))
@@ -113,7 +113,7 @@ def aggregator_memory(cfg: RunConfig, ks: tuple[int, ...], spill: Path) -> list[
 
 
 def run_federation_bench(cfg: RunConfig, mem_cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
-    from photon.federation.task import tensor_bytes
+    from photon.federation.protocol import tensor_bytes
     from photon.model.transformer import Transformer, unique_state_dict
 
     result = overhead(cfg, out / "overhead-run", console)

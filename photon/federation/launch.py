@@ -36,7 +36,7 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     os.environ.update(flower_env(Path(run_dir).resolve().parent / ".flwr"))
     from flwr.simulation import run_simulation
 
-    from photon.federation.client_app import app as client_app
+    from photon.federation.client_app import make_client_app
     from photon.federation.server_app import make_server_app
 
     nodes = cfg.federation.num_nodes
@@ -44,6 +44,7 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
     server_app = make_server_app(cfg, Path(run_dir), resume, result, console=console, **kwargs)
+    client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
     debug = logging.getLogger().level <= logging.INFO
     backend = {"client_resources": {"num_cpus": (os.cpu_count() or 1) / workers, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0, "include_dashboard": False,

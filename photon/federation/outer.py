@@ -15,7 +15,7 @@ import torch
 from photon.config import OuterConfig
 
 Tensors = dict[str, torch.Tensor]
-Delta = Mapping[str, torch.Tensor]  # name -> Δ, computed lazily (see aggregate.PseudoGradient)
+Delta = Mapping[str, torch.Tensor]  # name -> Δ (fold.combine)
 
 
 CHUNK = 1 << 20  # elements per step: the outer update never holds more than a chunk of temporaries
@@ -35,16 +35,13 @@ class OuterOptimizer:
         self.buffers: dict[str, Tensors] = {name: {} for name in self.buffer_names}
 
     def step(self, params: Tensors, delta: Delta) -> None:
-        chunk_of = getattr(delta, "chunk", None)  # aggregate.PseudoGradient computes Δ chunk by chunk
         for name, p in params.items():
             assert p.is_contiguous(), f"{name}: outer step needs contiguous parameters"
             bufs = [self._buffer(kind, name, p).view(-1) for kind in self.buffer_names]
-            flat = p.view(-1)
-            whole = None if chunk_of else delta[name].reshape(-1)
+            flat, whole = p.view(-1), delta[name].reshape(-1)
             for start in range(0, flat.numel(), CHUNK):
                 sl = slice(start, start + CHUNK)
-                d = chunk_of(name, sl) if chunk_of else whole[sl]
-                self._update(flat[sl], d.to(p.dtype), *(b[sl] for b in bufs))
+                self._update(flat[sl], whole[sl].to(p.dtype), *(b[sl] for b in bufs))
 
     def _update(self, p: torch.Tensor, d: torch.Tensor, *bufs: torch.Tensor) -> None:
         raise NotImplementedError

@@ -15,12 +15,13 @@ from typing import Any
 from rich.console import Console
 
 from photon.checkpoint import atomic_write_text, list_checkpoints
-from photon.config import RunConfig, config_to_dict
+from photon.config import RunConfig, build_config, config_to_dict
 from photon.data.partition import client_seed, client_stream, make_partition
 from photon.digest import tensors_digest
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator, RoundResult, Transport
-from photon.federation.server_state import ServerState
+from photon.federation.client_state import StateFiles
+from photon.federation.server_state import ServerState, referenced_state_digests
 from photon.model.transformer import load_unique_state_dict, unique_state_dict
 from photon.report import eval_table, plot_run
 from photon.runlog import RunLog, read_metrics
@@ -45,6 +46,7 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -
     if found is not None:
         state, meta = found
         check_same_model(cfg, meta, ckpt_dir)
+        check_same_schedule(cfg, meta, run_dir)
         if len(state.clients) != cfg.data.partition.num_clients:
             raise UserError(f"{run_dir} has {len(state.clients)} clients but data.partition.num_clients="
                             f"{cfg.data.partition.num_clients}; resume with the same config")
@@ -57,12 +59,34 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -
     return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed), False
 
 
+def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
+    """Refuse a resume that would bend the LR schedule mid-run (e.g. --set federation.rounds=20 re-stretches
+    the cosine over 20 rounds from wherever the run is): say how to extend a run on purpose instead."""
+    try:
+        saved = build_config(meta["config"])
+    except Exception:  # an old or foreign checkpoint: the model check has already vetted what matters
+        return
+    was, now = saved.federated_steps, cfg.federated_steps
+    if was != now:
+        rounds = saved.federation.schedule_rounds or saved.federation.rounds
+        raise UserError(f"{run_dir} was started with an LR schedule of {was} global steps ({rounds} rounds × "
+                        f"H={saved.federation.local_steps}); this config makes it {now}, which would re-stretch the "
+                        f"cosine mid-run. To train longer on the LR floor add --set federation.schedule_rounds="
+                        f"{rounds}; to change the schedule start a new run")
+    for key in ("lr", "warmup_steps", "min_lr_ratio"):
+        if getattr(saved.train, key) != getattr(cfg.train, key):
+            raise UserError(f"{run_dir} was started with train.{key}={getattr(saved.train, key)}, not "
+                            f"{getattr(cfg.train, key)}: that would bend the LR schedule mid-run; resume with the "
+                            "saved value or start a new run")
+
+
 def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: bool = False,
                    console: Console | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Run rounds until `federation.rounds` (or `stop_after` rounds in this call); returns a summary."""
     console = console or Console()
     run_dir = Path(run_dir)
     fed = cfg.federation
+    cfg.check_federated_schedule()
     prepared = open_data(cfg)
     partition = make_partition(prepared.manifest, cfg.data.partition)
     for c in partition["clients"]:  # every client can fill a batch: say so now, with the fix, not mid-round
@@ -73,7 +97,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
     task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
     agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
-                     spill_dir=run_dir / ".spill")
+                     spill_dir=run_dir / ".spill", state_dir=run_dir / "client_state")
     runlog = RunLog(run_dir, resume_step=state.round if found is not None else None, step_key="round")
     eval_model = build_model(cfg)
     t = cfg.train
@@ -93,23 +117,39 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     last = first or {}
     end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
     retries = 0
+    short_rounds: list[int] = []
     while state.round < end:
         result = agg.run_round(transport)
+        for node, reason in result.excluded.items():
+            console.print(f"  [yellow]excluded node {node}[/] after repeated failures (last: {reason})",
+                          highlight=False)
         if not result.committed:
             retries += 1
             console.print(f"round {result.round + 1}: only {len(result.ok)} good replies (< {fed.min_replies}); "
                           f"retry {retries}/{fed.max_round_retries}")
+            for cid, reason in sorted(result.dropped.items()):
+                console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
             if retries > fed.max_round_retries:
                 raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
                                 f"{'; '.join(result.failed[-2:])}")
             continue
         retries = 0
+        if result.dropped:
+            short_rounds.append(state.round)
         if state.round % fed.eval_every == 0 or state.round == fed.rounds:
             last = run_eval()
         _log_round(runlog, state, result, last, console)
-        state.save(run_dir / "checkpoints", config_to_dict(cfg), extra_files=(prepared.tokenizer_path,))
+        ckpt_dir = run_dir / "checkpoints"
+        state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,))
+        StateFiles(run_dir / "client_state").keep_only(referenced_state_digests(ckpt_dir) | state.state_digests())
     runlog.close()
+    if short_rounds:
+        console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
+                      f"their sampled clients (rounds {', '.join(map(str, short_rounds[:10]))}"
+                      f"{' ...' if len(short_rounds) > 10 else ''}); see the 'dropped' lines above and "
+                      f"{run_dir / 'metrics.jsonl'}", highlight=False)
     summary = _summary(run_dir, state, last)
+    summary["short_rounds"] = short_rounds
     if state.round >= fed.rounds:
         before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
         before_losses = {k.removeprefix("loss/"): v for k, v in (before or {}).items() if k.startswith("loss/")}
@@ -122,15 +162,23 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
 def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[str, float],
                console: Console) -> None:
     ppl = perplexity(losses[OVERALL]) if losses else float("nan")
-    runlog.log("round", state.global_step, round=state.round, ok=len(r.ok), failed=len(r.failed), loss=r.loss,
-               bytes_up=r.bytes_up, bytes_down=r.bytes_down, tokens=r.tokens, train_seconds=r.train_seconds,
-               critical_train_seconds=r.critical_train_seconds, wall_seconds=r.wall_seconds)
+    runlog.log("round", state.global_step, round=state.round, ok=len(r.ok), failed=len(r.failed),
+               dropped=len(r.dropped), late=len(r.late), loss=r.loss, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
+               bytes_state_up=r.bytes_state_up, bytes_state_down=r.bytes_state_down, tokens=r.tokens,
+               train_seconds=r.train_seconds, critical_train_seconds=r.critical_train_seconds,
+               wall_seconds=r.wall_seconds, norms={str(k): v for k, v in r.norms.items()},
+               cosines={str(k): v for k, v in r.cosines.items()})
     runlog.log("train", state.global_step, round=state.round, loss=r.loss)
     cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{r.bytes_down / 1e6:.1f}",
              f"{r.bytes_up / 1e6:.1f}", f"{r.critical_train_seconds:.1f}", f"{r.wall_seconds:.1f}")
     console.print(" ".join(f"{c!s:>7s}" for c in cells))
-    for reason in r.failed:
-        console.print(f"  [yellow]dropped[/] {reason}")
+    for cid in sorted(r.retried - set(r.dropped)):
+        console.print(f"  [yellow]retried[/] client {cid}: it failed once, then succeeded", highlight=False)
+    for cid, reason in sorted(r.dropped.items()):
+        console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
+    if r.late:
+        console.print(f"  [yellow]ignored[/] {len(r.late)} late or duplicate repl{'y' if len(r.late) == 1 else 'ies'} "
+                      f"(from {', '.join(r.late[:3])})", highlight=False)
 
 
 def _summary(run_dir: Path, state: ServerState, losses: dict[str, float]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ is saved too, so a resumed run samples the same clients as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ class ClientRecord:
     samples: int = 0
     rounds: int = 0
     failures: int = 0
+    state_digest: str | None = None  # committed kept state (client_state.py); None = fresh
+    state_node: int | None = None    # the node that produced it (it has it cached)
 
 
 @dataclass
@@ -41,12 +45,16 @@ class ServerState:
     rng_state: dict[str, Any]
     totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "tokens": 0})
     last_norms: list[float] = field(default_factory=list)  # accepted update norms of the last round
+    run_uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # keys node caches of client state
 
     @classmethod
     def fresh(cls, params: Tensors, num_clients: int, seed: int) -> ServerState:
         rng = np.random.default_rng(seed)
         return cls(round=0, global_step=0, params=params, outer_state={},
                    clients=[ClientRecord(i) for i in range(num_clients)], rng_state=rng.bit_generator.state)
+
+    def state_digests(self) -> set[str]:
+        return {c.state_digest for c in self.clients if c.state_digest}
 
     def rng(self) -> np.random.Generator:
         rng = np.random.default_rng()
@@ -56,7 +64,7 @@ class ServerState:
     def save(self, ckpt_dir: Path, config: dict[str, Any], extra_files: tuple[Path, ...] = (), keep: int = 3) -> Path:
         meta = {"kind": "federated", "round": self.round, "global_step": self.global_step,
                 "clients": [asdict(c) for c in self.clients], "rng_state": self.rng_state,
-                "totals": self.totals, "last_norms": self.last_norms, "config": config}
+                "totals": self.totals, "last_norms": self.last_norms, "run_uid": self.run_uid, "config": config}
         path = save_checkpoint(Path(ckpt_dir) / f"round_{self.round:06d}",
                                {"model": self.params, "outer": self.outer_state}, meta, extra_files)
         prune_checkpoints(ckpt_dir, keep)
@@ -71,5 +79,20 @@ class ServerState:
         state = cls(round=meta["round"], global_step=meta["global_step"], params=tensors["model"],
                     outer_state=tensors.get("outer", {}),
                     clients=[ClientRecord(**c) for c in meta["clients"]], rng_state=meta["rng_state"],
-                    totals=meta.get("totals", {}), last_norms=meta.get("last_norms", []))
+                    totals=meta.get("totals", {}), last_norms=meta.get("last_norms", []),
+                    run_uid=meta.get("run_uid") or uuid.uuid4().hex)
         return state, meta
+
+
+def referenced_state_digests(ckpt_dir: Path) -> set[str]:
+    """Client-state digests named by any checkpoint still on disk (the server's state store keeps these)."""
+    from photon.checkpoint import list_checkpoints
+
+    out: set[str] = set()
+    for path in list_checkpoints(ckpt_dir):
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        out |= {c.get("state_digest") for c in meta.get("clients", []) if c.get("state_digest")}
+    return out

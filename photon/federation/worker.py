@@ -1,8 +1,9 @@
 """A node's worker: trains whichever logical client a task names, with the foundation's local trainer.
 
-It keeps the model, the memmapped data and (in `persist` mode) each client's AdamW state warm across
-tasks, so a round costs local training and little else. Engine-free: the Flower ClientApp and the in-process
-test transport both call `ClientWorker.run`.
+Wire in, wire out (`handle`): both engines call it with the same bytes, so the checks the server runs on a
+reply are the same in tests and in deployment. It keeps the model and the memmapped data warm across tasks,
+and caches kept client state (`client_state.NodeStateCache`), but nothing it holds is used unless the task
+names it: the server owns each client's progress. Engine-free.
 """
 
 from __future__ import annotations
@@ -12,24 +13,36 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from photon.config import ModelConfig, build_config
+from photon.config import ModelConfig, RunConfig, build_config
 from photon.data.partition import client_seed, spans_stream
 from photon.data.shards import Prepared, open_prepared
 from photon.errors import UserError
-from photon.federation.task import ClientReply, ClientTask, Tensors
+from photon.federation import codec
+from photon.federation.client_state import NodeStateCache
+from photon.federation.codec import CodecError
+from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail
+from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wire, decode_task, encode_reply
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
                                 train_local)
 
 log = logging.getLogger(__name__)
+Tensors = dict[str, torch.Tensor]
+
+
+def optimizer_state_layout(params: Tensors) -> codec.Layout:
+    """The names and shapes of a client's kept AdamW state for a model with these parameters."""
+    out = []
+    for name, t in params.items():
+        out += [(f"{name}.exp_avg", tuple(t.shape)), (f"{name}.exp_avg_sq", tuple(t.shape)), (f"{name}.step", ())]
+    return sorted(out)
 
 
 class ClientWorker:
     def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None):
-        """`state_dir` keeps per-client optimizer state (persist mode); `data_dir` overrides the task's prep_dir."""
-        self.state_dir = Path(state_dir) if state_dir else None
+        """`state_dir` caches kept client state; `data_dir` overrides the task's prep_dir (a node's own data)."""
+        self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
         self.data_dir = data_dir
         self._prepared: dict[str, Prepared] = {}
         self._model: tuple[str, Transformer] | None = None
@@ -50,36 +63,46 @@ class ClientWorker:
             self._model = (key, Transformer(ModelConfig.model_validate(model_cfg)))
         return self._model[1]
 
-    def _opt_path(self, client_id: int) -> Path | None:
-        return self.state_dir / f"client_{client_id:05d}.optimizer.safetensors" if self.state_dir else None
-
-    def run(self, task: ClientTask, params: Tensors) -> ClientReply:
+    def handle(self, wire: Wire) -> Wire:
+        """Train the client a task message names and return the reply message."""
+        task = decode_task(wire)
         cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
-        faults = cfg.federation.faults
-        if task.client_id in faults.fail_clients and task.round % faults.fail_every == 0:
-            raise RuntimeError(f"injected fault: client {task.client_id} in round {task.round} (federation.faults)")
+        reply = self.run(task, cfg, wire)
+        corrupt_reply(task, reply, cfg.federation.faults)
+        return corrupt_wire(task, encode_reply(reply), cfg.federation.faults)
+
+    def run(self, task: ClientTask, cfg: RunConfig, wire: Wire) -> ClientReply:
+        maybe_fail(task, cfg.federation.faults)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         prepared = self.prepared(str(cfg.data.prep_dir), task.config.get("tokenizer_sha256"))
-        stream = spans_stream(prepared, task.spans, cfg.train.seq_len, cfg.train.batch_size,
+        stream = spans_stream(prepared, task.spans, cfg.train.seq_len, task.batch_size,
                               client_seed(cfg, task.client_id))
         model = self.model(task.config["model"])
-        load_unique_state_dict(model, params)
+        layout = codec.layout_of(unique_state_dict(model))
+        try:
+            start = codec.decode(wire.payloads[MODEL], layout)
+        except (KeyError, CodecError) as e:
+            raise UserError(f"the server's model does not fit this node's model ({e}); same photon version?") from None
+        load_unique_state_dict(model, start)
         optimizer = make_optimizer(model, cfg.train)
-        opt_path = self._opt_path(task.client_id) if task.client_optimizer == "persist" else None
-        if opt_path is not None and opt_path.exists():
-            load_optimizer_state_tensors(model, optimizer, load_file(opt_path))
+        persist = task.client_optimizer == "persist"
+        if persist and task.state_digest is not None:
+            attached = None
+            if STATE in wire.payloads:
+                attached = codec.decode(wire.payloads[STATE], optimizer_state_layout(start))
+            state = self.cache.load(task.run_id, task.client_id, task.state_digest, attached)
+            load_optimizer_state_tensors(model, optimizer, state)
         result = train_local(model, optimizer, stream, task.cursor, task.global_step, task.local_steps,
                              cfg.train, task.schedule_steps)
-        if opt_path is not None:
-            opt_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = opt_path.with_suffix(".tmp")
-            save_file(optimizer_state_tensors(model, optimizer), tmp)
-            tmp.replace(opt_path)
-        out = {k: v.detach().clone() for k, v in unique_state_dict(model).items()}
-        if task.client_id in faults.noise_clients:  # a broken site: noise instead of its update
-            gen = torch.Generator().manual_seed(task.round * 1000 + task.client_id)
-            out = {k: params[k] + faults.noise_scale * torch.randn(v.shape, generator=gen) for k, v in out.items()}
-        return ClientReply(client_id=task.client_id, round=task.round, samples=result.samples,
-                           steps=result.steps, cursor=result.cursor, loss=result.loss,
-                           train_seconds=result.seconds, params=out)
+        with torch.no_grad():
+            update = {k: start[k] - v.detach() for k, v in unique_state_dict(model).items()}
+        digest, upload = None, None
+        if persist:
+            new_state = {k: v.detach().to(torch.float32).clone()
+                         for k, v in optimizer_state_tensors(model, optimizer).items()}
+            digest = self.cache.save(task.run_id, task.client_id, new_state)
+            upload = new_state if task.upload_state else None
+        return ClientReply(task_id=task.task_id, client_id=task.client_id, round=task.round,
+                           samples=result.samples, steps=result.steps, cursor=result.cursor, loss=result.loss,
+                           train_seconds=result.seconds, state_digest=digest, update=update, state=upload)

@@ -60,6 +60,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
                   console: Console | None = None, keep_checkpoints: int = 3) -> dict[str, float]:
     """Train for `cfg.train.steps` steps (or stop early at `stop_at`); returns the last evaluation."""
     console = console or Console()
+    cfg.check_central_schedule()
     tcfg = cfg.train
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
