@@ -1,28 +1,66 @@
 """Certificates for a trial deployment: a CA, a server certificate it signs (SANs for the server's
-addresses) and one ECDSA P-384 key pair per node in OpenSSH format, which is what
-`flower-supernode --auth-supernode-private-key` and `flwr supernode register` read. Made with `cryptography`.
+addresses), one ECDSA P-384 key pair per node in OpenSSH format, which is what
+`flower-supernode --auth-supernode-private-key` and `flwr supernode register` read, and the operator token,
+the credential that admits `photon submit` and node registration on the SuperLink's Control API (ca.crt only
+lets a machine check it talks to the right server). Made with `cryptography` and `secrets`.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import re
+import secrets
 from pathlib import Path
 
 from photon.errors import UserError
 
+OPERATOR_TOKEN = "operator.token"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only, from the first byte (no window at the umask's mode)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def make_token(path: Path) -> Path:
+    """A new operator token (256 random bits, hex) at `path`, mode 600."""
+    write_private(path, secrets.token_hex(32).encode() + b"\n")
+    return Path(path)
+
+
+def read_token(path: Path) -> str:
+    """The operator token in `path`; a missing or empty file is a UserError saying where tokens come from."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise UserError(f"cannot read the operator token {path} ({e.strerror}); `photon server` writes it (next "
+                        f"to ca.crt with --certs, in --state with --insecure): copy it here, or pass --token") from None
+    if not token:
+        raise UserError(f"the operator token {path} is empty; make a new one with `photon certs --out DIR` "
+                        "(or delete it and restart `photon server`)")
+    if not re.fullmatch(r"[0-9A-Za-z._~+/=-]+", token):
+        raise UserError(f"{path} is not an operator token (one line of letters and digits, as `photon certs` "
+                        "writes it to operator.token)")
+    return token
 
 
 def make_certs(out_dir: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), nodes: int = 2,
                force: bool = False, days: int = 365) -> list[Path]:
-    """Write ca.crt, ca.key, server.pem, server.key and node-<i>.key(.pub) for i < nodes; returns the paths."""
+    """Write ca.crt, ca.key, server.pem, server.key, operator.token and node-<i>.key(.pub) for i < nodes;
+    returns the paths. Private keys and the token are written with mode 600."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     out_dir = Path(out_dir)
-    names = ["ca.crt", "ca.key", "server.pem", "server.key"]
+    names = ["ca.crt", "ca.key", "server.pem", "server.key", OPERATOR_TOKEN]
     names += [f"node-{i}.key{ext}" for i in range(nodes) for ext in ("", ".pub")]
     paths = [out_dir / n for n in names]
     existing = [p.name for p in paths if p.exists()]
@@ -72,8 +110,9 @@ def make_certs(out_dir: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         files[f"node-{i}.key.pub"] = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                    serialization.PublicFormat.OpenSSH)
     for name, data in files.items():
-        path = out_dir / name
-        path.write_bytes(data)
         if name.endswith(".key"):
-            path.chmod(0o600)  # private keys: owner only
+            write_private(out_dir / name, data)  # private keys: owner only
+        else:
+            (out_dir / name).write_bytes(data)
+    make_token(out_dir / OPERATOR_TOKEN)
     return paths
