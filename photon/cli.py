@@ -222,38 +222,45 @@ SuperlinkOpt = Annotated[str, typer.Option("--superlink", help="The server's add
 
 @app.command()
 def certs(
-    out: Annotated[Path, typer.Option("--out", help="Where to write the CA, server certificate and node keys.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the CA, server certificate, operator token and "
+                                      "node keys.")],
     host: Annotated[Optional[list[str]], typer.Option(
         "--host", help="Name or IP nodes use to reach the server (repeatable; 127.0.0.1 and localhost are "
         "always added).")] = None,
     nodes: Annotated[int, typer.Option(min=0, help="Node key pairs to make (node-0.key ...).")] = 2,
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
 ) -> None:
-    """Make a CA, a server TLS certificate and per-node keys (run on the server)."""
+    """Make a CA, a server TLS certificate, the operator token and per-node keys (run on the server)."""
     from photon.federation.certs import make_certs
 
     hosts = tuple(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
     make_certs(out, hosts=hosts, nodes=nodes, force=force)
-    console.print(f"wrote {out}: keep ca.key and server.key on the server; give node i ca.crt and node-<i>.key "
-                  f"(server certificate valid for {', '.join(hosts)})")
+    console.print(f"wrote {out}: keep ca.key, server.key and operator.token on the server (operator.token also "
+                  f"on machines that submit runs); give node i ca.crt and node-<i>.key (server certificate valid "
+                  f"for {', '.join(hosts)})", soft_wrap=True)
 
 
 def _warn_insecure(insecure: bool) -> None:
     if insecure:
         err_console.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; anyone who can "
-                          "reach the port can join the federation and read the model", highlight=False)
+                          "reach the port can join the federation and read the model, and read the operator "
+                          "token on the wire", highlight=False, soft_wrap=True)
 
 
-def _wait_foreground(proc, what: str, log_file: Path) -> None:
-    """Block until the child ends; Ctrl-C or SIGTERM stops it. A child that fails by itself is a UserError."""
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager's stop) ends us like Ctrl-C, so the `finally` that stops our child runs."""
     import signal
-
-    from photon.federation.deploy import explain_exit, stop
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)  # the child runs in its own session: a service manager's stop must reach it
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _wait_foreground(proc, what: str, log_file: Path) -> None:
+    """Block until the child ends; Ctrl-C or SIGTERM stops it. A child that fails by itself is a UserError."""
+    from photon.federation.deploy import explain_exit, stop
+
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -271,27 +278,35 @@ def server(
     certs: CertsOpt = None,
     insecure: InsecureOpt = False,
     state: Annotated[Path, typer.Option(help="SuperLink database, Flower home and log.")] = Path(".photon/server"),
+    runs: Annotated[Optional[Path], typer.Option(help="Runs root: every submitted run writes into a directory "
+                                                 "under it (default STATE/runs).")] = None,
 ) -> None:
     """Start the SuperLink; registers every node-*.key.pub in --certs. Runs until Ctrl-C."""
     from photon.federation import deploy
+    from photon.federation.certs import read_token
 
     _warn_insecure(insecure)
+    _stop_on_sigterm()
     log_file = state / "superlink.log"
-    proc = deploy.start_superlink(port, state, certs=certs, insecure=insecure, host=host, log_file=log_file)
+    runs = (runs or state / "runs").resolve()
+    proc = deploy.start_superlink(port, state, certs=certs, insecure=insecure, host=host, log_file=log_file,
+                                  runs=runs)
     try:
         home = state / "flwr"
-        local = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        deploy.write_connection(home, f"{local}:{port}", certs=certs, insecure=insecure)
+        token_file = deploy.operator_token_file(state, certs)
+        deploy.write_connection(home, f"{deploy._local(host)}:{port}", certs=certs, insecure=insecure,
+                                token=read_token(token_file))
         if certs is not None:
             for pub in sorted(certs.glob("node-*.key.pub")):
                 console.print(f"{pub.name}: {deploy.register_key(home, pub)}")
-    except BaseException:
+        mode = "insecure" if insecure else "TLS, registered nodes only"
+        console.print(f"SuperLink on {host}:{port} ({mode}); runs under {runs}; log {log_file}. Runs and node "
+                      f"registrations need the operator token {token_file}. Nodes: photon node --superlink "
+                      f"SERVER:{port} {'--insecure' if insecure else '--certs DIR --key node-<i>.key'}. Ctrl-C stops.",
+                      soft_wrap=True)
+        _wait_foreground(proc, "flower-superlink", log_file)
+    finally:
         deploy.stop(proc)
-        raise
-    mode = "insecure" if insecure else "TLS, registered nodes only"
-    console.print(f"SuperLink on {host}:{port} ({mode}); log {log_file}. Nodes: photon node --superlink "
-                  f"SERVER:{port} {'--insecure' if insecure else '--certs DIR --key node-<i>.key'}. Ctrl-C stops.")
-    _wait_foreground(proc, "flower-superlink", log_file)
 
 
 @app.command()
@@ -313,12 +328,18 @@ def node(
     from photon.federation import deploy
 
     _warn_insecure(insecure)
+    _stop_on_sigterm()
     state = state or Path(f".photon/node-{port}")
     log_file = state / "supernode.log"
+    since = log_file.stat().st_size if log_file.exists() else 0
     proc = deploy.start_supernode(superlink, port, state, data=data, certs=certs, key=key, insecure=insecure,
                                   log_file=log_file, warm=warm)
-    console.print(f"SuperNode for {superlink} started; log {log_file}. Ctrl-C stops.")
-    _wait_foreground(proc, "flower-supernode", log_file)
+    try:
+        deploy.wait_connected(proc, log_file, superlink, certs=certs, insecure=insecure, since=since)
+        console.print(f"SuperNode for {superlink} connected; log {log_file}. Ctrl-C stops.", soft_wrap=True)
+        _wait_foreground(proc, "flower-supernode", log_file)
+    finally:
+        deploy.stop(proc)
 
 
 @app.command()
@@ -326,24 +347,29 @@ def submit(
     superlink: SuperlinkOpt,
     preset: PresetOpt = "small",
     overrides: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory ON THE SERVER (default runs/<preset>-deployed, "
-                                                "relative to where `photon server` runs).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run directory ON THE SERVER, under its runs root (photon "
+                                               "server --runs; default NAME-deployed).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint (same "
                                          "--preset/--set).")] = False,
     certs: CertsOpt = None,
     insecure: InsecureOpt = False,
+    token: Annotated[Optional[Path], typer.Option(help="The server's operator token (default: operator.token in "
+                                                  "--certs; with --insecure, .photon/server/operator.token).")] = None,
     home: Annotated[Path, typer.Option(help="Flower home for this client (its connection).")] = Path(".photon/submit"),
 ) -> None:
     """Start a federated run on the server's SuperLink, stream its log and wait for it to finish."""
     from photon.federation import deploy
+    from photon.federation.certs import OPERATOR_TOKEN, read_token
 
     _warn_insecure(insecure)
     cfg = _config(preset, overrides)
-    run_dir = out or Path("runs") / f"{cfg.name}-deployed"
-    status = deploy.run_to_end(home, superlink, cfg, str(run_dir), resume=resume, certs=certs, insecure=insecure,
-                               console=console)
-    console.print(f"run {status['run-id']}: {status['status']} after {status['elapsed']:.0f} s; "
-                  f"run directory (on the server): {run_dir}")
+    run_dir = out or f"{cfg.name}-deployed"
+    deploy.check_out(run_dir)
+    token = token or (certs / OPERATOR_TOKEN if certs is not None else Path(".photon/server") / OPERATOR_TOKEN)
+    status = deploy.run_to_end(home, superlink, cfg, run_dir, resume=resume, certs=certs, insecure=insecure,
+                               token=read_token(token), console=console)
+    console.print(f"run {status['run-id']}: {status['status']} after {status['elapsed']:.0f} s; run directory: "
+                  f"{run_dir} under the server's runs root", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

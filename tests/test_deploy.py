@@ -1,10 +1,13 @@
 """The deployment runtime on 127.0.0.1: TLS + node auth, a 2-round run on two SuperNodes, refused nodes, a node
-killed mid-round."""
+killed mid-round; what a holder of ca.crt alone cannot do (register nodes, submit runs, take the ServerApp's task),
+run directories confined to the runs root, and `photon node` stopping with a reason or with its SuperNode."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,23 +17,30 @@ import pytest
 from conftest import tiny_cfg
 from photon.errors import UserError
 from photon.federation import deploy
-from photon.federation.certs import make_certs
+from photon.federation.certs import OPERATOR_TOKEN, make_certs, read_token
 from photon.runlog import read_metrics
 
 
 @pytest.fixture(scope="module")
 def link(tmp_path_factory):
-    """A SuperLink with TLS and node auth on a free port; node-0 and node-1 registered, node-2 not."""
+    """A guarded SuperLink with TLS and node auth on a free port; node-0 and node-1 registered, node-2 not;
+    `home` is the operator's connection (with the operator token), `rogue` a machine's that has only ca.crt."""
     root = tmp_path_factory.mktemp("deploy")
     certs = root / "certs"
     make_certs(certs, nodes=3)
     port = deploy.free_port()
     proc = deploy.start_superlink(port, root / "server", certs=certs, log_file=root / "superlink.log")
     try:
-        home = root / "client"
-        deploy.write_connection(home, f"127.0.0.1:{port}", certs=certs)
+        home, address = root / "client", f"127.0.0.1:{port}"
+        deploy.write_connection(home, address, certs=certs, token=read_token(certs / OPERATOR_TOKEN))
         ids = [deploy.register_node(home, certs / f"node-{i}.key.pub") for i in range(2)]
-        yield SimpleNamespace(root=root, certs=certs, address=f"127.0.0.1:{port}", home=home, ids=ids)
+        only_ca = root / "only-ca"
+        only_ca.mkdir()
+        shutil.copy(certs / "ca.crt", only_ca)
+        rogue = root / "rogue"
+        deploy.write_connection(rogue, address, certs=only_ca)
+        yield SimpleNamespace(root=root, certs=certs, address=address, home=home, ids=ids, rogue=rogue,
+                              runs=root / "server" / "runs", only_ca=only_ca)
     finally:
         deploy.stop(proc)
 
@@ -67,7 +77,8 @@ def test_certs_refuse_to_overwrite_and_keys_load(tmp_path):
     ca = load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     server = load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)
-    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    for secret in ("ca.key", "server.key", "node-0.key", OPERATOR_TOKEN):
+        assert (tmp_path / secret).stat().st_mode & 0o077 == 0, secret
 
 
 def test_app_bundle_holds_only_code_and_config(tmp_path):
@@ -104,12 +115,35 @@ def test_unregistered_or_untrusted_nodes_are_refused(link, procs, tmp_path):
     assert all(n["status"] != "online" for n in nodes)  # the registered keys were only used by refused nodes
 
 
+def _serverapp_argv() -> list[list[str]]:
+    """The command lines of the flwr-serverapp processes running now."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a.endswith("flwr-serverapp") for a in argv[:2]):
+            found.append(argv)
+    return found
+
+
 def test_deployed_run_completes_two_rounds_on_two_nodes(link, procs, tiny_prep):
+    """...in the runs root, with the ServerApp's task token in a file, not on its command line (any local user can
+    read a command line; the token lets its holder act as the ServerApp)."""
     for i in range(2):
         _node(link, i, link.certs / f"node-{i}.key", link.certs, procs, data=tiny_prep)
-    cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=3", "train.threads=1")
-    run_dir = link.root / "run"
-    run_id = deploy.submit_run(link.home, cfg, str(run_dir))
+    cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=3", "train.threads=1",
+                   "train.warmup_steps=4")  # within the 2 x 8 steps of the schedule
+    run_id = deploy.submit_run(link.home, cfg, "run")
+    run_dir = link.runs / "run"
+    seen: list[list[str]] = []
+    end = time.monotonic() + 60
+    while not seen and time.monotonic() < end and deploy.run_status(link.home, run_id)["status"] not in deploy.FINAL:
+        seen = _serverapp_argv()
+        time.sleep(0.2)
+    assert seen, "no flwr-serverapp process seen"
+    assert all("--token" not in argv and "--token-file" in argv for argv in seen), seen
     status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
     assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
     assert (run_dir / "checkpoints" / "round_000002").is_dir()
@@ -121,6 +155,103 @@ def test_deployed_run_completes_two_rounds_on_two_nodes(link, procs, tiny_prep):
     for r in rounds:
         print(f"round {r['round']}: wall {r['wall_seconds']:.1f} s, train {r['train_seconds']:.1f} s")
     print(f"run elapsed {status['elapsed']:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Who can do what: ca.crt lets a machine check the server, nothing more (docs/DEPLOY.md, "Who can do what")
+
+
+def test_a_holder_of_ca_crt_alone_cannot_register_a_node(link, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pub = tmp_path / "rogue.key.pub"
+    pub.write_bytes(ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    with pytest.raises(UserError, match="refused this machine's operator token"):
+        deploy.register_node(link.rogue, pub)
+    wrong = tmp_path / "guess"
+    deploy.write_connection(wrong, link.address, certs=link.only_ca, token="0" * 64)
+    with pytest.raises(UserError, match="refused this machine's operator token"):
+        deploy.register_node(wrong, pub)
+    with pytest.raises(UserError, match="operator token"):
+        deploy.list_nodes(link.rogue)
+    assert sorted(int(n["node-id"]) for n in deploy.list_nodes(link.home)) == sorted(link.ids)
+
+
+def test_a_holder_of_ca_crt_alone_cannot_submit_a_run_or_take_the_serverapps_task(link, tiny_prep):
+    """No run starts (`flwr run` would run the submitted app's code on the server), and the Runtime API's task
+    queue, where ServerApp runs are handed out, refuses anyone but the SuperLink's own SuperExec."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    before = deploy.flwr(link.home, "list", deploy.CONNECTION, "--format", "json").stdout
+    with pytest.raises(UserError, match="operator token"):
+        deploy.submit_run(link.rogue, tiny_cfg(tiny_prep), "rogue-run")
+    assert deploy.flwr(link.home, "list", deploy.CONNECTION, "--format", "json").stdout.count('"run-id"') == \
+        before.count('"run-id"')
+    client = RuntimeHttpClient.from_server_address(
+        server_address=link.address, insecure=False, root_certificates=(link.only_ca / "ca.crt").read_bytes(),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")], retry_invoker=None)
+    with pytest.raises(Exception, match="401"):
+        client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
+    client.close()
+
+
+def test_a_run_dir_outside_the_runs_root_is_refused_by_the_server(link, tiny_prep):
+    """`photon submit` refuses '..' itself, but a raw `flwr run` skips that: the SuperLink checks every run."""
+    cfg = tiny_cfg(tiny_prep)
+    for out in (str(link.root / "elsewhere"), "../escape"):
+        with pytest.raises(UserError, match="outside this server's runs root"):
+            deploy.submit_run(link.home, cfg, out)
+    assert not (link.root / "elsewhere").exists() and not (link.root / "server" / "escape").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `photon node`: a mismatch stops it with the reason; killing it kills its SuperNode
+
+
+def _photon(*args: str) -> list[str]:
+    return [sys.executable, "-m", "photon.cli", *args]
+
+
+def test_an_insecure_node_against_a_tls_server_stops_with_the_reason(link, tmp_path):
+    res = subprocess.run(_photon("node", "--superlink", link.address, "--insecure", "--port", str(deploy.free_port()),
+                                 "--state", str(tmp_path / "node")), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "speaks TLS" in error[0] and "--insecure" in error[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_killing_photon_node_kills_its_supernode_and_frees_the_key(link, procs, tmp_path):
+    """SIGKILL leaves `photon node` no chance to stop its child: Linux's parent-death signal does. The SuperNode
+    then leaves the SuperLink cleanly, so the same key connects again at once; while it ran, a second node with
+    its key was refused with the real reason instead of the SuperLink's "is the key registered?"."""
+    key = link.certs / "node-1.key"
+    log = tmp_path / "node" / "supernode.log"
+    wrapper = subprocess.Popen(_photon("node", "--superlink", link.address, "--certs", str(link.certs), "--key",
+                                       str(key), "--port", str(deploy.free_port()), "--state", str(tmp_path / "node")),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    procs.append(wrapper)
+    end = time.monotonic() + 60
+    while "SuperNode ID:" not in (log.read_text(errors="replace") if log.exists() else ""):
+        assert wrapper.poll() is None and time.monotonic() < end, log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    below = deploy.descendants(wrapper.pid)
+    assert below
+    with pytest.raises(UserError, match=f"pid {below[0]}.*one node per key"):
+        deploy.start_supernode(link.address, deploy.free_port(), tmp_path / "second", certs=link.certs, key=key)
+    wrapper.kill()
+    wrapper.wait()
+    end = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() and not deploy._zombie(pid) for pid in below):
+        assert time.monotonic() < end, "the SuperNode outlived photon node"
+        time.sleep(0.2)
+    again, again_log = _node(link, "again", key, link.certs, procs)
+    deploy.wait_connected(again, again_log, link.address, certs=link.certs)
 
 
 def _wait_online(link, n, timeout=60.0):
@@ -144,9 +275,9 @@ def test_node_killed_mid_round_is_replaced_and_the_run_finishes(link, procs, tin
     # long enough that the kill lands mid-task; round 2 runs both clients on one node
     cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=2", "federation.clients_per_round=2",
                    "federation.local_steps=100", "train.threads=1")
-    run_dir = link.root / "run-kill"
+    run_dir = link.runs / "run-kill"
     start = time.monotonic()
-    run_id = deploy.submit_run(link.home, cfg, str(run_dir))
+    run_id = deploy.submit_run(link.home, cfg, "run-kill")
     while "Received successfully" not in victim_log.read_text(errors="replace"):
         assert victim.poll() is None and time.monotonic() - start < 60, victim_log.read_text()[-2000:]
         time.sleep(0.1)

@@ -1,8 +1,15 @@
 """The deployment runtime across machines: certificates, a SuperLink, SuperNodes and runs submitted to them.
 
-Flower's own executables (`flower-superlink`, `flower-supernode`, `flwr`) do all the networking; this module
+Flower's own programs (`flower-superlink`, `flower-supernode`, `flwr`) do all the networking; this module
 writes their inputs (certificates, the connection in `$FLWR_HOME/config.toml`, the app bundle), starts them
 with Flower's environment, watches them and stops what it started. No training logic lives here.
+
+Flower 1.41 serves nodes, the Control API (`flwr run`, `flwr supernode register`) and the Runtime API (its
+own ServerApps) on one port, and leaves the last two open to anyone who trusts the server's certificate.
+`photon server` therefore runs the SuperLink through `python -m photon.federation.deploy superlink`, which
+admits Control API calls only with the operator token and ServerApp tasks only to the SuperExec holding
+the SuperLink's secret, and confines run directories to the server's runs root ("The guarded SuperLink"
+below; docs/DEPLOY.md, "Who can do what").
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -26,6 +36,7 @@ import tomli_w
 
 from photon.config import RunConfig, config_to_dict
 from photon.errors import UserError
+from photon.federation.certs import OPERATOR_TOKEN, make_token, read_token, write_private
 from photon.federation.launch import flower_env
 
 log = logging.getLogger(__name__)
@@ -33,6 +44,7 @@ log = logging.getLogger(__name__)
 SERVER_FILES = ("ca.crt", "server.pem", "server.key")
 CONNECTION = "photon"  # the [superlink.<name>] table we write into $FLWR_HOME/config.toml
 FINAL = ("finished:completed", "finished:failed", "finished:stopped")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes Flower's loggers write whether or not to a terminal
 
 def _need_files(certs: Path | None, names: tuple[str, ...], what: str) -> list[Path]:
     paths = [Path(certs) / n for n in names]
@@ -82,19 +94,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def spawn(args: list[str], home: Path, log_file: Path | None = None) -> subprocess.Popen:
-    """Start a Flower process in its own session; output goes to `log_file` (appended) or our terminal."""
-    out: IO | None = None
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask Linux to SIGTERM it when its parent dies, however the parent dies
+    (SIGKILL included), so a killed `photon node` cannot orphan its SuperNode. Survives exec; a no-op where
+    prctl is missing. Linux means the parent *thread*: spawn from a thread that lives as long as the child
+    (our CLI and tests spawn from the main thread)."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def spawn(args: list[str], home: Path, log_file: Path | None = None, pipe: bool = False) -> subprocess.Popen:
+    """Start a Flower process in its own session (so Ctrl-C in our terminal reaches us, and we stop it), tied to
+    our life by `die_with_parent`; output goes to `log_file` (appended), a pipe, or our terminal."""
+    out: IO | int | None = subprocess.PIPE if pipe else None
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         out = open(log_file, "ab")
     log.info("starting %s", " ".join(args))
     try:
         return subprocess.Popen(args, env=child_env(home), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     finally:
-        if out is not None:
-            out.close()  # the child holds its own descriptor
+        if log_file is not None:
+            out.close()  # type: ignore[union-attr] - the child holds its own descriptor
 
 
 def descendants(pid: int) -> list[int]:
@@ -186,14 +215,36 @@ def _tls_args(certs: Path | None, insecure: bool, what: str) -> tuple[Path | Non
     return (Path(certs).resolve() if certs else None), insecure
 
 
+def operator_token_file(state: Path, certs: Path | None) -> Path:
+    """Where `photon server` keeps the operator token: beside ca.crt with --certs (`photon certs` made it),
+    in --state with --insecure. Made here if missing (a certs dir from before tokens, a first insecure start)."""
+    path = (Path(certs) if certs is not None else Path(state)) / OPERATOR_TOKEN
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_token(path)
+    return path
+
+
 def start_superlink(port: int, state: Path, certs: Path | None = None, insecure: bool = False,
-                    host: str = "127.0.0.1", log_file: Path | None = None) -> subprocess.Popen:
-    """Start `flower-superlink` (TLS + node auth, or --insecure) with its database and FLWR_HOME under
-    `state`; returns once the port accepts connections. One port serves nodes, `flwr` and ServerApps."""
+                    host: str = "127.0.0.1", log_file: Path | None = None,
+                    runs: Path | None = None) -> subprocess.Popen:
+    """Start the guarded SuperLink (TLS + node auth, or --insecure) with its database and FLWR_HOME under
+    `state`, and its SuperExec; returns once the port accepts connections. One port serves nodes, the Control
+    API and the Runtime API: the Control API admits only the operator token (`operator_token_file`), the
+    Runtime API's task queue only our SuperExec (a fresh secret per start), and runs write only under `runs`
+    (default `state/runs`)."""
     certs, insecure = _tls_args(certs, insecure, "photon server")
     state = Path(state).resolve()
-    args = [executable("flower-superlink"), "--host", host, "--port", str(port),
-            "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation"]
+    runs = Path(runs).resolve() if runs is not None else state / "runs"
+    token = operator_token_file(state, certs)
+    state.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    secret = state / "superexec.secret"
+    write_private(secret, secrets.token_bytes(32))
+    args = [sys.executable, "-m", "photon.federation.deploy", "superlink", "--photon-operator-token-file", str(token),
+            "--photon-runs", str(runs), "--host", host, "--port", str(port), "--database", str(state / "superlink.db"),
+            "--disable-runtime-dependency-installation", "--isolation", "process",
+            "--superexec-auth-secret-file", str(secret)]
     if insecure:
         args.append("--insecure")
     else:
@@ -201,11 +252,14 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
         args += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                  "--enable-supernode-auth"]
     check_port_free(host, port)
-    state.mkdir(parents=True, exist_ok=True)
     proc = spawn(args, state / "flwr", log_file)
-    wait_listening(proc, "127.0.0.1" if host in ("0.0.0.0", "") else host, port, "flower-superlink",
-                   log_file=log_file)
+    wait_listening(proc, _local(host), port, "flower-superlink", log_file=log_file)
     return proc
+
+
+def _local(host: str) -> str:
+    """The address this machine reaches a server listening on `host` at."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
 def start_supernode(superlink: str, port: int, state: Path, data: Path | None = None,
@@ -238,9 +292,98 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
         key = Path(key) if Path(key).is_absolute() or Path(key).exists() else certs / key
         if not key.is_file():
             raise UserError(f"--key {key}: no such file; copy node-<i>.key from the server's certs dir")
-        args += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key.resolve())]
+        key = key.resolve()
+        check_key_unused(key)
+        args += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
     check_port_free("127.0.0.1", port)
     return spawn(args, state / "flwr", log_file)
+
+
+def check_key_unused(key: Path) -> None:
+    """Refuse to start a second node with a key a running SuperNode on this machine uses: the SuperLink admits
+    one connection per key, and would refuse the new one as if the key were not registered."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a == "--auth-supernode-private-key" and b == str(key) for a, b in zip(argv, argv[1:])):
+            pid = cmdline.parent.name
+            raise UserError(f"a node with the key {key} still runs on this machine (pid {pid}, perhaps left by a "
+                            f"killed `photon node`); the server admits one node per key: stop it (kill {pid}) "
+                            "and start this one again")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A node's first connection: Flower's SuperNode retries an unreachable or mismatched server forever with
+# "Connection attempt failed" and no reason. `photon node` watches its log until it has a node id, probes the
+# server itself when attempts fail, and stops the node with the reason.
+
+CONNECTED = "SuperNode ID:"  # Flower's line once the SuperLink has activated the node
+FAILED_ATTEMPT = "Connection attempt failed"
+
+
+def wait_connected(proc: subprocess.Popen, log_file: Path, superlink: str, certs: Path | None = None,
+                   insecure: bool = False, since: int = 0, timeout: float = 20.0) -> None:
+    """Return once the node in `proc` is connected (its log past byte `since` shows its node id). A node that
+    exits is explained from its log; one whose attempts fail is stopped at once when a probe of `superlink`
+    shows a mismatch (TLS vs --insecure, an untrusted certificate), else after `timeout` s. Raises UserError."""
+    start = time.monotonic()
+    ca = None if certs is None else Path(certs) / "ca.crt"
+    while True:
+        if proc.poll() is not None:
+            raise UserError(f"flower-supernode exited with code {proc.returncode}: {explain_exit(log_file)} "
+                            f"(log: {log_file})")
+        text = _read_from(log_file, since)
+        if CONNECTED in text:
+            return
+        if FAILED_ATTEMPT in text:
+            mismatch, reason = probe_superlink(superlink, ca, insecure)
+            if mismatch or time.monotonic() - start > timeout:
+                stop(proc)
+                raise UserError(f"the node cannot connect to {superlink}: {reason} (log: {log_file})")
+            time.sleep(1.0)
+        time.sleep(0.25)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: float = 3.0) -> tuple[bool, str]:
+    """Why a node's connections to `superlink` fail, from a TCP connect and a TLS handshake of our own:
+    (True, reason) for a sure mismatch, (False, best guess) otherwise."""
+    host, _, port = superlink.rpartition(":")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as e:
+        return False, (f"nothing answers there ({e.strerror or e}): is `photon server` running on that machine, "
+                       "with this --port, and does the firewall let the port through?")
+    with sock:
+        if insecure:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            try:
+                ctx.wrap_socket(sock, server_hostname=host).close()
+            except (ssl.SSLError, OSError):
+                return False, "it answers, but not as a photon server does: is this the port of `photon server`?"
+            return True, ("the server speaks TLS but this node was started with --insecure; start it with --certs "
+                          "DIR --key node-<i>.key")
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca))
+            ctx.wrap_socket(sock, server_hostname=host).close()
+        except ssl.SSLCertVerificationError as e:
+            return True, (f"the server's certificate fails the check against {ca} ({e.verify_message}): copy the "
+                          "server's ca.crt, and use an address that `photon certs --host` named")
+        except (ssl.SSLError, OSError):
+            return True, ("the server does not speak TLS: it was started with --insecure (start the node with "
+                          "--insecure too), or this is not the port of `photon server`")
+        return False, "TLS works, but Flower's connection keeps failing: see the node's log"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,8 +391,9 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
 
 
 def write_connection(home: Path, superlink: str, certs: Path | None = None, insecure: bool = False,
-                     name: str = CONNECTION) -> Path:
-    """Add (or replace) `[superlink.<name>]` in `$FLWR_HOME/config.toml` and make it the default."""
+                     token: str | None = None, name: str = CONNECTION) -> Path:
+    """Add (or replace) `[superlink.<name>]` in `$FLWR_HOME/config.toml` and make it the default; with `token`
+    (the operator token), store it where the `flwr` CLI sends it from (`store_token`)."""
     certs, insecure = _tls_args(certs, insecure, "the SuperLink connection")
     check_address(superlink)
     path = Path(home) / "config.toml"
@@ -265,7 +409,24 @@ def write_connection(home: Path, superlink: str, certs: Path | None = None, inse
     links[name] = table
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(doc))
+    if token is not None:
+        store_token(home, superlink, token)
     return path
+
+
+def store_token(home: Path, superlink: str, token: str) -> None:
+    """Put the operator token in `$FLWR_HOME/credentials.yaml` (mode 600) as the access token of an account
+    login to `superlink`: Flower 1.41's `flwr` CLI then sends it as `Authorization: Bearer ...` with every
+    Control API call, which is what the guarded SuperLink checks. The refresh token is a placeholder: the
+    SuperLink never renews the operator token."""
+    from flwr.cli.constant import ACCESS_TOKEN_STORE_KEY, AUTHN_TYPE_STORE_KEY, REFRESH_TOKEN_STORE_KEY
+    from flwr.common.constant import AuthnType
+    from flwr.supercore.credential_store.file_credential_store import FileCredentialStore
+
+    store = FileCredentialStore(Path(home) / "credentials.yaml")  # written via a mode-600 temporary file
+    store.set(AUTHN_TYPE_STORE_KEY % superlink, AuthnType.OIDC.encode())
+    store.set(ACCESS_TOKEN_STORE_KEY % superlink, token.encode())
+    store.set(REFRESH_TOKEN_STORE_KEY % superlink, b"none")
 
 
 def flwr(home: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -280,7 +441,11 @@ def flwr(home: Path, *args: str, timeout: float = 120.0) -> subprocess.Completed
 
 def _flwr_reason(text: str) -> str:
     """The message inside the `flwr` CLI's error box, on one line."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    text = ANSI.sub("", text)
+    if "Authentication failed" in text:
+        return ("the SuperLink refused this machine's operator token (or it has none): use the operator.token "
+                "of this server (beside its ca.crt, or in its --state with --insecure), e.g. photon submit "
+                "--token FILE")
     lines = [l.strip(" │╭╮╰╯─") for l in text.splitlines()]
     keep = [l for l in lines if l and not l.startswith(("Using SuperLink", "INFO", "Error"))]
     return " ".join(keep[-6:]).replace("[", "(").replace("]", ")")
@@ -350,9 +515,29 @@ def stage_app(dest: Path) -> Path:
     return app
 
 
+def check_out(run_dir: str) -> None:
+    """`photon submit --out`, checked before anything is sent: a relative path must stay inside the server's runs
+    root. The server checks again (`confine_run_dir`): a raw `flwr run` skips this side."""
+    norm = os.path.normpath(str(run_dir))
+    if not str(run_dir).strip() or norm == "." or norm == ".." or norm.startswith("../"):
+        raise UserError(f"--out {run_dir!r}: name a directory inside the server's runs root (photon server --runs, "
+                        "default <state>/runs), e.g. --out small-deployed; '..' may not leave it")
+
+
+def confine_run_dir(root: Path, run_dir: str) -> Path:
+    """The absolute run directory for `run_dir` (relative to `root`, or absolute inside it), symlinks resolved;
+    a path outside `root` (or `root` itself) is a UserError. The guarded SuperLink applies it to every run."""
+    root = Path(os.path.realpath(root))
+    full = Path(os.path.realpath(root / str(run_dir))) if str(run_dir).strip() else root
+    if full == root or root not in full.parents:
+        raise UserError(f"run-dir {run_dir!r} is outside this server's runs root {root}: submit with --out NAME "
+                        "(a directory under it)")
+    return full
+
+
 def submit_run(home: Path, cfg: RunConfig, run_dir: str, resume: bool = False, name: str = CONNECTION) -> int:
-    """Start a run of photon's ServerApp on the SuperLink; returns the run id. `run_dir` is a path on the
-    server machine, where the ServerApp runs."""
+    """Start a run of photon's ServerApp on the SuperLink; returns the run id. `run_dir` is a directory on the
+    server machine, where the ServerApp runs: relative to the server's runs root, or absolute inside it."""
     overrides = {"config-json": json.dumps(config_to_dict(cfg)), "run-dir": str(run_dir), "resume": resume}
     with tempfile.TemporaryDirectory(prefix="photon-fab-") as tmp:
         app = stage_app(Path(tmp))
@@ -387,15 +572,29 @@ def wait_run(home: Path, run_id: int, name: str = CONNECTION, poll_s: float = 2.
         time.sleep(poll_s)
 
 
-def stream_logs(home: Path, run_id: int, name: str = CONNECTION, log_file: Path | None = None) -> subprocess.Popen:
-    """`flwr log --stream` in the background: the ServerApp's output, until the run ends."""
-    return spawn([executable("flwr"), "log", str(run_id), name, "--stream"], home, log_file)
+def stream_logs(home: Path, run_id: int, name: str = CONNECTION, out: IO[str] | None = None
+                ) -> tuple[subprocess.Popen, threading.Thread]:
+    """`flwr log --stream` in the background: the ServerApp's output, until the run ends, copied to `out`
+    (default stdout) by a thread, without colour codes unless `out` is a terminal."""
+    proc = spawn([executable("flwr"), "log", str(run_id), name, "--stream"], home, pipe=True)
+    out = out or sys.stdout
+    relay = threading.Thread(target=copy_lines, args=(proc.stdout, out, not out.isatty()), daemon=True)
+    relay.start()
+    return proc, relay
+
+
+def copy_lines(src: IO[bytes], out: IO[str], plain: bool) -> None:
+    """Copy `src` to `out` line by line; `plain` drops ANSI colour codes (output piped to a file or a program)."""
+    for raw in iter(src.readline, b""):
+        line = raw.decode(errors="replace")
+        out.write(ANSI.sub("", line) if plain else line)
+        out.flush()
 
 
 def explain_exit(log_file: Path) -> str:
     """Why a Flower process stopped, from its log: the lines after its last ERROR, else the last line."""
     text = Path(log_file).read_text(errors="replace") if Path(log_file).exists() else ""
-    lines = [l.strip() for l in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
+    lines = [l.strip() for l in ANSI.sub("", text).splitlines()]
     errors = [i for i, l in enumerate(lines) if l.startswith("ERROR")]
     if not errors:
         return lines[-1] if lines else "no log"
@@ -403,24 +602,33 @@ def explain_exit(log_file: Path) -> str:
     reason = reason.replace("[", "(").replace("]", ")")  # the CLI prints errors as rich markup
     if "CERTIFICATE_VERIFY_FAILED" in reason:
         reason += " Is --certs/ca.crt the server's CA, and the server certificate made for this --superlink host?"
+    elif "WRONG_VERSION_NUMBER" in reason or "record layer failure" in reason:
+        reason += (" The server does not speak TLS: it runs with --insecure (start the node with --insecure too), or "
+                   "--superlink names a port that is not photon server's.")
     elif "Failed to activate SuperNode" in reason:
-        reason += " Is this node's public key registered? `photon server --certs` registers node-*.key.pub."
+        reason += (" Is this node's public key registered (`photon server --certs` registers node-*.key.pub)? Or is "
+                   "another node connected with the same key: one on another machine, or one killed without "
+                   "stopping, which the server holds until its heartbeat lapses (about a minute)?")
     return reason
 
 
 def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume: bool = False,
-               certs: Path | None = None, insecure: bool = False, console=None, poll_s: float = 2.0) -> dict:
-    """`photon submit`: write the connection, start the run, stream the ServerApp's log, wait for the end."""
+               certs: Path | None = None, insecure: bool = False, token: str | None = None, console=None,
+               poll_s: float = 2.0) -> dict:
+    """`photon submit`: write the connection (with the operator `token`), start the run, stream the ServerApp's
+    log, wait for the end."""
     certs, insecure = _tls_args(certs, insecure, "photon submit")
-    write_connection(home, superlink, certs=certs, insecure=insecure)
+    check_out(run_dir)
+    write_connection(home, superlink, certs=certs, insecure=insecure, token=token)
     run_id = submit_run(home, cfg, run_dir, resume=resume)
-    say = console.print if console is not None else print
+    say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else print
     say(f"started run {run_id} on {superlink}; its log follows (Ctrl-C detaches, the run goes on)")
-    streamer = stream_logs(home, run_id) if console is not None else None
+    streamer, relay = stream_logs(home, run_id) if console is not None else (None, None)
     try:
         status = wait_run(home, run_id, poll_s=poll_s)
         if streamer is not None:
             streamer.wait(timeout=15)  # the stream ends with the run; let it print the tail
+            relay.join(timeout=5)
     except KeyboardInterrupt:
         raise UserError(f"detached from run {run_id}; it goes on: watch it with `FLWR_HOME={home} flwr log {run_id} "
                         f"{CONNECTION}`, stop it with `flwr stop {run_id} {CONNECTION}`") from None
@@ -433,3 +641,138 @@ def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume:
         raise UserError(f"run {run_id} ended {status['status']} ({status.get('status-details')}); the server's "
                         f"log: `FLWR_HOME={home} flwr log {run_id} {CONNECTION} --show`")
     return status
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The guarded SuperLink: `python -m photon.federation.deploy superlink --photon-operator-token-file F
+# --photon-runs DIR FLOWER-SUPERLINK-ARGS...`, started by `start_superlink` with `--isolation process` and a
+# SuperExec secret. It is `flower-superlink` with three changes, all through Flower 1.41's own hooks (pyproject
+# pins flwr==1.41.0):
+#   - Control API (/v1/control/*: flwr run, stop, log, ls, supernode register/unregister/list): Flower's account
+#     authentication middleware asks its ControlAuthnPlugin, a no-op that admits everyone unless the enterprise
+#     OIDC plugin is installed. Ours admits a request only if its bearer token is the operator token.
+#   - Runtime API (/v1/runtime/*, where ServerApps are handed out): every call but AcquireTask needs a task
+#     token; AcquireTask is signed with the SuperExec secret, which Flower checks only with --isolation process.
+#     So the SuperLink runs that way and starts its SuperExec itself (`superexec_main`) with the secret.
+#   - StartRun: the run's `run-dir` is made absolute under the runs root, and refused outside it.
+# Fleet API (nodes) is Flower's as shipped: TLS plus a signature by a registered key on every call.
+
+
+def _flag(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """The value of `--name VALUE` in argv, and argv without it."""
+    if name in argv[:-1]:
+        i = argv.index(name)
+        return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, argv
+
+
+def operator_authn(token: str):
+    """A Flower ControlAuthnPlugin that admits only Control API calls carrying `token` (as the `flwr` CLI sends
+    it after `store_token`), as Flower's no-op account; refused calls get Flower's 401."""
+    import hmac
+
+    from flwr.common.constant import ACCESS_TOKEN_KEY
+    from flwr.superlink.auth_plugin.noop_auth_plugin import NoOpControlAuthnPlugin
+
+    expected = token.encode()
+
+    class OperatorToken(NoOpControlAuthnPlugin):
+        def validate_tokens_in_metadata(self, metadata):
+            sent = dict(metadata).get(ACCESS_TOKEN_KEY, "")
+            sent = sent.encode() if isinstance(sent, str) else sent
+            if hmac.compare_digest(sent, expected):
+                return super().validate_tokens_in_metadata(metadata)
+            return False, None
+
+        def refresh_tokens(self, metadata):
+            return [], None  # nothing to renew: Flower answers "authentication failed"
+
+    return OperatorToken()
+
+
+def confined_start_run(start_run, runs: Path):
+    """Flower's StartRun handler, with the run's `run-dir` override confined to `runs` (`confine_run_dir`)."""
+    from flwr.proto.transport_pb2 import Scalar
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+
+    def guarded(request, *args, **kwargs):
+        given = request.override_config["run-dir"].string if "run-dir" in request.override_config else ""
+        try:
+            path = confine_run_dir(runs, given)
+        except UserError as e:
+            raise FlowerError(ApiErrorCode.INVALID_RUN_CONFIG, str(e), public_details=str(e)) from None
+        request.override_config["run-dir"].CopyFrom(Scalar(string=str(path)))
+        return start_run(request, *args, **kwargs)
+
+    return guarded
+
+
+def superlink_main(argv: list[str]) -> None:
+    """`flower-superlink ARGV`, guarded (see above); starts our SuperExec beside it."""
+    import importlib
+
+    from flwr.superlink.servicer.control import control_handlers
+
+    fsl = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package exports a function by that name
+
+    token_file, argv = _flag(argv, "--photon-operator-token-file")
+    runs, argv = _flag(argv, "--photon-runs")
+    if token_file is None or runs is None:
+        sys.exit("photon superlink: --photon-operator-token-file and --photon-runs are required")
+    fsl.load_control_authn_plugin = lambda: operator_authn(read_token(Path(token_file)))
+    control_handlers.start_run = confined_start_run(control_handlers.start_run, Path(runs))
+    host, port = _flag(argv, "--host")[0] or "0.0.0.0", _flag(argv, "--port")[0]
+    ca, secret = _flag(argv, "--ssl-ca-certfile")[0], _flag(argv, "--superexec-auth-secret-file")[0]
+    superexec = [sys.executable, "-m", "photon.federation.deploy", "superexec", "--runtime-api-address",
+                 f"{_local(host)}:{port}", "--superexec-auth-secret-file", str(secret),
+                 "--parent-pid", str(os.getpid())]
+    superexec += ["--insecure"] if "--insecure" in argv else ["--root-certificates", str(ca)]
+    subprocess.Popen(superexec, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # it retries until we listen
+    sys.argv = ["flower-superlink", *argv]
+    fsl.flower_superlink()
+
+
+def superexec_main(argv: list[str]) -> None:
+    """`flower-superexec ARGV`, but the ServerApp processes it starts get their task token in a file (mode 600,
+    deleted when the process ends) instead of on their command line, where any local user could read it."""
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
+    from flwr.supercore.superexec.executor import subprocess_executor
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    tokens = Path(tempfile.mkdtemp(prefix="photon-tokens-"))  # mode 700
+
+    def launch(self, spec):  # Flower 1.41's SubprocessExecutor.launch, with --token-file for --token
+        fd, token_file = tempfile.mkstemp(dir=tokens)
+        with os.fdopen(fd, "w") as f:
+            f.write(spec.token)
+        args = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+                spec.runtime_api_address, "--token-file", token_file]
+        if spec.insecure:
+            args.append("--insecure")
+        elif spec.root_certificates_path is not None:
+            args += ["--root-certificates", spec.root_certificates_path]
+        if spec.parent_pid is not None:
+            args += ["--parent-pid", str(spec.parent_pid)]
+        if spec.runtime_dependency_install:
+            args.append("--allow-runtime-dependency-installation")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if spec.suppress_output else {}
+        proc = subprocess.Popen(args, **quiet)
+        threading.Thread(target=lambda: (proc.wait(), os.unlink(token_file)), daemon=True).start()
+        return LaunchResult.accepted()
+
+    subprocess_executor.SubprocessExecutor.launch = launch  # type: ignore[method-assign]
+    sys.argv = ["flower-superexec", *argv]
+    try:
+        flower_superexec()
+    finally:
+        shutil.rmtree(tokens, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["superlink"]:
+        superlink_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["superexec"]:
+        superexec_main(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m photon.federation.deploy superlink|superexec ARGS...")
