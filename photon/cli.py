@@ -294,7 +294,7 @@ def server(
     try:
         home = state / "flwr"
         token_file = deploy.operator_token_file(state, certs)
-        deploy.write_connection(home, f"{deploy._local(host)}:{port}", certs=certs, insecure=insecure,
+        deploy.write_connection(home, f"{deploy.local_address(host)}:{port}", certs=certs, insecure=insecure,
                                 token=read_token(token_file))
         if certs is not None:
             for pub in sorted(certs.glob("node-*.key.pub")):

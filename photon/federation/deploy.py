@@ -220,8 +220,12 @@ def operator_token_file(state: Path, certs: Path | None) -> Path:
     in --state with --insecure. Made here if missing (a certs dir from before tokens, a first insecure start)."""
     path = (Path(certs) if certs is not None else Path(state)) / OPERATOR_TOKEN
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_token(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_token(path)
+        except OSError as e:
+            raise UserError(f"cannot write the operator token {path} ({e.strerror}); make it with `photon certs "
+                            f"--out {path.parent}` or give photon server a writable --certs/--state") from None
     return path
 
 
@@ -253,11 +257,11 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
                  "--enable-supernode-auth"]
     check_port_free(host, port)
     proc = spawn(args, state / "flwr", log_file)
-    wait_listening(proc, _local(host), port, "flower-superlink", log_file=log_file)
+    wait_listening(proc, local_address(host), port, "flower-superlink", log_file=log_file)
     return proc
 
 
-def _local(host: str) -> str:
+def local_address(host: str) -> str:
     """The address this machine reaches a server listening on `host` at."""
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
@@ -724,7 +728,7 @@ def superlink_main(argv: list[str]) -> None:
     host, port = _flag(argv, "--host")[0] or "0.0.0.0", _flag(argv, "--port")[0]
     ca, secret = _flag(argv, "--ssl-ca-certfile")[0], _flag(argv, "--superexec-auth-secret-file")[0]
     superexec = [sys.executable, "-m", "photon.federation.deploy", "superexec", "--runtime-api-address",
-                 f"{_local(host)}:{port}", "--superexec-auth-secret-file", str(secret),
+                 f"{local_address(host)}:{port}", "--superexec-auth-secret-file", str(secret),
                  "--parent-pid", str(os.getpid())]
     superexec += ["--insecure"] if "--insecure" in argv else ["--root-certificates", str(ca)]
     subprocess.Popen(superexec, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # it retries until we listen
