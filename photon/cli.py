@@ -161,8 +161,12 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<preset>-federated).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the federated run in this directory with the "
                                                    "config saved there; --set still applies on top (e.g. "
-                                                   "federation.rounds=20 to run longer); --preset is ignored.")] = None,
-    engine: Annotated[str, typer.Option(help="simulation (Flower, default) or inprocess (no Flower; debugging).")]
+                                                   "federation.rounds=20 --set federation.schedule_rounds=<the "
+                                                   "original rounds> to run longer on the LR floor); --preset is "
+                                                   "ignored.")] = None,
+    engine: Annotated[str, typer.Option(help="simulation (Flower, default) or inprocess (no Flower: tasks run one "
+                                        "at a time, timed by a virtual clock; deterministic, for debugging and "
+                                        "straggler/async studies).")]
     = "simulation",
     cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
 ) -> None:
@@ -192,11 +196,11 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool, engine: str) -> d
 
         return run_simulated(cfg, run_dir, resume=resume, console=console)
     if engine == "inprocess":
-        from photon.federation.inprocess import InProcessTransport
         from photon.federation.runner import run_federation
+        from photon.federation.virtual_clock import VirtualClockTransport
         from photon.federation.worker import ClientWorker
 
-        transport = InProcessTransport(ClientWorker(run_dir / "node-state"), cfg.federation.num_nodes)
+        transport = VirtualClockTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.num_nodes)
         return run_federation(cfg, run_dir, transport, resume=resume, console=console)
     raise UserError(f"--engine {engine!r}: choose simulation or inprocess")
 
@@ -423,16 +427,41 @@ def bench_federation(
 def bench_robust(
     preset: PresetOpt = "tiny",
     overrides: SetOpt = None,
-    noise_scale: Annotated[float, typer.Option(help="Std of the noisy client's reply around θ.")] = 0.5,
+    attack: Annotated[str, typer.Option(help="flip: the attacker reverses and scales its honest update; noise: "
+                                        "it sends θ + N(0, s²).")] = "flip",
+    scales: Annotated[str, typer.Option(help="Comma-separated attack scales s.")] = "1,2,5,10",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm.")] = 1,
     out: Annotated[Path, typer.Option(help="Where the arms' runs go.")] = Path("runs/bench-robust"),
 ) -> None:
-    """One of four clients sends noise every round: plain mean vs norm check, median, trimmed mean, clipping."""
+    """One of four clients attacks every round: the default screen vs no defence, median and trimmed mean;
+    stores docs/results/robust-ATTACK.json."""
     from photon.bench.robust import run_robust_bench
 
+    if attack not in ("flip", "noise"):
+        raise UserError(f"--attack {attack!r}: choose flip or noise")
+    try:
+        values = tuple(float(x) for x in scales.split(","))
+    except ValueError:
+        raise UserError(f"--scales {scales!r}: expected comma-separated numbers, e.g. 1,2,5,10") from None
     cfg = _config(preset, list(overrides or []) + ["data.partition.num_clients=4",
                                                      "federation.clients_per_round=4"])
     ensure_prepared(cfg)
-    run_robust_bench(cfg, out, noise_scale, console)
+    run_robust_bench(cfg, out, attack, values, seeds, console)
+
+
+@bench_app.command("report")
+def bench_report(
+    results: Annotated[Path, typer.Option(help="Stored benchmark outputs.")] = Path("docs/results"),
+    target: Annotated[Path, typer.Option(help="The markdown file whose results blocks are rewritten.")]
+    = Path("docs/RESULTS.md"),
+) -> None:
+    """Rewrite the measured blocks of docs/RESULTS.md from the stored benchmark outputs (docs/results/*.json)."""
+    from photon.bench.report import write_report
+
+    if not target.is_file():
+        raise UserError(f"{target} does not exist; run from the repository root or pass --target")
+    names = write_report(results, target)
+    console.print(f"rewrote {len(names)} block(s) of {target}: {', '.join(names) or 'none'}")
 
 
 @bench_app.command("claims")

@@ -150,12 +150,57 @@ class FaultConfig(_Frozen):
         "wrong-client, truncate / oversize (payload bytes cut or padded), bad-header (not JSON), bad-layout "
         "(a layout that does not match the model), wrong-dtype, no-payload.")
     flip_scale: float = Field(5.0, gt=0, description="Scale of the reversed update sent by `reply: flip` clients.")
+    slow_fraction: float = Field(0.0, ge=0, le=1, description="Share of the clients that train slow_factor× "
+                                 "slower (chosen with faults.seed): heterogeneous sites.")
+    slow_factor: float = Field(3.0, ge=1, description="How much slower the slow clients are.")
+    drop_probability: float = Field(0.0, ge=0, lt=1, description="Chance that a task's reply is lost (seeded per "
+                                    "task). In-process: the reply never arrives; on Flower: an error reply after "
+                                    "the work, since Flower cannot lose a message.")
+    late_probability: float = Field(0.0, ge=0, le=1, description="Chance that a task runs late_factor× slower "
+                                    "(seeded per task): a busy cluster, a node that restarts.")
+    late_factor: float = Field(3.0, ge=1, description="How much slower a late task is.")
+    seed: int = Field(0, description="Seed of the slow clients and of the per-task drop/late draws.")
+
+
+class AdaptiveDeadlineConfig(_Frozen):
+    """A task deadline that follows the clients' recent pace: median + k·MAD of recent task times, floored."""
+
+    k_mad: float = Field(3.0, ge=0, description="How many median absolute deviations above the median.")
+    floor_s: float = Field(1.0, gt=0, description="Never shorter than this (seconds).")
+    window: int = Field(32, ge=3, description="Recent task times the median is taken over.")
+    margin: float = Field(1.2, ge=1, description="The deadline is at least this multiple of the median.")
+
+
+class AsyncConfig(_Frozen):
+    """Asynchronous rounds (federation.mode=async): nodes never wait for each other; the server takes an outer
+    step whenever a quorum of replies is in, weighting each by how stale it is."""
+
+    quorum: int | None = Field(None, ge=1, description="M: replies per outer step (None = clients_per_round).")
+    grace_s: float | None = Field(None, gt=0, description="Step with fewer (but >= min_replies) replies once the "
+                                  "oldest waiting reply has waited this long (seconds); None = only on quorum.")
+    max_staleness: int = Field(4, ge=0, description="Refuse a reply computed from a model more than this many "
+                               "outer steps old.")
+    staleness: Literal["constant", "polynomial"] = Field(
+        "polynomial", description="Weight of a reply s steps stale: constant (1) or polynomial 1/(1+s)^a.")
+    exponent: float = Field(0.5, ge=0, description="a of the polynomial staleness weight.")
+    concurrency: int | None = Field(None, ge=1, description="Clients in flight at once (None = one per node).")
+
+
+class VirtualClockConfig(_Frozen):
+    """How the in-process engine times tasks: it runs them for real but orders their completions by a virtual
+    clock, so timing (and asynchronous runs) are deterministic and nothing waits."""
+
+    step_seconds: float = Field(1.0, gt=0, description="Virtual seconds of one local step at speed 1.")
+    bandwidth_mbps: float = Field(1000.0, gt=0, description="Virtual link speed for moving messages.")
 
 
 class FederationConfig(_Frozen):
     """Rounds, sampling and fault tolerance of the federated run."""
 
-    rounds: int = Field(8, ge=1, description="Number of federated rounds.")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: rounds of K clients (Photon); async: nodes never wait, the server steps on a "
+        "quorum of replies weighted by staleness (see federation.asynchronous).")
+    rounds: int = Field(8, ge=1, description="Number of federated rounds (async: outer steps).")
     clients_per_round: int = Field(4, ge=1, description="K, clients sampled each round (may exceed the nodes).")
     local_steps: int = Field(16, ge=1, description="H, local optimizer steps per client per round.")
     outer: OuterConfig = OuterConfig()
@@ -169,7 +214,14 @@ class FederationConfig(_Frozen):
         "client trained by a node without it starts from a fresh state (logged).")
     min_replies: int = Field(1, ge=1, description="A round needs at least this many good replies, else it is retried.")
     max_round_retries: int = Field(3, ge=0, description="Retries of a round that got too few replies.")
-    round_timeout_s: float = Field(3600.0, gt=0, description="Replies later than this are dropped.")
+    round_timeout_s: float = Field(3600.0, gt=0, description="Fixed deadline: a round's replies later than this "
+                                   "(seconds from the round's start) are dropped. Also the cap of the adaptive one.")
+    deadline: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed: round_timeout_s per round; adaptive: each task gets the median of recent "
+        "task times plus k·MAD (federation.adaptive), so a straggler is dropped instead of waited for.")
+    adaptive: AdaptiveDeadlineConfig = AdaptiveDeadlineConfig()
+    asynchronous: AsyncConfig = AsyncConfig()
+    virtual_clock: VirtualClockConfig = VirtualClockConfig()
     schedule_rounds: int | None = Field(
         None, ge=1, description="Rounds the LR schedule spans (None = federation.rounds). Set it to the original "
         "rounds when extending a run with more rounds: the extra rounds train on the LR floor.")
@@ -216,6 +268,9 @@ class RunConfig(_Frozen):
         if fed.min_replies > fed.clients_per_round:
             raise ValueError(f"federation.min_replies={fed.min_replies} exceeds "
                              f"federation.clients_per_round={fed.clients_per_round}")
+        if fed.mode == "async" and (fed.asynchronous.quorum or fed.clients_per_round) < fed.min_replies:
+            raise ValueError(f"federation.asynchronous.quorum={fed.asynchronous.quorum} is below "
+                             f"federation.min_replies={fed.min_replies}")
         for client in [*fed.faults.reply, *fed.faults.fail_clients, *fed.faults.noise_clients]:
             if not 0 <= client < n:
                 raise ValueError(f"federation.faults names client {client}, but clients are 0..{n - 1}")

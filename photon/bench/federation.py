@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -46,28 +47,44 @@ def data_parallel_bytes_per_token(model_bytes: int, workers: int, batch: int, se
     return workers * 2 * (workers - 1) / workers * model_bytes / (workers * batch * seq)
 
 
-class _SyntheticTransport:
-    """Replies = θ + noise, made only when collected (as a decoded message would be), newest client first."""
+class LoopbackGrid:
+    """Stands in for Flower's Grid in the memory probe: every pushed train message is answered by `nodes`
+    nodes at once, and a reply's Flower message is built only when it is pulled (as Flower's HTTP grid
+    inflates a message when it is pulled), with the records a real node sends: the reply header and an fp32
+    update of exactly `update_bytes` (its own copy each time, so every reply costs its real size). The
+    server side is the real `GridTransport` decode path: records -> wire -> checked, decoded, parked."""
 
-    def __init__(self, nodes: int):
-        self._nodes, self._pending = nodes, []
+    def __init__(self, nodes: int, update_bytes: bytes):
+        self._nodes, self._bytes = nodes, update_bytes
+        self._pushed: dict[str, str] = {}  # message id -> task header
 
-    def nodes(self):
-        return list(range(self._nodes))
+    def get_node_ids(self):
+        return list(range(1, self._nodes + 1))
 
-    def submit(self, node, task, params):
-        self._pending.append((f"m{len(self._pending)}-{task.client_id}", task, params))
-        return self._pending[-1][0]
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            ids.append(f"m{len(self._pushed)}")
+            self._pushed[ids[-1]] = str(msg.content["header"]["json"])
+        return ids
 
-    def collect(self, timeout):
-        from photon.federation.task import ClientReply
+    def pull_messages(self, message_ids):
+        from types import SimpleNamespace
 
-        if not self._pending:
-            return []
-        handle, task, params = self._pending.pop()  # reverse order: forces the out-of-order path
-        reply = ClientReply(task.client_id, task.round, samples=8, steps=task.local_steps, cursor=0, loss=0.0,
-                            train_seconds=0.0, params={k: v + 1e-3 for k, v in params.items()})
-        return [(handle, reply)]
+        from photon.federation.codec import Payload
+        from photon.federation.protocol import ClientReply, ClientTask, Wire, encode_reply
+        from photon.federation.records import wire_to_content
+
+        out = []
+        for msg_id in message_ids:
+            task = ClientTask.from_json(self._pushed.pop(msg_id))
+            header = ClientReply(task.task_id, task.client_id, task.round, task.samples, task.local_steps,
+                                 task.next_cursor, loss=1.0, train_seconds=0.0).header_json()
+            layout = encode_reply(ClientReply(task.task_id, 0, 0, 0, 0, 0, 0.0, 0.0)).payloads["update"].layout
+            wire = Wire(header, {"update": Payload.over(dict(layout, tensors=self._layout), bytes(self._bytes))})
+            out.append(SimpleNamespace(content=wire_to_content(wire), has_error=lambda: False,
+                                       metadata=SimpleNamespace(reply_to_message_id=msg_id, src_node_id=1)))
+        return out
 
 
 def _rss_mb() -> float:
@@ -76,25 +93,37 @@ def _rss_mb() -> float:
 
 
 def memory_probe(config_json: str, k: int, spill: str) -> None:
-    """Run in a fresh process: print {"multiple": peak RAM over baseline / model bytes} as JSON."""
+    """Run in a fresh process: one real round of `Aggregator.run_round` over `GridTransport` (the decode path
+    of a deployed server) with K replies of the config's model shape; print {"multiple": peak RAM over the
+    baseline / model bytes} as JSON. K nodes reply at once, so every reply is pending when the server pulls."""
     from photon.federation.aggregator import Aggregator
-    from photon.federation.server_state import ServerState
+    from photon.federation.codec import layout_of
     from photon.federation.protocol import tensor_bytes
+    from photon.federation.server_app import GridTransport
+    from photon.federation.server_state import ServerState
     from photon.model.transformer import Transformer, unique_state_dict
 
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp process
     cfg = build_config(json.loads(config_json))
-    torch.manual_seed(0)
     with torch.device("meta"):
         shapes = {n: (t.shape, t.dtype) for n, t in unique_state_dict(Transformer(cfg.model)).items()}
+    numel = sum(int(torch.Size(s).numel()) for s, _ in shapes.values())
+    update = (np.random.default_rng(0).standard_normal(numel, dtype=np.float32) * 1e-3).tobytes()
     base = _rss_mb()
     params = {n: torch.randn(shape, dtype=dtype) * 0.02 for n, (shape, dtype) in shapes.items()}
     state = ServerState.fresh(params, cfg.data.partition.num_clients, 0)
-    agg = Aggregator(cfg, state, [[]] * cfg.data.partition.num_clients, {}, spill_dir=Path(spill))
-    agg.run_round(_SyntheticTransport(nodes=k))
+    agg = Aggregator(cfg, state, [[]] * cfg.data.partition.num_clients, {}, spill_dir=Path(spill) / "spill",
+                     state_dir=Path(spill) / "state")
+    grid = LoopbackGrid(nodes=k, update_bytes=update)
+    grid._layout = [[n, list(p.shape)] for n, p in sorted(params.items())]
+    result = agg.run_round(GridTransport(grid, poll_s=0.0))  # type: ignore[arg-type]
+    assert result.committed and len(result.ok) == k, (result.ok, result.failed)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model_mb = tensor_bytes(params) / 2**20
     print(json.dumps({"k": k, "model_mb": model_mb, "peak_over_base_mb": peak - base,
-                      "multiple": (peak - base) / model_mb}))
+                      "multiple": (peak - base) / model_mb, "layout": len(layout_of(params))}))
 
 
 def aggregator_memory(cfg: RunConfig, ks: tuple[int, ...], spill: Path) -> list[dict[str, Any]]:

@@ -14,13 +14,13 @@ a direct call in tests.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,8 +33,8 @@ from photon.federation import codec
 from photon.federation.client_state import MISSING, StateFiles
 from photon.federation.fold import ReplyBuffer, combine, screen
 from photon.federation.outer import make_outer
-from photon.federation.protocol import STATE, UPDATE, ClientReply, ClientTask, Rejected, Wire, decode_reply, \
-    encode_task
+from photon.federation.protocol import MODEL, STATE, UPDATE, ClientReply, ClientTask, Rejected, Wire, \
+    decode_reply, encode_task
 from photon.federation.server_state import ServerState
 from photon.federation.worker import optimizer_state_layout
 
@@ -58,7 +58,8 @@ class Transport(Protocol):
 class InFlight:
     task: ClientTask
     node: int
-    sent: float
+    sent: float       # transport clock at dispatch
+    deadline: float   # transport clock after which the task is given up
 
 
 @dataclass
@@ -72,6 +73,8 @@ class RoundResult:
     excluded: dict[int, str] = field(default_factory=dict)    # nodes excluded during this round
     norms: dict[int, float] = field(default_factory=dict)
     cosines: dict[int, float] = field(default_factory=dict)
+    folded: dict[str, int] = field(default_factory=dict)      # task id -> staleness (outer steps) of folded replies
+    node_train: dict[int, float] = field(default_factory=dict)  # seconds inside local training per node
     loss: float = float("nan")
     bytes_down: int = 0
     bytes_up: int = 0
@@ -81,7 +84,36 @@ class RoundResult:
     train_seconds: float = 0.0
     critical_train_seconds: float = 0.0  # the busiest node's time inside local training
     wall_seconds: float = 0.0
+    clock: float = 0.0  # the transport's clock at the end (virtual seconds in the in-process engine)
     committed: bool = False
+
+
+@dataclass
+class _Round:
+    """What one round tracks while it runs."""
+
+    result: RoundResult
+    buffer: ReplyBuffer
+    order: dict[int, int]                   # client -> position in the sampled (canonical) order
+    queue: deque[int]
+    max_attempts: int
+    attempts: Counter[int] = field(default_factory=Counter)
+    attach: set[int] = field(default_factory=set)          # retry these with the server's copy of their state
+    state_retried: set[int] = field(default_factory=set)
+    in_flight: dict[str, InFlight] = field(default_factory=dict)
+    replies: dict[int, ClientReply] = field(default_factory=dict)
+    node_of: dict[int, int] = field(default_factory=dict)
+    node_train: Counter[int] = field(default_factory=Counter)
+    clock: Callable[[], float] = time.perf_counter
+
+
+def clock_of(transport: object) -> Callable[[], float]:
+    """The transport's clock (virtual seconds in the in-process engine), else wall time."""
+    return getattr(transport, "clock", time.perf_counter)
+
+
+def is_virtual(transport: object) -> bool:
+    return bool(getattr(transport, "virtual", False))
 
 
 class Aggregator:
@@ -105,7 +137,10 @@ class Aggregator:
         self.node_failures: dict[int, list[int]] = {}  # consecutive failed tasks per node: their clients
         self.excluded: dict[int, str] = {}
         self._expired: dict[str, ClientTask] = {}
-        self._serial = itertools.count()
+        # A node stays occupied by a task until its reply comes (even late) or `round_timeout_s` has passed since
+        # it was sent (presumed lost): a straggler is not handed more work that would queue behind it.
+        self.occupied: dict[int, tuple[str, float]] = {}  # node -> (handle, release at, transport clock)
+        self.task_times: deque[float] = deque(state.task_times, maxlen=cfg.federation.adaptive.window)
         self._model_payload: tuple[tuple[int, int], codec.Payload] | None = None
 
     # -----------------------------------------------------------------------------------------------------
@@ -130,7 +165,9 @@ class Aggregator:
     def task(self, client_id: int, attempt: int) -> ClientTask:
         rec, fed = self.state.clients[client_id], self.cfg.federation
         persist = fed.client_optimizer == "persist"
-        return ClientTask(task_id=f"r{self.state.round}-c{client_id}-a{attempt}-{next(self._serial)}",
+        rec.dispatches += 1
+        return ClientTask(task_id=f"c{client_id}-d{rec.dispatches}", version=self.state.round,
+                          dispatch=rec.dispatches,
                           run_id=self.state.run_uid, client_id=client_id, round=self.state.round,
                           global_step=self.state.global_step, cursor=rec.cursor, local_steps=fed.local_steps,
                           schedule_steps=self.cfg.federated_steps, batch_size=self.cfg.train.batch_size,
@@ -155,91 +192,146 @@ class Aggregator:
                             f"{'; '.join(f'node {n}: {r}' for n, r in list(self.excluded.items())[-2:])}")
         return usable
 
+    def free_nodes(self, transport: Transport) -> list[int]:
+        """Usable nodes not occupied by a task (one whose reply has not come and is not presumed lost)."""
+        now = clock_of(transport)()
+        for node, (_, until) in list(self.occupied.items()):
+            if now >= until:
+                del self.occupied[node]
+        return [n for n in self.usable_nodes(transport) if n not in self.occupied]
+
+    def occupy(self, node: int, handle: str, sent: float) -> None:
+        self.occupied[node] = (handle, sent + self.cfg.federation.round_timeout_s)
+
+    def release(self, handle: str) -> None:
+        """A reply (or error) for `handle` came: its node is free."""
+        for node, (h, _) in list(self.occupied.items()):
+            if h == handle:
+                del self.occupied[node]
+
+    def next_release(self) -> float:
+        return min((until for _, until in self.occupied.values()), default=float("inf"))
+
     # -----------------------------------------------------------------------------------------------------
     # The round
 
     def run_round(self, transport: Transport, timeout_s: float | None = None, max_attempts: int = 2) -> RoundResult:
+        """One synchronous round: sample K clients, train them, screen, fold, step. Deadlines: the round's
+        (`round_timeout_s` from its start) and, with `deadline: adaptive`, each task's own (`task_deadline`)."""
         fed = self.cfg.federation
-        start = time.perf_counter()
+        clock = clock_of(transport)
+        start = clock()
         deadline = start + (timeout_s or fed.round_timeout_s)
-        result = RoundResult(round=self.state.round)
         sampled = self.sample_clients()
-        order = {cid: i for i, cid in enumerate(sampled)}
-        buffer = ReplyBuffer(self.spill_dir, self.layout)
-        replies: dict[int, ClientReply] = {}
-        node_of: dict[int, int] = {}
-        queue, attempts, attach, state_retried = deque(sampled), Counter(), set(), set()
-        in_flight: dict[str, InFlight] = {}
-        node_train: Counter[int] = Counter()
+        rnd = _Round(RoundResult(round=self.state.round), ReplyBuffer(self.spill_dir, self.layout),
+                     {cid: i for i, cid in enumerate(sampled)}, deque(sampled), max_attempts, clock=clock)
         try:
-            while (queue or in_flight) and time.perf_counter() < deadline:
-                busy = {f.node for f in in_flight.values()}
-                for node in [n for n in self.usable_nodes(transport) if n not in busy]:
-                    if not queue:
-                        break
-                    cid = self._pick(queue, node)
-                    attempts[cid] += 1
-                    task = self.task(cid, attempts[cid])
-                    state_payload = None
-                    if cid in attach and task.state_digest is not None:
-                        tensors = self.store.get(task.state_digest)
-                        state_payload = codec.encode(tensors) if tensors is not None else None
-                    wire = encode_task(task, self.model_payload(), state_payload)
-                    handle = transport.submit(node, wire)
-                    in_flight[handle] = InFlight(task, node, time.perf_counter())
-                    result.bytes_down += wire.payloads["model"].nbytes
-                    result.bytes_state_down += state_payload.nbytes if state_payload is not None else 0
-                if not in_flight:
+            while (rnd.queue or rnd.in_flight) and clock() < deadline:
+                self._dispatch(transport, rnd)
+                if not rnd.in_flight and not self.occupied:
                     time.sleep(0.5)  # no node connected yet: wait for one rather than spin
                     continue
-                for handle, msg in transport.collect(min(1.0, max(0.0, deadline - time.perf_counter()))):
-                    flight = in_flight.pop(handle, None)
-                    if flight is None:
-                        self._late(handle, result)
-                        continue
-                    self._expired[handle] = flight.task
-                    task, cid, node = flight.task, flight.task.client_id, flight.node
-                    if isinstance(msg, str) and MISSING in msg and cid not in state_retried:
-                        state_retried.add(cid)
-                        attempts[cid] -= 1  # the node lacked the state: not the client's failure
-                        self._state_missing(cid, node, attach)
-                        queue.appendleft(cid)
-                        continue
-                    if isinstance(msg, (str, Rejected)):
-                        outcome = str(msg)
-                    else:
-                        outcome = self._receive(task, msg, buffer, result, order[cid])
-                    if isinstance(outcome, ClientReply):
-                        self._node_ok(node)
-                        replies[cid], node_of[cid] = outcome, node
-                        node_train[node] += outcome.train_seconds
-                        continue
-                    reason = outcome
-                    self._attempt_failed(cid, node, attempts[cid], reason, result,
-                                         node_error=isinstance(msg, str) and not isinstance(msg, Rejected))
-                    if attempts[cid] < max_attempts:
-                        result.retried.add(cid)
-                        queue.append(cid)
-                    else:
-                        result.dropped[cid] = reason
-            for handle, flight in in_flight.items():
+                until = min(deadline, self.next_release(), *(f.deadline for f in rnd.in_flight.values()))
+                wait = max(0.0, until - clock())
+                for handle, msg in transport.collect(wait if is_virtual(transport) else min(1.0, wait)):
+                    self._on_reply(handle, msg, rnd)
+                    del msg  # before the transport fetches the next reply
+                self._expire(rnd, clock())
+            self._expire(rnd, float("inf"))
+            for cid in rnd.queue:
+                rnd.result.dropped.setdefault(cid, "no node took it before the round deadline")
+            self._finish(rnd.buffer, rnd.replies, rnd.node_of, rnd.result)
+        finally:
+            rnd.buffer.clear()
+            self._forget_expired()
+        rnd.result.critical_train_seconds = max(rnd.node_train.values(), default=0.0)
+        rnd.result.wall_seconds = clock() - start
+        rnd.result.clock = clock()
+        return rnd.result
+
+    def task_deadline(self) -> float:
+        """How long a task may take from dispatch to reply: `round_timeout_s` (fixed), or the median of the
+        recent task times plus k·MAD, at least `margin` × the median and `floor_s` (adaptive); no history yet:
+        `round_timeout_s`."""
+        fed = self.cfg.federation
+        if fed.deadline == "fixed" or len(self.task_times) < 3:
+            return fed.round_timeout_s
+        a = fed.adaptive
+        times = list(self.task_times)
+        med = statistics.median(times)
+        mad = statistics.median(abs(t - med) for t in times)
+        return min(fed.round_timeout_s, max(a.floor_s, a.margin * med, med + a.k_mad * mad))
+
+    def _expire(self, rnd: _Round, now: float) -> None:
+        """Give up on tasks past their deadline (the whole round's when `now` is inf): their clients are
+        dropped for this round, and their replies, if they ever come, are dropped as late."""
+        for handle, flight in list(rnd.in_flight.items()):
+            if now == float("inf") or now >= flight.deadline:
+                del rnd.in_flight[handle]
                 cid = flight.task.client_id
                 self._expired[handle] = flight.task
-                self._attempt_failed(cid, flight.node, attempts[cid], "missed the round deadline", result)
-                result.dropped[cid] = "missed the round deadline"
-            for cid in queue:
-                result.dropped.setdefault(cid, "no node took it before the round deadline")
-            self._finish(buffer, replies, node_of, result)
-        finally:
-            buffer.clear()
-            self._forget_expired()
-        result.critical_train_seconds = max(node_train.values(), default=0.0)
-        result.wall_seconds = time.perf_counter() - start
-        return result
+                reason = ("missed the round deadline" if now == float("inf") else
+                          f"missed its deadline ({flight.deadline - flight.sent:.3g} s, {self.cfg.federation.deadline})")
+                self._attempt_failed(cid, flight.node, rnd.attempts[cid], reason, rnd.result)
+                rnd.result.dropped[cid] = reason
 
-    def _receive(self, task: ClientTask, wire: Wire, buffer: ReplyBuffer, result: RoundResult,
-                 position: int) -> ClientReply | str:
-        """Decode, check and park one reply: the reply (its tensors parked and dropped), or why it was rejected."""
+    def _dispatch(self, transport: Transport, rnd: _Round) -> None:
+        """Give every idle node the next queued client."""
+        for node in self.free_nodes(transport):
+            if not rnd.queue:
+                return
+            cid = self._pick(rnd.queue, node)
+            rnd.attempts[cid] += 1
+            task = self.task(cid, rnd.attempts[cid])
+            state_payload = None
+            if cid in rnd.attach and task.state_digest is not None:
+                tensors = self.store.get(task.state_digest)
+                state_payload = codec.encode(tensors) if tensors is not None else None
+            wire = encode_task(task, self.model_payload(), state_payload)
+            handle = transport.submit(node, wire)
+            now = clock_of(transport)()
+            rnd.in_flight[handle] = InFlight(task, node, now, now + self.task_deadline())
+            self.occupy(node, handle, now)
+            rnd.result.bytes_down += wire.payloads[MODEL].nbytes
+            rnd.result.bytes_state_down += state_payload.nbytes if state_payload is not None else 0
+
+    def _on_reply(self, handle: str, msg: Wire | Rejected | str, rnd: _Round) -> None:
+        """One reply: late ones are dropped, a node lacking a client's state gets a retry, the rest are decoded,
+        checked and parked, or rejected (and their client re-queued while attempts are left)."""
+        self.release(handle)
+        flight = rnd.in_flight.pop(handle, None)
+        if flight is None:
+            self._late(handle, rnd.result)
+            return
+        self._expired[handle] = flight.task
+        task, cid, node = flight.task, flight.task.client_id, flight.node
+        if isinstance(msg, str) and MISSING in msg and cid not in rnd.state_retried:
+            rnd.state_retried.add(cid)
+            rnd.attempts[cid] -= 1  # the node lacked the state: not the client's failure
+            self._state_missing(cid, node, rnd.attach)
+            rnd.queue.appendleft(cid)
+            return
+        outcome = str(msg) if isinstance(msg, (str, Rejected)) else \
+            self._receive(task, msg, rnd.result, rnd.buffer, (rnd.order[cid],))
+        if isinstance(outcome, ClientReply):
+            self.task_times.append(rnd.clock() - flight.sent)
+            self.state.task_times = list(self.task_times)
+            self._node_ok(node)
+            rnd.replies[cid], rnd.node_of[cid] = outcome, node
+            rnd.node_train[node] += outcome.train_seconds
+            return
+        node_error = isinstance(msg, str)  # the node could not run it (vs a reply we rejected)
+        self._attempt_failed(cid, node, rnd.attempts[cid], outcome, rnd.result, node_error=node_error)
+        if rnd.attempts[cid] < rnd.max_attempts:
+            rnd.result.retried.add(cid)
+            rnd.queue.append(cid)
+        else:
+            rnd.result.dropped[cid] = outcome
+
+    def _receive(self, task: ClientTask, wire: Wire, result: RoundResult, buffer: ReplyBuffer, key: tuple,
+                 weight_scale: float = 1.0) -> ClientReply | str:
+        """Decode, check and park one reply under `key` (its place in the canonical order), weighted by its
+        samples × `weight_scale`: the reply (its tensors parked and dropped), or why it was rejected."""
         result.bytes_up += wire.payloads[UPDATE].nbytes if UPDATE in wire.payloads else 0
         result.bytes_state_up += wire.payloads[STATE].nbytes if STATE in wire.payloads else 0
         try:
@@ -247,7 +339,7 @@ class Aggregator:
         except Rejected as e:
             return str(e)
         try:
-            buffer.add((position,), task.client_id, reply.update, float(reply.samples))
+            buffer.add(key, task.client_id, reply.update, float(reply.samples) * weight_scale)
         except ValueError as e:
             return str(e)
         if reply.state is not None:
@@ -283,6 +375,7 @@ class Aggregator:
             rec = self.state.clients[cid]
             rec.cursor, rec.steps, rec.samples = reply.cursor, rec.steps + reply.steps, rec.samples + reply.samples
             rec.rounds += 1
+            result.folded[reply.task_id] = self.state.round - reply.round
             if persist:
                 rec.state_digest, rec.state_node = reply.state_digest, node_of[cid]
         steps = max(r.steps for r in replies.values())

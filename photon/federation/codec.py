@@ -10,6 +10,7 @@ pickled; the dtype and shape of every tensor come from the receiver's expectatio
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +27,23 @@ class CodecError(ValueError):
 
 @dataclass
 class Payload:
-    """One encoded set of tensors: `layout` (JSON-able: codec name, tensor names and shapes) and the bytes."""
+    """One encoded set of tensors: `layout` (JSON-able: codec name, tensor names and shapes) and the bytes.
+
+    `data` is a 1-D uint8 array; when it was built over an immutable `bytes` object, `buffer` is that object,
+    so a transport that needs `bytes` (Flower's Array) can take it without another copy."""
 
     layout: dict[str, Any]
     data: np.ndarray  # 1-D uint8
+    buffer: bytes | None = None
+
+    @classmethod
+    def over(cls, layout: dict[str, Any], buffer: bytes) -> Payload:
+        return cls(layout, np.frombuffer(buffer, dtype=np.uint8), buffer)
+
+    def as_bytes(self) -> bytes:
+        if self.buffer is not None and len(self.buffer) == self.nbytes:
+            return self.buffer
+        return self.data.tobytes()
 
     @property
     def nbytes(self) -> int:
@@ -69,9 +83,10 @@ def encode(tensors: Mapping[str, torch.Tensor], codec: str = "fp32") -> Payload:
     if codec != "fp32":
         raise ValueError(f"unknown codec {codec!r}")
     names = sorted(tensors)
-    flat = [tensors[n].detach().to(torch.float32).reshape(-1).numpy() for n in names]
-    data = np.concatenate(flat).view(np.uint8) if flat else np.zeros(0, np.uint8)
-    return Payload({"codec": codec, "tensors": [[n, list(tensors[n].shape)] for n in names]}, data)
+    parts = (memoryview(tensors[n].detach().to(torch.float32).contiguous().reshape(-1).numpy()).cast("B")
+             for n in names)
+    buffer = b"".join(parts)  # the one copy: straight into the bytes a transport sends
+    return Payload.over({"codec": codec, "tensors": [[n, list(tensors[n].shape)] for n in names]}, buffer)
 
 
 def check_layout(payload: Payload, expected: Layout) -> None:
@@ -96,7 +111,10 @@ def check_layout(payload: Payload, expected: Layout) -> None:
 
 
 def decode(payload: Payload, expected: Layout) -> dict[str, torch.Tensor]:
-    """fp32 tensors named and shaped as `expected`; CodecError if the payload is not exactly that."""
+    """fp32 tensors named and shaped as `expected`; CodecError if the payload is not exactly that.
+
+    The tensors are read-only views of the payload's bytes (no copy): the server parks them on disk and
+    drops them, a node copies them into its model."""
     if not isinstance(payload.data, np.ndarray) or payload.data.dtype != np.uint8 or payload.data.ndim != 1:
         raise CodecError(f"payload bytes must be a 1-D uint8 array, got {getattr(payload.data, 'dtype', '?')}")
     codec = payload.layout.get("codec")
@@ -107,7 +125,9 @@ def decode(payload: Payload, expected: Layout) -> dict[str, torch.Tensor]:
     if payload.nbytes != need:
         raise CodecError(f"payload has {payload.nbytes} bytes, its layout needs {need}"
                          f" ({'truncated' if payload.nbytes < need else 'oversized'})")
-    flat = torch.from_numpy(np.frombuffer(payload.data, dtype=np.float32).copy())
+    with warnings.catch_warnings():  # the bytes may be immutable: nobody writes through these views
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(payload.data.view(np.float32))
     out, offset = {}, 0
     for name, shape in expected:
         n = _numel(shape)

@@ -1,10 +1,13 @@
-"""Deliberate faults (`federation.faults`), for drills and tests: a client that raises, sends noise, or sends a
-hostile or broken reply. Applied on the node, in the reply it sends, so both engines (Flower and in-process)
-see exactly what a real broken or Byzantine site would send: the server must reject each with a reason and
-carry on. Off by default; nothing here runs unless the config names a client.
+"""Deliberate faults (`federation.faults`), for drills, tests and benchmarks: a client that raises, sends noise,
+sends a hostile or broken reply, trains slowly, runs late or loses its reply. Reply faults are applied on
+the node, in the reply it sends, so both engines see exactly what a real broken or Byzantine site would
+send. Timing faults are drawn per task from a seed (`task_timing`), so the in-process engine's virtual clock
+and a real Flower run (where slow tasks really sleep) make the same draws. Off by default.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,6 +15,31 @@ import torch
 from photon.config import FaultConfig
 from photon.federation.codec import Payload
 from photon.federation.protocol import UPDATE, ClientReply, ClientTask, Wire
+
+
+@dataclass(frozen=True)
+class TaskTiming:
+    speed: float    # compute time multiplier (1 = nominal)
+    late: bool
+    dropped: bool   # the reply is lost
+
+
+def slow_clients(faults: FaultConfig, num_clients: int) -> set[int]:
+    """The `slow_fraction` of the clients that are `slow_factor`× slower, drawn once from `faults.seed`."""
+    k = round(faults.slow_fraction * num_clients)
+    if k == 0:
+        return set()
+    return {int(c) for c in np.random.default_rng([faults.seed, 1]).choice(num_clients, size=k, replace=False)}
+
+
+def task_timing(task: ClientTask, faults: FaultConfig, num_clients: int) -> TaskTiming:
+    """This task's speed, lateness and loss: a pure function of (seed, client, dispatch count)."""
+    draw = np.random.default_rng([faults.seed, 2, task.client_id, task.dispatch]).random(2)
+    late = bool(draw[0] < faults.late_probability)
+    dropped = bool(draw[1] < faults.drop_probability)
+    speed = (faults.slow_factor if task.client_id in slow_clients(faults, num_clients) else 1.0) * \
+        (faults.late_factor if late else 1.0)
+    return TaskTiming(speed, late, dropped)
 
 
 def maybe_fail(task: ClientTask, faults: FaultConfig) -> None:

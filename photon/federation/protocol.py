@@ -45,10 +45,10 @@ class Wire:
 
 @dataclass
 class ClientTask:
-    task_id: str            # unique per dispatch; the reply must name it
+    task_id: str            # unique per dispatch ("c<client>-d<dispatch>"); the reply must name it
     run_id: str             # the run's uid: node caches of client state are keyed by it
     client_id: int
-    round: int
+    round: int              # the round (sync) or outer step (async) it was sent in
     global_step: int        # schedule position of the first local step
     cursor: int             # the client's data position (rows consumed)
     local_steps: int
@@ -60,6 +60,8 @@ class ClientTask:
     state_digest: str | None = None  # the client's committed kept state to start from (None: fresh)
     upload_state: bool = False       # send the new kept state back (server backup)
     attempt: int = 1
+    version: int = 0                 # the global model version (outer steps taken) it starts from
+    dispatch: int = 0                # the client's dispatch count: seeds per-task fault draws
 
     @property
     def samples(self) -> int:

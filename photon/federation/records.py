@@ -20,7 +20,7 @@ RAW = "raw"
 
 
 def wire_to_content(wire: Wire) -> RecordDict:
-    arrays = {name: Array(dtype=str(p.data.dtype), shape=tuple(p.data.shape), stype=RAW, data=p.data.tobytes())
+    arrays = {name: Array(dtype=str(p.data.dtype), shape=tuple(p.data.shape), stype=RAW, data=p.as_bytes())
               for name, p in wire.payloads.items()}
     layouts = {name: p.layout_json() for name, p in wire.payloads.items()}
     return RecordDict({HEADER: ConfigRecord({"json": wire.header}), PAYLOADS: ArrayRecord(arrays),
@@ -47,5 +47,7 @@ def content_to_wire(content: RecordDict) -> Wire:
         layout = layouts[name]
         if not isinstance(layout, str):
             raise CodecError(f"layout of payload {name!r} is not a string")
-        payloads[name] = Payload.from_parts(layout, np.frombuffer(array.data, dtype=np.uint8))
+        payload = Payload.from_parts(layout, np.frombuffer(array.data, dtype=np.uint8))
+        payload.buffer = array.data
+        payloads[name] = payload
     return Wire(header, payloads)

@@ -98,6 +98,14 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
     agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
                      spill_dir=run_dir / ".spill", state_dir=run_dir / "client_state")
+    ckpt_dir = run_dir / "checkpoints"
+    if fed.mode == "async":
+        from photon.federation.async_rounds import AsyncRounds
+
+        driver = AsyncRounds(agg, run_dir / ".spill", ckpt_dir)
+        next_round, keep = driver.step, max(3, fed.asynchronous.max_staleness + 2)  # in-flight tasks' models
+    else:
+        next_round, keep = agg.run_round, 3
     runlog = RunLog(run_dir, resume_step=state.round if found is not None else None, step_key="round")
     eval_model = build_model(cfg)
     t = cfg.train
@@ -106,10 +114,11 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
         load_unique_state_dict(eval_model, state.params)
         losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
         runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
-                   **{f"loss/{k}": v for k, v in losses.items()})
+                   clock=state.clock, **{f"loss/{k}": v for k, v in losses.items()})
         return losses
 
-    console.print(f"federation: {cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
+    mode = "" if fed.mode == "sync" else f"async (quorum {driver.quorum}), "
+    console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
                   f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
                   f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
     first = run_eval() if state.round == 0 else None
@@ -119,7 +128,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     retries = 0
     short_rounds: list[int] = []
     while state.round < end:
-        result = agg.run_round(transport)
+        result = next_round(transport)
         for node, reason in result.excluded.items():
             console.print(f"  [yellow]excluded node {node}[/] after repeated failures (last: {reason})",
                           highlight=False)
@@ -134,13 +143,13 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
                                 f"{'; '.join(result.failed[-2:])}")
             continue
         retries = 0
+        state.clock = result.clock
         if result.dropped:
             short_rounds.append(state.round)
         if state.round % fed.eval_every == 0 or state.round == fed.rounds:
             last = run_eval()
         _log_round(runlog, state, result, last, console)
-        ckpt_dir = run_dir / "checkpoints"
-        state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,))
+        state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
         StateFiles(run_dir / "client_state").keep_only(referenced_state_digests(ckpt_dir) | state.state_digests())
     runlog.close()
     if short_rounds:
@@ -166,8 +175,8 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
                dropped=len(r.dropped), late=len(r.late), loss=r.loss, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
                bytes_state_up=r.bytes_state_up, bytes_state_down=r.bytes_state_down, tokens=r.tokens,
                train_seconds=r.train_seconds, critical_train_seconds=r.critical_train_seconds,
-               wall_seconds=r.wall_seconds, norms={str(k): v for k, v in r.norms.items()},
-               cosines={str(k): v for k, v in r.cosines.items()})
+               wall_seconds=r.wall_seconds, clock=r.clock, norms={str(k): v for k, v in r.norms.items()},
+               cosines={str(k): v for k, v in r.cosines.items()}, folded=r.folded)
     runlog.log("train", state.global_step, round=state.round, loss=r.loss)
     cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{r.bytes_down / 1e6:.1f}",
              f"{r.bytes_up / 1e6:.1f}", f"{r.critical_train_seconds:.1f}", f"{r.wall_seconds:.1f}")

@@ -28,37 +28,47 @@ log = logging.getLogger(__name__)
 class GridTransport:
     """`aggregator.Transport` over a Flower Grid: one train message per client task.
 
-    Replies are turned into `Wire`s one at a time as the aggregator asks for them, and a reply whose records
-    are malformed becomes an error string for that task, never an exception out of `collect`. Unanswered
-    message ids stay pending across rounds, so a straggler's reply is still pulled (and dropped by the
-    aggregator as late) instead of piling up on the SuperLink."""
+    Replies are pulled one message id at a time and handed over as the aggregator asks for them, so the
+    server holds one reply's bytes at once whatever K is (Flower's pull inflates every message it is asked
+    for). A reply whose records are malformed becomes a `Rejected` for that task, never an exception out of
+    `collect`. Unanswered message ids stay pending across rounds, so a straggler's reply is still pulled
+    (and dropped by the aggregator as late) instead of piling up on the SuperLink. While nothing arrives the
+    poll interval doubles from `poll_s` up to `max_poll_s`."""
 
-    def __init__(self, grid: Grid, poll_s: float = 0.05):
+    def __init__(self, grid: Grid, poll_s: float = 0.05, max_poll_s: float = 1.0):
         self.grid = grid
-        self.poll_s = poll_s
-        self._pending: set[str] = set()
+        self.poll_s, self.max_poll_s = poll_s, max_poll_s
+        self._pending: list[str] = []
 
     def nodes(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
 
     def submit(self, node: int, wire: Wire) -> str:
         msg = Message(wire_to_content(wire), dst_node_id=node, message_type="train")
-        (msg_id,) = self.grid.push_messages([msg])
-        self._pending.add(msg_id)
+        ids = list(self.grid.push_messages([msg]))
+        del msg
+        (msg_id,) = ids
+        self._pending.append(msg_id)
         return msg_id
 
     def collect(self, timeout: float) -> Iterator[tuple[str, Wire | Rejected | str]]:
         end = time.monotonic() + timeout
+        wait = self.poll_s
         while True:
-            messages = list(self.grid.pull_messages(list(self._pending))) if self._pending else []
-            for i, msg in enumerate(messages):
-                handle = msg.metadata.reply_to_message_id
-                self._pending.discard(handle)
-                messages[i] = None  # type: ignore[call-overload]  # drop our reference before decoding the next
-                yield handle, self._decode(msg)
-            if messages or time.monotonic() >= end:
+            got = 0
+            for msg_id in list(self._pending):
+                pulled = list(self.grid.pull_messages([msg_id]))
+                if not pulled:
+                    continue
+                self._pending.remove(msg_id)
+                got += 1
+                reply = self._decode(pulled.pop())
+                yield msg_id, reply
+                del reply  # before pulling the next one
+            if got or time.monotonic() >= end:
                 return
-            time.sleep(self.poll_s)
+            time.sleep(min(wait, max(0.0, end - time.monotonic())))
+            wait = min(2 * wait, self.max_poll_s)
 
     @staticmethod
     def _decode(msg: Message) -> Wire | Rejected | str:

@@ -31,6 +31,7 @@ class ClientRecord:
     samples: int = 0
     rounds: int = 0
     failures: int = 0
+    dispatches: int = 0  # tasks ever sent for this client (names tasks; seeds their fault draws)
     state_digest: str | None = None  # committed kept state (client_state.py); None = fresh
     state_node: int | None = None    # the node that produced it (it has it cached)
 
@@ -46,6 +47,9 @@ class ServerState:
     totals: dict[str, float] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "tokens": 0})
     last_norms: list[float] = field(default_factory=list)  # accepted update norms of the last round
     run_uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # keys node caches of client state
+    task_times: list[float] = field(default_factory=list)  # recent dispatch->reply times (adaptive deadline)
+    clock: float = 0.0  # the transport's clock at the checkpoint (virtual seconds in the in-process engine)
+    outstanding: list[dict[str, Any]] = field(default_factory=list)  # async: tasks in flight at the checkpoint
 
     @classmethod
     def fresh(cls, params: Tensors, num_clients: int, seed: int) -> ServerState:
@@ -64,7 +68,9 @@ class ServerState:
     def save(self, ckpt_dir: Path, config: dict[str, Any], extra_files: tuple[Path, ...] = (), keep: int = 3) -> Path:
         meta = {"kind": "federated", "round": self.round, "global_step": self.global_step,
                 "clients": [asdict(c) for c in self.clients], "rng_state": self.rng_state,
-                "totals": self.totals, "last_norms": self.last_norms, "run_uid": self.run_uid, "config": config}
+                "totals": self.totals, "last_norms": self.last_norms, "run_uid": self.run_uid,
+                "task_times": self.task_times, "clock": self.clock, "outstanding": self.outstanding,
+                "config": config}
         path = save_checkpoint(Path(ckpt_dir) / f"round_{self.round:06d}",
                                {"model": self.params, "outer": self.outer_state}, meta, extra_files)
         prune_checkpoints(ckpt_dir, keep)
@@ -80,7 +86,8 @@ class ServerState:
                     outer_state=tensors.get("outer", {}),
                     clients=[ClientRecord(**c) for c in meta["clients"]], rng_state=meta["rng_state"],
                     totals=meta.get("totals", {}), last_norms=meta.get("last_norms", []),
-                    run_uid=meta.get("run_uid") or uuid.uuid4().hex)
+                    run_uid=meta.get("run_uid") or uuid.uuid4().hex, task_times=meta.get("task_times", []),
+                    clock=meta.get("clock", 0.0), outstanding=meta.get("outstanding", []))
         return state, meta
 
 

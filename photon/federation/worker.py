@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from photon.errors import UserError
 from photon.federation import codec
 from photon.federation.client_state import NodeStateCache
 from photon.federation.codec import CodecError
-from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail
+from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail, task_timing
 from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wire, decode_task, encode_reply
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
@@ -40,10 +41,13 @@ def optimizer_state_layout(params: Tensors) -> codec.Layout:
 
 
 class ClientWorker:
-    def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None):
-        """`state_dir` caches kept client state; `data_dir` overrides the task's prep_dir (a node's own data)."""
+    def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None, real_time_faults: bool = True):
+        """`state_dir` caches kept client state; `data_dir` overrides the task's prep_dir (a node's own data).
+        `real_time_faults`: slow and late tasks really sleep and lost replies raise (Flower, real-time
+        engines); the virtual-clock engine models them itself and turns this off."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
         self.data_dir = data_dir
+        self.real_time_faults = real_time_faults
         self._prepared: dict[str, Prepared] = {}
         self._model: tuple[str, Transformer] | None = None
 
@@ -95,6 +99,13 @@ class ClientWorker:
             load_optimizer_state_tensors(model, optimizer, state)
         result = train_local(model, optimizer, stream, task.cursor, task.global_step, task.local_steps,
                              cfg.train, task.schedule_steps)
+        if self.real_time_faults:
+            timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
+            if timing.speed > 1:  # a slow or late site: take as long as it would have
+                time.sleep(result.seconds * (timing.speed - 1))
+            if timing.dropped:
+                raise RuntimeError(f"injected fault: the reply of task {task.task_id} was lost "
+                                   "(federation.faults.drop_probability)")
         with torch.no_grad():
             update = {k: start[k] - v.detach() for k, v in unique_state_dict(model).items()}
         digest, upload = None, None

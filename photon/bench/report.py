@@ -1,0 +1,56 @@
+"""`photon bench report`: rewrite the measured blocks of docs/RESULTS.md from the stored benchmark outputs.
+
+docs/RESULTS.md is prose plus blocks between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers.
+Each block is rendered from `docs/results/NAME.json` (written by the benchmark that measured it, see
+`results.py`) by the renderer of that benchmark, with the command, date and machine on top; nothing inside
+a block is typed by hand, and rendering is a pure function of the stored files (a test checks it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from photon.bench.results import RESULTS_DIR, load_results
+
+RESULTS_MD = Path("docs/RESULTS.md")
+_BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
+    from photon.bench import robust
+
+    return {"robust-flip": robust.render, "robust-noise": robust.render}
+
+
+def provenance(record: dict[str, Any]) -> str:
+    m = record.get("machine", {})
+    load = m.get("load_average")
+    load_text = f", load average {load['mean']:g} (max {load['max']:g}) while it ran" if load else ""
+    took = f", took {record['wall_seconds'] / 60:.1f} min" if record.get("wall_seconds") else ""
+    where = f"{m.get('cores', '?')} cores ({m.get('cpu', '?')})" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+    return (f"`{record['command']}` on {record['date']}: {where}, torch {m.get('torch', '?')}{load_text}{took}.")
+
+
+def render_block(name: str, record: dict[str, Any] | None) -> str:
+    if record is None:
+        return f"*Not measured yet: no `{RESULTS_DIR}/{name}.json`.*\n"
+    renderer = _renderers().get(name)
+    if renderer is None:
+        raise KeyError(f"no renderer for results {name!r}")
+    return f"{provenance(record)}\n\n{renderer(record['data']).rstrip()}\n"
+
+
+def render(text: str, results: dict[str, dict[str, Any]]) -> str:
+    """`text` with every results block re-rendered from `results` (name -> stored record)."""
+    return _BLOCK.sub(lambda m: m.group(1) + render_block(m.group("name"), results.get(m.group("name")))
+                      + m.group(4), text)
+
+
+def write_report(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> list[str]:
+    """Re-render `results_md` in place; returns the names of the blocks it holds."""
+    text = Path(results_md).read_text(encoding="utf-8")
+    Path(results_md).write_text(render(text, load_results(results_dir)), encoding="utf-8")
+    return [m.group("name") for m in _BLOCK.finditer(text)]

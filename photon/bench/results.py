@@ -1,0 +1,99 @@
+"""Where a benchmark's numbers are kept: one JSON file per benchmark under `docs/results/`, committed.
+
+Each file holds the numbers, the exact command that produced them, the date, and the machine (cores, CPU,
+torch version, and the load average sampled while the benchmark ran, since this 2-core machine is often
+shared). `photon bench report` renders docs/RESULTS.md from these files and nothing else (`report.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path("docs/results")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every `every_s` seconds while a benchmark runs."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"mean": round(sum(s) / len(s), 2), "max": round(max(s), 2)}
+
+
+def machine(load: LoadSampler | None = None) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+                            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if load is not None:
+        info["load_average"] = load.summary()
+    return info
+
+
+def command_line() -> str:
+    """The command as the user typed it (`photon ...`)."""
+    return shlex.join(["photon", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("photon", "cli.py") else \
+        shlex.join(sys.argv)
+
+
+def save_result(name: str, data: dict[str, Any], load: LoadSampler | None = None, command: str | None = None,
+                results_dir: Path = RESULTS_DIR, started: float | None = None) -> Path:
+    """Write `results_dir/<name>.json`: the numbers plus how, when and where they were measured."""
+    record = {"name": name, "command": command or command_line(),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+              "wall_seconds": round(time.time() - started, 1) if started else None,
+              "machine": machine(load), "data": data}
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        out[record.get("name", path.stem)] = record
+    return out

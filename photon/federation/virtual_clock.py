@@ -1,0 +1,95 @@
+"""The in-process engine with a virtual clock: tasks run for real, one at a time, but complete in the order of
+a modelled time, so timing, stragglers and asynchronous rounds are deterministic and nothing waits.
+
+A task sent to a node at virtual time t starts when the node is free, takes (message bytes / bandwidth) to
+arrive, H × `virtual_clock.step_seconds` × its speed factor to train (`faults.task_timing`: slow clients,
+late tasks), and its reply bytes / bandwidth to come back; a lost reply (`faults.drop_probability`) comes
+back as the node's error report at that time, as the real engines raise it. `collect` advances the clock to
+the next completion. Used by `photon run --engine inprocess`, the
+stragglers benchmark and the async tests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from photon.config import RunConfig, build_config
+from photon.federation.faults import task_timing
+from photon.federation.inprocess import InProcessTransport
+from photon.federation.protocol import ClientTask, Rejected, Wire, decode_task
+from photon.federation.worker import ClientWorker
+
+
+@dataclass
+class TaskRecord:
+    """What the virtual clock did with one task (for goodput and staleness accounting)."""
+
+    task_id: str
+    client: int
+    node: int
+    start: float
+    done: float
+    compute: float
+    dropped: bool
+
+
+class VirtualClockTransport(InProcessTransport):
+    virtual = True
+
+    def __init__(self, worker: ClientWorker | Sequence[ClientWorker], num_nodes: int = 1,
+                 fail: Callable[[ClientTask], str | None] | None = None):
+        super().__init__(worker, num_nodes, fail)
+        for w in self.workers:
+            w.real_time_faults = False  # the clock models slow, late and lost tasks itself
+        self.now = 0.0
+        self.free_at = [0.0] * len(self.workers)
+        self.records: dict[str, TaskRecord] = {}
+        self._events: list[tuple[float, int, str, Wire | Rejected | str]] = []
+        self._seq = itertools.count()
+        self._cfg: tuple[str, RunConfig] | None = None
+
+    def clock(self) -> float:
+        return self.now
+
+    def resume_at(self, clock: float) -> None:
+        """Continue from a checkpoint taken at virtual time `clock` (nodes idle until re-sent their tasks)."""
+        self.now = clock
+
+    def config(self, task: ClientTask) -> RunConfig:
+        if self._cfg is None or self._cfg[0] != task.run_id:
+            self._cfg = (task.run_id, build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"}))
+        return self._cfg[1]
+
+    def submit(self, node: int, wire: Wire, at: float | None = None) -> str:
+        """Send a task; `at` re-sends one at the virtual time it was first sent (resume)."""
+        handle = f"m{next(self._ids)}"
+        task = decode_task(wire)
+        cfg = self.config(task)
+        timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
+        reply = self.run(node, wire)
+        rate = cfg.federation.virtual_clock.bandwidth_mbps * 1e6 / 8  # bytes per virtual second
+        start = max(self.now if at is None else at, self.free_at[node])
+        compute = task.local_steps * cfg.federation.virtual_clock.step_seconds * timing.speed
+        up = reply.nbytes if isinstance(reply, Wire) else 0
+        done = start + wire.nbytes / rate + compute + up / rate
+        self.free_at[node] = done
+        self.records[task.task_id] = TaskRecord(task.task_id, task.client_id, node, start, done, compute,
+                                                timing.dropped)
+        if timing.dropped:  # as on Flower: the node reports the lost reply when it would have replied
+            reply = f"injected fault: the reply of task {task.task_id} was lost (federation.faults.drop_probability)"
+        heapq.heappush(self._events, (done, next(self._seq), handle, reply))
+        return handle
+
+    def collect(self, timeout: float) -> Iterator[tuple[str, Wire | Rejected | str]]:
+        """The next completion within `timeout` virtual seconds (the clock moves to it), else nothing (the
+        clock moves by `timeout`)."""
+        limit = self.now + timeout
+        if self._events and self._events[0][0] <= limit:
+            done, _, handle, reply = heapq.heappop(self._events)
+            self.now = max(self.now, done)
+            yield handle, reply
+            return
+        self.now = max(self.now, limit)
