@@ -449,6 +449,23 @@ def bench_robust(
     run_robust_bench(cfg, out, attack, values, seeds, console)
 
 
+@bench_app.command("stragglers")
+def bench_stragglers(
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm.")] = 2,
+    out: Annotated[Path, typer.Option(help="Where the arms' runs go (rerunning skips finished arms).")]
+    = Path("runs/bench-stragglers"),
+) -> None:
+    """Clean sync vs sync with a fixed or adaptive deadline vs async under slow clients and lost replies, on
+    the in-process engine's virtual clock; stores docs/results/stragglers.json and docs/img/stragglers.png."""
+    from photon.bench.stragglers import run_stragglers_bench
+
+    cfg = _config(preset, overrides)
+    ensure_prepared(cfg)
+    run_stragglers_bench(cfg, out, seeds, console)
+
+
 @bench_app.command("report")
 def bench_report(
     results: Annotated[Path, typer.Option(help="Stored benchmark outputs.")] = Path("docs/results"),

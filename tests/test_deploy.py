@@ -295,3 +295,35 @@ def test_node_killed_mid_round_is_replaced_and_the_run_finishes(link, procs, tin
     assert all(not Path(f"/proc/{pid}").exists() or deploy._zombie(pid) for pid in group)  # the runtime died too
     print(f"kill at {killed - start:.1f} s; round 1 wall {rounds[0]['wall_seconds']:.1f} s; run elapsed "
           f"{status['elapsed']:.1f} s")
+
+
+def test_async_rounds_on_the_deployed_runtime_with_one_slowed_node(link, procs, tiny_prep):
+    """federation.mode=async on real SuperNodes: node 0 takes 4× as long per task; the fast node keeps
+    training while the slow one works, so the slow node's updates come back stale and are still folded."""
+    from photon.federation import deploy as d
+
+    for i, slow in ((0, 4.0), (1, 1.0)):
+        p = d.start_supernode(link.address, d.free_port(), link.root / f"anode-{i}", data=tiny_prep, certs=link.certs,
+                              key=link.certs / f"node-{i}.key", log_file=link.root / f"anode-{i}.log", warm=True,
+                              slowdown=slow)
+        procs.append(p)
+    _wait_online(link, 2)
+    cfg = tiny_cfg(tiny_prep, "federation.rounds=4", "data.partition.num_clients=3", "federation.clients_per_round=2",
+                   "federation.mode=async", "federation.asynchronous.quorum=1", "federation.local_steps=30",
+                   "train.threads=1", "train.warmup_steps=4")
+    run_id = deploy.submit_run(link.home, cfg, "run-async")
+    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
+    assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
+    rounds = [r for r in read_metrics(link.runs / "run-async") if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert max(s for r in rounds for s in r["folded"].values()) >= 1, [r["folded"] for r in rounds]
+
+
+def test_a_user_mistake_in_the_deployed_serverapp_is_one_line(link, tiny_prep, tmp_path):
+    cfg = tiny_cfg(tmp_path / "no-such-data", "federation.rounds=1", "train.warmup_steps=4")
+    run_id = deploy.submit_run(link.home, cfg, "run-mistake")
+    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=120)
+    assert status["status"] != "finished:completed"
+    text = deploy.flwr(link.home, "log", str(run_id), deploy.CONNECTION, "--show").stdout
+    assert "error:" in text and "no prepared data" in text, text[-2000:]
+    assert "Traceback" not in text, text[-3000:]

@@ -38,3 +38,14 @@ def test_simulation_rejects_hostile_and_broken_replies_and_completes(tiny_prep, 
     rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
     assert [r["ok"] for r in rounds] == [2, 2]  # clients 0 and 7, the honest ones
     assert [r["dropped"] for r in rounds] == [6, 6]
+
+
+def test_async_rounds_run_on_flower_with_slow_clients_sleeping_for_real(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=2", "federation.rounds=3",
+                  "federation.mode=async", "federation.faults.slow_fraction=0.5", "federation.faults.slow_factor=3",
+                  "federation.round_timeout_s=120", "train.threads=1")
+    summary = run_simulated(cfg, tmp_path)
+    assert summary["rounds"] == 3
+    rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
+    assert all(len(r["folded"]) == 2 for r in rounds)
+    assert max(s for r in rounds for s in r["folded"].values()) >= 1  # a slow client's update came back stale

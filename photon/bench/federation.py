@@ -194,6 +194,7 @@ def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None,
     benchmark. TLS would add a little per-message cost; the process, polling and transfer costs are the same.
     Each node trains with cores / nodes threads (as the simulation gives its workers)."""
     from photon.federation import deploy
+    from photon.federation.certs import read_token
     from photon.federation.launch import with_threads
 
     out = Path(out).resolve()
@@ -211,15 +212,16 @@ def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None,
             procs.append(deploy.start_supernode(address, deploy.free_port(), out / f"node-{i}", data=cfg.data.prep_dir,
                                                 insecure=True, log_file=out / f"node-{i}.log", warm=warm))
         home = out / "submit"
-        deploy.write_connection(home, address, insecure=True)
+        token = read_token(deploy.operator_token_file(out / "server", None))
+        deploy.write_connection(home, address, insecure=True, token=token)
         end = time.monotonic() + 60
         while sum(n["status"] == "online" for n in deploy.list_nodes(home)) < nodes:  # all nodes in round 1
             if time.monotonic() > end:
                 raise RuntimeError(f"fewer than {nodes} nodes online after 60 s; see {out}/node-*.log")
             time.sleep(0.5)
         ready = time.monotonic() - start
-        run_dir = out / "run"
-        run_id = deploy.submit_run(home, cfg, str(run_dir))
+        run_dir = out / "server" / "runs" / "run"  # the SuperLink confines runs under its runs root
+        run_id = deploy.submit_run(home, cfg, "run")
         say(f"deployed benchmark: run {run_id} on {address} (insecure, loopback), {nodes} nodes; logs in {out}")
         status = deploy.wait_run(home, run_id, poll_s=1.0, timeout_s=timeout_s)
     finally:

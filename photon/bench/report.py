@@ -20,9 +20,9 @@ _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /
 
 
 def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
-    from photon.bench import robust
+    from photon.bench import robust, stragglers
 
-    return {"robust-flip": robust.render, "robust-noise": robust.render}
+    return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render}
 
 
 def provenance(record: dict[str, Any]) -> str:

@@ -81,8 +81,10 @@ def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
 
 
 def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: bool = False,
-                   console: Console | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Run rounds until `federation.rounds` (or `stop_after` rounds in this call); returns a summary."""
+                   console: Console | None = None, stop_after: int | None = None,
+                   token_budget: int | None = None) -> dict[str, Any]:
+    """Run rounds until `federation.rounds` (or `stop_after` rounds in this call, or until `token_budget`
+    training tokens have been folded, for benchmarks that compare arms at equal tokens); returns a summary."""
     console = console or Console()
     run_dir = Path(run_dir)
     fed = cfg.federation
@@ -127,7 +129,10 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
     retries = 0
     short_rounds: list[int] = []
-    while state.round < end:
+    def budget_left() -> bool:
+        return token_budget is None or state.totals.get("tokens", 0) < token_budget
+
+    while state.round < end and budget_left():
         result = next_round(transport)
         for node, reason in result.excluded.items():
             console.print(f"  [yellow]excluded node {node}[/] after repeated failures (last: {reason})",
@@ -146,7 +151,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
         state.clock = result.clock
         if result.dropped:
             short_rounds.append(state.round)
-        if state.round % fed.eval_every == 0 or state.round == fed.rounds:
+        if state.round % fed.eval_every == 0 or state.round == fed.rounds or not budget_left():
             last = run_eval()
         _log_round(runlog, state, result, last, console)
         state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
@@ -159,7 +164,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
                       f"{run_dir / 'metrics.jsonl'}", highlight=False)
     summary = _summary(run_dir, state, last)
     summary["short_rounds"] = short_rounds
-    if state.round >= fed.rounds:
+    if state.round >= fed.rounds or not budget_left():
         before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
         before_losses = {k.removeprefix("loss/"): v for k, v in (before or {}).items() if k.startswith("loss/")}
         console.print(eval_table(last, title=f"validation after {state.round} rounds", before=before_losses))

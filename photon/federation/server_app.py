@@ -6,7 +6,6 @@ over `Grid.push_messages`/`pull_messages` keeps deadlines, re-queueing and parti
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Iterator
@@ -21,8 +20,6 @@ from photon.federation.codec import CodecError
 from photon.federation.protocol import Rejected, Wire
 from photon.federation.records import content_to_wire, wire_to_content
 from photon.federation.runner import run_federation
-
-log = logging.getLogger(__name__)
 
 
 class GridTransport:
@@ -115,6 +112,8 @@ def main(grid: Grid, context: Context) -> None:
         cfg = build_config(json.loads(str(rc["config-json"])))
         run_federation(cfg, Path(str(rc["run-dir"])), GridTransport(grid), resume=bool(rc.get("resume", False)))
     except UserError as e:  # a mistake the user can fix: one line in the run's log, not a traceback
-        log.error("error: %s", e)
-        print(f"error: {e}", flush=True)
-        raise SystemExit(2) from None
+        from flwr.supercore.exit import ExitCode, flwr_exit
+
+        # Flower logs an exception's traceback; its own exit path logs our line, marks the run failed and
+        # flushes the run's log before the process ends.
+        flwr_exit(ExitCode.SERVERAPP_EXCEPTION, f"error: {e}")

@@ -41,13 +41,16 @@ def optimizer_state_layout(params: Tensors) -> codec.Layout:
 
 
 class ClientWorker:
-    def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None, real_time_faults: bool = True):
+    def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None, real_time_faults: bool = True,
+                 slowdown: float = 1.0):
         """`state_dir` caches kept client state; `data_dir` overrides the task's prep_dir (a node's own data).
         `real_time_faults`: slow and late tasks really sleep and lost replies raise (Flower, real-time
-        engines); the virtual-clock engine models them itself and turns this off."""
+        engines); the virtual-clock engine models them itself and turns this off. `slowdown`: this node takes
+        that many times as long per task (a drill knob for a deployment: older hardware)."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
         self.data_dir = data_dir
         self.real_time_faults = real_time_faults
+        self.slowdown = slowdown
         self._prepared: dict[str, Prepared] = {}
         self._model: tuple[str, Transformer] | None = None
 
@@ -101,8 +104,9 @@ class ClientWorker:
                              cfg.train, task.schedule_steps)
         if self.real_time_faults:
             timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
-            if timing.speed > 1:  # a slow or late site: take as long as it would have
-                time.sleep(result.seconds * (timing.speed - 1))
+            speed = timing.speed * self.slowdown
+            if speed > 1:  # a slow or late site: take as long as it would have
+                time.sleep(result.seconds * (speed - 1))
             if timing.dropped:
                 raise RuntimeError(f"injected fault: the reply of task {task.task_id} was lost "
                                    "(federation.faults.drop_probability)")
