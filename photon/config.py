@@ -105,8 +105,22 @@ class TrainConfig(_Frozen):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
     bf16: bool = Field(False, description="bf16 autocast for forward/backward (weights stay fp32).")
-    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after). Not "
-                          "supported yet: refused.")
+    compile: bool = Field(False, description="torch.compile the model (slow first steps, faster after; the "
+                          "compiled model is kept warm across rounds on a node).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where to train: auto = cuda when available, else cpu.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per forward/backward; batch_size is reached by gradient accumulation "
+        "(None = the whole batch at once). Same result as one full batch, within fp32 rounding.")
+    sharding: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How a multi-process client shares the model: ddp (a replica per process), fsdp "
+        "(FSDP2 fully_shard: parameters, gradients and optimizer state sharded); auto = fsdp when a replica with "
+        "its AdamW state would not fit one device, else ddp.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward instead of storing them.")
+    loss_chunk: int | None = Field(
+        None, ge=1, description="Tokens per chunk of the output layer + cross-entropy, recomputed in backward, so "
+        "full fp32 logits never exist at once (None = auto: 4096 when the vocabulary is >= 32k, else off).")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default.")
     seed: int = Field(0, description="Seed for parameter init and data order.")
     eval_every: int = Field(200, ge=1, description="Evaluate every this many steps (centralized).")
@@ -114,9 +128,10 @@ class TrainConfig(_Frozen):
     ckpt_every: int = Field(200, ge=1, description="Checkpoint every this many steps (centralized).")
 
     @model_validator(mode="after")
-    def _check_compile(self) -> TrainConfig:
-        if self.compile:
-            raise ValueError("train.compile=true is not supported yet (nothing would be compiled); leave it false")
+    def _check_micro_batch(self) -> TrainConfig:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size="
+                             f"{self.micro_batch_size}")
         return self
 
 
@@ -160,6 +175,8 @@ class FaultConfig(_Frozen):
                                     "(seeded per task): a busy cluster, a node that restarts.")
     late_factor: float = Field(3.0, ge=1, description="How much slower a late task is.")
     seed: int = Field(0, description="Seed of the slow clients and of the per-task drop/late draws.")
+    kill_rank: int | None = Field(None, ge=0, description="In a multi-process client, this rank kills itself "
+                                  "(SIGKILL) halfway through every task: a crashed GPU process.")
 
 
 class AdaptiveDeadlineConfig(_Frozen):
@@ -231,6 +248,10 @@ class FederationConfig(_Frozen):
         "bad client fails everywhere. Rejected replies count against the client, not the node.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     num_nodes: int = Field(2, ge=1, description="Simulated nodes (Flower SuperNodes) in simulation.")
+    procs_per_node: int = Field(
+        1, ge=1, description="Processes (GPUs, or CPU processes) that train one client together on a node, with "
+        "torch.distributed; the client's batch is split across them, so its recipe does not change. A deployed "
+        "node sets it with `photon node --procs N`.")
     aggregation: Literal["mean", "trimmed-mean", "median"] = Field(
         "mean", description="mean: streaming weighted mean (Photon); trimmed-mean / median: coordinate-wise, "
         "robust to a minority of bad updates.")

@@ -160,3 +160,91 @@ def test_bf16_autocast_path_runs(tiny_prepared):
     assert all(torch.isfinite(torch.tensor(r.losses)))
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     assert not _equal(before, _params(model))
+
+
+def test_compile_really_compiles_and_trains_like_eager(tiny_prepared):
+    """train.compile wraps the model in torch.compile (Inductor, CPU here); the compiled model trains to the same
+    parameters as eager within fp32 rounding, and state dicts read through the wrapper."""
+    from photon.model.transformer import unique_state_dict
+    from photon.train.device import place
+
+    out = {}
+    for compiled in (False, True):
+        cfg, model, _, stream = _setup(tiny_prepared, f"train.compile={str(compiled).lower()}")
+        trainable = place(model, cfg.train, torch.device("cpu"))
+        assert (type(trainable).__name__ == "OptimizedModule") == compiled
+        opt = make_optimizer(model, cfg.train)
+        out[compiled] = (train_local(trainable, opt, stream, 0, 0, 3, cfg.train, 100).losses,
+                         unique_state_dict(trainable))
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+    for k, v in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_micro_batches_add_up_to_one_full_batch(tiny_prepared, micro):
+    cfg, model, opt, stream = _setup(tiny_prepared)
+    full = train_local(model, opt, stream, 0, 0, 3, cfg.train, 100)
+    cfg2, model2, opt2, stream2 = _setup(tiny_prepared, f"train.micro_batch_size={micro}")
+    acc = train_local(model2, opt2, stream2, 0, 0, 3, cfg2.train, 100)
+    assert acc.losses == pytest.approx(full.losses, rel=1e-5) and acc.cursor == full.cursor
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_micro_batch_must_divide_the_batch():
+    from photon.config import load_config
+    from photon.errors import UserError
+
+    with pytest.raises(UserError, match="micro_batch_size"):
+        load_config("tiny", ["train.micro_batch_size=3"])
+
+
+def test_chunked_cross_entropy_equals_the_full_loss_and_its_gradient():
+    from photon.model.transformer import chunked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 10, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (3, 10), generator=g)
+    full = torch.nn.functional.cross_entropy((h @ w.T).view(-1, 50), t.view(-1))
+    full.backward()
+    grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    chunked = chunked_cross_entropy(h, w, t, chunk=7)
+    chunked.backward()
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(h.grad, grads[0])
+    torch.testing.assert_close(w.grad, grads[1])
+
+
+def test_a_large_vocabulary_never_materialises_full_logits(tiny_prepared):
+    """With a 50k vocabulary the model returns no logits in training and the loss equals the unchunked one."""
+    from photon.config import load_config
+
+    cfg = load_config("tiny", ["model.vocab_size=50304"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    assert model.loss_chunk == 4096
+    x = torch.randint(0, 50304, (72, 64))  # 4608 tokens: more than one chunk
+    logits, loss = model(x, x)
+    assert logits is None
+    model.loss_chunk = None
+    full_logits, full = model(x, x)
+    assert full_logits.shape == (72, 64, 50304)
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_prepared):
+    from photon.train.device import place
+
+    grads = []
+    for ckpt in (False, True):
+        cfg, model, _, stream = _setup(tiny_prepared, f"train.activation_checkpointing={str(ckpt).lower()}")
+        place(model, cfg.train, torch.device("cpu"))
+        assert model.checkpoint_blocks == ckpt
+        x, y, _ = stream.next_batch(0)
+        model(x, y)[1].backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k])

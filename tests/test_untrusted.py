@@ -242,10 +242,3 @@ def test_resume_refuses_to_restretch_the_schedule_and_can_extend_on_the_floor(ti
     assert longer["rounds"] == 4
     lrs = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
     assert len(lrs) == 4
-
-
-def test_compile_is_refused_until_it_does_something():
-    from photon.config import load_config
-
-    with pytest.raises(UserError, match="train.compile"):
-        load_config("tiny", ["train.compile=true"])

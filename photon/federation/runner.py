@@ -26,6 +26,7 @@ from photon.model.transformer import load_unique_state_dict, unique_state_dict
 from photon.report import eval_table, plot_run
 from photon.runlog import RunLog, read_metrics
 from photon.train.centralized import build_model, check_same_model, open_data
+from photon.train.device import resolve_device
 from photon.train.evaluate import OVERALL, evaluate, perplexity
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     else:
         next_round, keep = agg.run_round, 3
     runlog = RunLog(run_dir, resume_step=state.round if found is not None else None, step_key="round")
-    eval_model = build_model(cfg)
+    eval_model = build_model(cfg).to(resolve_device(cfg.train.device))
     t = cfg.train
 
     def run_eval() -> dict[str, float]:

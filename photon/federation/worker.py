@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from photon.config import ModelConfig, RunConfig, build_config
+from photon.config import RunConfig, build_config
 from photon.data.partition import client_seed, spans_stream
 from photon.data.shards import Prepared, open_prepared
 from photon.errors import UserError
@@ -25,6 +25,7 @@ from photon.federation.codec import CodecError
 from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail, task_timing
 from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wire, decode_task, encode_reply
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
+from photon.train.device import place, resolve_device, setup_backend
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
                                 train_local)
 
@@ -52,7 +53,7 @@ class ClientWorker:
         self.real_time_faults = real_time_faults
         self.slowdown = slowdown
         self._prepared: dict[str, Prepared] = {}
-        self._model: tuple[str, Transformer] | None = None
+        self._model: tuple[str, Transformer, torch.nn.Module] | None = None  # key, module, what to call
 
     def prepared(self, prep_dir: str, tokenizer_sha: str | None) -> Prepared:
         key = str(self.data_dir or prep_dir)
@@ -64,11 +65,18 @@ class ClientWorker:
                             "prepare it with the same source and preset")
         return prepared
 
-    def model(self, model_cfg: dict) -> Transformer:
-        key = json.dumps(model_cfg, sort_keys=True)
+    def model(self, cfg: RunConfig) -> tuple[Transformer, torch.nn.Module]:
+        """The model on this node's device (kept warm across tasks, compiled once if asked), and the module to
+        call in training (the compiled one, or the model)."""
+        key = json.dumps([cfg.model.model_dump(mode="json"), cfg.train.device, cfg.train.compile,
+                          cfg.train.activation_checkpointing, cfg.train.loss_chunk], sort_keys=True)
         if self._model is None or self._model[0] != key:
-            self._model = (key, Transformer(ModelConfig.model_validate(model_cfg)))
-        return self._model[1]
+            self._model = None
+            device = resolve_device(cfg.train.device)
+            setup_backend(device)
+            model = Transformer(cfg.model)
+            self._model = (key, model, place(model, cfg.train, device))
+        return self._model[1], self._model[2]
 
     def handle(self, wire: Wire) -> Wire:
         """Train the client a task message names and return the reply message."""
@@ -85,7 +93,7 @@ class ClientWorker:
         prepared = self.prepared(str(cfg.data.prep_dir), task.config.get("tokenizer_sha256"))
         stream = spans_stream(prepared, task.spans, cfg.train.seq_len, task.batch_size,
                               client_seed(cfg, task.client_id))
-        model = self.model(task.config["model"])
+        model, trainable = self.model(cfg)
         layout = codec.layout_of(unique_state_dict(model))
         try:
             start = codec.decode(wire.payloads[MODEL], layout)
@@ -100,7 +108,7 @@ class ClientWorker:
                 attached = codec.decode(wire.payloads[STATE], optimizer_state_layout(start))
             state = self.cache.load(task.run_id, task.client_id, task.state_digest, attached)
             load_optimizer_state_tensors(model, optimizer, state)
-        result = train_local(model, optimizer, stream, task.cursor, task.global_step, task.local_steps,
+        result = train_local(trainable, optimizer, stream, task.cursor, task.global_step, task.local_steps,
                              cfg.train, task.schedule_steps)
         if self.real_time_faults:
             timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
@@ -110,8 +118,8 @@ class ClientWorker:
             if timing.dropped:
                 raise RuntimeError(f"injected fault: the reply of task {task.task_id} was lost "
                                    "(federation.faults.drop_probability)")
-        with torch.no_grad():
-            update = {k: start[k] - v.detach() for k, v in unique_state_dict(model).items()}
+        with torch.no_grad():  # parameters leave the client as CPU tensors
+            update = {k: start[k] - v.detach().to("cpu", torch.float32) for k, v in unique_state_dict(model).items()}
         digest, upload = None, None
         if persist:
             new_state = {k: v.detach().to(torch.float32).clone()

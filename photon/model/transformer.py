@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from photon.config import ModelConfig
 from photon.errors import UserError
@@ -116,6 +117,8 @@ class Transformer(nn.Module):
         # Non-persistent: derived from the config, so they stay out of checkpoints and HF exports.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False  # activation checkpointing (set by train.device.place)
+        self.loss_chunk: int | None = 4096 if cfg.vocab_size >= 32768 else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -141,8 +144,14 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.model.embed_tokens(idx)
         for block in self.model.layers:
-            x = block(x, cos, sin)
-        logits = self.lm_head(self.model.norm(x))
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        h = self.model.norm(x)
+        if targets is not None and self.loss_chunk is not None and h.shape[0] * T > self.loss_chunk:
+            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, self.loss_chunk)
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
@@ -172,6 +181,26 @@ class Transformer(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of `h @ weight.T`, `chunk` tokens at a time. Each chunk's logits are
+    recomputed in backward (checkpointed), so at most one chunk of fp32 logits exists at once: for a 50k
+    vocabulary and 64k tokens a batch, 64 MB a chunk of 4096 instead of 13 GB."""
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    total = h2.new_zeros((), dtype=torch.float32)
+    for start in range(0, h2.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, h2[sl], weight, t2[sl], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h2[sl], weight, t2[sl])
+    return total / t2.numel()
 
 
 # ---------------------------------------------------------------------------------------------------------

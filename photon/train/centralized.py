@@ -21,6 +21,7 @@ from photon.errors import UserError
 from photon.report import eval_table
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
 from photon.runlog import RunLog
+from photon.train.device import place, resolve_device, setup_backend
 from photon.train.evaluate import OVERALL, evaluate
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
                                 train_local)
@@ -65,7 +66,10 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     prepared = open_data(cfg)
+    device = resolve_device(tcfg.device)
+    setup_backend(device)
     model = build_model(cfg)
+    trainable = place(model, tcfg, device)
     optimizer = make_optimizer(model, tcfg)
     stream = TokenStream([prepared.tokens(d, "train") for d in prepared.domains], tcfg.seq_len,
                          tcfg.batch_size, tcfg.seed)
@@ -89,7 +93,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
     total = tcfg.steps
     end = min(total, stop_at) if stop_at is not None else total
     console.print(f"centralized: {model.num_params() / 1e6:.2f}M parameters, {total} steps of "
-                  f"{tcfg.batch_size}×{tcfg.seq_len} tokens, data {cfg.data.prep_dir}")
+                  f"{tcfg.batch_size}×{tcfg.seq_len} tokens on {device}, data {cfg.data.prep_dir}")
 
     def run_eval(at: int) -> dict[str, float]:
         losses = evaluate(model, prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, tcfg.bf16)
@@ -111,7 +115,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
         while step < end:
             nxt = min(end, (step // tcfg.eval_every + 1) * tcfg.eval_every,
                       (step // tcfg.ckpt_every + 1) * tcfg.ckpt_every)
-            result = train_local(model, optimizer, stream, cursor, step, nxt - step, tcfg, total, on_step)
+            result = train_local(trainable, optimizer, stream, cursor, step, nxt - step, tcfg, total, on_step)
             step, cursor = nxt, result.cursor
             if step % tcfg.eval_every == 0 or step == total:
                 progress.stop()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from photon.data.shards import Prepared, eval_batches
+from photon.train.device import autocast, batch_to
 
 OVERALL = "overall"
 
@@ -22,12 +23,14 @@ def evaluate(model: nn.Module, prepared: Prepared, seq_len: int, batch_size: int
     """Mean next-token loss per domain and `overall` (weighted by tokens scored)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     losses: dict[str, float] = {}
     total_loss, total_tokens = 0.0, 0
     for domain in prepared.domains:
         dom_loss, dom_tokens = 0.0, 0
         for x, y in eval_batches(prepared.tokens(domain, "val"), seq_len, batch_size, n_batches):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            x, y = batch_to(device, x, y)
+            with autocast(device, bf16):
                 _, loss = model(x, y)
             dom_loss += loss.item() * y.numel()
             dom_tokens += y.numel()

@@ -18,6 +18,8 @@ from torch import nn
 
 from photon.config import TrainConfig
 from photon.data.shards import TokenStream
+from photon.train.device import autocast as device_autocast
+from photon.train.device import batch_to
 from photon.train.schedule import get_lr
 
 
@@ -38,17 +40,18 @@ class LocalResult:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW as in the paper (β = 0.9/0.95, ε = 1e-8); weight decay only on matrices, never norms."""
+    """AdamW as in the paper (β = 0.9/0.95, ε = 1e-8); weight decay only on matrices, never norms. The fused
+    kernel on CUDA, the multi-tensor one elsewhere."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    kernel = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
 
 
-def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    if cfg.bf16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(cfg: TrainConfig, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    return device_autocast(device, cfg.bf16)
 
 
 def train_local(
@@ -61,13 +64,24 @@ def train_local(
     cfg: TrainConfig,
     schedule_steps: int,
     on_step: Callable[[int, float, float], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LocalResult:
     """Run `steps` optimizer steps starting at data `cursor` and schedule position `global_step`.
 
     `schedule_steps` is the length of the global cosine (centralized steps, or rounds × H when federated).
-    `on_step(global_step, loss, lr)` is called after each step (progress bars, logging).
+    `on_step(global_step, loss, lr)` is called after each step (progress bars, logging). Each step takes the
+    stream's next batch; with `train.micro_batch_size` it is split into micro-batches whose gradients add up
+    to the full batch's (each loss weighted by its share of the rows). Multi-process clients
+    (`train/distributed.py`) pass `shard=(rank, world)`: this process trains its contiguous slice of every
+    batch, `no_sync` skips gradient sync on all micro-batches but the last, and `reduce_loss` averages the
+    reported loss over ranks. The model's device decides where batches go.
     """
     model.train()
+    device = next(model.parameters()).device
+    rank, world = shard
+    micro = cfg.micro_batch_size or cfg.batch_size
     start = time.perf_counter()
     losses = []
     for i in range(steps):
@@ -76,14 +90,26 @@ def train_local(
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y, cursor = stream.next_batch(cursor)
-        with autocast(cfg):
-            _, loss = model(x, y)
-        loss.backward()
+        rows = x.shape[0] // world
+        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        starts = range(0, rows, micro)
+        step_loss = torch.zeros((), device=device)
+        for j, s in enumerate(starts):
+            xm, ym = batch_to(device, x[s:s + micro], y[s:s + micro])
+            last = j == len(starts) - 1
+            with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+                with autocast(cfg, device):
+                    _, loss = model(xm, ym)
+                loss = loss * (xm.shape[0] / rows)
+                loss.backward()
+            step_loss += loss.detach()
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        if reduce_loss is not None:
+            step_loss = reduce_loss(step_loss)
+        losses.append(step_loss.item())
         if on_step is not None:
             on_step(step, losses[-1], lr)
     tokens = steps * stream.batch_size * stream.seq_len
@@ -96,19 +122,25 @@ def train_local(
 
 
 def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW state keyed `<param name>.<exp_avg|exp_avg_sq|step>`; empty before the first step."""
+    """AdamW state keyed `<param name>.<exp_avg|exp_avg_sq|step>`, as CPU tensors; empty before the first
+    step."""
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in getattr(model, "_orig_mod", model).named_parameters():  # compiled: the module's own names
         for key, value in optimizer.state.get(p, {}).items():
-            out[f"{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            out[f"{name}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
     return out
 
 
 def load_optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
                                  tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of `optimizer_state_tensors`; parameters absent from `tensors` start fresh."""
-    for name, p in model.named_parameters():
-        state = {key: tensors[f"{name}.{key}"].clone() for key in ("step", "exp_avg", "exp_avg_sq")
-                 if f"{name}.{key}" in tensors}
+    """Inverse of `optimizer_state_tensors`, onto the parameters' device (the step counter stays on the CPU
+    unless the optimizer is fused); parameters absent from `tensors` start fresh."""
+    fused = bool(optimizer.defaults.get("fused"))
+    for name, p in getattr(model, "_orig_mod", model).named_parameters():
+        state = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            if f"{name}.{key}" in tensors:
+                t = tensors[f"{name}.{key}"]
+                state[key] = t.to(p.device if key != "step" or fused else "cpu", copy=True)
         if state:
             optimizer.state[p] = state
