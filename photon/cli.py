@@ -386,11 +386,20 @@ def bench_trainer(
     overrides: SetOpt = None,
     steps: Annotated[int, typer.Option(help="Timed steps per arm.")] = 20,
     repeats: Annotated[int, typer.Option(help="Alternating repeats per arm (best is kept).")] = 3,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (train.device).")] = None,
+    settings: Annotated[str, typer.Option(help="Comma-separated settings: fp32, bf16, fp32+compile, "
+                                          "bf16+compile.")] = "fp32,bf16,fp32+compile,bf16+compile",
 ) -> None:
-    """Tokens/s of photon's local trainer vs a bare PyTorch loop (same model, batch, threads)."""
+    """Tokens/s of photon's local trainer vs a bare PyTorch loop (same model, batch, threads, device), and
+    model FLOP/s against the machine's measured matmul peak; stores docs/results/trainer-DEVICE.json."""
     from photon.bench.trainer import run_trainer_bench
 
-    run_trainer_bench(_config(preset, overrides), steps=steps, repeats=repeats, console=console)
+    chosen = tuple(s.strip() for s in settings.split(",") if s.strip())
+    bad = [s for s in chosen if s not in ("fp32", "bf16", "fp32+compile", "bf16+compile")]
+    if bad:
+        raise UserError(f"--settings {','.join(bad)}: choose from fp32, bf16, fp32+compile, bf16+compile")
+    cfg = _config(preset, overrides, **{"train.device": device})
+    run_trainer_bench(cfg, steps=steps, repeats=repeats, settings=chosen, console=console)
 
 
 @bench_app.command("federation")
@@ -469,16 +478,20 @@ def bench_stragglers(
 @bench_app.command("report")
 def bench_report(
     results: Annotated[Path, typer.Option(help="Stored benchmark outputs.")] = Path("docs/results"),
-    target: Annotated[Path, typer.Option(help="The markdown file whose results blocks are rewritten.")]
-    = Path("docs/RESULTS.md"),
+    target: Annotated[Optional[list[Path]], typer.Option(help="Markdown files whose results blocks are rewritten "
+                                                         "(default: docs/RESULTS.md, README.md, docs/DEPLOY.md).")]
+    = None,
 ) -> None:
-    """Rewrite the measured blocks of docs/RESULTS.md from the stored benchmark outputs (docs/results/*.json)."""
-    from photon.bench.report import write_report
+    """Rewrite the measured blocks of docs/RESULTS.md (and the computed tables of README.md and docs/DEPLOY.md)
+    from the stored benchmark outputs (docs/results/*.json) and the presets."""
+    from photon.bench.report import TARGETS, write_report
 
-    if not target.is_file():
-        raise UserError(f"{target} does not exist; run from the repository root or pass --target")
-    names = write_report(results, target)
-    console.print(f"rewrote {len(names)} block(s) of {target}: {', '.join(names) or 'none'}")
+    targets = tuple(target) if target else TARGETS
+    for t in targets:
+        if not t.is_file():
+            raise UserError(f"{t} does not exist; run from the repository root or pass --target")
+    names = write_report(results, targets)
+    console.print(f"rewrote {len(names)} block(s) in {', '.join(map(str, targets))}: {', '.join(names) or 'none'}")
 
 
 @bench_app.command("claims")

@@ -10,6 +10,18 @@ FIXTURE_CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "network: needs pip/npm to reach the package registries (skips if not)")
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); `make gpu-check` runs only these")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a machine with one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,11 +39,12 @@ def test_write_report_rewrites_in_place(tmp_path):
     save_result("robust-flip", _robust_data(), command="photon bench robust", results_dir=tmp_path / "r")
     md = tmp_path / "RESULTS.md"
     md.write_text(TEXT)
-    assert write_report(tmp_path / "r", md) == ["robust-flip", "robust-noise"]
-    assert md.read_text() == render(TEXT, load_results(tmp_path / "r"))
+    assert write_report(tmp_path / "r", (md,)) == ["robust-flip", "robust-noise"]
+    assert md.read_text() == render(TEXT, load_results(tmp_path / "r"), tmp_path / "r")
 
 
-def test_the_committed_results_md_matches_the_committed_outputs():
-    text = (ROOT / "docs/RESULTS.md").read_text()
-    assert render(text, load_results(ROOT / "docs/results")) == text, \
-        "docs/RESULTS.md is stale or was edited by hand inside a results block: run `photon bench report`"
+def test_the_committed_docs_match_the_committed_outputs_and_presets():
+    for doc in ("docs/RESULTS.md", "README.md", "docs/DEPLOY.md"):
+        text = (ROOT / doc).read_text()
+        assert render(text, load_results(ROOT / "docs/results"), ROOT / "docs/results") == text, \
+            f"{doc} is stale or was edited by hand inside a results block: run `photon bench report`"

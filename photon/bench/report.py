@@ -16,13 +16,22 @@ from typing import Any
 from photon.bench.results import RESULTS_DIR, load_results
 
 RESULTS_MD = Path("docs/RESULTS.md")
+TARGETS = (Path("docs/RESULTS.md"), Path("README.md"), Path("docs/DEPLOY.md"))
 _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 
 def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
-    from photon.bench import robust, stragglers
+    from photon.bench import robust, stragglers, trainer
 
-    return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render}
+    return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
+            "trainer-cpu": trainer.render, "trainer-cuda": trainer.render}
+
+
+def _computed(results_dir: Path) -> dict[str, Callable[[], str]]:
+    """Blocks computed from the presets (and which stored results ran them), not measured."""
+    from photon.bench import sizing
+
+    return {"sizing": sizing.render_deploy, "presets": lambda: sizing.render_presets(results_dir)}
 
 
 def provenance(record: dict[str, Any]) -> str:
@@ -43,14 +52,23 @@ def render_block(name: str, record: dict[str, Any] | None) -> str:
     return f"{provenance(record)}\n\n{renderer(record['data']).rstrip()}\n"
 
 
-def render(text: str, results: dict[str, dict[str, Any]]) -> str:
-    """`text` with every results block re-rendered from `results` (name -> stored record)."""
-    return _BLOCK.sub(lambda m: m.group(1) + render_block(m.group("name"), results.get(m.group("name")))
-                      + m.group(4), text)
+def render(text: str, results: dict[str, dict[str, Any]], results_dir: Path = RESULTS_DIR) -> str:
+    """`text` with every results block re-rendered from `results` (name -> stored record), or computed."""
+    computed = _computed(results_dir)
+
+    def block(m: re.Match) -> str:
+        name = m.group("name")
+        body = computed[name]() + "\n" if name in computed else render_block(name, results.get(name))
+        return m.group(1) + body + m.group(4)
+
+    return _BLOCK.sub(block, text)
 
 
-def write_report(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> list[str]:
-    """Re-render `results_md` in place; returns the names of the blocks it holds."""
-    text = Path(results_md).read_text(encoding="utf-8")
-    Path(results_md).write_text(render(text, load_results(results_dir)), encoding="utf-8")
-    return [m.group("name") for m in _BLOCK.finditer(text)]
+def write_report(results_dir: Path = RESULTS_DIR, targets: tuple[Path, ...] = TARGETS) -> list[str]:
+    """Re-render every target file in place; returns the names of the blocks rewritten."""
+    results, names = load_results(results_dir), []
+    for target in targets:
+        text = Path(target).read_text(encoding="utf-8")
+        Path(target).write_text(render(text, results, results_dir), encoding="utf-8")
+        names += [m.group("name") for m in _BLOCK.finditer(text)]
+    return names

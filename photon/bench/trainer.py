@@ -1,59 +1,104 @@
-"""`photon bench trainer`: tokens/s of the local trainer against a bare PyTorch loop.
+"""`photon bench trainer`: how fast the local trainer is, against a bare PyTorch loop and the machine's peak.
 
-Both arms train the same freshly initialised model on the same in-memory tokens with the same batch, LR,
-autocast and thread count; the arms alternate so machine noise hits both, and the best of each is kept.
-The goal is a ratio ≥ 0.97: the trainer's bookkeeping (schedule, cursor, clipping, logging) must be free.
+For each setting (fp32 and bf16 autocast; `torch.compile` off and on) both arms train the same freshly
+initialised model on the same in-memory tokens with the same batch, LR and thread count, on the same device;
+the arms alternate so machine noise hits both, and the best of each is kept. Reported per setting:
+tokens/s of each arm, their ratio (goal ≥ 0.97: the trainer's bookkeeping must be free), and model FLOP/s
+(6 × matmul parameters + attention, per token) over the peak of a large matmul in the same dtype measured
+in the same run (goal ≥ 0.6 of the bf16 peak for the `small` preset), and, on a GPU, over the device's
+datasheet bf16 peak (MFU). Stored in docs/results/trainer-<device>.json.
 """
 
 from __future__ import annotations
 
 import resource
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
-from photon.config import RunConfig
+from photon.bench.results import LoadSampler, save_result
+from photon.config import RunConfig, with_overrides
 from photon.data.shards import TokenStream
 from photon.model.transformer import Transformer
-from photon.train.local import autocast, make_optimizer, train_local
+from photon.train.device import autocast, place, resolve_device, setup_backend
+from photon.train.local import make_optimizer, train_local
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for MFU on known GPUs.
+DATASHEET_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200": 989.4e12,
+                  "A100": 312e12, "L40S": 362.05e12, "A10": 125e12, "L4": 121e12, "RTX 4090": 165.2e12}
 
 
-def _bare_loop(model: torch.nn.Module, tokens: torch.Tensor, cfg: RunConfig, steps: int) -> float:
+def flops_per_token(cfg: RunConfig) -> float:
+    """Training FLOPs per token: 6 × the parameters of every matmul (the output layer included, the embedding
+    lookup not) + 12 × layers × d_model × seq_len for attention scores and values (PaLM's accounting)."""
+    m = cfg.model
+    d, hd = m.d_model, m.head_dim
+    per_layer = d * m.n_head * hd * 2 + d * m.kv_heads * hd * 2 + 3 * d * m.hidden
+    matmul = m.n_layer * per_layer + m.vocab_size * d
+    return 6 * matmul + 12 * m.n_layer * d * cfg.train.seq_len
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best FLOP/s of square matmuls of a few sizes (the machine's practical peak in this dtype)."""
+    best = 0.0
+    for n in (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3 or reps < 2:
+            a @ b
+            reps += 1
+        _sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bare_loop(model: torch.nn.Module, tokens: torch.Tensor, cfg: RunConfig, steps: int,
+               device: torch.device) -> float:
     """The plainest correct loop: slice, forward, backward, clip, AdamW step."""
     t = cfg.train
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                            weight_decay=t.weight_decay)
+                            weight_decay=t.weight_decay, **kernel)
     n = t.batch_size * t.seq_len
+    _sync(device)
     start = time.perf_counter()
     for i in range(steps):
         off = (i * n) % (tokens.numel() - n - 1)
-        x = tokens[off:off + n].view(t.batch_size, t.seq_len)
-        y = tokens[off + 1:off + n + 1].view(t.batch_size, t.seq_len)
-        with autocast(t):
+        x = tokens[off:off + n].view(t.batch_size, t.seq_len).to(device, non_blocking=True)
+        y = tokens[off + 1:off + n + 1].view(t.batch_size, t.seq_len).to(device, non_blocking=True)
+        with autocast(device, t.bf16):
             _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
+    loss.item()
+    _sync(device)
     return steps * n / (time.perf_counter() - start)
 
 
-def _photon_loop(model: torch.nn.Module, stream: TokenStream, cfg: RunConfig, steps: int) -> float:
-    opt = make_optimizer(model, cfg.train)
+def _photon_loop(model: torch.nn.Module, raw: torch.nn.Module, stream: TokenStream, cfg: RunConfig,
+                 steps: int, device: torch.device) -> float:
+    opt = make_optimizer(raw, cfg.train)
+    _sync(device)
     result = train_local(model, opt, stream, 0, 0, steps, cfg.train, cfg.train.steps)
+    _sync(device)
     return result.tokens / result.seconds
 
 
-def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 3, warmup: int = 3,
-                      console: Console | None = None) -> dict[str, float]:
-    console = console or Console()
+def measure_setting(cfg: RunConfig, device: torch.device, steps: int, repeats: int, warmup: int,
+                    console: Console) -> dict[str, float]:
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
     rng = np.random.default_rng(0)
     n_tok = (steps + warmup + 1) * t.batch_size * (t.seq_len + 1) * 2
     array = rng.integers(0, cfg.model.vocab_size, n_tok, dtype=np.int64)
@@ -64,21 +109,80 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 3, warmup:
     for rep in range(repeats):
         for arm in ("bare", "photon"):
             torch.manual_seed(0)
-            model = Transformer(cfg.model)
+            raw = Transformer(cfg.model)
+            model = place(raw, t, device)  # the same placement (and compile) for both arms
             if arm == "bare":
-                _bare_loop(model, tokens, cfg, warmup)
-                tps = _bare_loop(model, tokens, cfg, steps)
+                _bare_loop(model, tokens, cfg, warmup, device)
+                tps = _bare_loop(model, tokens, cfg, steps, device)
             else:
-                _photon_loop(model, stream, cfg, warmup)
-                tps = _photon_loop(model, stream, cfg, steps)
+                _photon_loop(model, raw, stream, cfg, warmup, device)
+                tps = _photon_loop(model, raw, stream, cfg, steps, device)
             best[arm] = max(best[arm], tps)
-            console.print(f"repeat {rep + 1}/{repeats} {arm:7s} {tps:10.0f} tok/s")
-    ratio = best["photon"] / best["bare"]
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    table = Table(title=f"trainer benchmark: {cfg.name}, batch {t.batch_size}×{t.seq_len}, "
-                        f"bf16={t.bf16}, threads={torch.get_num_threads()}")
-    for col in ("bare tok/s", "photon tok/s", "ratio", "peak RSS MB"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{best['bare']:.0f}", f"{best['photon']:.0f}", f"{ratio:.3f}", f"{rss_mb:.0f}")
-    console.print(table)
-    return {"bare_tok_s": best["bare"], "photon_tok_s": best["photon"], "ratio": ratio, "peak_rss_mb": rss_mb}
+            console.print(f"  repeat {rep + 1}/{repeats} {arm:7s} {tps:10.0f} tok/s")
+            del model, raw
+    return {"bare_tok_s": best["bare"], "photon_tok_s": best["photon"], "ratio": best["photon"] / best["bare"]}
+
+
+def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 3, warmup: int = 3,
+                      settings: tuple[str, ...] = ("fp32", "bf16", "fp32+compile", "bf16+compile"),
+                      console: Console | None = None, save: bool = True) -> dict[str, Any]:
+    console = console or Console()
+    device = resolve_device(cfg.train.device)
+    setup_backend(device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    started = time.time()
+    with LoadSampler() as load:
+        peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+        console.print(f"{device}: matmul peak fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+                      f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+        fpt = flops_per_token(cfg)
+        rows = {}
+        for setting in settings:
+            dtype, _, comp = setting.partition("+")
+            scfg = with_overrides(cfg, [f"train.bf16={dtype == 'bf16'}", f"train.compile={bool(comp)}"])
+            console.print(f"[bold]{setting}[/]")
+            row = measure_setting(scfg, device, steps, repeats, warmup, console)
+            row["model_flops"] = row["photon_tok_s"] * fpt
+            row["of_peak"] = row["model_flops"] / peaks[dtype]
+            row["of_bf16_peak"] = row["model_flops"] / peaks["bf16"]
+            rows[setting] = row
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    datasheet = next((v for k, v in DATASHEET_BF16.items() if name and k.replace(" ", "") in name.replace(" ", "")),
+                     None)
+    data = {"preset": cfg.name, "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+            "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+            "params": sum(p.numel() for p in Transformer(cfg.model).parameters()), "flops_per_token": fpt,
+            "peaks": peaks, "datasheet_bf16": datasheet, "steps": steps, "repeats": repeats, "rows": rows,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    console.print(render(data))
+    if save:
+        path = save_result(f"trainer-{device.type}", data, load, started=started)
+        console.print(f"stored in {path}")
+    return data
+
+
+def render(data: dict[str, Any]) -> str:
+    dev = data["device_name"] or f"{data['device']}, {data['threads']} threads"
+    lines = [f"Preset `{data['preset']}` ({data['params'] / 1e6:.2f}M parameters, {data['flops_per_token'] / 1e6:.1f} "
+             f"MFLOP per token), batch {data['batch']}×{data['seq_len']}, {dev}. Matmul peak measured in the same run: "
+             f"fp32 {data['peaks']['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {data['peaks']['bf16'] / 1e9:,.1f} GFLOP/s. "
+             f"Best of {data['repeats']} alternating repeats of {data['steps']} steps per arm.", "",
+             "| setting | bare loop tok/s | photon tok/s | photon / bare | model FLOP/s | of this dtype's peak | "
+             "of the bf16 peak |" + (" MFU (datasheet bf16) |" if data["datasheet_bf16"] else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if data["datasheet_bf16"] else "")]
+    for setting, r in data["rows"].items():
+        mfu = f" {r['model_flops'] / data['datasheet_bf16']:.1%} |" if data["datasheet_bf16"] else ""
+        lines.append(f"| {setting} | {r['bare_tok_s']:,.0f} | {r['photon_tok_s']:,.0f} | {r['ratio']:.3f} | "
+                     f"{r['model_flops'] / 1e9:,.1f} G | {r['of_peak']:.1%} | {r['of_bf16_peak']:.1%} |{mfu}")
+    best = max(data["rows"].values(), key=lambda r: r["of_bf16_peak"])
+    worst_ratio = min(r["ratio"] for r in data["rows"].values())
+    lines += ["", f"- Goal: ≥ 0.97 × the bare loop at equal settings: worst {worst_ratio:.3f}, "
+              f"{'met' if worst_ratio >= 0.97 else 'NOT met'}.",
+              f"- Goal: ≥ 0.6 of the measured bf16 peak: best {best['of_bf16_peak']:.2f}, "
+              f"{'met' if best['of_bf16_peak'] >= 0.6 else 'NOT met'}."]
+    if data["datasheet_bf16"]:
+        lines.append(f"- Goal (GPU): ≥ 40% MFU against the datasheet bf16 peak: best "
+                     f"{max(r['model_flops'] for r in data['rows'].values()) / data['datasheet_bf16']:.1%}.")
+    return "\n".join(lines)
+

@@ -29,6 +29,28 @@ def with_threads(cfg: RunConfig, workers: int) -> RunConfig:
     return with_overrides(cfg, [f"train.threads={max(1, (os.cpu_count() or 1) // workers)}"])
 
 
+def visible_gpus(cfg: RunConfig) -> int:
+    """GPUs the simulation may hand to its nodes: none when training is pinned to the CPU."""
+    if cfg.train.device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def simulation_resources(cfg: RunConfig, cpus: int, gpus: int) -> tuple[int, dict[str, float]]:
+    """How many simulated nodes run at once, and the Ray resources each asks for. Without GPUs: one worker per
+    core (at most one per node), each its share of the cores. With GPUs: each running node gets
+    `federation.procs_per_node` GPUs (one per rank of a multi-process client), so as many nodes run at once
+    as the GPUs allow."""
+    nodes, procs = cfg.federation.num_nodes, cfg.federation.procs_per_node
+    if gpus:
+        workers = max(1, min(nodes, gpus // procs or 1))
+        return workers, {"num_cpus": max(1.0, cpus / workers), "num_gpus": float(min(procs, gpus))}
+    workers = max(1, min(nodes, cpus))
+    return workers, {"num_cpus": cpus / workers, "num_gpus": 0.0}
+
+
 def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None,
                   **kwargs: Any) -> dict[str, Any]:
     """Run the federation with Flower's simulation runtime: `federation.num_nodes` virtual SuperNodes,
@@ -40,15 +62,15 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     from photon.federation.server_app import make_server_app
 
     nodes = cfg.federation.num_nodes
-    workers = max(1, min(nodes, os.cpu_count() or 1))
+    workers, resources = simulation_resources(cfg, os.cpu_count() or 1, visible_gpus(cfg))
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
     server_app = make_server_app(cfg, Path(run_dir), resume, result, console=console, **kwargs)
     client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
     debug = logging.getLogger().level <= logging.INFO
-    backend = {"client_resources": {"num_cpus": (os.cpu_count() or 1) / workers, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0, "include_dashboard": False,
-                             "logging_level": logging.ERROR, "log_to_driver": debug}}
+    backend = {"client_resources": resources,
+               "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": visible_gpus(cfg),
+                             "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": debug}}
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     # Quiet: run_simulation warns that it is deprecated, and Flower logs each ClientApp traceback that our

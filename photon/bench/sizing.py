@@ -1,0 +1,116 @@
+"""What a preset needs: memory per client rank and the time a round should take, computed from the config.
+
+The tables in docs/DEPLOY.md and the README's presets table are rendered from these functions by
+`photon bench report` (no stored measurement: they are arithmetic on the presets), so they cannot drift from
+the presets. Estimates, stated as such:
+- memory per rank = weights (fp32) + gradients (fp32) + AdamW moments (2 × fp32), divided by the ranks under
+  FSDP, plus activations of one micro-batch under bf16 autocast with SDPA attention: ≈ 34 × d_model bytes per
+  token per layer stored for backward (Korthikanti et al. 2022, without the attention-score term that SDPA's
+  fused kernels avoid), or ≈ 2 × d_model bytes per token per layer with activation checkpointing (only each
+  block's input) plus one block's full activations, plus one chunk of fp32 logits;
+- time per round = H × batch × seq × (FLOPs per token) / (ranks × MFU × the GPU's bf16 peak), at an assumed
+  40% MFU on an H100 SXM (989 TFLOP/s bf16); moving the model both ways at 1 and 10 Gbit/s comes on top.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from photon.bench.trainer import DATASHEET_BF16, flops_per_token
+from photon.config import RunConfig, load_config, preset_names
+from photon.model.transformer import count_params
+
+GIB = 2**30
+MFU_ASSUMED = 0.40
+GPU = "H100 SXM"
+GPU_MEMORY_GIB = 80
+
+
+def client_memory(cfg: RunConfig, procs: int | None = None) -> dict[str, float]:
+    """Bytes a rank of a client needs, by part (see the module docstring for the model of each part)."""
+    m, t = cfg.model, cfg.train
+    procs = procs or cfg.federation.procs_per_node
+    n = count_params(m)
+    states = n * (4 + 4 + 8)  # fp32 weights, fp32 grads, AdamW exp_avg + exp_avg_sq
+    sharded = procs > 1 and (t.sharding == "fsdp" or (t.sharding == "auto" and states > 0.7 * GPU_MEMORY_GIB * GIB))
+    micro = min(t.micro_batch_size or t.batch_size, max(1, t.batch_size // procs))  # rows per forward, per rank
+    tokens = micro * t.seq_len
+    if t.activation_checkpointing:
+        acts = tokens * m.n_layer * 2 * m.d_model + tokens * 34 * m.d_model
+    else:
+        acts = tokens * m.n_layer * 34 * m.d_model
+    chunk = 4096 if (t.loss_chunk is None and m.vocab_size >= 32768) else (t.loss_chunk or tokens)
+    logits = min(chunk, tokens) * m.vocab_size * (4 + 2)  # fp32 logits + their bf16 source
+    if sharded:  # its shard, plus one block's weights and gradients gathered in full while it runs
+        model_states = states / procs + 8 * n / max(1, m.n_layer)
+    else:
+        model_states = states
+    return {"params": n, "procs": procs, "sharding": "fsdp" if sharded else ("ddp" if procs > 1 else "none"),
+            "micro_batch": micro, "model_states": model_states, "activations": acts, "logits": logits,
+            "total": model_states + acts + logits}
+
+
+def round_seconds(cfg: RunConfig, procs: int | None = None, mfu: float = MFU_ASSUMED) -> float:
+    t, fed = cfg.train, cfg.federation
+    procs = procs or fed.procs_per_node
+    flops = fed.local_steps * t.batch_size * t.seq_len * flops_per_token(cfg)
+    return flops / (procs * mfu * DATASHEET_BF16[GPU])
+
+
+def transfer_seconds(cfg: RunConfig, gbit: float) -> float:
+    """Down and up one full fp32 model over a link of `gbit` Gbit/s."""
+    return 2 * count_params(cfg.model) * 4 * 8 / (gbit * 1e9)
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else (f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s")
+
+
+def render_deploy(_: Any = None) -> str:
+    """The table for docs/DEPLOY.md: memory per rank and time per round for every preset."""
+    lines = [f"Computed from the presets by `photon/bench/sizing.py` (estimates: see its docstring; time at an "
+             f"assumed {MFU_ASSUMED:.0%} MFU on {GPU} GPUs, {GPU_MEMORY_GIB} GiB).", "",
+             "| preset | parameters | ranks (GPUs) per client | sharding | micro-batch | memory per rank | fits one "
+             f"{GPU_MEMORY_GIB} GiB GPU? | compute per round (H × batch) | model down + up at 1 / 10 Gbit/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in preset_names():
+        cfg = load_config(name)
+        mem = client_memory(cfg)
+        fits = "yes" if mem["total"] <= GPU_MEMORY_GIB * GIB else "no"
+        lines.append(f"| `{name}` | {mem['params'] / 1e6:,.1f}M | {mem['procs']} | {mem['sharding']} | "
+                     f"{mem['micro_batch']} | {mem['total'] / GIB:,.1f} GiB | {fits} | "
+                     f"{_fmt_time(round_seconds(cfg))} (H = {cfg.federation.local_steps} × {cfg.train.batch_size}) "
+                     f"| {_fmt_time(transfer_seconds(cfg, 1))} / {_fmt_time(transfer_seconds(cfg, 10))} |")
+    return "\n".join(lines)
+
+
+def where_run(results_dir: Path) -> dict[str, set[str]]:
+    """Preset -> {"here", "GPU"}: which stored benchmark results ran it, on this machine or on a GPU."""
+    out: dict[str, set[str]] = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        preset = record.get("data", {}).get("preset")
+        if preset:
+            out.setdefault(preset, set()).add("GPU" if record.get("machine", {}).get("gpu") else "here")
+    return out
+
+
+def render_presets(results_dir: Path) -> str:
+    """The README's presets table: size, memory per client rank, and where it has run."""
+    ran = where_run(results_dir)
+    lines = ["| preset | what | parameters | memory per client rank (as configured) | ran |", "|---|---|---|---|---|"]
+    for name in preset_names():
+        cfg = load_config(name)
+        mem = client_memory(cfg)
+        where = ", ".join(sorted(ran.get(name, set()))) or "not yet"
+        lines.append(f"| `{name}` | {_blurb(name)} | {mem['params'] / 1e6:,.2f}M | "
+                     f"{mem['total'] / GIB:,.2f} GiB × {mem['procs']} rank(s) ({mem['sharding']}) | {where} |")
+    return "\n".join(lines)
+
+
+def _blurb(name: str) -> str:
+    return {"tiny": "tests, seconds", "small": "the demo (`make run`), Photon's recipe",
+            "small-diloco": "DiLoCo's recipe on the demo model", "medium": "claims benchmark, non-embedding "
+            "parameters dominate"}.get(name, "the paper's shape (PAPER.md)")
