@@ -21,10 +21,10 @@ _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /
 
 
 def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
-    from photon.bench import robust, stragglers, trainer
+    from photon.bench import robust, stragglers, trainer, wire
 
     return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
-            "trainer-cpu": trainer.render, "trainer-cuda": trainer.render}
+            "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render}
 
 
 def _computed(results_dir: Path) -> dict[str, Callable[[], str]]:

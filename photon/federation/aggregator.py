@@ -154,8 +154,13 @@ class Aggregator:
         self.state.rng_state = rng.bit_generator.state
         return picked
 
+    def release_model_payload(self) -> None:
+        """Drop the encoded model between dispatches: a deployed server then holds θ and one reply at a time
+        (a message already pushed lives on in the SuperLink, not here)."""
+        self._model_payload = None
+
     def model_payload(self) -> codec.Payload:
-        """The global model, encoded once per version."""
+        """The global model, encoded once per version while tasks are being handed out."""
         key = (self.state.round, self.state.global_step)
         if self._model_payload is None or self._model_payload[0] != key:
             self._model_payload = None  # let the old bytes go first
@@ -276,10 +281,10 @@ class Aggregator:
                 rnd.result.dropped[cid] = reason
 
     def _dispatch(self, transport: Transport, rnd: _Round) -> None:
-        """Give every idle node the next queued client."""
+        """Give every idle node the next queued client; keep the encoded model only while clients wait."""
         for node in self.free_nodes(transport):
             if not rnd.queue:
-                return
+                break
             cid = self._pick(rnd.queue, node)
             rnd.attempts[cid] += 1
             task = self.task(cid, rnd.attempts[cid])
@@ -294,6 +299,9 @@ class Aggregator:
             self.occupy(node, handle, now)
             rnd.result.bytes_down += wire.payloads[MODEL].nbytes
             rnd.result.bytes_state_down += state_payload.nbytes if state_payload is not None else 0
+            del wire
+        if not rnd.queue:
+            self.release_model_payload()
 
     def _on_reply(self, handle: str, msg: Wire | Rejected | str, rnd: _Round) -> None:
         """One reply: late ones are dropped, a node lacking a client's state gets a retry, the rest are decoded,

@@ -129,8 +129,9 @@ class AsyncRounds:
         for node in agg.free_nodes(transport):
             cid = self._pick()
             if cid is None:
-                return
+                break
             self._send(transport, node, agg.task(cid, attempt=1), agg.model_payload(), result)
+        agg.release_model_payload()
 
     def _send(self, transport: Transport, node: int, task: ClientTask, model: codec.Payload, result: RoundResult,
               at: float | None = None) -> None:

@@ -1,0 +1,188 @@
+"""`photon bench wire`: a large model through the real Flower path, on loopback: memory and transfer speed.
+
+The `paper-350m` shape (1.4 GB of fp32 parameters) trains a token of work per round (H = 1, batch 1, short
+sequences: the point is the wire, not the training) through
+- the deployed runtime: a SuperLink and one warm SuperNode on 127.0.0.1 (insecure, loopback), the run submitted
+  as `photon submit` does; the ServerApp's and the node runtime's peak resident memory (VmHWM, polled from
+  /proc while they run) and the node's seconds to pull the task and push the reply (from its log);
+- Flower's simulation runtime, in a fresh process: the whole server process's peak (SuperLink state, the
+  ServerApp and Ray's driver share it) and the simulated node's (a Ray worker).
+Against a baseline measured in the same invocation: a plain socket copy of the same bytes between two
+processes on loopback. Goals: server ≤ 3× the model; node ≤ model + AdamW state + 1× the model (plus the
+gradients while it trains, reported apart); transfer ≥ 50% of the plain socket's bandwidth.
+Stored in docs/results/wire.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from photon.bench.results import LoadSampler, save_result
+from photon.config import RunConfig, config_to_dict, with_overrides
+from photon.model.transformer import count_params
+
+MB = 2**20
+
+
+def loopback_mb_s(nbytes: int, chunk: int = 4 * MB) -> float:
+    """A plain TCP copy of `nbytes` from a child process to this one over 127.0.0.1, in MB/s."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        sender = subprocess.Popen([sys.executable, "-c", (
+            "import socket,sys; n=int(sys.argv[2]); b=bytearray(4<<20); s=socket.create_connection(('127.0.0.1',"
+            "int(sys.argv[1]))); left=n\nwhile left>0:\n k=min(left,len(b)); s.sendall(memoryview(b)[:k]); left-=k\n"
+            "s.close()"), str(port), str(nbytes)])
+        conn, _ = server.accept()
+        buf = bytearray(chunk)
+        got, start = 0, time.perf_counter()
+        with conn:
+            while got < nbytes:
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                got += n
+        seconds = time.perf_counter() - start
+        sender.wait()
+    return got / MB / seconds
+
+
+class PeakWatcher:
+    """Polls /proc for processes whose command line matches each pattern; keeps each one's peak VmHWM (MB)."""
+
+    def __init__(self, patterns: dict[str, str], every_s: float = 0.2):
+        self.patterns, self.every_s = patterns, every_s
+        self.peaks: dict[str, float] = {k: 0.0 for k in patterns}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    if not cmd:
+                        continue
+                    for name, pattern in self.patterns.items():
+                        if pattern in cmd:
+                            hwm = re.search(r"VmHWM:\s+(\d+) kB", (proc / "status").read_text())
+                            if hwm:
+                                self.peaks[name] = max(self.peaks[name], int(hwm.group(1)) / 1024)
+                except OSError:
+                    continue
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wire_config(cfg: RunConfig) -> RunConfig:
+    return with_overrides(cfg, [
+        "train.seq_len=64", "train.batch_size=1", "train.micro_batch_size=null", "train.eval_batches=1",
+        "train.warmup_steps=1", "train.activation_checkpointing=false", "federation.local_steps=1",
+        "federation.rounds=2", "federation.clients_per_round=1", "data.partition.num_clients=1",
+        "federation.num_nodes=1", "federation.eval_every=2", "federation.procs_per_node=1"])
+
+
+def deployed(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
+    from photon.federation import deploy
+    from photon.federation.certs import read_token
+
+    out = Path(out).resolve()
+    cfg = with_overrides(cfg, [f"data.prep_dir={Path(cfg.data.prep_dir).resolve()}"])
+    address = f"127.0.0.1:{deploy.free_port()}"
+    procs = []
+    with PeakWatcher({"server": "flwr-serverapp", "node": "clientapp-runtime", "superlink": "superlink"}) as w:
+        try:
+            procs.append(deploy.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
+                                                log_file=out / "superlink.log"))
+            procs.append(deploy.start_supernode(address, deploy.free_port(), out / "node", data=cfg.data.prep_dir,
+                                                insecure=True, log_file=out / "node.log", warm=True))
+            home = out / "submit"
+            deploy.write_connection(home, address, insecure=True,
+                                    token=read_token(deploy.operator_token_file(out / "server", None)))
+            run_id = deploy.submit_run(home, cfg, "wire")
+            console.print(f"deployed: run {run_id} on {address}")
+            status = deploy.wait_run(home, run_id, poll_s=1.0, timeout_s=3600)
+        finally:
+            for p in reversed(procs):
+                deploy.stop(p)
+    if status["status"] != "finished:completed":
+        raise RuntimeError(f"the deployed wire run ended {status['status']}; see {out}")
+    timings = [tuple(map(float, m)) for m in re.findall(r"pulled in ([\d.]+) s, ran in ([\d.]+) s, pushed in ([\d.]+) s",
+                                                        (out / "node.log").read_text(errors="replace"))]
+    return {"peaks_mb": w.peaks, "tasks": [{"pull_s": a, "run_s": b, "push_s": c} for a, b, c in timings]}
+
+
+def simulated(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
+    """Flower's simulation in a fresh process (so its peak is this run's alone)."""
+    code = ("import json,sys,resource; from pathlib import Path; from photon.config import build_config; "
+            "from photon.federation.launch import run_simulated; "
+            "run_simulated(build_config(json.loads(sys.argv[1])), Path(sys.argv[2])); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    with PeakWatcher({"node": "ray::", "driver": "photon.federation.launch"}) as w:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(config_to_dict(cfg)), str(out / "run")],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the simulated wire run failed: {proc.stderr[-2000:]}")
+    peak = float(re.findall(r"PEAK ([\d.]+)", proc.stdout)[-1])
+    return {"peaks_mb": {"server": peak, "node": w.peaks["node"]}}
+
+
+def run_wire_bench(cfg: RunConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    cfg = wire_config(cfg)
+    model_mb = count_params(cfg.model) * 4 / MB
+    started = time.time()
+    with LoadSampler() as load:
+        socket_mb_s = loopback_mb_s(int(model_mb * MB))
+        console.print(f"plain socket on loopback: {socket_mb_s:,.0f} MB/s")
+        dep = deployed(cfg, out / "deployed", console)
+        sim = simulated(cfg, out / "simulated", console)
+    data = {"preset": cfg.name, "model_mb": model_mb, "socket_mb_s": socket_mb_s, "deployed": dep, "simulated": sim}
+    path = save_result("wire", data, load, started=started)
+    console.print(render(data))
+    console.print(f"stored in {path}")
+    return data
+
+
+def render(data: dict[str, Any]) -> str:
+    m = data["model_mb"]
+    dep, sim = data["deployed"], data["simulated"]
+    later = dep["tasks"][1:] or dep["tasks"]
+    pull = min(t["pull_s"] for t in later)
+    push = min(t["push_s"] for t in later)
+    rate = m / max(pull, push)
+    lines = [f"Preset `{data['preset']}` shape: {m:,.0f} MB of fp32 parameters, one local step per round (the wire "
+             f"is measured, not training). A plain socket copy of the same bytes between two processes on "
+             f"loopback: {data['socket_mb_s']:,.0f} MB/s.", "",
+             "| runtime | process | peak RSS | × the model |", "|---|---|---|---|"]
+    for runtime, peaks in (("deployed", dep["peaks_mb"]), ("simulation", sim["peaks_mb"])):
+        for proc, mb in peaks.items():
+            lines.append(f"| {runtime} | {proc} | {mb:,.0f} MB | {mb / m:.2f}× |")
+    lines += ["", f"Deployed transfer (warm node, best task after the first): model down {pull:.1f} s "
+              f"({m / pull:,.0f} MB/s), update up {push:.1f} s ({m / push:,.0f} MB/s).", "",
+              f"- Goal: server ≤ 3× the model: deployed ServerApp {dep['peaks_mb']['server'] / m:.2f}×, "
+              f"{'met' if dep['peaks_mb']['server'] <= 3 * m else 'NOT met'} (simulation: one process holds the "
+              f"SuperLink's state too, {sim['peaks_mb']['server'] / m:.2f}×).",
+              f"- Goal: node ≤ model + AdamW state + 1× model (4×): deployed {dep['peaks_mb']['node'] / m:.2f}×, "
+              f"{'met' if dep['peaks_mb']['node'] <= 4 * m else 'NOT met'}.",
+              f"- Goal: transfer ≥ 50% of the plain socket: {rate / data['socket_mb_s']:.1%} of it, "
+              f"{'met' if rate >= 0.5 * data['socket_mb_s'] else 'NOT met'}."]
+    return "\n".join(lines)
