@@ -475,6 +475,24 @@ def bench_stragglers(
     run_stragglers_bench(cfg, out, seeds, console)
 
 
+@bench_app.command("wire")
+def bench_wire(
+    preset: PresetOpt = "paper-350m",
+    overrides: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="Where the runs and logs go.")] = Path("runs/bench-wire"),
+) -> None:
+    """A large model through the real Flower path on loopback (deployed and simulated): peak RSS of server and
+    node over the model size, seconds per transfer, against a plain socket copy; stores docs/results/wire.json."""
+    import shutil
+
+    from photon.bench.wire import run_wire_bench
+
+    cfg = _config(preset, overrides)
+    ensure_prepared(cfg)
+    shutil.rmtree(out, ignore_errors=True)
+    run_wire_bench(cfg, out, console)
+
+
 @bench_app.command("report")
 def bench_report(
     results: Annotated[Path, typer.Option(help="Stored benchmark outputs.")] = Path("docs/results"),
