@@ -6,6 +6,7 @@ over `Grid.push_messages`/`pull_messages` keeps deadlines, re-queueing and parti
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from photon.federation.protocol import Rejected, Wire
 from photon.federation.records import content_to_wire, wire_to_content
 from photon.federation.runner import run_federation
 
+log = logging.getLogger(__name__)
+
 
 class GridTransport:
     """`aggregator.Transport` over a Flower Grid: one train message per client task.
@@ -32,17 +35,32 @@ class GridTransport:
     (and dropped by the aggregator as late) instead of piling up on the SuperLink. While nothing arrives the
     poll interval doubles from `poll_s` up to `max_poll_s`."""
 
-    def __init__(self, grid: Grid, poll_s: float = 0.05, max_poll_s: float = 1.0):
+    def __init__(self, grid: Grid, poll_s: float = 0.05, max_poll_s: float = 1.0, retries: int = 6):
         self.grid = grid
-        self.poll_s, self.max_poll_s = poll_s, max_poll_s
+        self.poll_s, self.max_poll_s, self.retries = poll_s, max_poll_s, retries
         self._pending: list[str] = []
 
+    def _call(self, what: str, fn, *args):
+        """A Grid call, retried with backoff: under load the SuperLink answers some requests with a server
+        error (seen: "database is locked" from its SQLite state while large objects stream in); one such
+        answer must not end the run."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args)
+            except Exception as e:  # httpx/transport errors: Flower raises them as is
+                if attempt == self.retries:
+                    raise RuntimeError(f"the SuperLink kept failing {what} ({type(e).__name__}: {e}); is it "
+                                       "overloaded or gone?") from None
+                delay = min(8.0, 0.5 * 2**attempt)
+                log.warning("%s failed (%s: %s); retrying in %.1f s", what, type(e).__name__, e, delay)
+                time.sleep(delay)
+
     def nodes(self) -> list[int]:
-        return sorted(self.grid.get_node_ids())
+        return sorted(self._call("listing nodes", self.grid.get_node_ids))
 
     def submit(self, node: int, wire: Wire) -> str:
         msg = Message(wire_to_content(wire), dst_node_id=node, message_type="train")
-        ids = list(self.grid.push_messages([msg]))
+        ids = list(self._call("pushing a task", self.grid.push_messages, [msg]))
         del msg
         (msg_id,) = ids
         self._pending.append(msg_id)
@@ -54,7 +72,7 @@ class GridTransport:
         while True:
             got = 0
             for msg_id in list(self._pending):
-                pulled = list(self.grid.pull_messages([msg_id]))
+                pulled = list(self._call("pulling a reply", self.grid.pull_messages, [msg_id]))
                 if not pulled:
                     continue
                 self._pending.remove(msg_id)
