@@ -241,8 +241,8 @@ class Aggregator:
                 for handle, msg in transport.collect(wait if is_virtual(transport) else min(1.0, wait)):
                     self._on_reply(handle, msg, rnd)
                     del msg  # before the transport fetches the next reply
-                self._expire(rnd, clock())
-            self._expire(rnd, float("inf"))
+                self._expire(rnd, clock(), transport)
+            self._expire(rnd, float("inf"), transport)
             for cid in rnd.queue:
                 rnd.result.dropped.setdefault(cid, "no node took it before the round deadline")
             self._finish(rnd.buffer, rnd.replies, rnd.node_of, rnd.result)
@@ -267,12 +267,15 @@ class Aggregator:
         mad = statistics.median(abs(t - med) for t in times)
         return min(fed.round_timeout_s, max(a.floor_s, a.margin * med, med + a.k_mad * mad))
 
-    def _expire(self, rnd: _Round, now: float) -> None:
+    def _expire(self, rnd: _Round, now: float, transport: Transport | None = None) -> None:
         """Give up on tasks past their deadline (the whole round's when `now` is inf): their clients are
-        dropped for this round, and their replies, if they ever come, are dropped as late."""
+        dropped for this round, and their replies, if they ever come, are dropped as late. A transport that
+        can (the virtual clock) is told, so it need not train them."""
         for handle, flight in list(rnd.in_flight.items()):
             if now == float("inf") or now >= flight.deadline:
                 del rnd.in_flight[handle]
+                if hasattr(transport, "cancel"):
+                    transport.cancel(handle)
                 cid = flight.task.client_id
                 self._expired[handle] = flight.task
                 reason = ("missed the round deadline" if now == float("inf") else

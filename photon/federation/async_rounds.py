@@ -99,7 +99,7 @@ class AsyncRounds:
             for handle, msg in transport.collect(wait if is_virtual(transport) else min(1.0, wait)):
                 self._on_reply(handle, msg, result, clock())
                 del msg
-            self._expire(clock(), result)
+            self._expire(clock(), result, transport)
             if self.no_progress > 4 * self.quorum + 4:
                 self.no_progress = 0
                 result.wall_seconds, result.clock = clock() - start, clock()
@@ -185,10 +185,12 @@ class AsyncRounds:
         result.node_train[node] = result.node_train.get(node, 0.0) + outcome.train_seconds
         self.parked[cid] = _Parked(outcome, flight, now)
 
-    def _expire(self, now: float, result: RoundResult) -> None:
+    def _expire(self, now: float, result: RoundResult, transport: Transport | None = None) -> None:
         for handle, flight in list(self.in_flight.items()):
             if now >= flight.deadline:
                 del self.in_flight[handle]
+                if hasattr(transport, "cancel"):
+                    transport.cancel(handle)
                 self.agg._expired[handle] = flight.task
                 cid = flight.task.client_id
                 reason = f"missed its deadline ({flight.deadline - flight.sent:.3g} s)"

@@ -3,9 +3,11 @@ a modelled time, so timing, stragglers and asynchronous rounds are deterministic
 
 A task sent to a node at virtual time t starts when the node is free, takes (message bytes / bandwidth) to
 arrive, H × `virtual_clock.step_seconds` × its speed factor to train (`faults.task_timing`: slow clients,
-late tasks), and its reply bytes / bandwidth to come back; a lost reply (`faults.drop_probability`) comes
-back as the node's error report at that time, as the real engines raise it. `collect` advances the clock to
-the next completion. Used by `photon run --engine inprocess`, the
+late tasks), and the reply's bytes / bandwidth to come back (its size taken as the task's model payload's);
+a lost reply (`faults.drop_probability`) comes back as the node's error report at that time, as the real
+engines raise it. `collect` advances the clock to the next completion, and only then runs the task for real
+(one at a time, in virtual-time order); a task the server has given up on (`cancel`) or whose reply is lost
+is not trained at all, which saves the real compute a virtual straggler would waste. Used by `photon run --engine inprocess`, the
 stragglers benchmark and the async tests.
 """
 
@@ -47,7 +49,8 @@ class VirtualClockTransport(InProcessTransport):
         self.now = 0.0
         self.free_at = [0.0] * len(self.workers)
         self.records: dict[str, TaskRecord] = {}
-        self._events: list[tuple[float, int, str, Wire | Rejected | str]] = []
+        self._events: list[tuple[float, int, str, int, Wire | str]] = []  # done, seq, handle, node, task or error
+        self._cancelled: set[str] = set()
         self._seq = itertools.count()
         self._cfg: tuple[str, RunConfig] | None = None
 
@@ -69,27 +72,38 @@ class VirtualClockTransport(InProcessTransport):
         task = decode_task(wire)
         cfg = self.config(task)
         timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
-        reply = self.run(node, wire)
         rate = cfg.federation.virtual_clock.bandwidth_mbps * 1e6 / 8  # bytes per virtual second
         start = max(self.now if at is None else at, self.free_at[node])
         compute = task.local_steps * cfg.federation.virtual_clock.step_seconds * timing.speed
-        up = reply.nbytes if isinstance(reply, Wire) else 0
+        up = wire.payloads["model"].nbytes if "model" in wire.payloads else 0
         done = start + wire.nbytes / rate + compute + up / rate
         self.free_at[node] = done
         self.records[task.task_id] = TaskRecord(task.task_id, task.client_id, node, start, done, compute,
                                                 timing.dropped)
         if timing.dropped:  # as on Flower: the node reports the lost reply when it would have replied
-            reply = f"injected fault: the reply of task {task.task_id} was lost (federation.faults.drop_probability)"
-        heapq.heappush(self._events, (done, next(self._seq), handle, reply))
+            work: Wire | str = (f"injected fault: the reply of task {task.task_id} was lost "
+                                "(federation.faults.drop_probability)")
+        else:
+            work = wire
+        heapq.heappush(self._events, (done, next(self._seq), handle, node, work))
         return handle
+
+    def cancel(self, handle: str) -> None:
+        """The server gave up on this task: its node still works until it would have finished (it is
+        occupied), but nothing is trained and its reply is an error."""
+        self._cancelled.add(handle)
 
     def collect(self, timeout: float) -> Iterator[tuple[str, Wire | Rejected | str]]:
         """The next completion within `timeout` virtual seconds (the clock moves to it), else nothing (the
         clock moves by `timeout`)."""
         limit = self.now + timeout
         if self._events and self._events[0][0] <= limit:
-            done, _, handle, reply = heapq.heappop(self._events)
+            done, _, handle, node, work = heapq.heappop(self._events)
             self.now = max(self.now, done)
-            yield handle, reply
+            if handle in self._cancelled:
+                self._cancelled.discard(handle)
+                yield handle, "the server gave up on this task before it finished"
+            else:
+                yield handle, self.run(node, work) if isinstance(work, Wire) else work
             return
         self.now = max(self.now, limit)
