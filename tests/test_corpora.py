@@ -35,6 +35,40 @@ def test_flat_directory_is_one_domain(tmp_path):
     assert load_user_corpus(flat) == {"mydomain": ["hello", "x", "y"]}
 
 
+def test_a_domains_only_txt_file_is_split_at_blank_lines(tmp_path):
+    one = tmp_path / "c" / "one"
+    one.mkdir(parents=True)
+    (one / "all.txt").write_bytes(b"First doc,\r\nline two.\r\n\r\n\n  \t\nSecond doc.\n\n\nThird\n")
+    (one / "more.jsonl").write_text('{"text": "from jsonl"}\n')
+    many = tmp_path / "c" / "many"
+    many.mkdir()
+    (many / "a.txt").write_text("whole file\n\nis one document")
+    (many / "b.txt").write_text("another")
+    assert load_user_corpus(tmp_path / "c") == {
+        "many": ["whole file\n\nis one document", "another"],
+        "one": ["First doc,\nline two.", "Second doc.", "Third", "from jsonl"]}
+
+
+def test_domains_stream_and_read_again(tmp_path):
+    d = tmp_path / "c" / "dom"
+    d.mkdir(parents=True)
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(2500)]}), d / "a.parquet", row_group_size=1000)
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3)))
+    [dom] = corpora.user_domains(tmp_path / "c")
+    assert dom.name == "dom" and [f.name for f in dom.files] == ["a.parquet", "b.jsonl"]
+    first = dom.docs()
+    assert next(first) == "row 0"  # a generator: nothing is read before it is asked for
+    docs = list(dom.docs())
+    assert docs == [f"row {i}" for i in range(2500)] + ["line 0", "line 1", "line 2"] == list(dom.docs())
+
+
+def test_bad_utf8_deep_in_a_file_names_its_byte_offset(tmp_path):
+    root, f = _corpus_with(tmp_path, "a.jsonl", b'{"text": "ok"}\n' * 1000 + b'{"text": "\xff"}\n')
+    with pytest.raises(UserError, match="byte offset 15010") as e:
+        load_user_corpus(root)
+    assert str(f) in str(e.value)
+
+
 def test_cap_takes_documents_in_order_until_the_cap(tmp_path):
     d = tmp_path / "c" / "dom"
     d.mkdir(parents=True)
@@ -147,7 +181,7 @@ def test_default_corpus_reads_archives_in_place(tmp_path, monkeypatch):
 
 
 def test_code_python_skips_tests(tmp_path):
-    docs = corpora._take(corpora._code_python(tmp_path), 0.3)
+    docs = list(corpora._take(corpora._code_python(tmp_path), 0.3))
     assert docs and not any("import unittest\n" in d and "class Test" in d for d in docs[:5])
 
 

