@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ def test_prepare_writes_shards_and_manifest(prepared):
     assert m["vocab_size"] == VOCAB and m["dtype"] == "uint16" and m["eot_id"] == 0
     assert m["source"].startswith("user:") and m["seed"] == 0
     lit = m["domains"]["literature"]
-    assert lit["train"]["documents"] == 5 and lit["val"]["documents"] == 1  # 6 docs, at least 1 held out
+    assert lit["train"]["documents"] + lit["val"]["documents"] == 6  # a document per .txt file
+    assert min(lit["train"]["documents"], lit["val"]["documents"]) >= 1
     assert len(lit["text_sha256"]) == 64
     names = sorted(p.name for p in prepared.path.iterdir())
     assert names == sorted(["manifest.json", "tokenizer.json"] +
@@ -58,7 +60,7 @@ def test_prepare_is_deterministic_and_reuses(prepared, tmp_path, monkeypatch):
     prepare(cfg, VOCAB, source=FIXTURE)
     again = json.loads((tmp_path / "prep" / "manifest.json").read_text())
     assert again == prepared.manifest  # same recipe, same bytes
-    monkeypatch.setattr(shards, "_load", lambda *a: pytest.fail("reuse must not reload the corpus"))
+    monkeypatch.setattr(shards, "_domains", lambda *a: pytest.fail("reuse must not reload the corpus"))
     assert prepare(cfg, VOCAB, source=FIXTURE) == tmp_path / "prep"
 
 
@@ -70,13 +72,89 @@ def test_changed_recipe_rebuilds_in_place(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["prep"]  # no temp or old dirs left
 
 
-def test_failed_prepare_leaves_nothing(tmp_path, monkeypatch):
-    def boom(*a, **kw):
-        raise RuntimeError("interrupted")
-    monkeypatch.setattr(shards, "_encode_to", boom)
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _stop_after(monkeypatch, n_batches: int) -> list[int]:
+    """Make the n-th encode_batch call raise, as a Ctrl-C or a crash would; returns the call counter."""
+    calls = [0]
+    real = shards._encode_batch
+
+    def encode(*a, **kw):
+        calls[0] += 1
+        if calls[0] == n_batches:
+            raise RuntimeError("interrupted")
+        return real(*a, **kw)
+    monkeypatch.setattr(shards, "_encode_batch", encode)
+    return calls
+
+
+def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    # Small batches and buckets: the stop falls inside a domain, and domains have several shuffle buckets.
+    monkeypatch.setattr(shards, "BATCH_BYTES", 4000)
+    monkeypatch.setattr(shards, "BUCKET_BYTES", 20000)
+    prepare(_cfg(tmp_path / "ref"), VOCAB, source=FIXTURE)
+    _stop_after(monkeypatch, 8)  # code_python takes 5 batches, literature 6, speech_sotu 7
     with pytest.raises(RuntimeError):
-        prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
-    assert list(tmp_path.iterdir()) == []
+        prepare(_cfg(tmp_path / "run"), VOCAB, source=FIXTURE)
+    partial = tmp_path / "run" / ".prep.partial"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".prep.partial"]  # prep_dir never half-written
+    assert list(json.loads((partial / "progress.json").read_text())["done"]) == ["code_python"]
+
+    monkeypatch.setattr(shards, "train_tokenizer", lambda *a: pytest.fail("a resume must not retrain"))
+    calls = _stop_after(monkeypatch, 0)
+    prepare(_cfg(tmp_path / "run"), VOCAB, source=FIXTURE)
+    assert calls[0] == 6 + 7  # literature again from its start, then speech_sotu; code_python kept
+    assert _files(tmp_path / "run" / "prep") == _files(tmp_path / "ref" / "prep")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["prep"]
+
+
+def test_a_stop_before_the_tokenizer_is_saved_restarts_cleanly(prepared, tmp_path, monkeypatch):
+    def stop(*a):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(shards, "train_tokenizer", stop)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
+    assert list(tmp_path.iterdir()) == []  # nothing worth resuming: nothing left
+    prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
+    assert _files(tmp_path / "prep") == _files(prepared.path)
+
+
+def test_a_stopped_build_of_another_recipe_or_edited_files_is_restarted(prepared, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(FIXTURE, corpus)
+    cfg = _cfg(tmp_path)
+    _stop_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        prepare(cfg, VOCAB, source=corpus)
+    monkeypatch.undo()
+    (corpus / "literature" / "sonnets.txt").write_text("Shall I compare thee to a summer's day?\n")
+    prepare(cfg, VOCAB, source=corpus)  # same recipe, but a file changed: must not reuse the old tokenizer
+    fresh = tmp_path / "fresh"
+    shutil.copytree(corpus, fresh / "corpus")
+    prepare(_cfg(fresh), VOCAB, source=corpus)
+    assert _files(tmp_path / "prep") == _files(fresh / "prep")
+    assert _files(tmp_path / "prep") != _files(prepared.path)
+
+
+def test_bad_input_found_while_streaming_leaves_nothing(tmp_path):
+    d = tmp_path / "c" / "dom"
+    d.mkdir(parents=True)
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)) + "{oops\n")
+    (tmp_path / "c" / "other").mkdir()
+    (tmp_path / "c" / "other" / "b.txt").write_text("one\n\ntwo\n")
+    with pytest.raises(UserError, match=r"a\.jsonl: line 51"):
+        prepare(_cfg(tmp_path / "out"), VOCAB, source=tmp_path / "c")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_second_prepare_into_the_same_place_is_refused(tmp_path):
+    with shards._claim(tmp_path / ".prep.partial"):
+        with pytest.raises(UserError, match="another `photon prepare` is building"):
+            prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
+    assert (tmp_path / ".prep.partial").exists()  # the other build's folder is left alone
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
@@ -88,7 +166,6 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
 
 
 def test_open_prepared_detects_problems(prepared, tmp_path):
-    import shutil
     with pytest.raises(UserError, match="photon prepare"):
         open_prepared(tmp_path / "nothing")
     copy = tmp_path / "copy"
@@ -120,11 +197,75 @@ def test_one_document_domain_is_refused(tmp_path):
         prepare(_cfg(tmp_path), VOCAB, source=tmp_path / "c")
 
 
-def test_tokenizer_sample_is_balanced():
-    train = {"big": ["a" * 1000] * 100, "small": ["b" * 100] * 2}
-    sample = shards.tokenizer_sample(train, 0.001)  # 1000 bytes: small gives its 200, big the other 800
-    assert sum(len(s) for s in sample if s[0] == "b") == 200
-    assert sum(len(s) for s in sample if s[0] == "a") == 800
+def _paragraph_corpus(root: Path, n: int) -> list[str]:
+    docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(5 + i % 40)) for i in range(n)]
+    (root / "big").mkdir(parents=True)
+    (root / "big" / "all.txt").write_text("\n\n\n".join(docs) + "\n")  # one .txt: documents at blank lines
+    (root / "small").mkdir()
+    (root / "small" / "two.jsonl").write_text('{"text": "first small document"}\n{"text": "second one"}\n')
+    return docs
+
+
+def test_split_rule_and_shuffled_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "BATCH_BYTES", 3000)
+    monkeypatch.setattr(shards, "BUCKET_BYTES", 10000)  # several buckets per split
+    docs = _paragraph_corpus(tmp_path / "c", 2000)
+    p = open_prepared(prepare(_cfg(tmp_path), VOCAB, source=tmp_path / "c"))
+    big = p.manifest["domains"]["big"]
+    u = shards._unit(shards._hash_key(0, "big", "split"), np.arange(len(docs)))
+    assert big["val"]["documents"] == int((u < 0.1).sum()) and 150 < big["val"]["documents"] < 250
+    assert big["train"]["documents"] + big["val"]["documents"] == len(docs)
+    small = p.manifest["domains"]["small"]
+    assert small["train"]["documents"] == small["val"]["documents"] == 1  # the fallback: one of each
+    tok = load_tokenizer(p.tokenizer_path)
+    for split, want in (("train", u >= 0.1), ("val", u < 0.1)):
+        arr = np.asarray(p.tokens("big", split))
+        ends = np.flatnonzero(arr == 0)
+        got = [tok.decode(arr[a + 1:b].tolist()) for a, b in zip(np.concatenate([[-1], ends[:-1]]), ends)]
+        expected = [d for d, w in zip(docs, want) if w]
+        assert sorted(got) == sorted(expected)  # every document once, whole
+        assert got != expected  # in a shuffled order
+    # The split is a function of (seed, domain, index): the same documents split the same way elsewhere.
+    assert _files(prepare(_cfg(tmp_path / "again"), VOCAB, source=tmp_path / "c")) == \
+        _files(p.path)
+
+
+def test_survey_samples_the_lowest_hash_training_documents():
+    from photon.data.corpora import Domain
+    rng = np.random.default_rng(0)
+    docs = ["x" * int(n) for n in rng.integers(1, 400, size=500)]
+    cfg = DataConfig(tokenizer_sample_mb=0.01, val_fraction=0.2)
+
+    class Quiet:
+        def advance(self, *a):
+            pass
+    survey, sample = shards._survey(Domain("d", (), lambda: iter(docs)), cfg, Quiet(), None)
+    u = shards._unit(shards._hash_key(0, "d", "split"), np.arange(len(docs)))
+    order = [i for i in np.argsort(u, kind="stable") if u[i] >= 0.2]
+    sizes = np.cumsum([len(docs[i]) for i in order])
+    n = int(np.searchsorted(sizes, 10_000)) + 1  # the fewest lowest-u train documents that reach 10 kB
+    assert sample == [docs[i] for i in order[:n]]
+    assert survey["documents"] == 500 and survey["text_bytes"] == sum(map(len, docs))
+
+
+def test_large_vocabulary_uses_uint32(tmp_path):
+    p = open_prepared(prepare(_cfg(tmp_path), 70_000, source=FIXTURE))
+    assert p.manifest["dtype"] == "uint32" and p.tokens("literature", "val").dtype == np.uint32
+    tok = load_tokenizer(p.tokenizer_path)
+    assert "Hamlet" in tok.decode(np.asarray(p.tokens("literature", "train")).tolist()) or \
+        "Hamlet" in tok.decode(np.asarray(p.tokens("literature", "val")).tolist())
+
+
+def test_format_1_folders_still_open(prepared, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(prepared.path, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(m | {"format": 1}))
+    assert open_prepared(copy).manifest["format"] == 1
+    assert not shards._reusable(copy, m["recipe"])  # but `photon prepare` rebuilds it
+    (copy / "manifest.json").write_text(json.dumps(m | {"format": 99}))
+    with pytest.raises(UserError, match="format 99"):
+        open_prepared(copy)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,20 +1,27 @@
 """Tokenize a corpus once into memmapped token files, and read them back as resumable batches.
 
-``prepare`` writes ``prep_dir/{tokenizer.json, manifest.json, <domain>.{train,val}.bin}`` atomically;
-``open_prepared`` checks it; ``TokenStream`` turns token arrays into (x, y) batches that are a pure function
-of an integer cursor, which is what makes a resumed run see exactly the batches it would have seen.
+``prepare`` streams the text (a corpus may be larger than RAM) and writes
+``prep_dir/{tokenizer.json, manifest.json, <domain>.{train,val}.bin}`` atomically, resuming an interrupted
+build; ``open_prepared`` checks it; ``TokenStream`` turns token arrays into (x, y) batches that are a pure
+function of an integer cursor, which is what makes a resumed run see exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import heapq
+import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,20 +29,26 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 
 from photon.config import DataConfig
-from photon.data.corpora import fetch_sources, load_default_corpus, load_user_corpus
-from photon.data.tokenizer import EOT, save_tokenizer, tokenizer_sha256, train_tokenizer
+from photon.data.corpora import Domain, default_domains, fetch_sources, user_domains
+from photon.data.tokenizer import EOT, load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer
 from photon.errors import UserError
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
-FORMAT_VERSION = 1
+# Format 2 splits and orders documents by per-document hashes, so prepare can stream; the files and the
+# manifest are laid out as in format 1, which therefore still opens (`photon prepare` rebuilds it).
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 SPLITS = ("train", "val")
 DEFAULT_CACHE = Path("data/sources")
-ENCODE_CHUNK = 256  # documents per encode_batch call: big enough for the Rust thread pool, small in RAM
+BATCH_BYTES = 1_000_000  # text per encode_batch call: plenty for the Rust thread pool, small in RAM
+BUCKET_BYTES = 32_000_000  # a domain's text per shuffle bucket: the most text a shuffle holds in RAM at once
+PROGRESS = "progress.json"  # in the build folder: the tokenizer and domains already done, for a resume
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -44,6 +57,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ---------------------------------------------------------------------------------------------------------
 # prepare: text -> tokenizer + shards
+#
+# Two passes over each domain's documents, neither keeping anything per document:
+# 1. survey: size, checksum, and the tokenizer sample. Document i of domain d gets u_i = hash(seed, d, i),
+#    uniform in [0, 1); it is held out for validation iff u_i < val_fraction (if that leaves no val document,
+#    the one with the lowest u is val; no train document, the one with the highest u is train). The sample is
+#    the train documents with the lowest u (a uniform random sample, kept in a heap bounded by
+#    tokenizer_sample_mb), water-filled across domains by `tokenizer_sample`.
+# 2. encode: documents in batches through `encode_batch_fast` (all cores), EOT after each, dealt into buckets
+#    of about BUCKET_BYTES by a second hash; each bucket is then shuffled with a seeded permutation and
+#    appended to the shard. A shard is thus a random permutation of its documents, so any contiguous slice
+#    of it (what partitions cut, what evaluation reads first) is a random sample of them.
+# The build happens in `.<prep_dir>.partial` beside prep_dir, renamed into place at the end; progress.json in
+# it records the tokenizer and each finished domain, so a rerun of the same recipe on unchanged files resumes.
 
 
 def _recipe(cfg: DataConfig, vocab_size: int, source: Path | None) -> dict[str, Any]:
@@ -58,22 +84,42 @@ def _recipe(cfg: DataConfig, vocab_size: int, source: Path | None) -> dict[str, 
     }
 
 
-def _split(name: str, docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
-    if len(docs) < 2:
-        raise UserError(f"domain {name!r} has {len(docs)} document; it needs at least 2 (one is held out for "
-                        "validation): split its text into several documents")
-    # Seed per domain by name, so adding a domain does not reshuffle the others.
-    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
-    order = rng.permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, round(cfg.val_fraction * len(docs))))
-    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _hash_key(seed: int, domain: str, salt: str) -> np.uint64:
+    digest = hashlib.blake2b(f"{seed}/{domain}/{salt}".encode(), digest_size=8).digest()
+    return np.uint64(int.from_bytes(digest, "little"))
+
+
+def _unit(key: np.uint64, idx: np.ndarray) -> np.ndarray:
+    """A uniform value in [0, 1) per document index: splitmix64 of the index, keyed (wrapping uint64 math)."""
+    with np.errstate(over="ignore"):
+        z = key + (idx.astype(np.uint64) + np.uint64(1)) * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _uniforms(key: np.uint64) -> Iterator[float]:
+    for start in itertools.count(0, 4096):
+        yield from _unit(key, np.arange(start, start + 4096)).tolist()
+
+
+def _is_val(survey: dict[str, Any], u: np.ndarray, idx: np.ndarray, val_fraction: float) -> np.ndarray:
+    val = u < val_fraction
+    val[idx == survey["force_val"]] = True  # comparing with None matches nothing
+    val[idx == survey["force_train"]] = False
+    return val
 
 
 def tokenizer_sample(train: dict[str, list[str]], sample_mb: float) -> list[str]:
     """About ``sample_mb`` MB of training text, shared as evenly as possible over the domains.
 
     Water-filling: small domains give all they have and the rest is split among the larger ones, so no
-    domain's bytes dominate the merges just because it is bigger.
+    domain's bytes dominate the merges just because it is bigger. Each domain's documents are taken in the
+    order given; giving only the first ``sample_mb`` MB of a domain changes nothing (no quota exceeds that).
     """
     sizes = {d: sum(len(doc.encode("utf-8")) for doc in docs) for d, docs in train.items()}
     budget, left = sample_mb * 1e6, len(sizes)
@@ -95,34 +141,144 @@ def tokenizer_sample(train: dict[str, list[str]], sample_mb: float) -> list[str]
     return sample
 
 
-def _text_sha256(docs: list[str]) -> str:
-    h = hashlib.sha256()
+def _survey(dom: Domain, cfg: DataConfig, progress: Progress, task: TaskID) -> tuple[dict[str, Any], list[str]]:
+    """Pass 1 over one domain: its size and checksum, the split's fallbacks, and its tokenizer sample (train
+    documents by increasing u, about tokenizer_sample_mb of them)."""
+    budget = cfg.tokenizer_sample_mb * 1e6
+    n = n_val = size = held = 0
+    sha = hashlib.sha256()
+    lo, hi = (2.0, -1), (-1.0, -1)  # (u, index) of the lowest and highest u
+    heap: list[tuple[float, int, int, str]] = []  # (-u, index, bytes, document): the top is the highest u
+    for i, (doc, u) in enumerate(zip(dom.docs(), _uniforms(_hash_key(cfg.seed, dom.name, "split")))):
+        raw = doc.encode("utf-8")
+        sha.update(raw)
+        sha.update(b"\x00")  # separator, so document boundaries are part of the checksum
+        n, size = n + 1, size + len(raw)
+        lo, hi = min(lo, (u, i)), max(hi, (u, i))
+        if u < cfg.val_fraction:
+            n_val += 1
+        elif held < budget or u < -heap[0][0]:
+            heapq.heappush(heap, (-u, i, len(raw), doc))
+            held += len(raw)
+            while held - heap[0][2] >= budget:  # keep the fewest lowest-u documents that fill the budget
+                held -= heapq.heappop(heap)[2]
+        progress.advance(task, len(raw))
+    if n < 2:
+        raise UserError(f"domain {dom.name!r} has {n} document(s); it needs at least 2 (one is held out for "
+                        "validation): split its text into several documents (in a domain's only .txt file, "
+                        "blank lines separate documents)")
+    survey = {"documents": n, "text_bytes": size, "text_sha256": sha.hexdigest(),
+              "force_val": lo[1] if n_val == 0 else None, "force_train": hi[1] if n_val == n else None}
+    sample = [doc for _, i, _, doc in sorted(heap, reverse=True) if i != survey["force_val"]]
+    return survey, sample
+
+
+def _encode_batch(tok, docs: list[str], eot: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' token ids, each followed by EOT, as one array; and each document's length."""
+    ids = [e.ids for e in tok.encode_batch_fast(docs)]  # encode_batch without offsets: same ids, faster
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (eot,)) for x in ids), dtype=dtype,
+                       count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch, size = [], 0
     for doc in docs:
-        h.update(doc.encode("utf-8"))
-        h.update(b"\x00")  # separator, so document boundaries are part of the checksum
-    return h.hexdigest()
+        batch.append(doc)
+        size += len(doc)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
-def _encode_to(path: Path, docs: list[str], tok, dtype: np.dtype, progress: Progress, task) -> int:
-    eot = tok.token_to_id(EOT)
-    n = 0
-    with open(path, "wb") as f:
-        for i in range(0, len(docs), ENCODE_CHUNK):
-            chunk = docs[i: i + ENCODE_CHUNK]
-            ids = [np.append(np.asarray(e.ids, dtype=dtype), dtype.type(eot)) for e in tok.encode_batch(chunk)]
-            block = np.concatenate(ids)
-            block.tofile(f)
-            n += block.size
-            progress.advance(task, sum(len(d) for d in chunk))
-    return n
+def _append(path: Path, arr: np.ndarray) -> None:
+    with open(path, "ab") as f:
+        arr.tofile(f)
 
 
-def _load(source: Path | None, cache_dir: Path | None, max_mb: float | None) -> dict[str, list[str]]:
+def _deal(work: Path, k: int, dom: Domain, survey: dict[str, Any], tok, dtype: np.dtype, cfg: DataConfig,
+          progress: Progress, task: TaskID) -> None:
+    """Encode a domain's documents in batches and append each to its bucket: ``work/<g>.{tokens,lengths}``
+    with g = split * k + bucket."""
+    split_key, bucket_key = _hash_key(cfg.seed, dom.name, "split"), _hash_key(cfg.seed, dom.name, "bucket")
+    eot, sha, n = tok.token_to_id(EOT), hashlib.sha256(), 0
+    for batch in _batches(dom.docs()):
+        idx = np.arange(n, n + len(batch))
+        n += len(batch)
+        val = _is_val(survey, _unit(split_key, idx), idx, cfg.val_fraction)
+        group = val * k + (_unit(bucket_key, idx) * k).astype(np.int64)
+        flat, lengths = _encode_batch(tok, batch, eot, dtype)
+        ends = np.cumsum(lengths)
+        for g in np.unique(group):
+            members = np.flatnonzero(group == g)
+            _append(work / f"{g}.tokens", np.concatenate([flat[ends[j] - lengths[j]:ends[j]] for j in members]))
+            _append(work / f"{g}.lengths", lengths[members])
+        raw = [doc.encode("utf-8") for doc in batch]
+        for r in raw:
+            sha.update(r)
+            sha.update(b"\x00")
+        progress.advance(task, sum(map(len, raw)))
+    if n != survey["documents"] or sha.hexdigest() != survey["text_sha256"]:
+        raise UserError(f"domain {dom.name!r} changed while it was being prepared (files: "
+                        f"{', '.join(map(str, dom.files[:3])) or 'built-in'}); run `photon prepare` again")
+
+
+def _shuffle(work: Path, groups: range, dtype: np.dtype, seed: list[int], path: Path) -> dict[str, int]:
+    """Write the buckets ``groups`` to ``path`` in order, each one's documents in a seeded random order."""
+    docs = tokens = 0
+    with open(path, "wb") as out:
+        for g in groups:
+            if not (work / f"{g}.lengths").exists():
+                continue
+            lengths = np.fromfile(work / f"{g}.lengths", dtype=np.int64)
+            flat = np.fromfile(work / f"{g}.tokens", dtype=dtype)
+            ends = np.cumsum(lengths)
+            order = np.random.default_rng([*seed, g]).permutation(len(lengths))
+            np.concatenate([flat[ends[j] - lengths[j]:ends[j]] for j in order]).tofile(out)
+            docs, tokens = docs + len(lengths), tokens + flat.size
+        out.flush()
+        os.fsync(out.fileno())
+    return {"documents": docs, "tokens": tokens}
+
+
+def _write_domain(tmp: Path, dom: Domain, survey: dict[str, Any], tok, dtype: np.dtype, cfg: DataConfig,
+                  progress: Progress, task: TaskID) -> dict[str, Any]:
+    """Pass 2 over one domain: its shards, and its manifest entry."""
+    k = max(1, math.ceil(survey["text_bytes"] / BUCKET_BYTES))
+    work = tmp / "buckets"
+    shutil.rmtree(work, ignore_errors=True)  # buckets of a run stopped inside this domain
+    work.mkdir()
+    _deal(work, k, dom, survey, tok, dtype, cfg, progress, task)
+    entry: dict[str, Any] = {"text_sha256": survey["text_sha256"], "text_mb": round(survey["text_bytes"] / 1e6, 3)}
+    seed = [cfg.seed, zlib.crc32(dom.name.encode())]
+    for s, split in enumerate(SPLITS):
+        entry[split] = _shuffle(work, range(s * k, (s + 1) * k), dtype, seed, tmp / f"{dom.name}.{split}.bin")
+    shutil.rmtree(work)
+    return entry
+
+
+def _domains(source: Path | None, cache_dir: Path | None, max_mb: float | None) -> list[Domain]:
     if source is not None:
-        return load_user_corpus(Path(source), max_mb)
-    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    fetch_sources(cache_dir)
-    return load_default_corpus(cache_dir, max_mb)
+        found = user_domains(Path(source), max_mb)
+    else:
+        cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+        fetch_sources(cache_dir)
+        found = default_domains(cache_dir, max_mb)
+    return sorted(found, key=lambda d: d.name)
+
+
+def _fingerprint(domains: list[Domain]) -> str:
+    """Names, sizes and mtimes of the files read: a resume must not mix shards of edited files."""
+    h = hashlib.sha256()
+    for d in domains:
+        h.update(f"{d.name}\n".encode())
+        for f in d.files:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _reusable(prep_dir: Path, recipe: dict[str, Any]) -> bool:
@@ -133,9 +289,112 @@ def _reusable(prep_dir: Path, recipe: dict[str, Any]) -> bool:
     return manifest.get("format") == FORMAT_VERSION and manifest.get("recipe") == recipe
 
 
-def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_dir: Path | None = None) -> Path:
+def _write_json(path: Path, obj: Any) -> None:
+    """Write-then-rename, fsynced: a crash leaves the old file or the new one."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+@contextlib.contextmanager
+def _claim(tmp: Path) -> Iterator[None]:
+    """Hold the build folder ``tmp`` (created if missing): a second prepare into the same place is refused."""
+    tmp.mkdir(exist_ok=True)
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    busy = UserError(f"another `photon prepare` is building {tmp} right now; wait for it to finish")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.path.samestat(os.fstat(fd), os.stat(tmp))  # not a folder a finished prepare renamed
+        except (BlockingIOError, FileNotFoundError):
+            raise busy from None
+        if not same:
+            raise busy
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _start(tmp: Path, want: dict[str, Any], n_domains: int) -> dict[str, Any]:
+    """The progress of an interrupted build of the same recipe from the same files, or a fresh start."""
+    try:
+        state = json.loads((tmp / PROGRESS).read_text())
+        if all(state.get(k) == v for k, v in want.items()) and \
+                tokenizer_sha256(tmp / "tokenizer.json") == state["tokenizer_sha256"]:
+            console.log(f"resuming the interrupted prepare in {tmp} ({len(state['done'])} of {n_domains} "
+                        "domains done)")
+            return state
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for child in tmp.iterdir():  # another recipe, edited files, or stopped before the tokenizer was saved
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    return dict(want, surveys=None, tokenizer_sha256=None, done={})
+
+
+def _train(tmp: Path, domains: list[Domain], cfg: DataConfig, vocab_size: int, progress: Progress,
+           state: dict[str, Any]) -> None:
+    """Pass 1 over every domain, then the tokenizer; both recorded in progress.json."""
+    task = progress.add_task("reading", total=None)
+    surveys, samples = {}, {}
+    for dom in domains:
+        surveys[dom.name], samples[dom.name] = _survey(dom, cfg, progress, task)
+    progress.remove_task(task)
+    sample = tokenizer_sample(samples, cfg.tokenizer_sample_mb)
+    del samples
+    sample_mb = sum(len(x.encode("utf-8")) for x in sample) / 1e6
+    console.log(f"training a {vocab_size}-token BPE on {sample_mb:.1f} MB from {len(domains)} domains")
+    tok = train_tokenizer(sample, vocab_size)
+    del sample
+    save_tokenizer(tok, tmp / "tokenizer.json")
+    state.update(surveys=surveys, tokenizer_sha256=tokenizer_sha256(tmp / "tokenizer.json"))
+    _write_json(tmp / PROGRESS, state)
+
+
+def _build(tmp: Path, state: dict[str, Any], domains: list[Domain], cfg: DataConfig, vocab_size: int,
+           timings: dict[str, float]) -> dict[str, Any]:
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        t0 = time.perf_counter()
+        if state["tokenizer_sha256"] is None:
+            _train(tmp, domains, cfg, vocab_size, progress, state)
+        timings["survey_and_tokenizer_s"] = time.perf_counter() - t0
+        tok = load_tokenizer(tmp / "tokenizer.json")
+        dtype = token_dtype(vocab_size)
+        surveys = state["surveys"]
+        task = progress.add_task("tokenizing", total=sum(s["text_bytes"] for s in surveys.values()))
+        for dom in domains:
+            if dom.name in state["done"]:
+                progress.advance(task, surveys[dom.name]["text_bytes"])
+                continue
+            state["done"][dom.name] = _write_domain(tmp, dom, surveys[dom.name], tok, dtype, cfg, progress, task)
+            _write_json(tmp / PROGRESS, state)
+        timings["encode_s"] = time.perf_counter() - t0 - timings["survey_and_tokenizer_s"]
+    return {
+        "format": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "eot_id": tok.token_to_id(EOT),
+        "tokenizer_sha256": state["tokenizer_sha256"],
+        "source": state["recipe"]["source"],
+        "seed": cfg.seed,
+        "recipe": state["recipe"],
+        "domains": {d.name: state["done"][d.name] for d in domains},
+    }
+
+
+def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_dir: Path | None = None,
+            timings: dict[str, float] | None = None) -> Path:
     """Build ``cfg.prep_dir`` (tokenizer, shards, manifest) from the default corpus or ``source``; reuse it
-    when it was already built from the same recipe."""
+    when it was already built from the same recipe, resume it when a build of the same recipe was stopped.
+
+    ``timings``, if given, receives the seconds spent per phase (for `photon bench prepare`)."""
     prep_dir = Path(cfg.prep_dir)
     recipe = _recipe(cfg, vocab_size, source)
     if _reusable(prep_dir, recipe):
@@ -146,50 +405,30 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
         raise UserError(f"data.prep_dir={prep_dir} exists and is not a Photon prepared folder (no manifest.json); "
                         "choose another data.prep_dir or empty it")
     t0 = time.perf_counter()
-    corpus = _load(source, cache_dir, cfg.max_mb_per_domain)
-    split = {d: _split(d, docs, cfg) for d, docs in sorted(corpus.items())}
-
+    timings = {} if timings is None else timings
+    domains = _domains(source, cache_dir, cfg.max_mb_per_domain)
     prep_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=prep_dir.parent, prefix=f".{prep_dir.name}.tmp-"))
-    try:
-        sample = tokenizer_sample({d: tr for d, (tr, _) in split.items()}, cfg.tokenizer_sample_mb)
-        sample_mb = sum(len(x.encode("utf-8")) for x in sample) / 1e6
-        console.log(f"training a {vocab_size}-token BPE on {sample_mb:.1f} MB from {len(split)} domains")
-        tok = train_tokenizer(sample, vocab_size)
-        del sample
-        save_tokenizer(tok, tmp / "tokenizer.json")
-        dtype = token_dtype(vocab_size)
-        domains = {}
-        total = sum(len(doc) for tr, va in split.values() for doc in tr + va)
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("tokenizing (chars)", total=total)
-            for d, (train, val) in split.items():
-                entry = {"text_sha256": _text_sha256(corpus[d]),
-                         "text_mb": round(sum(len(x.encode("utf-8")) for x in corpus[d]) / 1e6, 3)}
-                for name, docs in zip(SPLITS, (train, val)):
-                    n = _encode_to(tmp / f"{d}.{name}.bin", docs, tok, dtype, progress, task)
-                    entry[name] = {"documents": len(docs), "tokens": n}
-                domains[d] = entry
-        manifest = {
-            "format": FORMAT_VERSION,
-            "vocab_size": vocab_size,
-            "dtype": dtype.name,
-            "eot_id": tok.token_to_id(EOT),
-            "tokenizer_sha256": tokenizer_sha256(tmp / "tokenizer.json"),
-            "source": recipe["source"],
-            "seed": cfg.seed,
-            "recipe": recipe,
-            "domains": domains,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp = prep_dir.parent / f".{prep_dir.name}.partial"
+    with _claim(tmp):
+        want = {"format": FORMAT_VERSION, "recipe": recipe, "sources": _fingerprint(domains)}
+        state = _start(tmp, want, len(domains))
+        try:
+            manifest = _build(tmp, state, domains, cfg, vocab_size, timings)
+        except BaseException as e:
+            if isinstance(e, UserError) or not (tmp / PROGRESS).exists():
+                shutil.rmtree(tmp, ignore_errors=True)  # bad input, or nothing worth resuming yet
+            else:
+                console.log(f"prepare stopped; {tmp} keeps the tokenizer and {len(state['done'])} finished "
+                            "domain(s): the same command resumes from there")
+            raise
+        (tmp / PROGRESS).unlink()
+        _write_json(tmp / "manifest.json", manifest)
         _swap_in(tmp, prep_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tokens = sum(e["train"]["tokens"] + e["val"]["tokens"] for e in domains.values())
-    console.log(f"prepared {len(domains)} domains, {tokens / 1e6:.2f}M tokens in {prep_dir} "
-                f"({time.perf_counter() - t0:.1f} s)")
+    timings["total_s"] = time.perf_counter() - t0
+    tokens = sum(e["train"]["tokens"] + e["val"]["tokens"] for e in manifest["domains"].values())
+    mb = sum(e["text_mb"] for e in manifest["domains"].values())
+    console.log(f"prepared {len(domains)} domains, {mb:.1f} MB of text, {tokens / 1e6:.2f}M tokens in {prep_dir} "
+                f"({timings['total_s']:.1f} s)")
     return prep_dir
 
 
@@ -253,8 +492,9 @@ def open_prepared(prep_dir: Path) -> Prepared:
         want_sha = manifest["tokenizer_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{mpath}: manifest is corrupt; {_FIX}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise UserError(f"{mpath}: format {manifest.get('format')} is not {FORMAT_VERSION}; {_FIX}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{mpath}: format {manifest.get('format')} is not one this version reads "
+                        f"({', '.join(map(str, READABLE_FORMATS))}); {_FIX}")
     for name, size in expected.items():
         f = prep_dir / name
         if not f.is_file() or f.stat().st_size != size:
