@@ -493,6 +493,29 @@ def bench_wire(
     run_wire_bench(cfg, out, console)
 
 
+@bench_app.command("prepare")
+def bench_prepare(
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    sizes: Annotated[str, typer.Option(help="Comma-separated input sizes in GB (the built-in corpus repeated).")]
+    = "0.1,1",
+    out: Annotated[Path, typer.Option(help="Where inputs (deleted after each size) and logs go.")]
+    = Path("runs/bench-prepare"),
+    cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
+) -> None:
+    """Streaming `photon prepare` on growing inputs: MB/s against one `encode_batch` call on the same text, and
+    peak RSS per size (it must stay flat); stores docs/results/prepare.json."""
+    from photon.bench.prepare import builtin_corpus, run_prepare_bench
+
+    try:
+        values = tuple(float(x) for x in sizes.split(","))
+    except ValueError:
+        raise UserError(f"--sizes {sizes!r}: expected comma-separated sizes in GB, e.g. 0.1,1") from None
+    if min(values) <= 0:
+        raise UserError(f"--sizes {sizes!r}: sizes must be positive, e.g. 0.1,1")
+    run_prepare_bench(_config(preset, overrides), values, out, builtin_corpus(cache), console)
+
+
 @bench_app.command("report")
 def bench_report(
     results: Annotated[Path, typer.Option(help="Stored benchmark outputs.")] = Path("docs/results"),
