@@ -211,6 +211,43 @@ class VirtualClockConfig(_Frozen):
     bandwidth_mbps: float = Field(1000.0, gt=0, description="Virtual link speed for moving messages.")
 
 
+class CodecConfig(_Frozen):
+    """How updates travel one way (federation/codec.py has the byte layouts)."""
+
+    codec: Literal["fp32", "bf16", "fp16", "int8", "int4", "2bit", "topk"] = Field(
+        "fp32", description="fp32 (exact), bf16/fp16 casts, int8/int4 with per-block scales, 2bit (sign or "
+        "codebook per block), topk (a density of each chunk, values in `values`).")
+    density: float = Field(0.02, gt=0, le=1, description="topk: fraction of each chunk kept.")
+    values: Literal["fp32", "bf16", "fp16", "int8", "int4", "2bit"] = Field(
+        "fp32", description="topk: codec of the kept values.")
+    chunk: int = Field(4096, ge=1, le=65536, description="topk: elements per chunk (indices are uint16).")
+    block_size: int = Field(256, ge=1, description="int8/int4/2bit: elements sharing one scale.")
+    stochastic: bool = Field(False, description="Unbiased stochastic rounding (seeded per task) instead of "
+                             "nearest.")
+    two_bit: Literal["sign", "codebook"] = Field("sign", description="2bit: ±scale or 0 (sign), or 4 levels "
+                                                 "per block (codebook).")
+    error_feedback: bool = Field(False, description="Carry what compression left out into the next round's "
+                                 "message (up: per client, kept with the client's state; down: on the server).")
+
+    def spec(self):
+        from photon.federation.codec import CodecSpec
+
+        return CodecSpec(name=self.codec, density=self.density, values=self.values, chunk=self.chunk,
+                         block_size=self.block_size, stochastic=self.stochastic, two_bit=self.two_bit)
+
+    @model_validator(mode="after")
+    def _check_spec(self) -> CodecConfig:
+        self.spec().validate()
+        return self
+
+
+class CompressionConfig(_Frozen):
+    """Compressed updates: clients send C(Δ_k + e_k) up; the server sends the outer update down."""
+
+    up: CodecConfig = CodecConfig()
+    down: CodecConfig = CodecConfig()
+
+
 class FederationConfig(_Frozen):
     """Rounds, sampling and fault tolerance of the federated run."""
 
@@ -239,6 +276,7 @@ class FederationConfig(_Frozen):
     adaptive: AdaptiveDeadlineConfig = AdaptiveDeadlineConfig()
     asynchronous: AsyncConfig = AsyncConfig()
     virtual_clock: VirtualClockConfig = VirtualClockConfig()
+    compression: CompressionConfig = CompressionConfig()
     schedule_rounds: int | None = Field(
         None, ge=1, description="Rounds the LR schedule spans (None = federation.rounds). Set it to the original "
         "rounds when extending a run with more rounds: the extra rounds train on the LR floor.")

@@ -30,7 +30,9 @@ import torch
 from photon.config import RunConfig
 from photon.errors import UserError
 from photon.federation import codec
-from photon.federation.client_state import MISSING, StateFiles
+from photon.digest import tensors_digest
+from photon.federation import compression
+from photon.federation.client_state import MISSING, MISSING_BASE, StateFiles
 from photon.federation.fold import ReplyBuffer, combine, screen
 from photon.federation.outer import make_outer
 from photon.federation.protocol import MODEL, STATE, UPDATE, ClientReply, ClientTask, Rejected, Wire, \
@@ -99,6 +101,7 @@ class _Round:
     max_attempts: int
     attempts: Counter[int] = field(default_factory=Counter)
     attach: set[int] = field(default_factory=set)          # retry these with the server's copy of their state
+    full_model: set[int] = field(default_factory=set)      # retry these with the full model (node lacked the base)
     state_retried: set[int] = field(default_factory=set)
     in_flight: dict[str, InFlight] = field(default_factory=dict)
     replies: dict[int, ClientReply] = field(default_factory=dict)
@@ -142,6 +145,12 @@ class Aggregator:
         self.occupied: dict[int, tuple[str, float]] = {}  # node -> (handle, release at, transport clock)
         self.task_times: deque[float] = deque(state.task_times, maxlen=cfg.federation.adaptive.window)
         self._model_payload: tuple[tuple[int, int], codec.Payload] | None = None
+        # Compressed down-link (federation.compression.down): the digest of θ, the last outer update as every
+        # node holding the previous model applies it, and which model each node holds.
+        self.down = cfg.federation.compression.down
+        self._digest: tuple[tuple[int, int], str] | None = None
+        self._down_payload: tuple[str, str, codec.Payload] | None = None  # (base digest, new digest, payload)
+        self.node_model: dict[int, str] = {}
 
     # -----------------------------------------------------------------------------------------------------
     # What goes out
@@ -166,6 +175,23 @@ class Aggregator:
             self._model_payload = None  # let the old bytes go first
             self._model_payload = (key, codec.encode(self.state.params))
         return self._model_payload[1]
+
+    def model_digest(self) -> str | None:
+        """Digest of the current global model, when the down-link is compressed (nodes check their rebuild)."""
+        if compression.is_identity(self.down):
+            return None
+        key = (self.state.round, self.state.global_step)
+        if self._digest is None or self._digest[0] != key:
+            self._digest = (key, tensors_digest(self.state.params))
+        return self._digest[1]
+
+    def model_for(self, node: int, full: bool = False) -> tuple[codec.Payload, str | None]:
+        """What to send `node` as its model: the compressed outer update when it holds the previous model,
+        else the full model. Returns (payload, base digest or None)."""
+        if not full and self._down_payload is not None and self.node_model.get(node) == self._down_payload[0] \
+                and self._down_payload[1] == self.model_digest():
+            return self._down_payload[2], self._down_payload[0]
+        return self.model_payload(), None
 
     def task(self, client_id: int, attempt: int) -> ClientTask:
         rec, fed = self.state.clients[client_id], self.cfg.federation
@@ -295,7 +321,9 @@ class Aggregator:
             if cid in rnd.attach and task.state_digest is not None:
                 tensors = self.store.get(task.state_digest)
                 state_payload = codec.encode(tensors) if tensors is not None else None
-            wire = encode_task(task, self.model_payload(), state_payload)
+            model, task.base_digest = self.model_for(node, full=cid in rnd.full_model)
+            task.model_digest = self.model_digest()
+            wire = encode_task(task, model, state_payload)
             handle = transport.submit(node, wire)
             now = clock_of(transport)()
             rnd.in_flight[handle] = InFlight(task, node, now, now + self.task_deadline())
@@ -322,12 +350,20 @@ class Aggregator:
             self._state_missing(cid, node, rnd.attach)
             rnd.queue.appendleft(cid)
             return
+        if isinstance(msg, str) and MISSING_BASE in msg and cid not in rnd.full_model:
+            rnd.full_model.add(cid)  # the node lacked the model the update applies to: send it whole
+            rnd.attempts[cid] -= 1
+            self.node_model.pop(node, None)
+            rnd.queue.appendleft(cid)
+            return
         outcome = str(msg) if isinstance(msg, (str, Rejected)) else \
             self._receive(task, msg, rnd.result, rnd.buffer, (rnd.order[cid],))
         if isinstance(outcome, ClientReply):
             self.task_times.append(rnd.clock() - flight.sent)
             self.state.task_times = list(self.task_times)
             self._node_ok(node)
+            if task.model_digest is not None:
+                self.node_model[node] = task.model_digest  # it now holds this model
             rnd.replies[cid], rnd.node_of[cid] = outcome, node
             rnd.node_train[node] += outcome.train_seconds
             return
@@ -378,8 +414,17 @@ class Aggregator:
 
     def _commit(self, delta: dict[str, torch.Tensor], replies: dict[int, ClientReply], node_of: dict[int, int],
                 result: RoundResult) -> None:
+        old = None if compression.is_identity(self.down) else \
+            {k: v.clone() for k, v in self.state.params.items()}
+        base = self.model_digest()
         self.outer.step(self.state.params, delta)
         del delta
+        if old is not None:  # the new model is what nodes rebuild from the compressed outer update
+            payload, residual = compression.server_broadcast(
+                self.state.params, old, self.state.down_residual or None, self.down, seed=self.state.round)
+            self.state.down_residual = residual or {}
+            del old
+            self._down_payload = (base, None, payload)
         self.state.outer_state = self.outer.state_dict()
         persist = self.cfg.federation.client_optimizer == "persist"
         for cid, reply in replies.items():
@@ -396,6 +441,8 @@ class Aggregator:
         result.train_seconds = sum(r.train_seconds for r in replies.values())
         self.state.global_step += steps  # Photon: the largest local step count of the round
         self.state.round += 1
+        if self._down_payload is not None and self._down_payload[1] is None:
+            self._down_payload = (self._down_payload[0], self.model_digest(), self._down_payload[2])
         for key in ("bytes_up", "bytes_down", "bytes_state_up", "bytes_state_down", "tokens"):
             self.state.totals[key] = self.state.totals.get(key, 0) + getattr(result, key)
         result.committed = True

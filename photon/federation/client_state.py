@@ -28,11 +28,17 @@ from photon.digest import tensors_digest
 
 Tensors = dict[str, torch.Tensor]
 MISSING = "photon:missing-client-state"  # marks a node's error reply: "I do not hold the state you named"
+MISSING_BASE = "photon:missing-base-model"  # "I do not hold the model your compressed update applies to"
 
 
 class MissingClientState(RuntimeError):
     def __init__(self, client: int, digest: str):
         super().__init__(f"{MISSING} client {client} state {digest[:12]} is not cached on this node")
+
+
+class MissingBaseModel(RuntimeError):
+    def __init__(self, digest: str):
+        super().__init__(f"{MISSING_BASE} the global model {digest[:12]} is not cached on this node")
 
 
 class StateFiles:
@@ -109,6 +115,12 @@ class NodeStateCache:
 
     def save(self, run_id: str, client: int, state: Tensors) -> str:
         return self.files(run_id, client).put(state)
+
+    def global_files(self, run_id: str) -> StateFiles:
+        """The last global model this node received (for compressed down-link updates), per run."""
+        if not run_id.isalnum():
+            raise ValueError(f"bad run id {run_id!r}")
+        return StateFiles(self.state_dir / run_id / "global")
 
     def clear_run(self, run_id: str) -> None:
         shutil.rmtree(self.state_dir / run_id, ignore_errors=True)

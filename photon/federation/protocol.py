@@ -62,6 +62,8 @@ class ClientTask:
     attempt: int = 1
     version: int = 0                 # the global model version (outer steps taken) it starts from
     dispatch: int = 0                # the client's dispatch count: seeds per-task fault draws
+    model_digest: str | None = None  # digest of the global model the task starts from (compressed down-link)
+    base_digest: str | None = None   # set: the model payload is a compressed update to apply to this model
 
     @property
     def samples(self) -> int:

@@ -50,6 +50,7 @@ class ServerState:
     task_times: list[float] = field(default_factory=list)  # recent dispatch->reply times (adaptive deadline)
     clock: float = 0.0  # the transport's clock at the checkpoint (virtual seconds in the in-process engine)
     outstanding: list[dict[str, Any]] = field(default_factory=list)  # async: tasks in flight at the checkpoint
+    down_residual: Tensors = field(default_factory=dict)  # error feedback of the compressed down-link
 
     @classmethod
     def fresh(cls, params: Tensors, num_clients: int, seed: int) -> ServerState:
@@ -71,8 +72,10 @@ class ServerState:
                 "totals": self.totals, "last_norms": self.last_norms, "run_uid": self.run_uid,
                 "task_times": self.task_times, "clock": self.clock, "outstanding": self.outstanding,
                 "config": config}
-        path = save_checkpoint(Path(ckpt_dir) / f"round_{self.round:06d}",
-                               {"model": self.params, "outer": self.outer_state}, meta, extra_files)
+        groups = {"model": self.params, "outer": self.outer_state}
+        if self.down_residual:
+            groups["down"] = self.down_residual
+        path = save_checkpoint(Path(ckpt_dir) / f"round_{self.round:06d}", groups, meta, extra_files)
         prune_checkpoints(ckpt_dir, keep)
         return path
 
@@ -87,7 +90,8 @@ class ServerState:
                     clients=[ClientRecord(**c) for c in meta["clients"]], rng_state=meta["rng_state"],
                     totals=meta.get("totals", {}), last_norms=meta.get("last_norms", []),
                     run_uid=meta.get("run_uid") or uuid.uuid4().hex, task_times=meta.get("task_times", []),
-                    clock=meta.get("clock", 0.0), outstanding=meta.get("outstanding", []))
+                    clock=meta.get("clock", 0.0), outstanding=meta.get("outstanding", []),
+                    down_residual=tensors.get("down", {}))
         return state, meta
 
 
