@@ -327,6 +327,9 @@ def node(
     state: Annotated[Optional[Path], typer.Option(help="Node state and log (default .photon/node-PORT).")] = None,
     warm: Annotated[bool, typer.Option(help="Experimental: one long-lived ClientApp process and shorter polls "
                                        "instead of Flower's process per message (see docs/DEPLOY.md).")] = False,
+    procs: Annotated[Optional[int], typer.Option(min=1, help="Processes that train each client together, one per "
+                                                 "GPU (or CPU processes); default: the run's "
+                                                 "federation.procs_per_node.")] = None,
 ) -> None:
     """Start a SuperNode that trains for the server at --superlink. Runs until Ctrl-C."""
     from photon.federation import deploy
@@ -337,7 +340,7 @@ def node(
     log_file = state / "supernode.log"
     since = log_file.stat().st_size if log_file.exists() else 0
     proc = deploy.start_supernode(superlink, port, state, data=data, certs=certs, key=key, insecure=insecure,
-                                  log_file=log_file, warm=warm)
+                                  log_file=log_file, warm=warm, procs=procs)
     try:
         deploy.wait_connected(proc, log_file, superlink, certs=certs, insecure=insecure, since=since)
         console.print(f"SuperNode for {superlink} connected; log {log_file}. Ctrl-C stops.", soft_wrap=True)

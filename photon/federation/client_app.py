@@ -5,7 +5,8 @@ across rounds: in simulation (long-lived Ray actors) and on a `photon node` (its
 see `deploy.py`). Flower's own deployment executor starts a new process per message, which starts cold. Node
 options come from Flower's node config: `data-dir` (prepared data on this node, default: the run's
 `data.prep_dir`), `state-dir` (where this node caches kept client state, see `client_state.py`) and
-`slowdown` (a drill knob: the node takes that many times as long per task).
+`slowdown` (a drill knob: the node takes that many times as long per task) and `procs` (processes that train
+each client together, `photon node --procs`; absent: the run's `federation.procs_per_node`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def _worker(context: Context, default_state_dir: str) -> ClientWorker:
     state_dir = str(context.node_config.get("state-dir", "") or default_state_dir)
     data_dir = str(context.node_config.get("data-dir", "") or "")
     slowdown = float(context.node_config.get("slowdown", 1.0))
+    procs = int(context.node_config.get("procs", 0)) or None
     key = (context.run_id, state_dir, data_dir)
     if key not in _workers:
         _workers.clear()  # another run (or node): let the last one's model and memmapped data go
-        _workers[key] = ClientWorker(Path(state_dir), Path(data_dir) if data_dir else None, slowdown=slowdown)
+        _workers[key] = ClientWorker(Path(state_dir), Path(data_dir) if data_dir else None, slowdown=slowdown,
+                                     procs=procs)
     return _workers[key]
 
 

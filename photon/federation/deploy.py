@@ -268,10 +268,13 @@ def local_address(host: str) -> str:
 
 def start_supernode(superlink: str, port: int, state: Path, data: Path | None = None,
                     certs: Path | None = None, key: Path | None = None, insecure: bool = False,
-                    log_file: Path | None = None, warm: bool = False, slowdown: float = 1.0) -> subprocess.Popen:
+                    log_file: Path | None = None, warm: bool = False, slowdown: float = 1.0,
+                    procs: int | None = None) -> subprocess.Popen:
     """Start a SuperNode connected to `superlink` (HOST:PORT). `port` is its local Runtime API for ClientApps
     (127.0.0.1 only), distinct per node on one host. The ClientApp reads `data-dir` and `state-dir`, and
-    `slowdown` (a drill knob: this node takes `slowdown`× as long per task, like older hardware).
+    `slowdown` (a drill knob: this node takes `slowdown`× as long per task, like older hardware), and `procs`
+    (processes, one per GPU, that train each client together, see `train/distributed.py`; None: the run's
+    `federation.procs_per_node`).
 
     Default: plain `flower-supernode`, a new ClientApp process per message. `warm` (opt-in, experimental):
     `--isolation process` with photon's long-lived ClientApp runtime beside it (see "A warm node" below)."""
@@ -286,6 +289,8 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
         node_config += f' data-dir="{Path(data).resolve()}"'
     if slowdown != 1.0:
         node_config += f" slowdown={float(slowdown)}"
+    if procs is not None:
+        node_config += f" procs={int(procs)}"
     args = ([sys.executable, "-m", "photon.federation.warm_node", "supernode", "--isolation", "process"] if warm
             else [executable("flower-supernode")])
     args += ["--superlink", superlink, "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]

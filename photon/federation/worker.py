@@ -25,6 +25,7 @@ from photon.federation.codec import CodecError
 from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail, task_timing
 from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wire, decode_task, encode_reply
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
+from photon.train import distributed
 from photon.train.device import place, resolve_device, setup_backend
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
                                 train_local)
@@ -43,15 +44,17 @@ def optimizer_state_layout(params: Tensors) -> codec.Layout:
 
 class ClientWorker:
     def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None, real_time_faults: bool = True,
-                 slowdown: float = 1.0):
+                 slowdown: float = 1.0, procs: int | None = None):
         """`state_dir` caches kept client state; `data_dir` overrides the task's prep_dir (a node's own data).
         `real_time_faults`: slow and late tasks really sleep and lost replies raise (Flower, real-time
         engines); the virtual-clock engine models them itself and turns this off. `slowdown`: this node takes
-        that many times as long per task (a drill knob for a deployment: older hardware)."""
+        that many times as long per task (a drill knob for a deployment: older hardware). `procs`: processes
+        that train each client together (`photon node --procs`; None = the run's federation.procs_per_node)."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
         self.data_dir = data_dir
         self.real_time_faults = real_time_faults
         self.slowdown = slowdown
+        self.procs = procs
         self._prepared: dict[str, Prepared] = {}
         self._model: tuple[str, Transformer, torch.nn.Module] | None = None  # key, module, what to call
 
@@ -93,7 +96,8 @@ class ClientWorker:
         prepared = self.prepared(str(cfg.data.prep_dir), task.config.get("tokenizer_sha256"))
         stream = spans_stream(prepared, task.spans, cfg.train.seq_len, task.batch_size,
                               client_seed(cfg, task.client_id))
-        model, trainable = self.model(cfg)
+        procs = self.procs or cfg.federation.procs_per_node
+        model, trainable = self.model(cfg if procs == 1 else distributed.host_config(cfg))
         layout = codec.layout_of(unique_state_dict(model))
         try:
             start = codec.decode(wire.payloads[MODEL], layout)
@@ -108,8 +112,15 @@ class ClientWorker:
                 attached = codec.decode(wire.payloads[STATE], optimizer_state_layout(start))
             state = self.cache.load(task.run_id, task.client_id, task.state_digest, attached)
             load_optimizer_state_tensors(model, optimizer, state)
-        result = train_local(trainable, optimizer, stream, task.cursor, task.global_step, task.local_steps,
-                             cfg.train, task.schedule_steps)
+        if procs > 1:  # N ranks train the client and leave model and optimizer as train_local would have
+            spec = distributed.StreamSpec(str(prepared.path), task.spans, task.batch_size,
+                                          client_seed(cfg, task.client_id))
+            result = distributed.train_ranks(model, optimizer, cfg, spec, task.cursor, task.global_step,
+                                             task.local_steps, task.schedule_steps, procs,
+                                             self.cache.state_dir / "ranks", optimizer_state=persist)
+        else:
+            result = train_local(trainable, optimizer, stream, task.cursor, task.global_step, task.local_steps,
+                                 cfg.train, task.schedule_steps)
         if self.real_time_faults:
             timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
             speed = timing.speed * self.slowdown
