@@ -197,6 +197,12 @@ def test_one_document_domain_is_refused(tmp_path):
         prepare(_cfg(tmp_path), VOCAB, source=tmp_path / "c")
 
 
+def test_water_fill_is_balanced():
+    quota = shards.water_fill({"big": 100_000, "small": 200, "mid": 450}, 1000)
+    assert quota == {"small": 200, "mid": 400, "big": 400}  # small gives all it has, the rest share equally
+    assert shards.water_fill({"a": 10, "b": 20}, 1000) == {"a": 10, "b": 20}
+
+
 def _paragraph_corpus(root: Path, n: int) -> list[str]:
     docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(5 + i % 40)) for i in range(n)]
     (root / "big").mkdir(parents=True)
@@ -230,21 +236,23 @@ def test_split_rule_and_shuffled_shards(tmp_path, monkeypatch):
         _files(p.path)
 
 
-def test_survey_samples_the_lowest_hash_training_documents():
+def test_survey_samples_the_lowest_hash_training_documents(tmp_path):
     from photon.data.corpora import Domain
     rng = np.random.default_rng(0)
-    docs = ["x" * int(n) for n in rng.integers(1, 400, size=500)]
+    docs = [str(i % 10) * int(n) for i, n in enumerate(rng.integers(1, 400, size=500))]
     cfg = DataConfig(tokenizer_sample_mb=0.01, val_fraction=0.2)
 
     class Quiet:
         def advance(self, *a):
             pass
-    survey, sample = shards._survey(Domain("d", (), lambda: iter(docs)), cfg, Quiet(), None)
+    survey, kept = shards._survey(Domain("d", (), lambda: iter(docs)), cfg, tmp_path / "d.txt", Quiet(), None)
     u = shards._unit(shards._hash_key(0, "d", "split"), np.arange(len(docs)))
     order = [i for i in np.argsort(u, kind="stable") if u[i] >= 0.2]
     sizes = np.cumsum([len(docs[i]) for i in order])
     n = int(np.searchsorted(sizes, 10_000)) + 1  # the fewest lowest-u train documents that reach 10 kB
-    assert sample == [docs[i] for i in order[:n]]
+    assert list(shards._sample(tmp_path, {"d": kept}, {"d": 1e9})) == [docs[i] for i in order[:n]]
+    cut = list(shards._sample(tmp_path, {"d": kept}, {"d": 5000}))  # a quota cuts the last document
+    assert sum(map(len, cut)) == 5000 and cut[:-1] == [docs[i] for i in order[:len(cut) - 1]]
     assert survey["documents"] == 500 and survey["text_bytes"] == sum(map(len, docs))
 
 

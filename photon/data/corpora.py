@@ -434,7 +434,8 @@ def _read_parquet(path: Path) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        # No pre-buffering: it fetches every row group's column chunk ahead, so memory grows with the file.
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowException, OSError) as e:
         raise _arrow_error(path, e) from None
     names = pf.schema_arrow.names
@@ -443,10 +444,14 @@ def _read_parquet(path: Path) -> Iterator[str]:
                         "rename the column holding the documents to 'text'")
     if pf.metadata.num_rows == 0:
         raise UserError(f"{path}: file is empty (0 rows); add rows or remove the file")
+    pool = pa.default_memory_pool()
     try:
-        # One row group at a time (in batches, should a group be huge): memory is bounded by the group.
+        # Row group by row group, a page at a time, so even a file that is one huge row group streams.
         for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
-            for value in batch.column(0).to_pylist():
+            texts = batch.column(0).to_pylist()
+            del batch
+            pool.release_unused()  # Arrow's allocator keeps freed pages otherwise: RSS would grow with the file
+            for value in texts:
                 if value is not None:
                     yield value if isinstance(value, str) else str(value)
     except (pa.ArrowException, OSError) as e:

@@ -47,7 +47,7 @@ READABLE_FORMATS = (1, 2)
 SPLITS = ("train", "val")
 DEFAULT_CACHE = Path("data/sources")
 BATCH_BYTES = 1_000_000  # text per encode_batch call: plenty for the Rust thread pool, small in RAM
-BUCKET_BYTES = 32_000_000  # a domain's text per shuffle bucket: the most text a shuffle holds in RAM at once
+BUCKET_BYTES = 8_000_000  # a domain's text per shuffle bucket: the most text a shuffle holds in RAM at once
 PROGRESS = "progress.json"  # in the build folder: the tokenizer and domains already done, for a resume
 
 
@@ -62,8 +62,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # 1. survey: size, checksum, and the tokenizer sample. Document i of domain d gets u_i = hash(seed, d, i),
 #    uniform in [0, 1); it is held out for validation iff u_i < val_fraction (if that leaves no val document,
 #    the one with the lowest u is val; no train document, the one with the highest u is train). The sample is
-#    the train documents with the lowest u (a uniform random sample, kept in a heap bounded by
-#    tokenizer_sample_mb), water-filled across domains by `tokenizer_sample`.
+#    the train documents with the lowest u (a uniform random sample: a heap bounded by tokenizer_sample_mb
+#    keeps their offsets in a spool file, not the text), water-filled across domains by `water_fill`.
 # 2. encode: documents in batches through `encode_batch_fast` (all cores), EOT after each, dealt into buckets
 #    of about BUCKET_BYTES by a second hash; each bucket is then shuffled with a seeded permutation and
 #    appended to the shard. A shard is thus a random permutation of its documents, so any contiguous slice
@@ -114,63 +114,67 @@ def _is_val(survey: dict[str, Any], u: np.ndarray, idx: np.ndarray, val_fraction
     return val
 
 
-def tokenizer_sample(train: dict[str, list[str]], sample_mb: float) -> list[str]:
-    """About ``sample_mb`` MB of training text, shared as evenly as possible over the domains.
+def water_fill(sizes: dict[str, int], budget: float) -> dict[str, float]:
+    """Bytes of each domain in a tokenizer sample of ``budget`` bytes, shared as evenly as possible.
 
-    Water-filling: small domains give all they have and the rest is split among the larger ones, so no
-    domain's bytes dominate the merges just because it is bigger. Each domain's documents are taken in the
-    order given; giving only the first ``sample_mb`` MB of a domain changes nothing (no quota exceeds that).
+    Small domains give all they have and the rest is split among the larger ones, so no domain's bytes
+    dominate the merges just because it is bigger. No quota exceeds ``budget``, so a domain needs to offer
+    only its first ``budget`` bytes.
     """
-    sizes = {d: sum(len(doc.encode("utf-8")) for doc in docs) for d, docs in train.items()}
-    budget, left = sample_mb * 1e6, len(sizes)
-    quota = {}
+    left, quota = len(sizes), {}
     for d in sorted(sizes, key=lambda d: (sizes[d], d)):
         quota[d] = min(sizes[d], budget / left)
         budget -= quota[d]
         left -= 1
-    sample = []
-    for d in sorted(train):
-        taken = 0
-        for doc in train[d]:
-            if taken >= quota[d]:
-                break
-            n = len(doc.encode("utf-8"))
-            # Cut the last document so a domain's share is exact; a cut word costs BPE nothing.
-            sample.append(doc if taken + n <= quota[d] else doc[: int(quota[d] - taken)])
-            taken += n
-    return sample
+    return quota
 
 
-def _survey(dom: Domain, cfg: DataConfig, progress: Progress, task: TaskID) -> tuple[dict[str, Any], list[str]]:
-    """Pass 1 over one domain: its size and checksum, the split's fallbacks, and its tokenizer sample (train
-    documents by increasing u, about tokenizer_sample_mb of them)."""
+def _survey(dom: Domain, cfg: DataConfig, spool: Path, progress: Progress,
+            task: TaskID) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """Pass 1 over one domain: its size and checksum, the split's fallbacks, and its tokenizer sample: the
+    (offset, bytes) in ``spool`` of train documents by increasing u, about tokenizer_sample_mb of them."""
     budget = cfg.tokenizer_sample_mb * 1e6
     n = n_val = size = held = 0
     sha = hashlib.sha256()
     lo, hi = (2.0, -1), (-1.0, -1)  # (u, index) of the lowest and highest u
-    heap: list[tuple[float, int, int, str]] = []  # (-u, index, bytes, document): the top is the highest u
-    for i, (doc, u) in enumerate(zip(dom.docs(), _uniforms(_hash_key(cfg.seed, dom.name, "split")))):
-        raw = doc.encode("utf-8")
-        sha.update(raw)
-        sha.update(b"\x00")  # separator, so document boundaries are part of the checksum
-        n, size = n + 1, size + len(raw)
-        lo, hi = min(lo, (u, i)), max(hi, (u, i))
-        if u < cfg.val_fraction:
-            n_val += 1
-        elif held < budget or u < -heap[0][0]:
-            heapq.heappush(heap, (-u, i, len(raw), doc))
-            held += len(raw)
-            while held - heap[0][2] >= budget:  # keep the fewest lowest-u documents that fill the budget
-                held -= heapq.heappop(heap)[2]
-        progress.advance(task, len(raw))
+    heap: list[tuple[float, int, int, int]] = []  # (-u, index, bytes, offset in spool): the top is the highest u
+    with open(spool, "wb") as f:
+        for i, (doc, u) in enumerate(zip(dom.docs(), _uniforms(_hash_key(cfg.seed, dom.name, "split")))):
+            raw = doc.encode("utf-8")
+            sha.update(raw)
+            sha.update(b"\x00")  # separator, so document boundaries are part of the checksum
+            n, size = n + 1, size + len(raw)
+            lo, hi = min(lo, (u, i)), max(hi, (u, i))
+            if u < cfg.val_fraction:
+                n_val += 1
+            elif held < budget or u < -heap[0][0]:
+                heapq.heappush(heap, (-u, i, len(raw), f.tell()))
+                f.write(raw)  # documents that later leave the heap stay in the spool, unread
+                held += len(raw)
+                while held - heap[0][2] >= budget:  # keep the fewest lowest-u documents that fill the budget
+                    held -= heapq.heappop(heap)[2]
+            progress.advance(task, len(raw))
     if n < 2:
         raise UserError(f"domain {dom.name!r} has {n} document(s); it needs at least 2 (one is held out for "
                         "validation): split its text into several documents (in a domain's only .txt file, "
                         "blank lines separate documents)")
     survey = {"documents": n, "text_bytes": size, "text_sha256": sha.hexdigest(),
               "force_val": lo[1] if n_val == 0 else None, "force_train": hi[1] if n_val == n else None}
-    sample = [doc for _, i, _, doc in sorted(heap, reverse=True) if i != survey["force_val"]]
-    return survey, sample
+    return survey, [(off, nb) for _, i, nb, off in sorted(heap, reverse=True) if i != survey["force_val"]]
+
+
+def _sample(spool: Path, kept: dict[str, list[tuple[int, int]]], quota: dict[str, float]) -> Iterator[str]:
+    """Each domain's spooled documents in order until its quota, the last one cut so the share is exact."""
+    for d in sorted(kept):
+        taken = 0
+        with open(spool / f"{d}.txt", "rb") as f:
+            for off, nb in kept[d]:
+                if taken >= quota[d]:
+                    break
+                f.seek(off)
+                doc = f.read(nb).decode("utf-8")
+                yield doc if taken + nb <= quota[d] else doc[: int(quota[d] - taken)]  # a cut word costs BPE nothing
+                taken += nb
 
 
 def _encode_batch(tok, docs: list[str], eot: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -341,17 +345,18 @@ def _train(tmp: Path, domains: list[Domain], cfg: DataConfig, vocab_size: int, p
            state: dict[str, Any]) -> None:
     """Pass 1 over every domain, then the tokenizer; both recorded in progress.json."""
     task = progress.add_task("reading", total=None)
-    surveys, samples = {}, {}
+    spool = tmp / "sample"
+    spool.mkdir()
+    surveys, kept = {}, {}
     for dom in domains:
-        surveys[dom.name], samples[dom.name] = _survey(dom, cfg, progress, task)
+        surveys[dom.name], kept[dom.name] = _survey(dom, cfg, spool / f"{dom.name}.txt", progress, task)
     progress.remove_task(task)
-    sample = tokenizer_sample(samples, cfg.tokenizer_sample_mb)
-    del samples
-    sample_mb = sum(len(x.encode("utf-8")) for x in sample) / 1e6
-    console.log(f"training a {vocab_size}-token BPE on {sample_mb:.1f} MB from {len(domains)} domains")
-    tok = train_tokenizer(sample, vocab_size)
-    del sample
+    quota = water_fill({d: sum(nb for _, nb in k) for d, k in kept.items()}, cfg.tokenizer_sample_mb * 1e6)
+    console.log(f"training a {vocab_size}-token BPE on {sum(quota.values()) / 1e6:.1f} MB from {len(domains)} "
+                "domains")
+    tok = train_tokenizer(_sample(spool, kept, quota), vocab_size)  # read as it trains: never all in RAM
     save_tokenizer(tok, tmp / "tokenizer.json")
+    shutil.rmtree(spool)
     state.update(surveys=surveys, tokenizer_sha256=tokenizer_sha256(tmp / "tokenizer.json"))
     _write_json(tmp / PROGRESS, state)
 
