@@ -540,19 +540,25 @@ def bench_report(
 
 @bench_app.command("claims")
 def bench_claims(
-    scale: Annotated[str, typer.Option(help="tiny (a few minutes) or small (about an hour on 2 cores).")] = "tiny",
-    out: Annotated[Optional[Path], typer.Option(help="Where arms, claims.md and plots go (default "
-                                                "runs/claims-SCALE). Rerunning skips finished arms.")] = None,
-    seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the core arms (default: the scale's).")] = None,
-    sweep_seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the K and H sweeps (default: the "
-                                                       "scale's).")] = None,
+    scale: Annotated[str, typer.Option(help="tiny (≈30 min), small or medium (< 2 h on 2 free cores); "
+                                       "--dry-run prints the plan and its estimated duration.")] = "tiny",
+    out: Annotated[Optional[Path], typer.Option(help="Where arms and claims.md go (default runs/claims-SCALE). "
+                                                "Rerunning skips finished arms.")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the headline arms (default: the "
+                                                 "scale's).")] = None,
+    sweep_seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds of the secondary arms (iid, bigbatch, "
+                                                       "diloco-reset, K and H sweeps; default: the scale's).")] = None,
     jobs: Annotated[Optional[int], typer.Option(min=1, help="Arms trained at once, one process and one thread "
                                                 "each (default: the scale's, 2).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and its cost estimate (from a throughput "
+                                          "measured now), train nothing.")] = False,
+    results: Annotated[Path, typer.Option(help="Where the record claims-SCALE.json is stored.")] = Path("docs/results"),
     overrides: SetOpt = None,
     data: DataOpt = None,
 ) -> None:
-    """The paper's claims as experiments (federated vs centralized, K, H, network, heterogeneity, DiLoCo,
-    ablation) and OUT/claims.md with tables and plots generated from the run logs."""
+    """The paper's claims as experiments (federated vs centralized in both regimes, LR sweeps, K, H, network,
+    heterogeneity, DiLoCo, torchft, ablation), stored in RESULTS/claims-SCALE.json with plots in docs/img;
+    `photon bench report` renders them into docs/RESULTS.md and the README."""
     import dataclasses
     import shlex
 
@@ -566,7 +572,8 @@ def bench_claims(
     cfg = _config(plan.preset, overrides, data)
     ensure_prepared(cfg)
     out = out or Path("runs") / f"claims-{scale}"
-    run_claims(cfg, out, plan, console=console, command=shlex.join(["photon", *sys.argv[1:]]))
+    run_claims(cfg, out, plan, console=console, command=shlex.join(["photon", *sys.argv[1:]]), scale=scale,
+               results_dir=results, dry_run=dry_run)
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

@@ -1,5 +1,5 @@
-"""The claims harness end to end on tiny budgets (runs, resumes, writes claims.md and plots) and the network
-model's arithmetic on known numbers."""
+"""The claims harness end to end on tiny budgets (sweeps, arms, resume, the stored record, the report as a pure
+function of it) and the network model's arithmetic on known numbers."""
 
 import dataclasses
 import json
@@ -8,79 +8,144 @@ import math
 import pytest
 from conftest import tiny_cfg
 
-from photon.bench.claims import ClaimsPlan, make_arms, run_claims
-from photon.bench.claims_report import to_target
+from photon.bench.claims import ClaimsPlan, Recipes, base_lrs, next_grid, run_claims, run_peer
+from photon.bench.claims_report import dp_times, render, render_findings, to_target, verdicts
 from photon.bench.federation import data_parallel_bytes_per_token
 from photon.bench.network import (Network, crossovers, data_parallel_step_seconds, photon_round_seconds,
                                   ring_allreduce_bytes, ring_allreduce_seconds)
+from photon.bench.results import load_results
 
-# 2 rounds × 2 local steps, K=2: every arm is a few seconds; one seed, a 3-step DDP calibration.
+# 2 rounds × 2 local steps, K=2: every arm is a few seconds; one seed, a 3-step DDP calibration, no torchft.
 PLAN = ClaimsPlan("tiny", clients=2, rounds=2, local_steps=2, ks=(1, 2), hs=(1, 4), seeds=1, sweep_seeds=1,
-                  ddp_steps=3, jobs=1)
+                  paper_seeds=1, short_horizon=0.5, lr_extend=0, ddp_steps=3, torchft=False, jobs=1,
+                  throughput_seconds=0.2)
+ARMS = {"central", "photon", "diloco", "photon-reset", "paper", "iid", "diloco-reset", "bigbatch", "central-short",
+        "photon-short", "paper-short", "k1", "h1", "h4"}
 
 
 @pytest.fixture(scope="module")
 def claims_run(tiny_prep, tmp_path_factory):
     out = tmp_path_factory.mktemp("claims")
     base = tiny_cfg(tiny_prep, "train.threads=1")
-    path = run_claims(base, out, PLAN, command="pytest")
-    return base, out, path
+    data = run_claims(base, out / "run", PLAN, command="pytest", results_dir=out / "results", img_dir=out / "img")
+    return base, out, data
 
 
-def test_every_arm_runs_and_claims_md_and_plots_are_written(claims_run):
-    base, out, path = claims_run
-    text = path.read_text()
-    for n in range(1, 8):
-        assert f"## {n}. " in text
-    assert "not run" not in text and "arms missing" not in text
-    assert "iso-token" in text and "Crossover" in text and "Real data-parallel baseline" in text
-    for png in ("claims_ppl_vs_tokens", "claims_ppl_vs_rounds", "claims_ppl_vs_walltime", "claims_time_vs_bandwidth"):
-        assert (out / f"{png}.png").stat().st_size > 1000
-        assert f"({png}.png)" in text
-    names = {a.name for a in make_arms(base, PLAN)}
-    assert names == {"photon", "central", "central-hilr", "iid", "diloco", "bigbatch", "k1", "h1", "h4"}
-    for name in names:
-        assert (out / "arms" / name / "seed0" / "done.json").exists()
+def test_every_arm_runs_and_the_record_plots_and_claims_md_are_written(claims_run):
+    base, out, data = claims_run
+    assert set(data["arms"]) == ARMS
+    for name, arm in data["arms"].items():
+        assert set(arm["runs"]) == {"0"}, name
+        assert arm["client_optimizer"] == ("-" if arm["kind"] == "centralized" else
+                                           "reset" if name.endswith("-reset") else "persist")
+    assert {m: len(s["grid"]) for m, s in data["sweeps"].items()} == {"central": 3, "photon": 3, "diloco": 3}
+    record = load_results(out / "results")["claims-tiny"]
+    assert record["command"] == "pytest" and record["data"] == json.loads(json.dumps(data))
+    for png in ("curves", "sweeps", "bandwidth"):
+        assert (out / "img" / f"claims-tiny-{png}.png").stat().st_size > 1000
+    text = (out / "run" / "claims.md").read_text()
+    assert "not run" not in text and "arms missing" not in text and "Crossover" in text
+    for heading in ("Verdicts", "1. Federated vs centralized", "Learning-rate sweeps", "2. Scaling", "3. Communication",
+                    "3. Wall time", "4. Heterogeneity", "5. Photon vs DiLoCo", "6. Why it works", "Arms: exact"):
+        assert f"#### {heading}" in text, heading
 
 
-def test_rerun_skips_finished_arms(claims_run, capsys):
-    base, out, path = claims_run
-    logs = sorted((out / "arms").glob("*/seed0/metrics.jsonl"))
-    before = {p: p.stat().st_mtime_ns for p in logs}
-    (out / "claims.md").unlink()
-    run_claims(base, out, PLAN, command="pytest")
-    assert {p: p.stat().st_mtime_ns for p in logs} == before
-    assert (out / "claims.md").exists()
+def test_report_is_a_pure_function_of_the_stored_record(claims_run):
+    _, out, data = claims_run
+    stored = json.loads(json.dumps(data))
+    first = render(stored)
+    assert render(json.loads(json.dumps(stored))) == first == render(data)
+    assert "torchft peer:** not in this plan" in first
+    table = render_findings(out / "results")
+    assert table == render_findings(out / "results")
+    assert "`tiny`: `pytest` on" in table and "`medium`: not measured yet" in table
+    for verdict, _ in verdicts(stored).values():
+        assert verdict in ("agrees", "contradicts", "inconclusive")
 
 
-def test_an_unfinished_arm_is_rerun_from_scratch_in_a_subprocess(claims_run):
-    base, out, _ = claims_run
-    arm = out / "arms" / "k1" / "seed0"
-    before = json.loads((arm / "done.json").read_text())
+def test_best_lrs_are_used_and_seed_0_of_a_swept_arm_is_its_best_grid_point(claims_run):
+    base, out, data = claims_run
+    for method, sweep in data["sweeps"].items():
+        ppl = {lr: p for lr, p in zip(sweep["grid"], sweep["ppl"])}
+        assert sweep["best_lr"] == min(ppl, key=ppl.get)
+        assert data["arms"][method]["lr"] == sweep["best_lr"]
+    arms = data["arms"]
+    assert arms["photon-reset"]["lr"] == arms["paper"]["lr"] == arms["iid"]["lr"] == arms["photon"]["lr"]
+    assert arms["bigbatch"]["lr"] == arms["central"]["lr"] and arms["diloco-reset"]["lr"] == arms["diloco"]["lr"]
+    best = (out / "run" / "arms" / "photon" / f"lr{arms['photon']['lr']:g}" / "seed0" / "done.json")
+    assert best.exists()
+
+
+def test_arms_share_budget_and_evaluation_and_the_paper_regime_trains_k_times_the_tokens(claims_run):
+    base, out, data = claims_run
+    arms = data["arms"]
+    final = {n: a["runs"]["0"]["evals"][-1][0] for n, a in arms.items()}
+    equal = ["photon", "central", "photon-reset", "iid", "diloco", "diloco-reset", "bigbatch", "h1", "h4"]
+    assert len({final[n] for n in equal}) == 1, final
+    assert final["paper"] == PLAN.clients * final["photon"] and final["k1"] * 2 == final["photon"]
+    assert final["central-short"] * 2 == final["central"] == final["photon-short"] * 2
+    assert final["paper-short"] == PLAN.clients * final["photon-short"]
+    for n in ("photon", "paper", "diloco"):
+        cfg = json.loads((out / "run" / "arms" / n / f"lr{arms[n]['lr']:g}" / "seed0" / "config.json").read_text())
+        assert cfg["federation"]["state_backup"] is False and cfg["federation"]["client_optimizer"] == "persist"
+        assert cfg["train"]["eval_batches"] * cfg["train"]["batch_size"] == data["eval_rows"]
+    assert all(r["bytes_state_up"] == 0 for r in arms["photon"]["runs"]["0"]["rounds"])
+    diloco = json.loads((out / "run" / "arms" / "diloco" / f"lr{arms['diloco']['lr']:g}" / "seed0" /
+                         "config.json").read_text())
+    assert diloco["federation"]["outer"] == {**diloco["federation"]["outer"], "name": "nesterov", "lr": 0.7,
+                                             "momentum": 0.9}
+
+
+def test_rerun_skips_finished_arms_and_reruns_an_unfinished_one_in_a_subprocess(claims_run, tmp_path):
+    base, out, data = claims_run
+    run = out / "run"
+    logs = sorted((run / "arms").glob("*/*/seed0/metrics.jsonl"))
+    arm = run / "arms" / "k1" / f"lr{data['arms']['k1']['lr']:g}" / "seed0"
     (arm / "done.json").unlink()
     (arm / "stale-file").write_text("left by a killed run")
-    outdated = out / "arms" / "h4" / "seed0" / "done.json"  # finished, but with another config: trained again
-    record = json.loads(outdated.read_text())
-    record["config"]["train"]["lr"] = 0.5
-    outdated.write_text(json.dumps(record))
-    run_claims(base, out, dataclasses.replace(PLAN, jobs=2), command="pytest")  # jobs > 1: one process per arm
+    before = {p: p.stat().st_mtime_ns for p in logs if arm not in p.parents}
+    again = run_claims(base, run, dataclasses.replace(PLAN, jobs=2), command="pytest", results_dir=tmp_path,
+                       img_dir=tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
     assert (arm / "done.json").exists() and not (arm / "stale-file").exists()
-    assert json.loads(outdated.read_text())["config"]["train"]["lr"] != 0.5
-    assert (out / "logs" / "k1-seed0.log").exists()
-    assert json.loads((arm / "done.json").read_text())["overrides"] == before["overrides"]
+    assert list((run / "logs").glob("k1-lr*-seed0.log"))
+    assert again["arms"]["photon"] == data["arms"]["photon"]
 
 
-def test_arms_share_budget_and_evaluation(claims_run):
-    base, out, _ = claims_run
-    from photon.bench.claims_report import Results
+def test_dry_run_estimates_without_training(tiny_prep, tmp_path):
+    base = tiny_cfg(tiny_prep, "train.threads=1")
+    est = run_claims(base, tmp_path / "run", PLAN, command="pytest", results_dir=tmp_path, dry_run=True)
+    assert est["estimate"]["seconds"] > 0 and est["estimate"]["jobs"] == 9 + len(ARMS) - 3
+    assert not (tmp_path / "run" / "arms").exists() and not list(tmp_path.glob("*.json"))
 
-    res = Results(base, PLAN, make_arms(base, PLAN), out)
-    iso = ["photon", "central", "central-hilr", "iid", "diloco", "bigbatch", "h1", "h4"]
-    tokens = {n: res.runs[n][0].evals[-1]["tokens"] for n in iso}
-    assert len(set(tokens.values())) == 1, tokens
-    rows = {n: res.runs[n][0].cfg.train.eval_batches * res.runs[n][0].cfg.train.batch_size for n in iso}
-    assert len(set(rows.values())) == 1, rows
-    assert res.runs["k1"][0].evals[-1]["tokens"] * 2 == tokens["photon"]  # K=1 sees half the tokens of K=2
+
+def test_lr_grid_grows_only_past_an_edge_that_holds_the_best():
+    assert next_grid([1.0, 2.0, 4.0], {1.0: 5.0, 2.0: 4.0, 4.0: 3.0}) == 8.0
+    assert next_grid([1.0, 2.0, 4.0], {1.0: 3.0, 2.0: 4.0, 4.0: 5.0}) == 0.5
+    assert next_grid([1.0, 2.0, 4.0], {1.0: 5.0, 2.0: 3.0, 4.0: 4.0}) is None
+
+
+def test_recipes_state_the_client_optimizer_and_keep_the_medium_plan_honest(tiny_prep):
+    from photon.bench.claims import PLANS
+    from photon.config import load_config
+    from photon.model.transformer import count_params, embedding_params
+
+    cfg = load_config("medium")
+    plan = PLANS["medium"]
+    non_emb = count_params(cfg.model) - embedding_params(cfg.model)
+    assert non_emb / count_params(cfg.model) > 0.7  # the blocks, not the embeddings, hold the parameters
+    rec = Recipes(cfg, plan)
+    assert rec.S * rec.big * cfg.train.seq_len >= 5 * non_emb  # ≥ 5 tokens per non-embedding parameter
+    arms = {a.name: a for a in rec.arms(base_lrs(cfg, plan))}
+    assert arms["paper"].seeds >= 1 and arms["photon"].seeds >= 2 and arms["central"].seeds >= 2
+    assert arms["photon-reset"].client_optimizer == "reset" and arms["diloco"].client_optimizer == "persist"
+
+
+def test_the_peer_says_why_it_did_not_run(monkeypatch, tiny_prep, tmp_path):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert run_peer(tiny_cfg(tiny_prep), tmp_path, 0)["status"].startswith("not run: torchft is not installed")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,6 +170,14 @@ def test_ring_allreduce_on_known_numbers():
     # The same count as the federation benchmark's bytes-per-token formula.
     assert 4 * ring_allreduce_bytes(8e6, 4) / (4 * 8 * 256) == pytest.approx(
         data_parallel_bytes_per_token(8_000_000, 4, 8, 256))
+
+
+def test_data_parallel_time_counts_steps_of_the_centralized_batch():
+    # 4 workers of batch 8×128: a step trains 4096 tokens; 10 steps of 0.5 s compute + a 1.2 s all-reduce.
+    net = Network("1 Gbps", 1e9, latency_s=0.0)
+    central = {"evals": [[0, 0, {}], [5 * 4096, 5, {}], [10 * 4096, 10, {}]]}
+    times, compute, comm = dp_times(central, 0.5, 100e6, 4, 4 * 8 * 128, net)
+    assert times == pytest.approx([0.0, 5 * 1.7, 10 * 1.7]) and compute == 5.0 and comm == pytest.approx(12.0)
 
 
 def test_crossover_exists_and_is_where_the_times_meet():

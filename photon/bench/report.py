@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from photon.bench import claims_report
 from photon.bench.results import RESULTS_DIR, load_results
 
 RESULTS_MD = Path("docs/RESULTS.md")
@@ -24,14 +25,16 @@ def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
     from photon.bench import robust, stragglers, trainer, wire
 
     return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
-            "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render}
+            "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render,
+            **dict.fromkeys(("claims-tiny", "claims-small", "claims-medium"), claims_report.render)}
 
 
 def _computed(results_dir: Path) -> dict[str, Callable[[], str]]:
     """Blocks computed from the presets (and which stored results ran them), not measured."""
     from photon.bench import sizing
 
-    return {"sizing": sizing.render_deploy, "presets": lambda: sizing.render_presets(results_dir)}
+    return {"sizing": sizing.render_deploy, "presets": lambda: sizing.render_presets(results_dir),
+            "claims-findings": lambda: claims_report.render_findings(results_dir)}
 
 
 def provenance(record: dict[str, Any]) -> str:
