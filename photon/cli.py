@@ -519,6 +519,29 @@ def bench_prepare(
     run_prepare_bench(_config(preset, overrides), values, out, builtin_corpus(cache), console)
 
 
+@bench_app.command("compression")
+def bench_compression(
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    hs: Annotated[str, typer.Option("--hs", help="Comma-separated local steps H.")] = "16,64",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds of the headline arms (fp32, int8, top-k 1%).")] = 2,
+    jobs: Annotated[int, typer.Option(min=1, help="Arms trained at once, one process and one thread each.")] = 2,
+    out: Annotated[Path, typer.Option(help="Where the arms' runs go (rerunning skips finished arms).")]
+    = Path("runs/bench-compression"),
+) -> None:
+    """Every codec up-link only and both ways at equal tokens: bytes per token against data-parallel, perplexity
+    cost against fp32 Photon, codec time; stores docs/results/compression.json and docs/img/compression.png."""
+    from photon.bench.compression import run_compression_bench
+
+    try:
+        values = tuple(int(x) for x in hs.split(","))
+    except ValueError:
+        raise UserError(f"--hs {hs!r}: expected comma-separated integers, e.g. 16,64") from None
+    cfg = _config(preset, overrides)
+    ensure_prepared(cfg)
+    run_compression_bench(cfg, out, values, seeds, jobs, console)
+
+
 @bench_app.command("report")
 def bench_report(
     results: Annotated[Path, typer.Option(help="Stored benchmark outputs.")] = Path("docs/results"),

@@ -259,8 +259,9 @@ class FederationConfig(_Frozen):
     local_steps: int = Field(16, ge=1, description="H, local optimizer steps per client per round.")
     outer: OuterConfig = OuterConfig()
     client_optimizer: Literal["reset", "persist"] = Field(
-        "reset", description="reset: fresh AdamW every round (stateless clients); persist: each client's AdamW "
-        "state is kept across rounds (the paper's scripts), cached on the nodes and committed with the round.")
+        "persist", description="persist (the paper's scripts, reset_optimizer=false): each client's AdamW state is "
+        "kept across rounds, cached on the nodes and committed with the round; reset: a fresh AdamW every round "
+        "(truly stateless clients).")
     state_backup: bool = Field(
         True, description="Upload each client's kept state (persisted AdamW moments) to the server every round, "
         "so it survives the loss of the node that holds it and follows the client to any node. Costs the state's "

@@ -139,7 +139,8 @@ def test_kept_state_is_exact_across_nodes_that_swap_clients(tiny_prep, tmp_path)
     got = run_federation(cfg, tmp_path / "swap", swapped)
     assert got["params_sha"] == reference["params_sha"]
     assert sum(r["bytes_state_down"] for r in _rounds(tmp_path / "swap")) > 0  # the server's copy was sent
-    reset = run(fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=4"), tmp_path / "reset")
+    reset = run(fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=4",
+                        "federation.client_optimizer=reset"), tmp_path / "reset")
     assert reset["params_sha"] != reference["params_sha"]  # the kept state does matter
 
 

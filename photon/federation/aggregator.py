@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from photon.config import RunConfig
@@ -38,9 +39,10 @@ from photon.federation.outer import make_outer
 from photon.federation.protocol import MODEL, STATE, UPDATE, ClientReply, ClientTask, Rejected, Wire, \
     decode_reply, encode_task
 from photon.federation.server_state import ServerState
-from photon.federation.worker import optimizer_state_layout
+from photon.federation.worker import client_state_layout
 
 log = logging.getLogger(__name__)
+SAME_MODEL = codec.Payload({"codec": "fp32", "tensors": []}, np.zeros(0, np.uint8))  # "use the model you hold"
 MAX_REMEMBERED = 4096  # expired tasks remembered, to name the client of a late reply in the log
 
 
@@ -136,7 +138,8 @@ class Aggregator:
         self.outer = make_outer(cfg.federation.outer)
         self.outer.load_state_dict(state.outer_state)
         self.layout = codec.layout_of(state.params)
-        self.state_layout = optimizer_state_layout(state.params)
+        self.state_layout = client_state_layout(cfg, self.layout)
+        self.up_spec = cfg.federation.compression.up.spec()
         self.node_failures: dict[int, list[int]] = {}  # consecutive failed tasks per node: their clients
         self.excluded: dict[int, str] = {}
         self._expired: dict[str, ClientTask] = {}
@@ -188,14 +191,17 @@ class Aggregator:
     def model_for(self, node: int, full: bool = False) -> tuple[codec.Payload, str | None]:
         """What to send `node` as its model: the compressed outer update when it holds the previous model,
         else the full model. Returns (payload, base digest or None)."""
+        current = self.model_digest()
+        if not full and current is not None and self.node_model.get(node) == current:
+            return SAME_MODEL, current  # it already holds this model (a second task in the same round)
         if not full and self._down_payload is not None and self.node_model.get(node) == self._down_payload[0] \
-                and self._down_payload[1] == self.model_digest():
+                and self._down_payload[1] == current:
             return self._down_payload[2], self._down_payload[0]
         return self.model_payload(), None
 
     def task(self, client_id: int, attempt: int) -> ClientTask:
         rec, fed = self.state.clients[client_id], self.cfg.federation
-        persist = fed.client_optimizer == "persist"
+        kept = self.keeps_state
         rec.dispatches += 1
         return ClientTask(task_id=f"c{client_id}-d{rec.dispatches}", version=self.state.round,
                           dispatch=rec.dispatches,
@@ -204,8 +210,14 @@ class Aggregator:
                           schedule_steps=self.cfg.federated_steps, batch_size=self.cfg.train.batch_size,
                           spans=self.spans[client_id], config=self.task_config,
                           client_optimizer=fed.client_optimizer,
-                          state_digest=rec.state_digest if persist else None,
-                          upload_state=persist and fed.state_backup, attempt=attempt)
+                          state_digest=rec.state_digest if kept else None,
+                          upload_state=kept and fed.state_backup, attempt=attempt)
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether clients carry state across rounds: AdamW moments (persist) or error-feedback residuals."""
+        fed = self.cfg.federation
+        return fed.client_optimizer == "persist" or fed.compression.up.error_feedback
 
     def _pick(self, queue: deque[int], node: int) -> int:
         """The next queued client for `node`: one whose kept state it already holds, else the first."""
@@ -382,7 +394,8 @@ class Aggregator:
         result.bytes_up += wire.payloads[UPDATE].nbytes if UPDATE in wire.payloads else 0
         result.bytes_state_up += wire.payloads[STATE].nbytes if STATE in wire.payloads else 0
         try:
-            reply = decode_reply(wire, task, self.layout, self.state_layout if task.upload_state else None)
+            reply = decode_reply(wire, task, self.layout, self.state_layout if task.upload_state else None,
+                                 self.up_spec)
         except Rejected as e:
             return str(e)
         try:
@@ -426,13 +439,12 @@ class Aggregator:
             del old
             self._down_payload = (base, None, payload)
         self.state.outer_state = self.outer.state_dict()
-        persist = self.cfg.federation.client_optimizer == "persist"
         for cid, reply in replies.items():
             rec = self.state.clients[cid]
             rec.cursor, rec.steps, rec.samples = reply.cursor, rec.steps + reply.steps, rec.samples + reply.samples
             rec.rounds += 1
             result.folded[reply.task_id] = self.state.round - reply.round
-            if persist:
+            if self.keeps_state:
                 rec.state_digest, rec.state_node = reply.state_digest, node_of[cid]
         steps = max(r.steps for r in replies.values())
         samples = sum(r.samples for r in replies.values())

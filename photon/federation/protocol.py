@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from photon.federation import codec
 from photon.federation.codec import CodecError, Layout, Payload
@@ -83,42 +83,35 @@ class ClientTask:
 
 
 @dataclass
-class ClientReply:
+class ReplyHeader:
+    """What a reply says about itself (JSON); the server parses it with exact types and no extra keys."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)
+
+    task_id: str
+    client_id: int
+    round: int
+    samples: int
+    steps: int
+    cursor: int
+    loss: float
+    train_seconds: float
+    state_digest: str | None = None
+
+
+_HEADER = TypeAdapter(ReplyHeader)
+
+
+@dataclass
+class ClientReply(ReplyHeader):
     """A decoded reply; `update` is the client's pseudo-gradient Δ_k = θ − θ_k (fp32)."""
 
-    task_id: str
-    client_id: int
-    round: int
-    samples: int
-    steps: int
-    cursor: int
-    loss: float
-    train_seconds: float
-    state_digest: str | None = None
     update: Tensors = field(default_factory=dict, repr=False)
     state: Tensors | None = field(default=None, repr=False)
+    payload: Payload | None = field(default=None, repr=False)  # the update already encoded (compressed up-link)
 
     def header_json(self) -> str:
-        d = asdict(self)
-        d.pop("update")
-        d.pop("state")
-        return json.dumps(d)
-
-
-class _ReplyHeader(BaseModel):
-    """The reply header as the server parses it: exact types, no extra keys."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    task_id: str
-    client_id: int
-    round: int
-    samples: int
-    steps: int
-    cursor: int
-    loss: float
-    train_seconds: float
-    state_digest: str | None = None
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(ReplyHeader)})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,7 +131,7 @@ def decode_task(wire: Wire) -> ClientTask:
 
 
 def encode_reply(reply: ClientReply) -> Wire:
-    payloads = {UPDATE: codec.encode(reply.update)}
+    payloads = {UPDATE: reply.payload if reply.payload is not None else codec.encode(reply.update)}
     if reply.state is not None:
         payloads[STATE] = codec.encode(reply.state)
     return Wire(reply.header_json(), payloads)
@@ -148,7 +141,7 @@ def encode_reply(reply: ClientReply) -> Wire:
 # Server side: nothing in a reply is believed until checked against the task it answers
 
 
-def verify_header(header: _ReplyHeader, task: ClientTask) -> None:
+def verify_header(header: ReplyHeader, task: ClientTask) -> None:
     """Every field the server can derive from the task must equal what the reply claims."""
     expected = {"task_id": task.task_id, "client_id": task.client_id, "round": task.round,
                 "steps": task.local_steps, "samples": task.samples, "cursor": task.next_cursor}
@@ -160,14 +153,15 @@ def verify_header(header: _ReplyHeader, task: ClientTask) -> None:
         raise Rejected(f"header has a non-finite loss or time ({header.loss}, {header.train_seconds})")
 
 
-def decode_reply(wire: Wire, task: ClientTask, model_layout: Layout, state_layout: Layout | None) -> ClientReply:
+def decode_reply(wire: Wire, task: ClientTask, model_layout: Layout, state_layout: Layout | None,
+                 spec: codec.CodecSpec | None = None) -> ClientReply:
     """Parse, check and decode a reply to `task`; `Rejected` with the reason if anything is off.
 
     `samples`, `steps` and `cursor` of the result are the task's (derived), not the reply's; the update must
     have exactly the model's names and shapes and be finite; a kept state, when the task asked for it back,
     must match `state_layout` and the digest the header names."""
     try:
-        header = _ReplyHeader.model_validate_json(wire.header)
+        header = _HEADER.validate_json(wire.header)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "header"
@@ -179,6 +173,10 @@ def decode_reply(wire: Wire, task: ClientTask, model_layout: Layout, state_layou
     if extra:
         raise Rejected(f"reply has unexpected payloads {sorted(extra)}")
     try:
+        sent = codec.CodecSpec.from_layout(wire.payloads[UPDATE].layout)
+        if spec is not None and (sent.name, sent.params()) != (spec.name, spec.params()):
+            raise Rejected(f"update encoded as {wire.payloads[UPDATE].layout.get('codec')!r} with other settings "
+                           f"than the task asked for ({spec.name})")
         update = codec.decode(wire.payloads[UPDATE], model_layout)
     except CodecError as e:
         raise Rejected(f"update: {e}") from None

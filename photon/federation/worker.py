@@ -19,8 +19,9 @@ from photon.config import RunConfig, build_config
 from photon.data.partition import client_seed, spans_stream
 from photon.data.shards import Prepared, open_prepared
 from photon.errors import UserError
-from photon.federation import codec
-from photon.federation.client_state import NodeStateCache
+from photon.digest import tensors_digest
+from photon.federation import codec, compression
+from photon.federation.client_state import MissingBaseModel, NodeStateCache
 from photon.federation.codec import CodecError
 from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail, task_timing
 from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wire, decode_task, encode_reply
@@ -34,11 +35,21 @@ log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 
 
-def optimizer_state_layout(params: Tensors) -> codec.Layout:
-    """The names and shapes of a client's kept AdamW state for a model with these parameters."""
+def client_state_layout(cfg: RunConfig, layout: codec.Layout) -> codec.Layout:
+    """The names and shapes of a client's kept state: AdamW moments (persist), error-feedback residuals."""
     out = []
-    for name, t in params.items():
-        out += [(f"{name}.exp_avg", tuple(t.shape)), (f"{name}.exp_avg_sq", tuple(t.shape)), (f"{name}.step", ())]
+    if cfg.federation.client_optimizer == "persist":
+        out += optimizer_state_layout(layout)
+    if cfg.federation.compression.up.error_feedback:
+        out += compression.residual_layout(layout)
+    return sorted(out)
+
+
+def optimizer_state_layout(layout: codec.Layout) -> codec.Layout:
+    """The names and shapes of a client's kept AdamW state for a model of this layout."""
+    out = []
+    for name, shape in layout:
+        out += [(f"{name}.exp_avg", tuple(shape)), (f"{name}.exp_avg_sq", tuple(shape)), (f"{name}.step", ())]
     return sorted(out)
 
 
@@ -86,8 +97,35 @@ class ClientWorker:
         task = decode_task(wire)
         cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
         reply = self.run(task, cfg, wire)
-        corrupt_reply(task, reply, cfg.federation.faults)
         return corrupt_wire(task, encode_reply(reply), cfg.federation.faults)
+
+    def global_model(self, task: ClientTask, wire: Wire, layout: codec.Layout) -> dict[str, torch.Tensor]:
+        """The task's starting model: sent whole, or rebuilt from the model this node holds and the server's
+        compressed update (checked against the digest the task names, and kept for the next round)."""
+        try:
+            if task.base_digest is None:
+                start = codec.decode(wire.payloads[MODEL], layout)
+            else:
+                files = self.cache.global_files(task.run_id)
+                base = files.get(task.base_digest)
+                if base is None:
+                    raise MissingBaseModel(task.base_digest)
+                if task.base_digest == task.model_digest:  # it holds the task's model already: nothing was sent
+                    if wire.payloads[MODEL].nbytes:
+                        raise UserError("the server sent a model update for the model this node already holds")
+                    start = base
+                else:
+                    start = compression.reconstruct(base, wire.payloads[MODEL], layout)
+        except (KeyError, CodecError) as e:
+            raise UserError(f"the server's model does not fit this node's model ({e}); same photon version?") from None
+        if task.model_digest is not None:
+            got = tensors_digest(start)
+            if got != task.model_digest:
+                raise RuntimeError(f"the rebuilt global model {got[:12]} is not the server's {task.model_digest[:12]}")
+            files = self.cache.global_files(task.run_id)
+            files.put(start, got)
+            files.keep_only([got] + ([task.base_digest] if task.base_digest else []))  # nodes may share a cache
+        return start
 
     def run(self, task: ClientTask, cfg: RunConfig, wire: Wire) -> ClientReply:
         maybe_fail(task, cfg.federation.faults)
@@ -99,19 +137,19 @@ class ClientWorker:
         procs = self.procs or cfg.federation.procs_per_node
         model, trainable = self.model(cfg if procs == 1 else distributed.host_config(cfg))
         layout = codec.layout_of(unique_state_dict(model))
-        try:
-            start = codec.decode(wire.payloads[MODEL], layout)
-        except (KeyError, CodecError) as e:
-            raise UserError(f"the server's model does not fit this node's model ({e}); same photon version?") from None
+        start = self.global_model(task, wire, layout)
         load_unique_state_dict(model, start)
         optimizer = make_optimizer(model, cfg.train)
         persist = task.client_optimizer == "persist"
-        if persist and task.state_digest is not None:
+        up = cfg.federation.compression.up
+        state = None
+        if task.state_digest is not None:
             attached = None
             if STATE in wire.payloads:
-                attached = codec.decode(wire.payloads[STATE], optimizer_state_layout(start))
+                attached = codec.decode(wire.payloads[STATE], client_state_layout(cfg, layout))
             state = self.cache.load(task.run_id, task.client_id, task.state_digest, attached)
-            load_optimizer_state_tensors(model, optimizer, state)
+            if persist:
+                load_optimizer_state_tensors(model, optimizer, state)
         if procs > 1:  # N ranks train the client and leave model and optimizer as train_local would have
             spec = distributed.StreamSpec(str(prepared.path), task.spans, task.batch_size,
                                           client_seed(cfg, task.client_id))
@@ -129,14 +167,22 @@ class ClientWorker:
             if timing.dropped:
                 raise RuntimeError(f"injected fault: the reply of task {task.task_id} was lost "
                                    "(federation.faults.drop_probability)")
+        new_state = ({k: v.detach().to(torch.float32).clone() for k, v in optimizer_state_tensors(model, optimizer).items()}
+                     if persist else {})
+        del optimizer  # its moments are saved (persist) or done with: free them before the reply is built
         with torch.no_grad():  # parameters leave the client as CPU tensors
             update = {k: start[k] - v.detach().to("cpu", torch.float32) for k, v in unique_state_dict(model).items()}
-        digest, upload = None, None
-        if persist:
-            new_state = {k: v.detach().to(torch.float32).clone()
-                         for k, v in optimizer_state_tensors(model, optimizer).items()}
-            digest = self.cache.save(task.run_id, task.client_id, new_state)
-            upload = new_state if task.upload_state else None
-        return ClientReply(task_id=task.task_id, client_id=task.client_id, round=task.round,
-                           samples=result.samples, steps=result.steps, cursor=result.cursor, loss=result.loss,
-                           train_seconds=result.seconds, state_digest=digest, update=update, state=upload)
+        reply = ClientReply(task_id=task.task_id, client_id=task.client_id, round=task.round,
+                            samples=result.samples, steps=result.steps, cursor=result.cursor, loss=result.loss,
+                            train_seconds=result.seconds, update=update)
+        corrupt_reply(task, reply, cfg.federation.faults)  # a hostile site corrupts what it would send
+        if not compression.is_identity(up):
+            residual = {k: v for k, v in state.items() if k.startswith(compression.EF)} if state else None
+            reply.payload, new_residual = compression.client_message(
+                reply.update, residual, up, seed=task.dispatch * 1_000_003 + task.client_id)
+            reply.update = {}
+            new_state.update(new_residual or {})
+        if new_state:
+            reply.state_digest = self.cache.save(task.run_id, task.client_id, new_state)
+            reply.state = new_state if task.upload_state else None
+        return reply
