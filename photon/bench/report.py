@@ -22,10 +22,11 @@ _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /
 
 
 def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
-    from photon.bench import robust, stragglers, trainer, wire
+    from photon.bench import compression, robust, stragglers, trainer, wire
 
     return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
             "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render,
+            "compression": compression.render,
             **dict.fromkeys(("claims-tiny", "claims-small", "claims-medium"), claims_report.render)}
 
 
