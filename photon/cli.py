@@ -428,11 +428,7 @@ def bench_federation(
         f"federation.num_nodes={k}", f"federation.eval_every={rounds}"])
     shutil.rmtree(out, ignore_errors=True)
     ensure_prepared(cfg)
-    run_federation_bench(cfg, load_config(memory_preset), out, console)
-    if deployed:
-        from photon.bench.federation import report_deployed
-
-        report_deployed(cfg, out / "deployed", console)
+    run_federation_bench(cfg, load_config(memory_preset), out, console, deployed=deployed)
 
 
 @bench_app.command("robust")
@@ -540,6 +536,21 @@ def bench_compression(
     cfg = _config(preset, overrides)
     ensure_prepared(cfg)
     run_compression_bench(cfg, out, values, seeds, jobs, console)
+
+
+@bench_app.command("demo")
+def bench_demo(
+    preset: PresetOpt = "small",
+    overrides: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="Run directory (replaced).")] = Path("runs/bench-demo"),
+) -> None:
+    """The main job (`make run`) timed and scored: per-domain perplexity before/after and wall time; stores
+    docs/results/demo.json (the README's and RESULTS.md's description of `make run` come from it)."""
+    from photon.bench.demo import run_demo_bench
+
+    cfg = _config(preset, overrides)
+    ensure_prepared(cfg)
+    run_demo_bench(cfg, out, console)
 
 
 @bench_app.command("report")

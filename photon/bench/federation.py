@@ -141,34 +141,65 @@ def aggregator_memory(cfg: RunConfig, ks: tuple[int, ...], spill: Path) -> list[
     return out
 
 
-def run_federation_bench(cfg: RunConfig, mem_cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
+def run_federation_bench(cfg: RunConfig, mem_cfg: RunConfig, out: Path, console: Console,
+                         deployed: bool = False) -> dict[str, Any]:
+    """Overhead in simulation (and, with `deployed`, on loopback SuperNodes: plain and warm), aggregator memory
+    for K = 2, 4, 8, bytes per token; stored in docs/results/federation.json."""
+    from photon.bench.results import LoadSampler, save_result
     from photon.federation.protocol import tensor_bytes
     from photon.model.transformer import Transformer, unique_state_dict
 
-    result = overhead(cfg, out / "overhead-run", console)
-    model_bytes = tensor_bytes(unique_state_dict(Transformer(cfg.model)))
-    t, fed = cfg.train, cfg.federation
-    result["dp_bytes_per_token"] = data_parallel_bytes_per_token(model_bytes, fed.clients_per_round,
-                                                                 t.batch_size, t.seq_len)
-    result["memory"] = aggregator_memory(mem_cfg, (2, 4, 8), out / "spill")
-    table = Table(title=f"federation benchmark: {cfg.name}, K={fed.clients_per_round}, H={fed.local_steps}, "
-                        f"{fed.num_nodes} simulated nodes")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("overhead, first round (Ray/worker start-up)", f"{result['overhead_first_round']:.1%}")
-    table.add_row("overhead, later rounds", f"{result['overhead_steady']:.1%}")
-    table.add_row("round wall s / busiest node's training s",
-                  f"{result['round_seconds']:.2f} / {result['train_seconds']:.2f}")
-    table.add_row("bytes sent per training token (measured)", f"{result['bytes_per_token']:.1f}")
-    table.add_row(f"per-step data-parallel, {fed.clients_per_round} workers (ring all-reduce)",
-                  f"{result['dp_bytes_per_token']:.1f}")
-    table.add_row("communication ratio DP / Photon", f"{result['dp_bytes_per_token'] / result['bytes_per_token']:.1f}×")
-    for m in result["memory"]:
-        table.add_row(f"aggregator peak RAM / model size, K={m['k']} ({m['model_mb']:.0f} MB model)",
-                      f"{m['multiple']:.2f}×")
-    console.print(table)
-    (out / "federation-bench.json").write_text(json.dumps(result, indent=1))
-    return result
+    started = time.time()
+    with LoadSampler() as load:
+        result = overhead(cfg, out / "overhead-run", console)
+        model_bytes = tensor_bytes(unique_state_dict(Transformer(cfg.model)))
+        t, fed = cfg.train, cfg.federation
+        result["dp_bytes_per_token"] = data_parallel_bytes_per_token(model_bytes, fed.clients_per_round,
+                                                                     t.batch_size, t.seq_len)
+        result["memory"] = aggregator_memory(mem_cfg, (2, 4, 8), out / "spill")
+        result["memory_preset"] = mem_cfg.name
+        if deployed:
+            result["deployed"] = {kind: deployed_overhead(cfg, Path(out) / "deployed" / kind, console,
+                                                          warm=(kind == "warm")) for kind in ("plain", "warm")}
+    data = {"preset": cfg.name, "k": cfg.federation.clients_per_round, "h": cfg.federation.local_steps,
+            "nodes": cfg.federation.num_nodes, **result}
+    path = save_result("federation", data, load, started=started)
+    console.print(render(data))
+    console.print(f"stored in {path}")
+    return data
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = [f"Preset `{data['preset']}`, K = {data['k']} clients on {data['nodes']} nodes, H = {data['h']}. Overhead = "
+             "(round wall time − the busiest node's time inside local training) / round wall time.", "",
+             "| measure | value | goal |", "|---|---|---|",
+             f"| simulation overhead, first round (Ray and worker start-up) | {data['overhead_first_round']:.1%} | |",
+             f"| simulation overhead, later rounds | {data['overhead_steady']:.1%} | ≤ 3%: "
+             f"{'met' if data['overhead_steady'] <= 0.03 else 'NOT met'} |",
+             f"| simulation round wall s / busiest node's training s | {data['round_seconds']:.2f} / "
+             f"{data['train_seconds']:.2f} | |",
+             f"| bytes sent per training token (updates up + down, as sent) | {data['bytes_per_token']:,.1f} | |",
+             f"| per-step fp32 data-parallel, {data['k']} workers (ring all-reduce) | "
+             f"{data['dp_bytes_per_token']:,.1f} | |",
+             f"| communication ratio DP / Photon | {data['dp_bytes_per_token'] / data['bytes_per_token']:,.1f}× | |"]
+    for m in data["memory"]:
+        lines.append(f"| aggregator peak RAM / model size, K = {m['k']} (`{data['memory_preset']}` shape, "
+                     f"{m['model_mb']:,.0f} MB; replies through the real `GridTransport` decode path) | "
+                     f"{m['multiple']:.2f}× | ≤ 3×: {'met' if m['multiple'] <= 3 else 'NOT met'} |")
+    if "deployed" in data:
+        lines += ["", "Deployed on loopback (a SuperLink and SuperNodes on 127.0.0.1, insecure, the same run):", "",
+                  "| measure | plain Flower node | `photon node --warm` |", "|---|---|---|"]
+        d = data["deployed"]
+        for label, cell in (("overhead, first round", lambda r: f"{r['overhead_first_round']:.1%}"),
+                            ("overhead, later rounds", lambda r: f"{r['overhead_steady']:.1%}"),
+                            ("round wall s / busiest node's training s",
+                             lambda r: f"{r['round_seconds']:.2f} / {r['train_seconds']:.2f}"),
+                            ("failed replies", lambda r: str(r["failed"])),
+                            ("SuperLink + nodes up, s", lambda r: f"{r['startup_seconds']:.1f}")):
+            lines.append(f"| {label} | {cell(d['plain'])} | {cell(d['warm'])} |")
+        lines.append(f"\nGoal ≤ 10% overhead per round deployed: plain {d['plain']['overhead_steady']:.1%}, warm "
+                     f"{d['warm']['overhead_steady']:.1%}.")
+    return "\n".join(lines)
 
 
 def overhead_from_run(run_dir: Path) -> dict[str, Any]:
@@ -233,27 +264,3 @@ def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None,
     result = overhead_from_run(run_dir)
     result.update(startup_seconds=ready, run_seconds=float(status.get("elapsed") or 0.0), nodes=nodes)
     return result
-
-
-def report_deployed(cfg: RunConfig, out: Path, console: Console) -> dict[str, dict[str, Any]]:
-    """`photon bench federation --deployed`: plain Flower nodes vs `photon node --warm`, as a table and
-    OUT/deployed-bench.json."""
-    results = {kind: deployed_overhead(cfg, Path(out) / kind, console, warm=(kind == "warm"))
-               for kind in ("plain", "warm")}
-    fed = cfg.federation
-    table = Table(title=f"deployed (loopback, insecure, {results['plain']['nodes']} nodes): {cfg.name}, "
-                        f"K={fed.clients_per_round}, H={fed.local_steps}")
-    table.add_column("measure")
-    table.add_column("plain Flower node", justify="right")
-    table.add_column("photon node --warm", justify="right")
-    rows = [("overhead, first round", lambda r: f"{r['overhead_first_round']:.1%}"),
-            ("overhead, later rounds", lambda r: f"{r['overhead_steady']:.1%}"),
-            ("round wall s / busiest node's training s",
-             lambda r: f"{r['round_seconds']:.2f} / {r['train_seconds']:.2f}"),
-            ("failed replies", lambda r: str(r["failed"])),
-            ("SuperLink + nodes up, s", lambda r: f"{r['startup_seconds']:.1f}")]
-    for label, cell in rows:
-        table.add_row(label, cell(results["plain"]), cell(results["warm"]))
-    console.print(table)
-    (Path(out) / "deployed-bench.json").write_text(json.dumps(results, indent=1))
-    return results

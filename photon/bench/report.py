@@ -22,11 +22,12 @@ _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /
 
 
 def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
-    from photon.bench import compression, robust, stragglers, trainer, wire
+    from photon.bench import compression, demo, federation, prepare, robust, stragglers, trainer, wire
 
     return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
             "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render,
-            "compression": compression.render,
+            "compression": compression.render, "prepare": prepare.render, "federation": federation.render,
+            "demo": demo.render, "demo-brief": demo.render_brief,
             **dict.fromkeys(("claims-tiny", "claims-small", "claims-medium"), claims_report.render)}
 
 
@@ -48,11 +49,15 @@ def provenance(record: dict[str, Any]) -> str:
 
 
 def render_block(name: str, record: dict[str, Any] | None) -> str:
-    if record is None:
-        return f"*Not measured yet: no `{RESULTS_DIR}/{name}.json`.*\n"
+    """A block `NAME` renders docs/results/NAME.json; `NAME-brief` the same record in one sentence, without
+    its provenance (for the README)."""
     renderer = _renderers().get(name)
     if renderer is None:
         raise KeyError(f"no renderer for results {name!r}")
+    if record is None:
+        return f"*Not measured yet: no `{RESULTS_DIR}/{name.removesuffix('-brief')}.json`.*\n"
+    if name.endswith("-brief"):
+        return f"{renderer(record['data']).rstrip()}\n"
     return f"{provenance(record)}\n\n{renderer(record['data']).rstrip()}\n"
 
 
@@ -62,7 +67,8 @@ def render(text: str, results: dict[str, dict[str, Any]], results_dir: Path = RE
 
     def block(m: re.Match) -> str:
         name = m.group("name")
-        body = computed[name]() + "\n" if name in computed else render_block(name, results.get(name))
+        record = results.get(name.removesuffix("-brief"))
+        body = computed[name]() + "\n" if name in computed else render_block(name, record)
         return m.group(1) + body + m.group(4)
 
     return _BLOCK.sub(block, text)
