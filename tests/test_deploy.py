@@ -327,3 +327,34 @@ def test_a_user_mistake_in_the_deployed_serverapp_is_one_line(link, tiny_prep, t
     text = deploy.flwr(link.home, "log", str(run_id), deploy.CONNECTION, "--show").stdout
     assert "error:" in text and "no prepared data" in text, text[-2000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_compressed_updates_shrink_the_bytes_on_the_wire(link, procs, tiny_prep):
+    """The same run with fp32 and with int8 up-link updates; the SuperLink counts the bytes each run moved
+    (Flower's own `network-traffic`): replies shrink by the codec's ratio, plus a per-message record overhead
+    that is measured here, not assumed."""
+    from photon.federation.codec import CodecSpec, encoded_nbytes, layout_of
+    from photon.model.transformer import Transformer, unique_state_dict
+
+    for i in range(2):
+        _node(link, f"w{i}", link.certs / f"node-{i}.key", link.certs, procs, data=tiny_prep, warm=True)
+    _wait_online(link, 2)
+    inbound, payload = {}, {}
+    for codec in ("fp32", "int8"):
+        cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=2", "train.threads=1",
+                       "train.warmup_steps=4", "federation.state_backup=false",
+                       f"federation.compression.up.codec={codec}")
+        run_id = deploy.submit_run(link.home, cfg, f"run-wire-{codec}")
+        status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
+        assert status["status"] == "finished:completed"
+        inbound[codec] = status["network-traffic"]["inbound-bytes"]
+        rounds = [r for r in read_metrics(link.runs / f"run-wire-{codec}") if r["kind"] == "round"]
+        payload[codec] = sum(r["bytes_up"] for r in rounds)
+    layout = layout_of(unique_state_dict(Transformer(tiny_cfg(tiny_prep).model)))
+    ratio = encoded_nbytes(layout, CodecSpec("fp32")) / encoded_nbytes(layout, CodecSpec("int8"))
+    assert payload["fp32"] / payload["int8"] == pytest.approx(ratio)  # what photon counts is what it encoded
+    overhead = {c: inbound[c] - payload[c] for c in inbound}  # records, headers, HTTP framing, heartbeats
+    print(f"inbound bytes fp32 {inbound['fp32']}, int8 {inbound['int8']}; update payloads {payload}; overhead "
+          f"{overhead}; wire ratio {inbound['fp32'] / inbound['int8']:.2f} vs codec ratio {ratio:.2f}")
+    assert abs(overhead["fp32"] - overhead["int8"]) < 0.05 * payload["fp32"]  # the overhead does not scale
+    assert inbound["fp32"] / inbound["int8"] == pytest.approx(ratio, rel=0.1)  # the wire shrinks as the codec
