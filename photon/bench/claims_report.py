@@ -383,7 +383,10 @@ def _setup(v: View) -> str:
         "client as if each had its own machine. Every federated arm states its client optimizer: `persist` (the "
         "paper's recipe, AdamW state kept per client across rounds) or `reset`. All run with "
         "`federation.state_backup=false`: the arms share one node cache, so no kept state can be lost, and the "
-        "bytes counted are the model updates the algorithm needs.",
+        "bytes counted are the model updates the algorithm needs. The update screen is off "
+        "(`federation.max_norm_ratio=null`, `federation.min_cosine=null`): the paper's aggregation is a plain "
+        "weighted mean, and the default screen rejects honest by-domain updates late in long runs (their pairwise "
+        f"cosines fall to about 0). Client updates not folded over all federated runs: {_not_folded(v)}.",
         f"- Seeds: {p['seeds']} for the headline arms, {p['paper_seeds']} for the paper regime at the full "
         f"horizon, {p['sweep_seeds']} for the secondary arms (`iid`, `bigbatch`, `diloco-reset`, K and H sweeps); "
         "each comparison uses the seeds its arms share; "
@@ -395,6 +398,11 @@ def _setup(v: View) -> str:
         f"{est['seconds'] / 3600:.2f} h "
         f"({est['worst_case_seconds'] / 3600:.2f} h with LR-grid extensions).",
         f"- Budget changes for this scale: {', '.join(f'`{o}`' for o in p['base_overrides']) or 'none'}."])
+
+
+def _not_folded(v: View) -> int:
+    return sum(r.get("dropped", 0) + r.get("failed", 0) for a in v.arms.values() if a["kind"] == "federated"
+               for run in a["runs"].values() for r in run["rounds"])
 
 
 def _verdict_table(v: View) -> str:
@@ -464,9 +472,13 @@ def _sweeps(v: View) -> str:
            "Rule, the same for `central`, `photon` and `diloco`: the arm's base LR × "
            f"{{{', '.join(f'{x:g}' for x in p['lr_grid'])}}} "
            f"at seed 0; while the best final validation perplexity is at an edge of the grid, one more geometric "
-           f"step beyond it (at most {p['lr_extend']}); the other seeds then run at the best LR. Base LRs: Photon's "
-           f"preset LR for `photon`, {p['central_lr_ratio']:.3g}× it (the centralized LR, as in the paper's 1.3B "
-           "runs) for `central` and `diloco`. Final validation perplexity at seed 0:"]
+           f"step beyond it (at most {p['lr_extend']} times); the other seeds then run at the best LR. The base LR "
+           "is the preset's for all three, so they start from the same grid (the paper gives centralized training "
+           "and DiLoCo a lower LR than Photon; the edge rule lets each grid move to its own optimum). Arms that "
+           "are not swept take the best LR of their family: "
+           "`photon`'s for `photon-reset`, `paper`, `iid`, the `-short`, K and H arms; `central`'s for "
+           "`central-short` and `bigbatch`; `diloco`'s for `diloco-reset` and the torchft peer. Final validation "
+           "perplexity at seed 0:"]
     rows = []
     for name, s in d["sweeps"].items():
         cells = [f"{lr:g}: " + ("failed" if ppl is None else f"**{ppl:,.1f}**" if lr == s["best_lr"] else f"{ppl:,.1f}")
@@ -788,7 +800,7 @@ def plot(data: dict[str, Any], img_dir: Path) -> list[Path]:
         if v.has(n, ref):
             for i, s in enumerate(v.seeds(n, ref)):
                 c = ratio_curve(v, n, ref, s, per)
-                axes[1].plot([x / 1e6 for x, _ in c], [r for _, r in c], color=f"C{color}",
+                axes[1].plot([x / 1e6 for x, _ in c], [r for _, r in c], color=f"C{color}", marker="o", ms=2.5,
                              alpha=1.0 if i == 0 else 0.5, label=f"{n} / {ref}" if i == 0 else None)
     axes[1].axhline(1.0, color="grey", lw=0.8, ls=":")
     axes[1].set(xlabel="centralized tokens (M); paper regime: tokens per client", yscale="log",
