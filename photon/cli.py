@@ -284,8 +284,12 @@ def server(
     state: Annotated[Path, typer.Option(help="SuperLink database, Flower home and log.")] = Path(".photon/server"),
     runs: Annotated[Optional[Path], typer.Option(help="Runs root: every submitted run writes into a directory "
                                                  "under it (default STATE/runs).")] = None,
+    blob_port: Annotated[Optional[int], typer.Option(help="Port of the blob side channel for payloads over 1 MB "
+                                                     "(default --port + 1; 0 turns it off: everything through "
+                                                     "Flower).")] = None,
 ) -> None:
-    """Start the SuperLink; registers every node-*.key.pub in --certs. Runs until Ctrl-C."""
+    """Start the SuperLink (and the blob side channel); registers every node-*.key.pub in --certs. Runs until
+    Ctrl-C."""
     from photon.federation import deploy
     from photon.federation.certs import read_token
 
@@ -294,6 +298,7 @@ def server(
     log_file = state / "superlink.log"
     runs = (runs or state / "runs").resolve()
     proc = deploy.start_superlink(port, state, certs=certs, insecure=insecure, host=host, log_file=log_file,
+                                  blob_port=blob_port,
                                   runs=runs)
     try:
         home = state / "flwr"

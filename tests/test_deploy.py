@@ -358,3 +358,21 @@ def test_compressed_updates_shrink_the_bytes_on_the_wire(link, procs, tiny_prep)
           f"{overhead}; wire ratio {inbound['fp32'] / inbound['int8']:.2f} vs codec ratio {ratio:.2f}")
     assert abs(overhead["fp32"] - overhead["int8"]) < 0.05 * payload["fp32"]  # the overhead does not scale
     assert inbound["fp32"] / inbound["int8"] == pytest.approx(ratio, rel=0.1)  # the wire shrinks as the codec
+
+
+def test_large_payloads_travel_by_the_blob_side_channel(link, procs, tiny_prep):
+    """A model over the blob threshold goes down, and its updates come up, over `photon server`'s blob channel
+    (TLS, capabilities in the message); Flower's own traffic stays at the size of the references."""
+    for i in range(2):
+        _node(link, f"b{i}", link.certs / f"node-{i}.key", link.certs, procs, data=tiny_prep, warm=True)
+    _wait_online(link, 2)
+    cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=2", "train.threads=1",
+                   "train.warmup_steps=4", "model.d_model=160", "model.n_head=4")  # ≈2 MB of fp32 parameters
+    run_id = deploy.submit_run(link.home, cfg, "run-blobs")
+    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
+    assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
+    rounds = [r for r in read_metrics(link.runs / "run-blobs") if r["kind"] == "round"]
+    moved = sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+    assert moved > 8e6 and status["network-traffic"]["total-bytes"] < 0.1 * moved, (moved, status["network-traffic"])
+    logs = "".join((link.root / f"node-b{i}.log").read_text(errors="replace") for i in range(2))
+    assert "fetched model blob" in logs and "uploaded reply blob" in logs

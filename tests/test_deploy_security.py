@@ -189,12 +189,13 @@ def test_piped_output_has_no_colour_codes():
 
 
 def test_our_processes_take_no_secret_on_their_command_line(tmp_path, monkeypatch):
-    """The operator token and the SuperExec secret reach the SuperLink as file paths; the files are private."""
+    """The operator token, the SuperExec secret and the blob secret reach the SuperLink as file paths; the files
+    are private."""
     make_certs(tmp_path / "certs", nodes=0)
     seen = {}
 
-    def fake_spawn(args, home, log_file=None, pipe=False):
-        seen["args"] = args
+    def fake_spawn(args, home, log_file=None, pipe=False, env=None):
+        seen["args"], seen["env"] = args, env or {}
         raise UserError("stop here")
 
     token = read_token(tmp_path / "certs" / OPERATOR_TOKEN)
@@ -202,5 +203,8 @@ def test_our_processes_take_no_secret_on_their_command_line(tmp_path, monkeypatc
     with pytest.raises(UserError, match="stop here"):
         deploy.start_superlink(deploy.free_port(), tmp_path / "state", certs=tmp_path / "certs")
     secret = (tmp_path / "state" / "superexec.secret").read_bytes()
-    assert token not in " ".join(seen["args"]) and secret.hex() not in " ".join(seen["args"])
-    assert (tmp_path / "state" / "superexec.secret").stat().st_mode & 0o077 == 0
+    blob_secret = (tmp_path / "state" / "blobs.secret").read_bytes().decode()
+    exposed = " ".join(seen["args"]) + " ".join(seen["env"].values())
+    assert token not in exposed and secret.hex() not in exposed and blob_secret not in exposed
+    for name in ("superexec.secret", "blobs.secret"):
+        assert (tmp_path / "state" / name).stat().st_mode & 0o077 == 0

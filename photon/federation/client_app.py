@@ -11,15 +11,18 @@ each client together, `photon node --procs`; absent: the run's `federation.procs
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from photon.federation import blobs
 from photon.federation.records import content_to_wire, wire_to_content
 from photon.federation.worker import ClientWorker
 
 _workers: dict[tuple[int, str, str], ClientWorker] = {}
+BLOB_THRESHOLD = 1 << 20  # replies smaller than this stay in the Flower message
 
 
 def _worker(context: Context, default_state_dir: str) -> ClientWorker:
@@ -42,7 +45,16 @@ def make_client_app(default_state_dir: str = ".photon/node-cache") -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = _worker(context, default_state_dir).handle(content_to_wire(msg.content))
+        wire = content_to_wire(msg.content)
+        host = str(context.node_config.get("superlink-host", "") or "127.0.0.1")
+        ca = str(context.node_config.get("blob-ca", "") or "") or None
+        # Large payloads may come by the blob side channel (blobs.py): fetch them, send the reply back that way
+        wire.payloads = {k: blobs.materialize(p, host, ca, k) for k, p in wire.payloads.items()}
+        reply = _worker(context, default_state_dir).handle(wire)
+        if "blob-put" in wire.meta:
+            grant = json.loads(wire.meta["blob-put"])
+            reply.payloads = {k: blobs.upload(p, grant, host, ca) if p.nbytes >= BLOB_THRESHOLD else p
+                              for k, p in reply.payloads.items()}
         return Message(wire_to_content(reply), reply_to=msg)
 
     return client_app

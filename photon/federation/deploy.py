@@ -110,7 +110,8 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def spawn(args: list[str], home: Path, log_file: Path | None = None, pipe: bool = False) -> subprocess.Popen:
+def spawn(args: list[str], home: Path, log_file: Path | None = None, pipe: bool = False,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a Flower process in its own session (so Ctrl-C in our terminal reaches us, and we stop it), tied to
     our life by `die_with_parent`; output goes to `log_file` (appended), a pipe, or our terminal."""
     out: IO | int | None = subprocess.PIPE if pipe else None
@@ -119,7 +120,8 @@ def spawn(args: list[str], home: Path, log_file: Path | None = None, pipe: bool 
         out = open(log_file, "ab")
     log.info("starting %s", " ".join(args))
     try:
-        return subprocess.Popen(args, env=child_env(home), stdout=out, stderr=subprocess.STDOUT if out else None,
+        return subprocess.Popen(args, env={**child_env(home), **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT if out else None,
                                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     finally:
         if log_file is not None:
@@ -231,12 +233,14 @@ def operator_token_file(state: Path, certs: Path | None) -> Path:
 
 def start_superlink(port: int, state: Path, certs: Path | None = None, insecure: bool = False,
                     host: str = "127.0.0.1", log_file: Path | None = None,
-                    runs: Path | None = None) -> subprocess.Popen:
+                    runs: Path | None = None, blob_port: int | None = None) -> subprocess.Popen:
     """Start the guarded SuperLink (TLS + node auth, or --insecure) with its database and FLWR_HOME under
     `state`, and its SuperExec; returns once the port accepts connections. One port serves nodes, the Control
     API and the Runtime API: the Control API admits only the operator token (`operator_token_file`), the
     Runtime API's task queue only our SuperExec (a fresh secret per start), and runs write only under `runs`
-    (default `state/runs`)."""
+    (default `state/runs`). Beside it, on `blob_port` (default port + 1; 0 turns it off), the blob side channel
+    (`blobs.py`) that moves large payloads: its capabilities are minted by the ServerApp with a secret that never
+    leaves this machine (`state/blobs.secret`); TLS with the server certificate unless --insecure."""
     certs, insecure = _tls_args(certs, insecure, "photon server")
     state = Path(state).resolve()
     runs = Path(runs).resolve() if runs is not None else state / "runs"
@@ -256,8 +260,21 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
         args += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                  "--enable-supernode-auth"]
     check_port_free(host, port)
-    proc = spawn(args, state / "flwr", log_file)
+    env = {}
+    blob_port = port + 1 if blob_port is None else blob_port
+    if blob_port:
+        blob_secret = state / "blobs.secret"
+        write_private(blob_secret, secrets.token_hex(32).encode())
+        check_port_free(host, blob_port)
+        blobs = {"root": str(state / "blobs"), "host": host, "port": blob_port, "secret_file": str(blob_secret)}
+        if not insecure:
+            blobs.update(cert=str(cert), key=str(key))
+        args += ["--photon-blobs", json.dumps(blobs)]
+        env["PHOTON_BLOBS"] = json.dumps(blobs)  # the ServerApps (started below it) mint the capabilities
+    proc = spawn(args, state / "flwr", log_file, env=env)
     wait_listening(proc, local_address(host), port, "flower-superlink", log_file=log_file)
+    if blob_port:
+        wait_listening(proc, local_address(host), blob_port, "the blob server", log_file=log_file)
     return proc
 
 
@@ -291,6 +308,10 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
         node_config += f" slowdown={float(slowdown)}"
     if procs is not None:
         node_config += f" procs={int(procs)}"
+    # The blob side channel: reached at the SuperLink's host; its TLS is checked against our CA.
+    node_config += f' superlink-host="{superlink.rpartition(":")[0]}"'
+    if not insecure:
+        node_config += f' blob-ca="{(Path(certs) / "ca.crt").resolve()}"'
     args = ([sys.executable, "-m", "photon.federation.warm_node", "supernode", "--isolation", "process"] if warm
             else [executable("flower-supernode")])
     args += ["--superlink", superlink, "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
@@ -740,6 +761,12 @@ def superlink_main(argv: list[str]) -> None:
                  "--parent-pid", str(os.getpid())]
     superexec += ["--insecure"] if "--insecure" in argv else ["--root-certificates", str(ca)]
     subprocess.Popen(superexec, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # it retries until we listen
+    blobs, argv = _flag(argv, "--photon-blobs")
+    if blobs is not None:  # the blob side channel, in its own process, dying with us
+        b = json.loads(blobs)
+        serve = [sys.executable, "-m", "photon.federation.blobs", b["root"], b["host"], str(b["port"]),
+                 b["secret_file"], *([b["cert"], b["key"]] if "cert" in b else [])]
+        subprocess.Popen(serve, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     sys.argv = ["flower-superlink", *argv]
     fsl.flower_superlink()
 

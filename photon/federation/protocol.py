@@ -37,6 +37,7 @@ class Wire:
 
     header: str
     payloads: dict[str, Payload] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)  # transport extras (e.g. a blob upload grant), not the task
 
     @property
     def nbytes(self) -> int:

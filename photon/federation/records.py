@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from photon.federation.codec import CodecError, Payload
 from photon.federation.protocol import Wire
 
-HEADER, PAYLOADS, LAYOUTS = "header", "payloads", "layouts"
+HEADER, PAYLOADS, LAYOUTS, META = "header", "payloads", "layouts", "meta"
 RAW = "raw"
 
 
@@ -23,8 +23,10 @@ def wire_to_content(wire: Wire) -> RecordDict:
     arrays = {name: Array(dtype=str(p.data.dtype), shape=tuple(p.data.shape), stype=RAW, data=p.as_bytes())
               for name, p in wire.payloads.items()}
     layouts = {name: p.layout_json() for name, p in wire.payloads.items()}
-    return RecordDict({HEADER: ConfigRecord({"json": wire.header}), PAYLOADS: ArrayRecord(arrays),
-                       LAYOUTS: ConfigRecord(layouts)})
+    records = {HEADER: ConfigRecord({"json": wire.header}), PAYLOADS: ArrayRecord(arrays), LAYOUTS: ConfigRecord(layouts)}
+    if wire.meta:
+        records[META] = ConfigRecord(dict(wire.meta))
+    return RecordDict(records)
 
 
 def content_to_wire(content: RecordDict) -> Wire:
@@ -50,4 +52,10 @@ def content_to_wire(content: RecordDict) -> Wire:
         payload = Payload.from_parts(layout, np.frombuffer(array.data, dtype=np.uint8))
         payload.buffer = array.data
         payloads[name] = payload
-    return Wire(header, payloads)
+    meta = {}
+    if META in content:
+        record = content[META]
+        if not isinstance(record, ConfigRecord) or not all(isinstance(v, str) for v in record.values()):
+            raise CodecError("message meta record is malformed")
+        meta = dict(record)
+    return Wire(header, payloads, meta)

@@ -6,9 +6,12 @@ over `Grid.push_messages`/`pull_messages` keeps deadlines, re-queueing and parti
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 from photon.config import RunConfig, build_config
 from photon.errors import UserError
 from photon.federation.codec import CodecError
-from photon.federation.protocol import Rejected, Wire
+from photon.config import ModelConfig
+from photon.federation.blobs import BLOB, BlobError, Channel
+from photon.federation.protocol import ClientTask, Rejected, Wire
+from photon.model.transformer import count_params
 from photon.federation.records import content_to_wire, wire_to_content
 from photon.federation.runner import run_federation
 
@@ -35,9 +41,14 @@ class GridTransport:
     (and dropped by the aggregator as late) instead of piling up on the SuperLink. While nothing arrives the
     poll interval doubles from `poll_s` up to `max_poll_s`."""
 
-    def __init__(self, grid: Grid, poll_s: float = 0.05, max_poll_s: float = 1.0, retries: int = 6):
+    def __init__(self, grid: Grid, poll_s: float = 0.05, max_poll_s: float = 1.0, retries: int = 6,
+                 blobs: Channel | None = None):
+        """`blobs`: large payloads travel over the side channel `photon server` runs (blobs.py); the message
+        carries references."""
         self.grid = grid
         self.poll_s, self.max_poll_s, self.retries = poll_s, max_poll_s, retries
+        self.blobs = blobs
+        self._live: deque[str] = deque()  # model blobs recent tasks may still fetch
         self._pending: list[str] = []
 
     def _call(self, what: str, fn, *args):
@@ -59,6 +70,17 @@ class GridTransport:
         return sorted(self._call("listing nodes", self.grid.get_node_ids))
 
     def submit(self, node: int, wire: Wire) -> str:
+        if self.blobs is not None:  # big payloads go by the side channel; the node may upload its reply there
+            task = ClientTask.from_json(wire.header)
+            limit = 16 * count_params(ModelConfig.model_validate(task.config["model"]))  # 4× the fp32 model
+            wire = Wire(wire.header, {k: self.blobs.offload(p) for k, p in wire.payloads.items()},
+                        {**wire.meta, "blob-put": json.dumps(self.blobs.put_grant(limit))})
+            for p in wire.payloads.values():
+                if BLOB in p.layout and p.layout[BLOB]["digest"] not in self._live:
+                    self._live.append(p.layout[BLOB]["digest"])
+            while len(self._live) > 3:
+                self._live.popleft()
+            self.blobs.forget(set(self._live))  # older models: no task will fetch them
         msg = Message(wire_to_content(wire), dst_node_id=node, message_type="train")
         ids = list(self._call("pushing a task", self.grid.push_messages, [msg]))
         del msg
@@ -85,14 +107,18 @@ class GridTransport:
             time.sleep(min(wait, max(0.0, end - time.monotonic())))
             wait = min(2 * wait, self.max_poll_s)
 
-    @staticmethod
-    def _decode(msg: Message) -> Wire | Rejected | str:
+    def _decode(self, msg: Message) -> Wire | Rejected | str:
         if msg.has_error():
             return f"node {msg.metadata.src_node_id}: {short_reason(msg.error.reason)}"
         try:
-            return content_to_wire(msg.content)
+            wire = content_to_wire(msg.content)
+            if self.blobs is not None:
+                wire.payloads = {k: self.blobs.load(p) for k, p in wire.payloads.items()}
+            return wire
         except CodecError as e:
             return Rejected(f"malformed reply records ({e})")
+        except BlobError as e:
+            return Rejected(f"reply blob: {e}")
 
 
 def short_reason(reason: str | None) -> str:
@@ -128,7 +154,10 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     try:
         cfg = build_config(json.loads(str(rc["config-json"])))
-        run_federation(cfg, Path(str(rc["run-dir"])), GridTransport(grid), resume=bool(rc.get("resume", False)))
+        # `photon server` runs a blob side channel beside the SuperLink and describes it here (read at the edge)
+        blobs = Channel.from_env(os.environ["PHOTON_BLOBS"]) if os.environ.get("PHOTON_BLOBS") else None
+        run_federation(cfg, Path(str(rc["run-dir"])), GridTransport(grid, blobs=blobs),
+                       resume=bool(rc.get("resume", False)))
     except UserError as e:  # a mistake the user can fix: one line in the run's log, not a traceback
         from flwr.supercore.exit import ExitCode, flwr_exit
 

@@ -1,0 +1,352 @@
+"""A side channel for large payloads: the model down and the updates up move as checksummed blobs over one TLS
+socket each, while the Flower message carries only a reference (digest, size, a short-lived capability).
+
+Why: Flower 1.41 moves a message as 5 MB chunks over HTTP, each hashed, framed and stored by the SuperLink;
+on loopback that reached a few percent of what a plain socket copies (docs/RESULTS.md, `photon bench wire`).
+This channel streams the bytes once, with the kernel's `sendfile` when TLS is off.
+
+Trust: the blob server runs beside the SuperLink (`photon server`) and serves one folder. Every request names a
+capability the ServerApp minted with a secret only the server machine holds (HMAC-SHA256 over the operation,
+the digest or the size limit, and an expiry); a GET serves exactly the named digest; a PUT must stay within
+its size limit and is stored under the SHA-256 of what arrived, which the uploader states up front and the
+server checks. Tokens travel inside the Flower message, so only a node that received the task can use them.
+The ServerApp reads and writes the folder directly (same machine), and still checks every digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from photon.federation.codec import Payload
+
+log = logging.getLogger(__name__)
+BLOB = "blob"                 # layout key of a payload that travels as a blob
+CHUNK = 4 << 20
+MAX_LINE = 4096
+TOKEN_TTL_S = 3 * 3600.0
+
+
+class BlobError(RuntimeError):
+    """A transfer that failed or was refused (the reason says why)."""
+
+
+def sha256_hex(data: bytes | bytearray | memoryview | np.ndarray) -> str:
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
+def _valid_digest(digest: Any) -> bool:
+    return isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Capabilities
+
+
+def mint(secret: bytes, op: str, subject: str, ttl_s: float = TOKEN_TTL_S) -> str:
+    """A token allowing `op` ("get" of a digest, or "put" of up to `subject` bytes) until now + ttl."""
+    expires = int(time.time() + ttl_s)
+    mac = hmac.new(secret, f"{op}|{subject}|{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"{expires}.{mac}"
+
+
+def check(secret: bytes, token: str, op: str, subject: str) -> None:
+    try:
+        expires_text, mac = str(token).split(".", 1)
+        expires = int(expires_text)
+    except ValueError:
+        raise BlobError("malformed token") from None
+    want = hmac.new(secret, f"{op}|{subject}|{expires}".encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(want, mac):
+        raise BlobError("token does not allow this request")
+    if time.time() > expires:
+        raise BlobError("token expired")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The server (beside the SuperLink)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        server: BlobServer = self.server  # type: ignore[assignment]
+        try:
+            line = self.rfile.readline(MAX_LINE)
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise BlobError("bad request")
+            if req.get("op") == "get":
+                self._get(server, req)
+            elif req.get("op") == "put":
+                self._put(server, req)
+            else:
+                raise BlobError("unknown operation")
+        except (BlobError, ValueError, OSError) as e:
+            self._answer({"ok": False, "error": str(e)[:200]})
+
+    def _answer(self, obj: dict) -> None:
+        try:
+            self.wfile.write((json.dumps(obj) + "\n").encode())
+            self.wfile.flush()
+        except OSError:
+            pass
+
+    def _get(self, server: BlobServer, req: dict) -> None:
+        digest = req.get("digest")
+        if not _valid_digest(digest):
+            raise BlobError("bad digest")
+        check(server.secret, req.get("token", ""), "get", digest)
+        path = server.root / "down" / digest
+        if not path.is_file():
+            raise BlobError("no such blob")
+        size = path.stat().st_size
+        self._answer({"ok": True, "size": size})
+        with open(path, "rb") as f:
+            if isinstance(self.connection, ssl.SSLSocket):
+                while chunk := f.read(CHUNK):
+                    self.connection.sendall(chunk)
+            else:
+                self.connection.sendfile(f)
+
+    def _put(self, server: BlobServer, req: dict) -> None:
+        digest, size, limit = req.get("digest"), req.get("size"), req.get("limit")
+        if not _valid_digest(digest) or not isinstance(size, int) or not isinstance(limit, int):
+            raise BlobError("bad put request")
+        check(server.secret, req.get("token", ""), "put", str(limit))
+        if not 0 <= size <= limit:
+            raise BlobError(f"size {size} exceeds the token's limit {limit}")
+        tmp = server.root / "up" / f".{digest}.{os.getpid()}.{threading.get_ident()}.part"
+        h, left = hashlib.sha256(), size
+        buf = bytearray(min(CHUNK, max(1, size)))
+        try:
+            with open(tmp, "wb") as f:
+                while left:
+                    n = self.rfile.readinto(memoryview(buf)[:min(left, len(buf))])
+                    if not n:
+                        raise BlobError("upload ended early")
+                    h.update(memoryview(buf)[:n])
+                    f.write(memoryview(buf)[:n])
+                    left -= n
+            if h.hexdigest() != digest:
+                raise BlobError("upload does not match its digest")
+            os.replace(tmp, server.root / "up" / digest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._answer({"ok": True})
+
+
+class BlobServer(socketserver.ThreadingTCPServer):
+    """Serves `root/down` (GET) and takes uploads into `root/up` (PUT) on host:port; TLS when given a
+    certificate (the SuperLink's). Two folders, so an upload can never replace or name a model blob."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, root: Path, secret: bytes, host: str, port: int, certfile: Path | None = None,
+                 keyfile: Path | None = None):
+        self.root, self.secret = Path(root), secret
+        for sub in ("down", "up"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.tls = None
+        if certfile is not None:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(str(certfile), str(keyfile))
+        super().__init__((host, port), _Handler)
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True)
+        return sock, addr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The client (a node, or a test)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the blob server listens and how to reach it (`ca` set: TLS, checked against our CA). A node uses
+    the host it reaches the SuperLink by, and the port the server's references name."""
+
+    host: str
+    port: int
+    ca: str | None = None
+
+    def connect(self, timeout: float = 60.0) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        if self.ca is not None:
+            ctx = ssl.create_default_context(cafile=self.ca)
+            ctx.check_hostname = False  # the server certificate is issued for the SuperLink's names; the CA pins it
+            sock = ctx.wrap_socket(sock)
+        return sock
+
+
+def _read_line(sock: socket.socket) -> dict:
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk or len(data) > MAX_LINE:
+            raise BlobError("the blob server closed the connection")
+        data += chunk
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise BlobError(f"the blob server refused: {reply.get('error')}")
+    return reply
+
+
+def fetch(endpoint: Endpoint, digest: str, token: str, size: int) -> bytearray:
+    """The blob `digest` (exactly `size` bytes, checked), in one buffer."""
+    with endpoint.connect() as sock:
+        sock.sendall((json.dumps({"op": "get", "digest": digest, "token": token}) + "\n").encode())
+        head = _read_line(sock)
+        if head.get("size") != size:
+            raise BlobError(f"blob {digest[:12]} has {head.get('size')} bytes, expected {size}")
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = sock.recv_into(view[got:], min(CHUNK, size - got))
+            if not n:
+                raise BlobError("the blob download ended early")
+            got += n
+    if sha256_hex(buf) != digest:
+        raise BlobError(f"blob {digest[:12]} does not match its digest")
+    return buf
+
+
+def put(endpoint: Endpoint, data: memoryview | bytes, token: str, limit: int) -> str:
+    """Upload `data`; returns its digest (under which the server stored it)."""
+    view = memoryview(data).cast("B")
+    digest = sha256_hex(view)
+    with endpoint.connect() as sock:
+        sock.sendall((json.dumps({"op": "put", "digest": digest, "size": len(view), "limit": limit,
+                                  "token": token}) + "\n").encode())
+        for start in range(0, len(view), CHUNK):
+            sock.sendall(view[start:start + CHUNK])
+        _read_line(sock)
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Payloads as blobs
+
+
+@dataclass
+class Channel:
+    """The server side: large payloads go out as references to files in `root/down`; references that come back
+    name uploads in `root/up`, read back and checked. `threshold`: smaller payloads stay in the message."""
+
+    root: Path
+    secret: bytes
+    port: int
+    threshold: int = 1 << 20
+
+    @classmethod
+    def from_env(cls, text: str) -> Channel:
+        """The channel `photon server` describes to its ServerApps (`PHOTON_BLOBS`, JSON)."""
+        conf = json.loads(text)
+        secret = Path(conf["secret_file"]).read_bytes().strip()
+        return cls(Path(conf["root"]), secret, int(conf["port"]))
+
+    def offload(self, payload: Payload) -> Payload:
+        if payload.nbytes < self.threshold or BLOB in payload.layout:
+            return payload
+        digest = sha256_hex(payload.data)
+        path = self.root / "down" / digest
+        if not path.exists():
+            tmp = path.with_name(f".{digest}.part")
+            with open(tmp, "wb") as f:
+                f.write(memoryview(payload.data).cast("B"))
+            os.replace(tmp, path)
+        ref = {"digest": digest, "size": payload.nbytes, "token": mint(self.secret, "get", digest), "port": self.port}
+        return Payload({**payload.layout, BLOB: ref}, np.zeros(0, np.uint8))
+
+    def put_grant(self, limit: int) -> dict[str, Any]:
+        """What a node needs to upload a reply of up to `limit` bytes."""
+        return {"token": mint(self.secret, "put", str(limit)), "limit": limit, "port": self.port}
+
+    def load(self, payload: Payload) -> Payload:
+        """A reply's payload whose bytes a node uploaded: read back from the folder and checked."""
+        ref = payload.layout.get(BLOB)
+        if ref is None:
+            return payload
+        digest, size = ref.get("digest"), ref.get("size")
+        if not _valid_digest(digest) or not isinstance(size, int) or payload.nbytes:
+            raise BlobError("malformed blob reference")
+        path = self.root / "up" / digest
+        if not path.is_file() or path.stat().st_size != size:
+            raise BlobError(f"blob {digest[:12]} was not uploaded (or has another size)")
+        data = path.read_bytes()
+        path.unlink(missing_ok=True)  # an update is read once
+        if sha256_hex(data) != digest:
+            raise BlobError(f"blob {digest[:12]} does not match its digest")
+        layout = {k: v for k, v in payload.layout.items() if k != BLOB}
+        return Payload.over(layout, data)
+
+    def forget(self, keep: set[str]) -> None:
+        """Delete model blobs no task will fetch any more, and uploads nobody claimed within a token's life."""
+        for f in (self.root / "down").iterdir():
+            if f.is_file() and f.name not in keep and not f.name.startswith("."):
+                f.unlink(missing_ok=True)
+        stale = time.time() - TOKEN_TTL_S
+        for f in (self.root / "up").iterdir():
+            if f.is_file() and f.stat().st_mtime < stale:
+                f.unlink(missing_ok=True)
+
+
+def materialize(payload: Payload, host: str, ca: str | None, log_as: str = "") -> Payload:
+    """A node's view of a payload: fetched from the blob server (at the SuperLink's `host`) when it travels as a
+    reference."""
+    ref = payload.layout.get(BLOB)
+    if ref is None:
+        return payload
+    start = time.perf_counter()
+    data = fetch(Endpoint(host, int(ref["port"]), ca), str(ref["digest"]), str(ref["token"]), int(ref["size"]))
+    log.info("fetched %s blob: %.1f MB in %.2f s", log_as, len(data) / 2**20, time.perf_counter() - start)
+    return Payload({k: v for k, v in payload.layout.items() if k != BLOB}, np.frombuffer(data, np.uint8))
+
+
+def upload(payload: Payload, grant: dict[str, Any], host: str, ca: str | None) -> Payload:
+    """A node's reply payload uploaded under a grant; the reference that replaces it in the message."""
+    if payload.nbytes > int(grant["limit"]):
+        return payload  # larger than the server expects: send it in the message, the server will judge it
+    start = time.perf_counter()
+    digest = put(Endpoint(host, int(grant["port"]), ca), memoryview(payload.data), str(grant["token"]),
+                 int(grant["limit"]))
+    log.info("uploaded reply blob: %.1f MB in %.2f s", payload.nbytes / 2**20, time.perf_counter() - start)
+    return Payload({**payload.layout, BLOB: {"digest": digest, "size": payload.nbytes}}, np.zeros(0, np.uint8))
+
+
+def serve_main(argv: list[str]) -> None:
+    """`python -m photon.federation.blobs ROOT HOST PORT SECRET_FILE [CERT KEY]`: run the blob server (started
+    by `photon server` beside the SuperLink; it dies with its parent)."""
+    import ctypes
+    import signal
+
+    try:  # die with the process that started us (photon server)
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+    root, host, port, secret_file = argv[:4]
+    cert, key = (Path(argv[4]), Path(argv[5])) if len(argv) >= 6 else (None, None)
+    server = BlobServer(Path(root), Path(secret_file).read_bytes().strip(), host, int(port), cert, key)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_main(sys.argv[1:])

@@ -1,0 +1,73 @@
+"""The blob side channel: capabilities, transfers over TLS and plain sockets, and refusals (a bad token, a
+corrupted or oversized upload, an upload that names a model blob)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from photon.federation import blobs
+from photon.federation.blobs import BlobError, BlobServer, Channel, Endpoint
+from photon.federation.codec import Payload
+from photon.federation.deploy import free_port
+
+SECRET = b"s" * 32
+
+
+@pytest.fixture(params=["plain", "tls"])
+def server(request, tmp_path):
+    cert = key = ca = None
+    if request.param == "tls":
+        from photon.federation.certs import make_certs
+
+        make_certs(tmp_path / "certs", nodes=0)
+        cert, key, ca = tmp_path / "certs/server.pem", tmp_path / "certs/server.key", str(tmp_path / "certs/ca.crt")
+    port = free_port()
+    srv = BlobServer(tmp_path / "blobs", SECRET, "127.0.0.1", port, cert, key)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv, Endpoint("127.0.0.1", port, ca), Channel(tmp_path / "blobs", SECRET, port, threshold=1)
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_tokens_bind_operation_subject_and_expiry():
+    token = blobs.mint(SECRET, "get", "a" * 64)
+    blobs.check(SECRET, token, "get", "a" * 64)
+    for op, subject, secret in (("put", "a" * 64, SECRET), ("get", "b" * 64, SECRET), ("get", "a" * 64, b"x" * 32)):
+        with pytest.raises(BlobError):
+            blobs.check(secret, token, op, subject)
+    with pytest.raises(BlobError, match="expired"):
+        blobs.check(SECRET, blobs.mint(SECRET, "get", "a" * 64, ttl_s=-1), "get", "a" * 64)
+
+
+def test_a_model_goes_down_and_an_update_comes_up(server):
+    _, endpoint, channel = server
+    data = np.random.default_rng(0).integers(0, 255, 3_000_001, dtype=np.uint8)
+    ref = channel.offload(Payload({"codec": "fp32", "tensors": []}, data))
+    assert ref.nbytes == 0 and blobs.BLOB in ref.layout
+    got = blobs.materialize(ref, "127.0.0.1", endpoint.ca)
+    assert np.array_equal(got.data, data) and blobs.BLOB not in got.layout
+    grant = channel.put_grant(10_000_000)
+    up = blobs.upload(Payload({"codec": "int8", "tensors": []}, data[::2].copy()), grant, "127.0.0.1", endpoint.ca)
+    back = channel.load(up)
+    assert np.array_equal(back.data, data[::2]) and back.layout == {"codec": "int8", "tensors": []}
+
+
+def test_refusals(server):
+    _, endpoint, channel = server
+    data = np.arange(1000, dtype=np.uint8)
+    ref = channel.offload(Payload({"codec": "fp32", "tensors": []}, data))
+    digest = ref.layout[blobs.BLOB]["digest"]
+    with pytest.raises(BlobError, match="does not allow"):
+        blobs.fetch(endpoint, digest, blobs.mint(b"y" * 32, "get", digest), 1000)
+    with pytest.raises(BlobError, match="exceeds"):
+        blobs.put(endpoint, bytes(2000), blobs.mint(SECRET, "put", "1000"), 1000)
+    with pytest.raises(BlobError, match="does not allow"):  # a grant for 1000 bytes cannot be stretched
+        blobs.put(endpoint, bytes(2000), blobs.mint(SECRET, "put", "1000"), 5000)
+    # An upload stored under the digest of what arrived can never stand in for a model blob
+    grant = channel.put_grant(5000)
+    up = blobs.upload(Payload({"codec": "fp32", "tensors": []}, data), grant, "127.0.0.1", endpoint.ca)
+    assert (channel.root / "up" / up.layout[blobs.BLOB]["digest"]).exists()
+    forged = Payload({"codec": "fp32", "tensors": [], blobs.BLOB: {"digest": "0" * 64, "size": 10}}, np.zeros(0, np.uint8))
+    with pytest.raises(BlobError, match="not uploaded"):
+        channel.load(forged)
