@@ -388,6 +388,14 @@ def submit(
 # Benchmarks
 
 
+def _numbers(text: str, kind: type, flag: str, example: str) -> tuple:
+    """A comma-separated list of numbers from a flag, or a one-line error naming it."""
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated {kind.__name__}s, e.g. {example}") from None
+
+
 @bench_app.command("trainer")
 def bench_trainer(
     preset: PresetOpt = "small",
@@ -452,10 +460,7 @@ def bench_robust(
 
     if attack not in ("flip", "noise"):
         raise UserError(f"--attack {attack!r}: choose flip or noise")
-    try:
-        values = tuple(float(x) for x in scales.split(","))
-    except ValueError:
-        raise UserError(f"--scales {scales!r}: expected comma-separated numbers, e.g. 1,2,5,10") from None
+    values = _numbers(scales, float, "--scales", "1,2,5,10")
     cfg = _config(preset, list(overrides or []) + ["data.partition.num_clients=4",
                                                      "federation.clients_per_round=4"])
     ensure_prepared(cfg)
@@ -534,10 +539,7 @@ def bench_compression(
     cost against fp32 Photon, codec time; stores docs/results/compression.json and docs/img/compression.png."""
     from photon.bench.compression import run_compression_bench
 
-    try:
-        values = tuple(int(x) for x in hs.split(","))
-    except ValueError:
-        raise UserError(f"--hs {hs!r}: expected comma-separated integers, e.g. 16,64") from None
+    values = _numbers(hs, int, "--hs", "16,64")
     cfg = _config(preset, overrides)
     ensure_prepared(cfg)
     run_compression_bench(cfg, out, values, seeds, jobs, console)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, save_result
+from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig, build_config, config_to_dict, with_overrides
 from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
@@ -162,9 +162,7 @@ def run_compression_bench(cfg: RunConfig, out: Path, hs: tuple[int, ...] = (16, 
                                                                                              t.batch_size, t.seq_len),
             "rows": rows, "codec_seconds": timings}
     plot(data, PLOT)
-    path = save_result("compression", data, load, started=started)
-    console.print(render(data))
-    console.print(f"stored in {path}; plot {PLOT}")
+    publish("compression", data, render, load, started, console, f"; plot {PLOT}")
     return data
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, save_result
+from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig
 from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
@@ -38,9 +38,7 @@ def run_demo_bench(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any
             "h": fed.local_steps, "rounds": fed.rounds, "nodes": fed.num_nodes, "wall_seconds": wall,
             "round_seconds": [r["wall_seconds"] for r in rounds], "tokens": sum(r["tokens"] for r in rounds),
             "ppl": {d: [perplexity(a), perplexity(b)] for d, (a, b) in losses.items()}}
-    path = save_result("demo", data, load, started=started)
-    console.print(render(data))
-    console.print(f"stored in {path}")
+    publish("demo", data, render, load, started, console)
     return data
 
 

@@ -145,7 +145,7 @@ def run_federation_bench(cfg: RunConfig, mem_cfg: RunConfig, out: Path, console:
                          deployed: bool = False) -> dict[str, Any]:
     """Overhead in simulation (and, with `deployed`, on loopback SuperNodes: plain and warm), aggregator memory
     for K = 2, 4, 8, bytes per token; stored in docs/results/federation.json."""
-    from photon.bench.results import LoadSampler, save_result
+    from photon.bench.results import LoadSampler, publish
     from photon.federation.protocol import tensor_bytes
     from photon.model.transformer import Transformer, unique_state_dict
 
@@ -163,9 +163,7 @@ def run_federation_bench(cfg: RunConfig, mem_cfg: RunConfig, out: Path, console:
                                                           warm=(kind == "warm")) for kind in ("plain", "warm")}
     data = {"preset": cfg.name, "k": cfg.federation.clients_per_round, "h": cfg.federation.local_steps,
             "nodes": cfg.federation.num_nodes, **result}
-    path = save_result("federation", data, load, started=started)
-    console.print(render(data))
-    console.print(f"stored in {path}")
+    publish("federation", data, render, load, started, console)
     return data
 
 

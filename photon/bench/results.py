@@ -97,3 +97,13 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
         record = json.loads(path.read_text())
         out[record.get("name", path.stem)] = record
     return out
+
+
+def publish(name: str, data: dict[str, Any], render, load: LoadSampler, started: float, console,
+            note: str = "", results_dir: Path | None = None) -> Path:
+    """Store a benchmark's numbers (`save_result`), show them as the report will, and say where they went."""
+    kwargs = {"results_dir": results_dir} if results_dir is not None else {}
+    path = save_result(name, data, load, started=started, **kwargs)
+    console.print(render(data))
+    console.print(f"stored in {path}{note}")
+    return path

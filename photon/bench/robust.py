@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, save_result
+from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig, with_overrides
 from photon.federation.inprocess import InProcessTransport
 from photon.federation.runner import run_federation
@@ -80,10 +80,7 @@ def run_robust_bench(cfg: RunConfig, out: Path, attack: str = "flip", scales: tu
     data = {"attack": attack, "attacker": attacker, "clients": cfg.data.partition.num_clients, "preset": cfg.name,
             "rounds": fed.rounds, "local_steps": fed.local_steps, "scales": list(scales), "seeds": seeds,
             "rows": rows}
-    kwargs = {"results_dir": results_dir} if results_dir is not None else {}
-    path = save_result(f"robust-{attack}", data, load, started=started, **kwargs)
-    console.print(render(data))
-    console.print(f"stored in {path}")
+    publish(f"robust-{attack}", data, render, load, started, console, results_dir=results_dir)
     return data
 
 

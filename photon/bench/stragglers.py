@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, save_result
+from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig, config_to_dict, with_overrides
 from photon.federation.runner import run_federation
 from photon.federation.virtual_clock import VirtualClockTransport
@@ -114,10 +114,7 @@ def run_stragglers_bench(cfg: RunConfig, out: Path, seeds: int = 2, console: Con
             "seeds": seeds, "step_seconds": fed.virtual_clock.step_seconds, "runs": runs}
     data["summary"] = summarize(data)
     plot(data, PLOT)
-    kwargs = {"results_dir": results_dir} if results_dir is not None else {}
-    path = save_result("stragglers", data, load, started=started, **kwargs)
-    console.print(render(data))
-    console.print(f"stored in {path}; plot {PLOT}")
+    publish("stragglers", data, render, load, started, console, f"; plot {PLOT}", results_dir=results_dir)
     return data
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, save_result
+from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig, config_to_dict, with_overrides
 from photon.model.transformer import count_params
 
@@ -160,9 +160,7 @@ def run_wire_bench(cfg: RunConfig, out: Path, console: Console | None = None) ->
         dep = deployed(cfg, out / "deployed", console)
         sim = simulated(cfg, out / "simulated", console)
     data = {"preset": cfg.name, "model_mb": model_mb, "socket_mb_s": socket_mb_s, "deployed": dep, "simulated": sim}
-    path = save_result("wire", data, load, started=started)
-    console.print(render(data))
-    console.print(f"stored in {path}")
+    publish("wire", data, render, load, started, console)
     return data
 
 
