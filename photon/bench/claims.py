@@ -326,6 +326,7 @@ class Runner:
     def __init__(self, base: RunConfig, plan: ClaimsPlan, out: Path, console: Console):
         self.base, self.plan, self.out, self.console = base, plan, out, console
         self.t0 = time.perf_counter()
+        self.skipped = self.trained = 0  # runs finished by an earlier invocation, and by this one
 
     def run(self, jobs: list[tuple[Arm, int]], may_fail: bool = False) -> None:
         """Train every job not yet finished. A sweep point that fails (`may_fail`: e.g. it diverged) is
@@ -350,6 +351,8 @@ class Runner:
                     "reason": str(e).splitlines()[0], "config": config_to_dict(arm_config(self.base, arm, seed))}))
                 self.console.print(f"{arm.name} lr {arm.lr:g} seed {seed}: failed ({e})")
                 return
+            self.skipped += bool(rec.get("skipped"))
+            self.trained += not rec.get("skipped")
             state = "done earlier" if rec.get("skipped") else f"{rec['seconds']:.0f} s"
             self.console.print(f"[{next(counter)}/{len(jobs)}] {arm.name} lr {arm.lr:g} seed {seed}: {state}  "
                                f"({time.perf_counter() - self.t0:.0f} s so far)")
@@ -388,8 +391,14 @@ def sweep(runner: Runner, rec: Recipes, plan: ClaimsPlan) -> dict[str, dict[str,
                 failed[f"{lr:g}"] = why
         out[m] = {"base_lr": bases[m], "grid": grids[m],
                   "ppl": [p if p is not None and math.isfinite(p) else None for p in map(ppl[m].get, grids[m])],
+                  "seconds": [_seconds(rec.swept(m, lr, 1).dir(runner.out, 0)) for lr in grids[m]],
                   "best_lr": best, "at_edge": best in (grids[m][0], grids[m][-1]), "failed": failed}
     return out
+
+
+def _seconds(run_dir: Path) -> float | None:
+    done = run_dir / "done.json"
+    return round(json.loads(done.read_text())["seconds"], 1) if done.exists() else None
 
 
 def final_ppl(run_dir: Path) -> float:
@@ -420,8 +429,7 @@ def run_claims(base: RunConfig, out: Path, plan: ClaimsPlan, console: Console | 
     rec = Recipes(base, plan)
     started = time.time()
     with LoadSampler() as load:
-        speed = measure_throughput(base, (rec.b, rec.big), plan.throughput_seconds, plan.jobs)
-        est = estimate(rec, speed)
+        speed, est = _estimate_once(base, plan, rec, out, dry_run)
         print_plan(console, rec, speed, est)
         if dry_run:
             return {"estimate": est, "throughput": speed}
@@ -443,7 +451,16 @@ def run_claims(base: RunConfig, out: Path, plan: ClaimsPlan, console: Console | 
 
     data["plots"] = [str(p) for p in plot(data, Path(img_dir))]
     kwargs = {"results_dir": results_dir} if results_dir is not None else {}
-    path = save_result(f"claims-{scale}", data, load, command=command, started=started, **kwargs)
+    # The machine's load while the runs trained, over every invocation that trained some; the wall time of
+    # this invocation is the benchmark's only when it trained every run itself.
+    history = out / "load.json"
+    samples = json.loads(history.read_text()) if history.exists() else []
+    if runner.trained:
+        samples += load.samples
+        atomic_write_text(history, json.dumps(samples))
+    load.samples = samples or load.samples
+    path = save_result(f"claims-{scale}", data, load, command=command,
+                       started=started if runner.skipped == 0 else None, **kwargs)
     atomic_write_text(out / "claims.md", render(data) + "\n")
     console.print(f"stored {path}; plots in {img_dir}; {out / 'claims.md'} ({time.time() - started:.0f} s)")
     return data
@@ -501,6 +518,23 @@ def _throughput_one(base: RunConfig, batches: list[int], seconds: float) -> dict
             n += 1
         out[str(batch)] = n * batch * t.seq_len / (time.perf_counter() - start)
     return out
+
+
+def _estimate_once(base: RunConfig, plan: ClaimsPlan, rec: Recipes, out: Path,
+                   dry_run: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Throughput and estimate, measured before the plan's first run and kept (out/estimate.json) for the
+    invocations that resume it; a dry run always measures afresh."""
+    key = json.loads(json.dumps({"plan": asdict(plan), "base": config_to_dict(base)}))
+    path = out / "estimate.json"
+    stored = json.loads(path.read_text()) if path.exists() and not dry_run else {}
+    if stored.get("key") == key:
+        return stored["speed"], stored["estimate"]
+    speed = measure_throughput(base, (rec.b, rec.big), plan.throughput_seconds, plan.jobs)
+    est = estimate(rec, speed)
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"key": key, "speed": speed, "estimate": est}))
+    return speed, est
 
 
 def _job_tokens(base: RunConfig, arm: Arm) -> int:

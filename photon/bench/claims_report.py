@@ -396,8 +396,18 @@ def _setup(v: View) -> str:
         f"not). Throughput measured at the start (tokens/s per process, {d['throughput'].get('processes', 1)} "
         f"measuring at once): {tput} at load average {d['throughput']['load_average']}; the plan was estimated at "
         f"{est['seconds'] / 3600:.2f} h "
-        f"({est['worst_case_seconds'] / 3600:.2f} h with LR-grid extensions).",
+        f"({est['worst_case_seconds'] / 3600:.2f} h with LR-grid extensions); the runs it stores took "
+        f"{_process_hours(v):.2f} process-hours ({p['jobs']} at a time), across however many invocations.",
         f"- Budget changes for this scale: {', '.join(f'`{o}`' for o in p['base_overrides']) or 'none'}."])
+
+
+def _process_hours(v: View) -> float:
+    """Seconds of every stored run: the arms' and the sweep points' other than each arm's seed 0 at its best LR
+    (which is both)."""
+    arms = sum(r["seconds"] for a in v.arms.values() for r in a["runs"].values())
+    sweeps = sum(t or 0.0 for name, s in v.d["sweeps"].items() for lr, t in zip(s["grid"], s.get("seconds", []))
+                 if lr != s["best_lr"])
+    return (arms + sweeps) / 3600
 
 
 def _not_folded(v: View) -> int:
