@@ -275,7 +275,7 @@ def verdicts(data: dict[str, Any]) -> dict[str, tuple[str, str]]:
         short = f"{fed}-short"
         if v.has(short, "central-short"):
             s2, r2 = _ratios(v, short, "central-short")
-            text += f"; at {data['arms'][short]['horizon']:g} of the horizon {fmt(r2, 2)}"
+            text += f"; at {data['arms'][short]['horizon']:.2g} of the horizon {fmt(r2, 2)}"
         if key == "1a" and v.has("photon-reset", "central"):
             text += f"; stateless clients (`photon-reset`) {fmt(_ratios(v, 'photon-reset', 'central')[1], 2)}"
         out[key] = (_by_sign(r, lambda x: x <= 1.0), text)
@@ -439,7 +439,7 @@ def _claim1(v: View) -> str:
         tokens = a["runs"][seeds[0]]["evals"][-1][0]
         ratio = fmt(_ratios(v, name, ref)[1], 2) if ref and v.has(name, ref) else "-"
         rows.append([f"`{name}`", a["regime"] if a["kind"] != "centralized" else "-", a["client_optimizer"],
-                     f"{a['lr']:g}", f"{a['horizon']:g}", f"{tokens / 1e6:.2f}", fmt(v.finals(name, seeds)), ratio,
+                     f"{a['lr']:g}", f"{a['horizon']:.2g}", f"{tokens / 1e6:.2f}", fmt(v.finals(name, seeds)), ratio,
                      ", ".join(seeds)])
     if not rows:
         return out[0] + "\n\n(arms missing: not run)"
