@@ -51,7 +51,8 @@ def _task(prep, *overrides, steps=4):
     task = ClientTask(task_id="c0-d1", run_id="run0", client_id=0, round=0, global_step=0, cursor=0,
                       local_steps=steps, schedule_steps=8 * steps, batch_size=cfg.train.batch_size, spans=spans,
                       config=config_to_dict(cfg), client_optimizer="persist", upload_state=True)
-    return task, encode_task(task, codec.encode(params)), (codec.layout_of(params), optimizer_state_layout(params))
+    layout = codec.layout_of(params)
+    return task, encode_task(task, codec.encode(params)), (layout, optimizer_state_layout(layout))
 
 
 def one_task_update(prep, node_dir, procs, device="cpu", *overrides):
