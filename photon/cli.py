@@ -277,7 +277,8 @@ def _wait_foreground(proc, what: str, log_file: Path) -> None:
 
 @app.command()
 def server(
-    port: Annotated[int, typer.Option(help="The one port nodes and `photon submit` connect to.")] = 9092,
+    port: Annotated[int, typer.Option(help="The port nodes and `photon submit` connect to (the blob side channel "
+                                           "listens on the next one unless --blob-port says otherwise).")] = 9092,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to accept other machines.")] = "127.0.0.1",
     certs: CertsOpt = None,
     insecure: InsecureOpt = False,

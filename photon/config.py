@@ -300,10 +300,11 @@ class FederationConfig(_Frozen):
         10.0, gt=1, description="Reject an update whose norm exceeds this multiple of the median update norm of "
         "the round's replies (of the previous round when fewer than 3 replied); None disables the check.")
     min_cosine: float | None = Field(
-        0.0, ge=-1, lt=1, description="Reject an update whose cosine similarity to the coordinate-wise median of "
-        "the round's updates is below this (decided once the round's replies are in, so arrival order does not "
-        "matter; needs at least 3 replies). 0 rejects updates pointing away from the consensus, such as a "
-        "reversed (sign-flipped) update at any scale. None disables the check.")
+        0.0, ge=-1, lt=1, description="Reject an update whose cosine with fewer than half of the round's other "
+        "updates is at least this (pairwise cosines, decided once the round's replies are in, so arrival order "
+        "does not matter; needs at least 3 replies). 0 rejects updates pointing away from the majority, such as "
+        "a reversed (sign-flipped) update at any scale. None disables the check (see RELIABILITY.md for its "
+        "known limit).")
     faults: FaultConfig = FaultConfig()
 
 

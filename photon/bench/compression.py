@@ -206,21 +206,33 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"| {r['h']} | {r['codec']} | {'both ways' if r['both'] else 'up only'} | {r['seeds']} | "
                      f"{r['bytes_per_token']:,.2f} | {r['vs_dp']:,.0f}× | {r['ppl']:,.1f}{spread} | {r['cost']:+.2%} | "
                      f"{r['codec_s']:.3f} | {r['codec_share']:.2%} |")
+    lines += ["", "Goals:", *_goals(rows), "", f"Anchors (their papers, other scales): {ANCHORS}", "",
+              f"![perplexity against bytes per token]({PLOT.relative_to('docs')})"]
+    return "\n".join(lines)
+
+
+def _goals(rows: list[dict[str, Any]]) -> list[str]:
     best = [r for r in rows if r["cost"] <= 0.02]
     top = max(best, key=lambda r: r["vs_dp"]) if best else None
     int8 = [r for r in rows if r["codec"] == "int8" and r["both"]]
     worst_share = max(r["codec_share"] for r in rows)
-    lines += ["", "Goals:",
-              f"- ≥ 5,000× fewer bytes per token than fp32 data-parallel at ≤ 2% perplexity cost: "
-              + (f"best {top['vs_dp']:,.0f}× ({top['codec']}, {'both ways' if top['both'] else 'up only'}, "
-                 f"H = {top['h']}, {top['cost']:+.2%}), {'met' if top['vs_dp'] >= 5000 else 'NOT met'}"
-                 if top else "no arm within 2%: NOT met"),
-              "- int8 both ways at ≤ 0.5% cost: " + ", ".join(
-                  f"H = {r['h']}: {r['cost']:+.2%} ({'met' if r['cost'] <= 0.005 else 'NOT met'})" for r in int8),
-              f"- codec time ≤ 2% of round time: worst {worst_share:.2%}, {'met' if worst_share <= 0.02 else 'NOT met'}",
-              "", f"Anchors (their papers, other scales): {ANCHORS}", "",
-              f"![perplexity against bytes per token]({PLOT.relative_to('docs')})"]
-    return "\n".join(lines)
+    return [f"- ≥ 5,000× fewer bytes per token than fp32 data-parallel at ≤ 2% perplexity cost: "
+            + (f"best {top['vs_dp']:,.0f}× ({top['codec']}, {'both ways' if top['both'] else 'up only'}, "
+               f"H = {top['h']}, {top['cost']:+.2%}), {'met' if top['vs_dp'] >= 5000 else 'NOT met'}"
+               if top else "no arm within 2%: NOT met"),
+            "- int8 both ways at ≤ 0.5% cost: " + ", ".join(
+                f"H = {r['h']}: {r['cost']:+.2%} ({'met' if r['cost'] <= 0.005 else 'NOT met'})" for r in int8),
+            f"- codec time ≤ 2% of round time: worst {worst_share:.2%}, {'met' if worst_share <= 0.02 else 'NOT met'}"]
+
+
+def render_brief(data: dict[str, Any]) -> str:
+    """The README's summary: the goals against the measurement, and the Pareto plot."""
+    rows = summarize(data)
+    tokens = statistics.mean(r["tokens"] for r in data["rows"])
+    return "\n".join([f"`photon bench compression` on preset `{data['preset']}` (K = {data['k']} by-domain clients, "
+                      f"H ∈ {{{', '.join(str(h) for h in data['hs'])}}}, {tokens / 1e6:.2f}M training tokens per arm; "
+                      "every arm's bytes, perplexity and codec time in docs/RESULTS.md):", "", *_goals(rows), "",
+                      f"![perplexity against bytes per token]({PLOT})"])
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

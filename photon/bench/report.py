@@ -26,7 +26,7 @@ def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
 
     return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
             "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render,
-            "compression": compression.render, "prepare": prepare.render, "federation": federation.render,
+            "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render, "federation": federation.render,
             "demo": demo.render, "demo-brief": demo.render_brief,
             **dict.fromkeys(("claims-tiny", "claims-small", "claims-medium"), claims_report.render)}
 
