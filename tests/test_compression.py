@@ -135,3 +135,21 @@ def test_a_reply_in_another_codec_than_asked_is_rejected(tiny_prep, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="photon.federation.aggregator"):
         run_federation(cfg, tmp_path, InProcessTransport(Cheater(tmp_path / "n")))
     assert "other settings than the task asked for (int8)" in caplog.text
+
+
+def test_bench_summary_compares_each_seed_with_fp32_and_leaves_the_initial_download_out():
+    from photon.bench.compression import summarize
+
+    def row(codec, seed, ppl, steady_bytes):
+        return {"h": 16, "codec": codec, "both": False, "seed": seed, "final_ppl": ppl, "tokens": 100,
+                "bytes_up": 500, "bytes_down": 1500, "steady_bytes": steady_bytes, "steady_tokens": 50,
+                "train_seconds_per_round": 2.0}
+
+    data = {"hs": [16], "k": 4, "dp_bytes_per_token": 1000.0,
+            "codec_seconds": {name: {"encode": 0.01, "decode": 0.01} for name in ("fp32", "int8")},
+            "rows": [row("fp32", 0, 100.0, 500), row("fp32", 1, 200.0, 500), row("int8", 0, 101.0, 100)]}
+    by = {r["codec"]: r for r in summarize(data)}
+    assert by["int8"]["cost"] == pytest.approx(0.01)  # against fp32's seed 0 (100), not the mean of both (150)
+    assert by["int8"]["steady_bytes_per_token"] == 2.0 and by["int8"]["vs_dp"] == 500.0
+    assert by["int8"]["bytes_per_token"] == 20.0  # everything sent, the first round's download included
+    assert by["int8"]["codec_share"] == pytest.approx(4 * 0.02 / 2.0)

@@ -5,9 +5,10 @@ preset's budget) with one way of moving updates: fp32 (today), bf16, int8, int4,
 top-k 3% / 1% + 2-bit + error feedback; each on the up-link only, and both ways (the server's outer update
 compressed the same way, with its own error feedback where the arm has it). Kept client state is not uploaded
 (`state_backup=false`; the in-process engine shares one node cache, so nothing is lost), so the bytes are
-exactly what the algorithm sends. Reported per arm: bytes per training token (up + down, as sent), the ratio
+exactly what the algorithm sends. Reported per arm: bytes per training token (up + down, as sent over the run,
+and in steady state: after the first round, whose download is the initial model), the steady-state ratio
 against per-step fp32 ring all-reduce data-parallel at the same n (the claims benchmark's definition), final
-perplexity and its change against fp32 Photon, and the codec's encode + decode seconds per round (measured on
+perplexity and its change against fp32 Photon at the same seed, and the codec's encode + decode seconds per round (measured on
 an update of the model's shape) against the round's measured compute. Stored in docs/results/compression.json
 with a Pareto plot in docs/img/compression.png. Resumable: finished arms are skipped.
 """
@@ -82,22 +83,33 @@ def run_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from photon.federation.runner import run_federation
     from photon.federation.worker import ClientWorker
 
+    if not finished(cfg, run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        transport = InProcessTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.clients_per_round)
+        run_federation(cfg, run_dir, transport, console=Console(quiet=True))
+        (run_dir / "done.json").write_text(json.dumps({"config": config_to_dict(cfg)}))
+    return arm_result(run_dir)
+
+
+def finished(cfg: RunConfig, run_dir: Path) -> bool:
     done = run_dir / "done.json"
-    if done.exists() and json.loads(done.read_text()).get("config") == config_to_dict(cfg):
-        return json.loads(done.read_text())["result"]
-    shutil.rmtree(run_dir, ignore_errors=True)
-    transport = InProcessTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.clients_per_round)
-    run_federation(cfg, run_dir, transport, console=Console(quiet=True))
+    return done.exists() and json.loads(done.read_text()).get("config") == config_to_dict(cfg)
+
+
+def arm_result(run_dir: Path) -> dict[str, Any]:
+    """A finished arm's measures, derived from its metrics. Steady state leaves out the first round, whose
+    download is the initial model (sent once, whatever the method; data-parallel needs it too)."""
     rows = read_metrics(run_dir)
     rounds = [r for r in rows if r["kind"] == "round"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    tokens = sum(r["tokens"] for r in rounds)
-    result = {"final_ppl": perplexity(evals[-1]["loss/overall"]), "tokens": tokens, "rounds": len(rounds),
-              "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
-              "train_seconds_per_round": statistics.mean(r["critical_train_seconds"] for r in rounds),
-              "curve": [[e["tokens"], perplexity(e["loss/overall"])] for e in evals]}
-    done.write_text(json.dumps({"config": config_to_dict(cfg), "result": result}))
-    return result
+    later = rounds[1:] or rounds
+    return {"final_ppl": perplexity(evals[-1]["loss/overall"]), "tokens": sum(r["tokens"] for r in rounds),
+            "rounds": len(rounds), "bytes_up": sum(r["bytes_up"] for r in rounds),
+            "bytes_down": sum(r["bytes_down"] for r in rounds),
+            "steady_bytes": sum(r["bytes_up"] + r["bytes_down"] for r in later),
+            "steady_tokens": sum(r["tokens"] for r in later),
+            "train_seconds_per_round": statistics.mean(r["critical_train_seconds"] for r in rounds),
+            "curve": [[e["tokens"], perplexity(e["loss/overall"])] for e in evals]}
 
 
 def codec_seconds(cfg: RunConfig, settings: tuple[str, ...], repeats: int = 3) -> dict[str, float]:
@@ -124,13 +136,15 @@ def codec_seconds(cfg: RunConfig, settings: tuple[str, ...], repeats: int = 3) -
 
 
 def _run_in_subprocess(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    if finished(cfg, run_dir):
+        return arm_result(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         code = subprocess.run([sys.executable, "-m", "photon.bench.compression", json.dumps(config_to_dict(cfg)),
                                str(run_dir)], stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise RuntimeError(f"compression arm {run_dir} failed (exit {code}); see {run_dir}.log")
-    return json.loads((run_dir / "done.json").read_text())["result"]
+    return arm_result(run_dir)
 
 
 def run_compression_bench(cfg: RunConfig, out: Path, hs: tuple[int, ...] = (16, 64), seeds: int = 2, jobs: int = 2,
@@ -170,14 +184,15 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Per (H, codec, direction): means over seeds and the derived measures."""
     out = []
     for h in data["hs"]:
-        ref = [r for r in data["rows"] if r["h"] == h and r["codec"] == "fp32"]
-        ref_ppl = statistics.mean(r["final_ppl"] for r in ref)
+        ref = {r["seed"]: r["final_ppl"] for r in data["rows"] if r["h"] == h and r["codec"] == "fp32"}
         for name in CODECS:
             for both in ((False,) if name == "fp32" else (False, True)):
                 rows = [r for r in data["rows"] if r["h"] == h and r["codec"] == name and r["both"] == both]
                 if not rows:
                     continue
                 bpt = statistics.mean((r["bytes_up"] + r["bytes_down"]) / r["tokens"] for r in rows)
+                steady = statistics.mean(r["steady_bytes"] / r["steady_tokens"] for r in rows)
+                cost = statistics.mean(r["final_ppl"] / ref[r["seed"]] for r in rows) - 1  # against the same seed
                 ppl = statistics.mean(r["final_ppl"] for r in rows)
                 spread = (max(r["final_ppl"] for r in rows) - min(r["final_ppl"] for r in rows)) / 2
                 secs = data["codec_seconds"][name]
@@ -186,8 +201,9 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                     per_round += secs["encode"] + data["k"] * secs["decode"]
                 train = statistics.mean(r["train_seconds_per_round"] for r in rows)
                 out.append({"h": h, "codec": name, "both": both, "seeds": len(rows), "bytes_per_token": bpt,
-                            "vs_dp": data["dp_bytes_per_token"] / bpt, "ppl": ppl, "spread": spread,
-                            "cost": ppl / ref_ppl - 1, "codec_s": per_round, "codec_share": per_round / train})
+                            "steady_bytes_per_token": steady, "vs_dp": data["dp_bytes_per_token"] / steady,
+                            "ppl": ppl, "spread": spread, "cost": cost, "codec_s": per_round,
+                            "codec_share": per_round / train})
     return out
 
 
@@ -195,16 +211,19 @@ def render(data: dict[str, Any]) -> str:
     rows = summarize(data)
     lines = [f"Preset `{data['preset']}`, K = {data['k']} by-domain clients, batch {data['batch']}×{data['seq_len']}, "
              f"the preset's token budget for every arm; fp32 data-parallel (ring all-reduce, n = {data['k']}) sends "
-             f"{data['dp_bytes_per_token']:,.1f} bytes per training token. Cost = final perplexity over fp32 Photon's "
-             "at the same H, minus 1 (± half the seed range where there are several seeds). Codec seconds: K client "
+             f"{data['dp_bytes_per_token']:,.1f} bytes per training token. Bytes per token: everything sent over the run "
+             "(all), and in steady state (after the first round, whose download is the initial model, sent once "
+             "whatever the method); the ratio to data-parallel uses the steady state. Cost = final perplexity over "
+             "fp32 Photon's at the same H and seed, minus 1, averaged over the arm's seeds (ppl ± half the seed "
+             "range where there are several). Codec seconds: K client "
              "encodes and server decodes per round (and, both ways, one server encode and K node decodes), measured "
              "on an update of the model's shape, over the round's measured compute.", "",
-             "| H | codec | direction | seeds | bytes / token | × fewer than DP | final ppl | cost | codec s / round "
-             "| of compute |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| H | codec | direction | seeds | bytes / token (all) | steady state | × fewer than DP | final ppl | cost "
+             "| codec s / round | of compute |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = f" ± {r['spread']:.1f}" if r["seeds"] > 1 else ""
         lines.append(f"| {r['h']} | {r['codec']} | {'both ways' if r['both'] else 'up only'} | {r['seeds']} | "
-                     f"{r['bytes_per_token']:,.2f} | {r['vs_dp']:,.0f}× | {r['ppl']:,.1f}{spread} | {r['cost']:+.2%} | "
+                     f"{r['bytes_per_token']:,.2f} | {r['steady_bytes_per_token']:,.2f} | {r['vs_dp']:,.0f}× | {r['ppl']:,.1f}{spread} | {r['cost']:+.2%} | "
                      f"{r['codec_s']:.3f} | {r['codec_share']:.2%} |")
     lines += ["", "Goals:", *_goals(rows), "", f"Anchors (their papers, other scales): {ANCHORS}", "",
               f"![perplexity against bytes per token]({PLOT.relative_to('docs')})"]
@@ -247,11 +266,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
             if r["h"] != h:
                 continue
             marker = "o" if r["both"] else "^"
-            ax.scatter(r["bytes_per_token"], r["ppl"], marker=marker, color=f"C{list(CODECS).index(r['codec'])}",
+            ax.scatter(r["steady_bytes_per_token"], r["ppl"], marker=marker, color=f"C{list(CODECS).index(r['codec'])}",
                        label=f"{r['codec']} ({'both' if r['both'] else 'up'})")
         ax.axvline(data["dp_bytes_per_token"] / 5000, color="grey", ls=":", label="5,000× below DP")
         ax.set_xscale("log")
-        ax.set_xlabel("bytes sent per training token")
+        ax.set_xlabel("bytes sent per training token (steady state)")
         ax.set_ylabel("final validation perplexity")
         ax.set_title(f"H = {h}")
         ax.grid(alpha=0.3)
