@@ -209,8 +209,9 @@ def _record(cfg: RunConfig, reports: list[dict[str, Any]], version: str, seconds
         "wall_s_per_round": statistics.mean(r["wall_s"] for r in rounds),
         "params_sha256": reports[0]["params_sha256"], "replicas_agree": len(digests) == 1,
         "differences": [
-            "no update screening: our arm screens replies (federation.max_norm_ratio, federation.min_cosine) "
-            "before folding; torchft averages every replica (identical when our screen rejects nothing)",
+            *(["no update screening: our arm screens replies (federation.max_norm_ratio, federation.min_cosine) "
+               "before folding; torchft averages every replica (identical when our screen rejects nothing)"]
+              if fed.max_norm_ratio is not None or fed.min_cosine is not None else []),
             "average: torchft all-reduces sum(θ − θ_k) then divides by K; ours folds a running mean weighted by "
             "samples (equal here): the same Δ up to fp32 rounding",
             "replicas train concurrently (one process each, sharing the cores); our in-process arm trains the "
