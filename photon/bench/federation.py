@@ -133,10 +133,13 @@ def aggregator_memory(cfg: RunConfig, ks: tuple[int, ...], spill: Path) -> list[
         tree["data"]["partition"]["num_clients"] = max(k, tree["data"]["partition"]["num_clients"])
         tree["federation"]["clients_per_round"] = k
         tree["federation"]["min_replies"] = 1
+        tree["federation"]["client_optimizer"] = "reset"  # replies carry the update only (no kept state)
         code = ("import sys; from photon.bench.federation import memory_probe; "
                 "memory_probe(sys.argv[1], int(sys.argv[2]), sys.argv[3])")
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(tree), str(k), str(spill / f"k{k}")],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the aggregator memory probe (K={k}) failed: {proc.stderr[-2000:]}")
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
 

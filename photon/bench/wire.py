@@ -97,7 +97,10 @@ def wire_config(cfg: RunConfig) -> RunConfig:
         "train.seq_len=64", "train.batch_size=1", "train.micro_batch_size=null", "train.eval_batches=1",
         "train.warmup_steps=1", "train.activation_checkpointing=false", "federation.local_steps=1",
         "federation.rounds=2", "federation.clients_per_round=1", "data.partition.num_clients=1",
-        "federation.num_nodes=1", "federation.eval_every=2", "federation.procs_per_node=1"])
+        "federation.num_nodes=1", "federation.eval_every=2", "federation.procs_per_node=1",
+        # the model and its update on the wire, not the client's kept AdamW state (2 more models, which
+        # `state_backup` would upload every round): the node keeps it, as a single-node client needs no backup
+        "federation.state_backup=false"])
 
 
 def deployed(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
