@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, publish
+from photon.bench.results import LoadSampler, finished_arm, publish
 from photon.config import RunConfig, build_config, config_to_dict, with_overrides
 from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
@@ -92,8 +92,7 @@ def run_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def finished(cfg: RunConfig, run_dir: Path) -> bool:
-    done = run_dir / "done.json"
-    return done.exists() and json.loads(done.read_text()).get("config") == config_to_dict(cfg)
+    return finished_arm(run_dir, config_to_dict(cfg)) is not None
 
 
 def arm_result(run_dir: Path) -> dict[str, Any]:

@@ -71,6 +71,16 @@ def machine(load: LoadSampler | None = None) -> dict[str, Any]:
     return info
 
 
+def finished_arm(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """What a benchmark arm stored in `run_dir/done.json` when it finished, if it finished with this config
+    (a config-dict, `config_to_dict`); None when the arm has to run (again)."""
+    done = Path(run_dir) / "done.json"
+    if not done.exists():
+        return None
+    stored = json.loads(done.read_text())
+    return stored if stored.get("config") == config else None
+
+
 def command_line() -> str:
     """The command as the user typed it (`photon ...`)."""
     return shlex.join(["photon", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("photon", "cli.py") else \

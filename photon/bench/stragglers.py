@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, publish
+from photon.bench.results import LoadSampler, finished_arm, publish
 from photon.config import RunConfig, config_to_dict, with_overrides
 from photon.federation.runner import run_federation
 from photon.federation.virtual_clock import VirtualClockTransport
@@ -61,11 +61,10 @@ def arm_overrides(arm: str, cfg: RunConfig, seed: int) -> list[str]:
 
 def run_arm(cfg: RunConfig, run_dir: Path, budget: int) -> dict[str, Any]:
     """One arm, or its stored outcome if it already finished with this config."""
+    stored = finished_arm(run_dir, config_to_dict(cfg))
+    if stored is not None:
+        return stored["result"]
     done = run_dir / "done.json"
-    if done.exists():
-        stored = json.loads(done.read_text())
-        if stored.get("config") == config_to_dict(cfg):
-            return stored["result"]
     shutil.rmtree(run_dir, ignore_errors=True)
     transport = VirtualClockTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.num_nodes)
     started = time.perf_counter()
