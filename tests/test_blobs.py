@@ -48,8 +48,9 @@ def test_a_model_goes_down_and_an_update_comes_up(server):
     got = blobs.materialize(ref, "127.0.0.1", endpoint.ca)
     assert np.array_equal(got.data, data) and blobs.BLOB not in got.layout
     grant = channel.put_grant(10_000_000)
-    up = blobs.upload(Payload({"codec": "int8", "tensors": []}, data[::2].copy()), grant, "127.0.0.1", endpoint.ca)
-    back = channel.load(up)
+    up = blobs.upload(Payload({"codec": "int8", "tensors": []}, data[::2].copy()), grant, "127.0.0.1", endpoint.ca,
+                      "update")
+    back = channel.load(up, grant["slot"])
     assert np.array_equal(back.data, data[::2]) and back.layout == {"codec": "int8", "tensors": []}
 
 
@@ -60,14 +61,28 @@ def test_refusals(server):
     digest = ref.layout[blobs.BLOB]["digest"]
     with pytest.raises(BlobError, match="does not allow"):
         blobs.fetch(endpoint, digest, blobs.mint(b"y" * 32, "get", digest), 1000)
+    slot = "5" * 32
     with pytest.raises(BlobError, match="exceeds"):
-        blobs.put(endpoint, bytes(2000), blobs.mint(SECRET, "put", "1000"), 1000)
+        blobs.put(endpoint, bytes(2000), blobs.mint(SECRET, "put", blobs.put_subject(1000, slot)), 1000, slot, "u")
     with pytest.raises(BlobError, match="does not allow"):  # a grant for 1000 bytes cannot be stretched
-        blobs.put(endpoint, bytes(2000), blobs.mint(SECRET, "put", "1000"), 5000)
-    # An upload stored under the digest of what arrived can never stand in for a model blob
-    grant = channel.put_grant(5000)
-    up = blobs.upload(Payload({"codec": "fp32", "tensors": []}, data), grant, "127.0.0.1", endpoint.ca)
-    assert (channel.root / "up" / up.layout[blobs.BLOB]["digest"]).exists()
-    forged = Payload({"codec": "fp32", "tensors": [], blobs.BLOB: {"digest": "0" * 64, "size": 10}}, np.zeros(0, np.uint8))
+        blobs.put(endpoint, bytes(2000), blobs.mint(SECRET, "put", blobs.put_subject(1000, slot)), 5000, slot, "u")
+    with pytest.raises(BlobError, match="does not allow"):  # nor moved to another slot
+        blobs.put(endpoint, bytes(10), blobs.mint(SECRET, "put", blobs.put_subject(1000, slot)), 1000, "6" * 32, "u")
+    with pytest.raises(BlobError, match="bad put"):  # a name cannot leave the slot's folder
+        blobs.put(endpoint, bytes(10), blobs.mint(SECRET, "put", blobs.put_subject(1000, slot)), 1000, slot, "../x")
+    grant, other = channel.put_grant(5000), channel.put_grant(5000)
+    up = blobs.upload(Payload({"codec": "fp32", "tensors": []}, data), grant, "127.0.0.1", endpoint.ca, "update")
+    assert (channel.root / "up" / f"{grant['slot']}.update").exists()
+    with pytest.raises(BlobError, match="already holds"):  # a slot takes one upload per name, the first
+        blobs.upload(Payload({"codec": "fp32", "tensors": []}, data[::-1].copy()), grant, "127.0.0.1", endpoint.ca,
+                     "update")
+    # A reply can only claim an upload from the slot granted to its own task
+    with pytest.raises(BlobError, match="not granted"):
+        channel.load(up, other["slot"])
+    forged = Payload({"codec": "fp32", "tensors": [], blobs.BLOB: {"digest": "0" * 32, "size": 10, "slot": other["slot"],
+                                                                   "name": "update"}}, np.zeros(0, np.uint8))
     with pytest.raises(BlobError, match="not uploaded"):
-        channel.load(forged)
+        channel.load(forged, other["slot"])
+    (channel.root / "up" / f"{grant['slot']}.update").write_bytes(bytes(1000))  # damaged after the upload
+    with pytest.raises(BlobError, match="checksum"):
+        channel.load(up, grant["slot"])

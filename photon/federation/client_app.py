@@ -53,7 +53,7 @@ def make_client_app(default_state_dir: str = ".photon/node-cache") -> ClientApp:
         reply = _worker(context, default_state_dir).handle(wire)
         if "blob-put" in wire.meta:
             grant = json.loads(wire.meta["blob-put"])
-            reply.payloads = {k: blobs.upload(p, grant, host, ca) if p.nbytes >= BLOB_THRESHOLD else p
+            reply.payloads = {k: blobs.upload(p, grant, host, ca, k) if p.nbytes >= BLOB_THRESHOLD else p
                               for k, p in reply.payloads.items()}
         return Message(wire_to_content(reply), reply_to=msg)
 

@@ -50,6 +50,7 @@ class GridTransport:
         self.blobs = blobs
         self._live: deque[str] = deque()  # model blobs recent tasks may still fetch
         self._pending: list[str] = []
+        self._slots: dict[str, str] = {}  # message id -> the upload slot granted to that task
 
     def _call(self, what: str, fn, *args):
         """A Grid call, retried with backoff: under load the SuperLink answers some requests with a server
@@ -70,11 +71,13 @@ class GridTransport:
         return sorted(self._call("listing nodes", self.grid.get_node_ids))
 
     def submit(self, node: int, wire: Wire) -> str:
+        grant = None
         if self.blobs is not None:  # big payloads go by the side channel; the node may upload its reply there
             task = ClientTask.from_json(wire.header)
             limit = 16 * count_params(ModelConfig.model_validate(task.config["model"]))  # 4× the fp32 model
+            grant = self.blobs.put_grant(limit)
             wire = Wire(wire.header, {k: self.blobs.offload(p) for k, p in wire.payloads.items()},
-                        {**wire.meta, "blob-put": json.dumps(self.blobs.put_grant(limit))})
+                        {**wire.meta, "blob-put": json.dumps(grant)})
             for p in wire.payloads.values():
                 if BLOB in p.layout and p.layout[BLOB]["digest"] not in self._live:
                     self._live.append(p.layout[BLOB]["digest"])
@@ -86,6 +89,8 @@ class GridTransport:
         del msg
         (msg_id,) = ids
         self._pending.append(msg_id)
+        if grant is not None:
+            self._slots[msg_id] = grant["slot"]
         return msg_id
 
     def collect(self, timeout: float) -> Iterator[tuple[str, Wire | Rejected | str]]:
@@ -99,7 +104,7 @@ class GridTransport:
                     continue
                 self._pending.remove(msg_id)
                 got += 1
-                reply = self._decode(pulled.pop())
+                reply = self._decode(pulled.pop(), self._slots.pop(msg_id, None))
                 yield msg_id, reply
                 del reply  # before pulling the next one
             if got or time.monotonic() >= end:
@@ -107,13 +112,13 @@ class GridTransport:
             time.sleep(min(wait, max(0.0, end - time.monotonic())))
             wait = min(2 * wait, self.max_poll_s)
 
-    def _decode(self, msg: Message) -> Wire | Rejected | str:
+    def _decode(self, msg: Message, slot: str | None) -> Wire | Rejected | str:
         if msg.has_error():
             return f"node {msg.metadata.src_node_id}: {short_reason(msg.error.reason)}"
         try:
             wire = content_to_wire(msg.content)
             if self.blobs is not None:
-                wire.payloads = {k: self.blobs.load(p) for k, p in wire.payloads.items()}
+                wire.payloads = {k: self.blobs.load(p, slot) for k, p in wire.payloads.items()}
             return wire
         except CodecError as e:
             return Rejected(f"malformed reply records ({e})")
