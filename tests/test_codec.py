@@ -245,6 +245,22 @@ def test_fp32_is_bit_exact_zero_copy_and_keeps_its_layout():
             assert lo <= got[name].data_ptr() < lo + payload.nbytes  # a view of the payload, not a copy
 
 
+def test_tensors_laid_out_like_the_fp32_payload_are_their_own_payload():
+    tensors = _tensors()
+    slab = codec.laid_out(layout_of(tensors))
+    for name, t in tensors.items():
+        slab[name].copy_(t)
+    joined, own = encode(tensors), encode(slab)
+    assert own.layout == joined.layout and np.array_equal(own.data, joined.data)
+    assert own.buffer is None and own.data.ctypes.data == slab["w"]._base.data_ptr()  # no copy: the slab's bytes
+    # Anything else is joined as before: one tensor replaced, a subset, another codec
+    replaced = {**slab, "w": slab["w"].clone()}
+    assert encode(replaced).buffer is not None and np.array_equal(encode(replaced).data, joined.data)
+    subset = {k: v for k, v in slab.items() if k != sorted(slab)[-1]}
+    assert encode(subset).buffer is not None
+    assert encode(slab, "bf16").layout["codec"] == "bf16"
+
+
 @pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_float_casts_equal_torch_casts(name, dtype):
     tensors = _tensors()

@@ -465,21 +465,53 @@ def encoded_nbytes(layout: Layout, codec: str | CodecSpec = "fp32") -> int:
 # Encode and decode a set of named tensors
 
 
+def laid_out(layout: Layout) -> dict[str, torch.Tensor]:
+    """Uninitialised fp32 tensors named and shaped as `layout`, back to back in one buffer exactly as fp32
+    `encode` lays them out: filled in place, they encode without a copy."""
+    flat = torch.empty(sum(_numel(shape) for _, shape in layout), dtype=torch.float32)
+    out, at = {}, 0
+    for name, shape in sorted(layout):
+        out[name] = flat[at:at + _numel(shape)].view(shape)
+        at += _numel(shape)
+    return out
+
+
+def _as_laid_out(tensors: Mapping[str, torch.Tensor], names: list[str]) -> np.ndarray | None:
+    """The bytes of the one fp32 buffer `tensors` fill back to back in `names` order (as `laid_out` makes
+    them), or None if they are anything else."""
+    first = tensors[names[0]] if names else None
+    flat = first._base if first is not None and first._base is not None else first
+    if flat is None or flat.dtype != torch.float32 or flat.device.type != "cpu" or not flat.is_contiguous():
+        return None
+    at = flat.data_ptr()
+    for name in names:
+        t = tensors[name]
+        if t._base is not flat or t.dtype != torch.float32 or not t.is_contiguous() or (t.numel() and t.data_ptr() != at):
+            return None
+        at += t.numel() * 4
+    if at != flat.data_ptr() + flat.numel() * 4:
+        return None
+    return flat.view(torch.uint8).numpy()
+
+
 def encode(tensors: Mapping[str, torch.Tensor], codec: str | CodecSpec = "fp32", *, seed: int = 0) -> Payload:
     """Encode `tensors` (any float dtype; sorted by name) with `codec`; stochastic rounding draws from `seed`.
 
-    Works a slab at a time: the peak beyond the input is the encoded parts, their join, and O(SLAB)."""
+    Works a slab at a time: the peak beyond the input is the encoded parts, their join, and O(SLAB); fp32
+    tensors made by `laid_out` are their own payload (no copy)."""
     spec = _spec(codec)
     impl = _codec(spec)
     gen = np.random.default_rng(seed) if spec.stochastic else None
     names = sorted(tensors)
+    layout = {"codec": spec.name, **spec.params(), "tensors": [[n, list(tensors[n].shape)] for n in names]}
+    if spec.name == "fp32" and (data := _as_laid_out(tensors, names)) is not None:
+        return Payload(layout, data)
     parts: list[Any] = []
     for name in names:
         for stream in impl.encode(tensors[name].detach().reshape(-1), gen):
             parts += [_as_bytes(t) for t in stream]
             parts.append(bytes(-sum(t.numel() * t.element_size() for t in stream) % 4))
     buffer = b"".join(parts)  # the one copy: straight into the bytes a transport sends
-    layout = {"codec": spec.name, **spec.params(), "tensors": [[n, list(tensors[n].shape)] for n in names]}
     return Payload.over(layout, buffer)
 
 

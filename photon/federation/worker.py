@@ -167,11 +167,14 @@ class ClientWorker:
             if timing.dropped:
                 raise RuntimeError(f"injected fault: the reply of task {task.task_id} was lost "
                                    "(federation.faults.drop_probability)")
-        new_state = ({k: v.detach().to(torch.float32).clone() for k, v in optimizer_state_tensors(model, optimizer).items()}
+        # The optimizer's own tensors (no copy): it is dropped next and nothing trains them again
+        new_state = ({k: v.detach().to("cpu", torch.float32) for k, v in optimizer_state_tensors(model, optimizer).items()}
                      if persist else {})
         del optimizer  # its moments are saved (persist) or done with: free them before the reply is built
-        with torch.no_grad():  # parameters leave the client as CPU tensors
-            update = {k: start[k] - v.detach().to("cpu", torch.float32) for k, v in unique_state_dict(model).items()}
+        with torch.no_grad():  # parameters leave the client as CPU tensors, written where the fp32 payload is
+            update = codec.laid_out(layout)
+            for k, v in unique_state_dict(model).items():
+                torch.sub(start[k], v.detach().to("cpu", torch.float32), out=update[k])
         reply = ClientReply(task_id=task.task_id, client_id=task.client_id, round=task.round,
                             samples=result.samples, steps=result.steps, cursor=result.cursor, loss=result.loss,
                             train_seconds=result.seconds, update=update)
