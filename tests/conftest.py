@@ -25,6 +25,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A server that dies mid-run, for resume tests
+
+
+class ServerCrash(Exception):
+    """The server process dying, raised from a transport's `fail` hook (see `crash_when`)."""
+
+
+def crash_when(predicate):
+    """A transport `fail` hook: the server dies (ServerCrash) as it hands out the first task `predicate`
+    accepts, e.g. `crash_when(lambda t: t.round == 2)`: nothing of that round is committed."""
+
+    def hook(task):
+        if predicate(task):
+            raise ServerCrash
+        return None
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The tiny fixture corpus, prepared once per session, and configs that point at it.
 
 

@@ -12,6 +12,7 @@ from photon.federation.server_state import ServerState
 from photon.federation.virtual_clock import VirtualClockTransport
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
+from conftest import ServerCrash, crash_when
 from test_federation import fed_cfg
 
 
@@ -87,16 +88,8 @@ def test_an_async_run_killed_and_resumed_is_bitwise_equal(tiny_prep, tmp_path):
     cfg = _cfg(tiny_prep, "federation.faults.drop_probability=0.2")
     reference, _ = _run(cfg, tmp_path / "ref")
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_3(task):
-        if task.version == 3:
-            raise Crash  # the server dies while handing out work for step 4
-        return None
-
-    with pytest.raises(Crash):
-        _run(cfg, tmp_path / "b", fail=crash_at_step_3)
+    with pytest.raises(ServerCrash):  # the server dies while handing out work for step 4
+        _run(cfg, tmp_path / "b", fail=crash_when(lambda task: task.version == 3))
     state, _ = ServerState.load_latest(tmp_path / "b" / "checkpoints")
     assert state.round == 3 and state.outstanding  # tasks were in flight at the checkpoint
     resumed, _ = _run(cfg, tmp_path / "b", resume=True)

@@ -79,8 +79,8 @@ def test_refusals(server):
     # A reply can only claim an upload from the slot granted to its own task
     with pytest.raises(BlobError, match="not granted"):
         channel.load(up, other["slot"])
-    forged = Payload({"codec": "fp32", "tensors": [], blobs.BLOB: {"digest": "0" * 32, "size": 10, "slot": other["slot"],
-                                                                   "name": "update"}}, np.zeros(0, np.uint8))
+    ref = {"digest": "0" * 32, "size": 10, "slot": other["slot"], "name": "update"}
+    forged = Payload({"codec": "fp32", "tensors": [], blobs.BLOB: ref}, np.zeros(0, np.uint8))
     with pytest.raises(BlobError, match="not uploaded"):
         channel.load(forged, other["slot"])
     (channel.root / "up" / f"{grant['slot']}.update").write_bytes(bytes(1000))  # damaged after the upload

@@ -15,6 +15,7 @@ from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
+from conftest import ServerCrash, crash_when
 from test_federation import fed_cfg, run
 
 TOPK_EF = ["codec=topk", "density=0.05", "values=2bit", "error_feedback=true"]
@@ -84,16 +85,8 @@ def test_topk_with_error_feedback_resumes_bitwise(tiny_prep, tmp_path):
     cfg = _cfg(tiny_prep, TOPK_EF, TOPK_EF, "federation.rounds=4")
     reference = run(cfg, tmp_path / "ref")
 
-    class Crash(Exception):
-        pass
-
-    def crash(task):
-        if task.round == 2:
-            raise Crash
-        return None
-
-    with pytest.raises(Crash):
-        run(cfg, tmp_path / "b", fail=crash)
+    with pytest.raises(ServerCrash):
+        run(cfg, tmp_path / "b", fail=crash_when(lambda task: task.round == 2))
     resumed = run(cfg, tmp_path / "b", resume=True)
     assert resumed["params_sha"] == reference["params_sha"]
     state, _ = ServerState.load_latest(tmp_path / "b" / "checkpoints")

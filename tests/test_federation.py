@@ -14,6 +14,7 @@ from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
+from conftest import ServerCrash, crash_when
 
 
 def fed_cfg(prep: Path, *overrides: str):
@@ -112,16 +113,8 @@ def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_pr
                   "data.partition.num_clients=3")
     straight = run(cfg, tmp_path / "a")
 
-    class Crash(Exception):
-        pass
-
-    def crash_in_round_2(task):
-        if task.round == 2:
-            raise Crash  # the server dies mid-round: nothing of round 2 was committed
-        return None
-
-    with pytest.raises(Crash):
-        run(cfg, tmp_path / "b", fail=crash_in_round_2)
+    with pytest.raises(ServerCrash):  # the server dies mid-round: nothing of round 2 was committed
+        run(cfg, tmp_path / "b", fail=crash_when(lambda task: task.round == 2))
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")][-1] == "round_000002"
     resumed = run(cfg, tmp_path / "b", resume=True)
     assert resumed["params_sha"] == straight["params_sha"]

@@ -16,6 +16,7 @@ from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
+from conftest import ServerCrash, crash_when
 from test_federation import fed_cfg, run
 
 
@@ -148,17 +149,9 @@ def test_kept_state_resumes_exactly_after_a_server_kill_on_swapped_nodes(tiny_pr
     cfg = _persist_cfg(tiny_prep)
     reference = run(cfg, tmp_path / "ref")
 
-    class Crash(Exception):
-        pass
-
-    def crash_in_round_3(task):
-        if task.round == 2:
-            raise Crash
-        return None
-
     workers = [ClientWorker(tmp_path / "a"), ClientWorker(tmp_path / "b")]
-    with pytest.raises(Crash):
-        run_federation(cfg, tmp_path / "b", InProcessTransport(workers, fail=crash_in_round_3))
+    with pytest.raises(ServerCrash):
+        run_federation(cfg, tmp_path / "b", InProcessTransport(workers, fail=crash_when(lambda task: task.round == 2)))
     assert list_checkpoints(tmp_path / "b" / "checkpoints")[-1].name == "round_000002"
     resumed = run_federation(cfg, tmp_path / "b", SwappingTransport(workers), resume=True)
     assert resumed["params_sha"] == reference["params_sha"]

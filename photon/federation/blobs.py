@@ -11,8 +11,8 @@ capability the ServerApp minted with a secret only the server machine holds (HMA
 its subject and an expiry). A GET serves exactly the model blob the token names. A PUT token names a size limit
 and an upload slot: a random id minted for one task, so an upload can only land in its own task's slot (never
 another node's, never a model blob), once. The checksum guards against corruption, not forgery (the capability
-does that), which is why a fast non-cryptographic one is enough: the uploader states it up front and the server
-checks what arrived. Tokens travel inside the Flower message, so only a node that received the task can use
+does that), which is why a fast non-cryptographic one is enough: the uploader sends it after the bytes (hashed
+as they go out) and the server checks what arrived. Tokens travel inside the Flower message, so only a node that received the task can use
 them. The ServerApp reads and writes the folder directly (same machine), and accepts a reply's upload only from
 the slot it granted that task, checking size and checksum again.
 """
@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -138,9 +139,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.connection.sendfile(f)
 
     def _put(self, server: BlobServer, req: dict) -> None:
-        digest, size, limit = req.get("digest"), req.get("size"), req.get("limit")
-        slot, name = req.get("slot"), req.get("name")
-        if not _valid_digest(digest) or not isinstance(size, int) or not isinstance(limit, int) or \
+        size, limit, slot, name = req.get("size"), req.get("limit"), req.get("slot"), req.get("name")
+        if not isinstance(size, int) or not isinstance(limit, int) or \
                 not _valid_digest(slot) or not isinstance(name, str) or NAME.fullmatch(name) is None:
             raise BlobError("bad put request")
         check(server.secret, req.get("token", ""), "put", put_subject(limit, slot))
@@ -150,18 +150,26 @@ class _Handler(socketserver.StreamRequestHandler):
         if final.exists():
             raise BlobError("this slot already holds an upload")
         tmp = server.root / "up" / f".{slot}.{name}.{threading.get_ident()}.part"
-        h, left = xxhash.xxh3_128(), size
-        buf = bytearray(min(CHUNK, max(1, size)))
+        h, got = xxhash.xxh3_128(), 0
         try:
-            with open(tmp, "wb") as f:
-                while left:
-                    n = self.rfile.readinto(memoryview(buf)[:min(left, len(buf))])
-                    if not n:
-                        raise BlobError("upload ended early")
-                    h.update(memoryview(buf)[:n])
-                    f.write(memoryview(buf)[:n])
-                    left -= n
-            if h.hexdigest() != digest:
+            with open(tmp, "wb+") as f:
+                if size:  # received straight into the file's pages: no buffer to copy from
+                    f.truncate(size)
+                    with mmap.mmap(f.fileno(), size) as mapped:
+                        view = memoryview(mapped)
+                        try:
+                            while got < size:
+                                n = self.rfile.readinto(view[got:min(size, got + CHUNK)])
+                                if not n:
+                                    raise BlobError("upload ended early")
+                                h.update(view[got:got + n])
+                                got += n
+                        finally:
+                            view.release()
+            trailer = json.loads(self.rfile.readline(MAX_LINE) or b"null")  # the checksum, hashed as it was sent
+            if not isinstance(trailer, dict) or not _valid_digest(trailer.get("digest")):
+                raise BlobError("upload ended without its checksum")
+            if h.hexdigest() != trailer["digest"]:
                 raise BlobError("upload does not match its checksum")
             try:  # exclusive: the first complete upload of a slot stays
                 os.link(tmp, final)
@@ -253,14 +261,17 @@ def fetch(endpoint: Endpoint, digest: str, token: str, size: int) -> bytearray:
 
 
 def put(endpoint: Endpoint, data: memoryview | bytes, token: str, limit: int, slot: str, name: str) -> str:
-    """Upload `data` as `name` into the granted `slot`; returns its checksum."""
-    view = memoryview(data).cast("B")
-    digest = checksum(view)
+    """Upload `data` as `name` into the granted `slot`, its checksum (computed as it is sent) last; returns the
+    checksum."""
+    view, h = memoryview(data).cast("B"), xxhash.xxh3_128()
     with endpoint.connect() as sock:
-        sock.sendall((json.dumps({"op": "put", "digest": digest, "size": len(view), "limit": limit, "slot": slot,
-                                  "name": name, "token": token}) + "\n").encode())
+        sock.sendall((json.dumps({"op": "put", "size": len(view), "limit": limit, "slot": slot, "name": name,
+                                  "token": token}) + "\n").encode())
         for start in range(0, len(view), CHUNK):
+            h.update(view[start:start + CHUNK])
             sock.sendall(view[start:start + CHUNK])
+        digest = h.hexdigest()
+        sock.sendall((json.dumps({"digest": digest}) + "\n").encode())
         _read_line(sock)
     return digest
 

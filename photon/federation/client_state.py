@@ -100,14 +100,16 @@ class NodeStateCache:
 
     def load(self, run_id: str, client: int, digest: str, attached: Tensors | None) -> Tensors:
         """The committed state `digest`: from the cache, else from `attached` (checked and cached), else
-        `MissingClientState`. Older states of the client are dropped: the server committed this one."""
+        `MissingClientState`. Older states of the client are dropped: the server committed this one. The
+        tensors are always fresh from the cache file (writable, shared with nothing): the caller may train
+        them in place."""
         files = self.files(run_id, client)
         state = files.get(digest)
         if state is None and attached is not None:
             if tensors_digest(attached) != digest:
                 raise ValueError(f"the attached state of client {client} does not match its digest")
             files.put(attached, digest)
-            state = attached
+            state = files.get(digest)
         if state is None:
             raise MissingClientState(client, digest)
         files.keep_only([digest])

@@ -27,7 +27,7 @@ from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail, ta
 from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wire, decode_task, encode_reply
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
 from photon.train import distributed
-from photon.train.device import place, resolve_device, setup_backend
+from photon.train.device import place, release_freed_memory, resolve_device, setup_backend
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
                                 train_local)
 
@@ -129,6 +129,7 @@ class ClientWorker:
 
     def run(self, task: ClientTask, cfg: RunConfig, wire: Wire) -> ClientReply:
         maybe_fail(task, cfg.federation.faults)
+        release_freed_memory()  # what the last task freed, before this one allocates its own
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         prepared = self.prepared(str(cfg.data.prep_dir), task.config.get("tokenizer_sha256"))
@@ -149,7 +150,7 @@ class ClientWorker:
                 attached = codec.decode(wire.payloads[STATE], client_state_layout(cfg, layout))
             state = self.cache.load(task.run_id, task.client_id, task.state_digest, attached)
             if persist:
-                load_optimizer_state_tensors(model, optimizer, state)
+                load_optimizer_state_tensors(model, optimizer, state, adopt=True)  # fresh from the cache file
         if procs > 1:  # N ranks train the client and leave model and optimizer as train_local would have
             spec = distributed.StreamSpec(str(prepared.path), task.spans, task.batch_size,
                                           client_seed(cfg, task.client_id))
@@ -171,6 +172,7 @@ class ClientWorker:
         new_state = ({k: v.detach().to("cpu", torch.float32) for k, v in optimizer_state_tensors(model, optimizer).items()}
                      if persist else {})
         del optimizer  # its moments are saved (persist) or done with: free them before the reply is built
+        release_freed_memory()  # the activations and gradients training freed, before the update is built
         with torch.no_grad():  # parameters leave the client as CPU tensors, written where the fp32 payload is
             update = codec.laid_out(layout)
             for k, v in unique_state_dict(model).items():

@@ -7,6 +7,7 @@ client as CPU tensors (the wire and the server are device-agnostic).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 
 import torch
@@ -62,3 +63,22 @@ def batch_to(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor
     if device.type == "cpu":
         return tensors
     return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
+def release_freed_memory() -> None:
+    """Hand memory the process freed back to the OS (glibc `malloc_trim`): model-sized tensors of a few MB each
+    fall under glibc's dynamic mmap threshold, so after a phase frees them (a round's gradients, a decoded
+    reply) the heap would otherwise keep them resident and the next phase's peak would stack on top. A no-op
+    where glibc is absent."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: ctypes.CDLL | bool | None = None

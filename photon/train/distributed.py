@@ -119,7 +119,7 @@ def train_ranks(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConf
         result = json.loads((folder / "result.json").read_text())
         load_unique_state_dict(model, load_file(folder / "params.safetensors"))
         if optimizer_state:
-            load_optimizer_state_tensors(model, optimizer, load_file(folder / "state.safetensors"))
+            load_optimizer_state_tensors(model, optimizer, load_file(folder / "state.safetensors"), adopt=True)
         log.info("%d ranks trained %d steps in %.1f s (%.1f s in train_local, %s)", procs, steps,
                  time.perf_counter() - start, result["seconds"], result.pop("sharding"))
         return LocalResult(**result)

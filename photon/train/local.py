@@ -132,15 +132,17 @@ def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) 
 
 
 def load_optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer,
-                                 tensors: dict[str, torch.Tensor]) -> None:
+                                 tensors: dict[str, torch.Tensor], adopt: bool = False) -> None:
     """Inverse of `optimizer_state_tensors`, onto the parameters' device (the step counter stays on the CPU
-    unless the optimizer is fused); parameters absent from `tensors` start fresh."""
+    unless the optimizer is fused); parameters absent from `tensors` start fresh. `adopt`: the tensors are
+    the caller's to give away (fresh from disk, writable): where they already sit on the right device the
+    optimizer trains them in place instead of a copy (a model's worth of AdamW state less at the peak)."""
     fused = bool(optimizer.defaults.get("fused"))
     for name, p in getattr(model, "_orig_mod", model).named_parameters():
         state = {}
         for key in ("step", "exp_avg", "exp_avg_sq"):
             if f"{name}.{key}" in tensors:
                 t = tensors[f"{name}.{key}"]
-                state[key] = t.to(p.device if key != "step" or fused else "cpu", copy=True)
+                state[key] = t.to(p.device if key != "step" or fused else "cpu", copy=not adopt)
         if state:
             optimizer.state[p] = state
