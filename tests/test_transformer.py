@@ -156,6 +156,21 @@ def test_unique_state_dict_round_trip(tie):
         assert b.lm_head.weight is b.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_shared_state_dict_becomes_the_parameters_without_a_copy(tie):
+    a, _ = make(seed=0, tie_embeddings=tie)
+    b, _ = make(seed=1, tie_embeddings=tie)
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(2):  # again: the tie survives, so the keys stay the same
+        params = {k: v.detach().clone() for k, v in unique_state_dict(a).items()}
+        load_unique_state_dict(b, params, share=True)
+        got = unique_state_dict(b)
+        assert got.keys() == params.keys() and all(got[k].data_ptr() == params[k].data_ptr() for k in params)
+        assert (b.lm_head.weight is b.model.embed_tokens.weight) == tie
+        with torch.no_grad():
+            assert torch.equal(a(x)[0], b(x)[0])
+
+
 def test_load_wrong_shape_or_keys_is_user_error():
     small, _ = make(d_model=32)
     wide, _ = make(d_model=64)

@@ -114,7 +114,8 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     t = cfg.train
 
     def run_eval() -> dict[str, float]:
-        load_unique_state_dict(eval_model, state.params)
+        # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
+        load_unique_state_dict(eval_model, state.params, share=next(eval_model.parameters()).device.type == "cpu")
         losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
         runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
                    clock=state.clock, **{f"loss/{k}": v for k, v in losses.items()})

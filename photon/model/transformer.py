@@ -255,8 +255,10 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_unique_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Inverse of unique_state_dict; strict, and a mismatch is a UserError naming the keys."""
+def load_unique_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], share: bool = False) -> None:
+    """Inverse of unique_state_dict; strict, and a mismatch is a UserError naming the keys. `share`: the model's
+    parameters become the given tensors (no copy; for a model that only reads them, e.g. evaluation on the
+    device they are on), else they are copied in."""
     model = _unwrap(model)
     expected = unique_state_dict(model)
     missing = sorted(expected.keys() - sd.keys())
@@ -275,10 +277,13 @@ def load_unique_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> Non
         if tuple(sd[k].shape) != tuple(ref.shape):
             raise UserError(f"checkpoint is for a different model shape: {k} has shape {tuple(sd[k].shape)} "
                             f"but the model expects {tuple(ref.shape)}; use the checkpoint's model config")
+    tied = _is_tied(model)
     full = dict(sd)
-    if _is_tied(model):
+    if tied:
         full[HEAD_KEY] = sd[EMBED_KEY]
-    model.load_state_dict(full, strict=True)
+    model.load_state_dict(full, strict=True, assign=share)
+    if share and tied:  # assign wraps each key in its own Parameter: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def _few(keys: list[str], n: int = 4) -> str:
