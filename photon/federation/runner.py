@@ -26,7 +26,7 @@ from photon.model.transformer import load_unique_state_dict, unique_state_dict
 from photon.report import eval_table, plot_run
 from photon.runlog import RunLog, read_metrics
 from photon.train.centralized import build_model, check_same_model, open_data
-from photon.train.device import resolve_device
+from photon.train.device import release_freed_memory, resolve_device
 from photon.train.evaluate import OVERALL, evaluate, perplexity
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
         _log_round(runlog, state, result, last, console)
         state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
         StateFiles(run_dir / "client_state").keep_only(referenced_state_digests(ckpt_dir) | state.state_digests())
+        release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
     runlog.close()
     if short_rounds:
         console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
