@@ -25,6 +25,7 @@ import json
 import logging
 import mmap
 import os
+import queue
 import re
 import secrets
 import socket
@@ -153,18 +154,23 @@ class _Handler(socketserver.StreamRequestHandler):
         h, got = xxhash.xxh3_128(), 0
         try:
             with open(tmp, "wb+") as f:
-                if size:  # received straight into the file's pages: no buffer to copy from
+                if size:  # received straight into the file's pages (no buffer to copy from), hashed on the side
                     f.truncate(size)
                     with mmap.mmap(f.fileno(), size) as mapped:
                         view = memoryview(mapped)
+                        received: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+                        hasher = threading.Thread(target=_hash_spans, args=(h, view, received), daemon=True)
+                        hasher.start()
                         try:
                             while got < size:
                                 n = self.rfile.readinto(view[got:min(size, got + CHUNK)])
                                 if not n:
                                     raise BlobError("upload ended early")
-                                h.update(view[got:got + n])
+                                received.put((got, got + n))
                                 got += n
                         finally:
+                            received.put(None)
+                            hasher.join()
                             view.release()
             trailer = json.loads(self.rfile.readline(MAX_LINE) or b"null")  # the checksum, hashed as it was sent
             if not isinstance(trailer, dict) or not _valid_digest(trailer.get("digest")):
@@ -178,6 +184,13 @@ class _Handler(socketserver.StreamRequestHandler):
         finally:
             tmp.unlink(missing_ok=True)
         self._answer({"ok": True})
+
+
+def _hash_spans(h: Any, view: memoryview, spans: queue.SimpleQueue) -> None:
+    """Feed `h` the spans of `view` named on `spans`, in order, until None (xxhash releases the GIL: this
+    runs beside the thread that receives the next span)."""
+    while (span := spans.get()) is not None:
+        h.update(view[span[0]:span[1]])
 
 
 class BlobServer(socketserver.ThreadingTCPServer):
@@ -267,11 +280,24 @@ def put(endpoint: Endpoint, data: memoryview | bytes, token: str, limit: int, sl
     with endpoint.connect() as sock:
         sock.sendall((json.dumps({"op": "put", "size": len(view), "limit": limit, "slot": slot, "name": name,
                                   "token": token}) + "\n").encode())
-        for start in range(0, len(view), CHUNK):
-            h.update(view[start:start + CHUNK])
-            sock.sendall(view[start:start + CHUNK])
-        digest = h.hexdigest()
-        sock.sendall((json.dumps({"digest": digest}) + "\n").encode())
+        sent: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        hasher = threading.Thread(target=_hash_spans, args=(h, view, sent), daemon=True)
+        hasher.start()
+        try:
+            for start in range(0, len(view), CHUNK):
+                sent.put((start, min(len(view), start + CHUNK)))  # hashed beside the send
+                sock.sendall(view[start:start + CHUNK])
+            sent.put(None)
+            hasher.join()
+            digest = h.hexdigest()
+            sock.sendall((json.dumps({"digest": digest}) + "\n").encode())
+        except OSError as e:  # the server refused mid-upload and closed: its answer says why
+            sent.put(None)
+            try:
+                _read_line(sock)
+            except OSError:
+                pass
+            raise BlobError(f"the upload was cut off ({e})") from None
         _read_line(sock)
     return digest
 
