@@ -55,8 +55,7 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -
         return state, True
     if list_checkpoints(ckpt_dir):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    model = build_model(cfg)
-    params = {k: v.detach().clone() for k, v in unique_state_dict(model).items()}
+    params = {k: v.detach() for k, v in unique_state_dict(build_model(cfg)).items()}  # the model's own tensors
     return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed), False
 
 
@@ -126,6 +125,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
                   f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
                   f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
     first = run_eval() if state.round == 0 else None
+    release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
     console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
     last = first or {}
     end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
