@@ -24,7 +24,7 @@ from photon.config import RunConfig, with_overrides
 from photon.data.shards import TokenStream
 from photon.model.transformer import Transformer
 from photon.train.device import autocast, place, resolve_device, setup_backend
-from photon.train.local import make_optimizer, train_local
+from photon.train.local import adamw_kernel, make_optimizer, train_local
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for MFU on known GPUs.
 DATASHEET_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200": 989.4e12,
@@ -66,9 +66,8 @@ def _bare_loop(model: torch.nn.Module, tokens: torch.Tensor, cfg: RunConfig, ste
                device: torch.device) -> float:
     """The plainest correct loop: slice, forward, backward, clip, AdamW step."""
     t = cfg.train
-    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                            weight_decay=t.weight_decay, **kernel)
+                            weight_decay=t.weight_decay, **adamw_kernel(device))  # the same kernel as ours
     n = t.batch_size * t.seq_len
     _sync(device)
     start = time.perf_counter()
