@@ -41,14 +41,18 @@ def test_simulation_rejects_hostile_and_broken_replies_and_completes(tiny_prep, 
 
 
 def test_async_rounds_run_on_flower_with_slow_clients_sleeping_for_real(tiny_prep, tmp_path):
-    # Quorum 1 on 2 nodes: the server steps on each reply, so whichever task was in flight on the other node
-    # comes back stale. (With quorum 2 the staleness hung on which node finished twice first: tiny tasks take
-    # less time than Flower's per-message overhead, so the slow clients' sleep did not decide the order.)
+    # Async over the Flower simulation's Grid, the slow clients really sleeping. Which replies come back stale
+    # is the machine's timing here (a Ray worker's first task also pays its start, seconds, while the other
+    # worker may finish every round), so this test checks what holds whatever the timing; that a stale
+    # update is weighted and folded is checked deterministically on the virtual clock (test_async.py) and on
+    # real SuperNodes with one slowed node (test_deploy.py).
     cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=2", "federation.rounds=4",
                   "federation.mode=async", "federation.asynchronous.quorum=1", "federation.faults.slow_fraction=0.5",
                   "federation.faults.slow_factor=3", "federation.round_timeout_s=120", "train.threads=1")
     summary = run_simulated(cfg, tmp_path)
     assert summary["rounds"] == 4
     rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
-    assert all(1 <= len(r["folded"]) <= 2 for r in rounds)  # replies that arrive together are folded together
-    assert max(s for r in rounds for s in r["folded"].values()) >= 1, [r["folded"] for r in rounds]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert all(1 <= len(r["folded"]) <= 2 for r in rounds)  # quorum 1: replies that arrive together fold together
+    max_staleness = cfg.federation.asynchronous.max_staleness
+    assert all(0 <= s <= max_staleness for r in rounds for s in r["folded"].values()), [r["folded"] for r in rounds]
