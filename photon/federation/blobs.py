@@ -12,9 +12,9 @@ its subject and an expiry). A GET serves exactly the model blob the token names.
 and an upload slot: a random id minted for one task, so an upload can only land in its own task's slot (never
 another node's, never a model blob), once. The checksum guards against corruption, not forgery (the capability
 does that), which is why a fast non-cryptographic one is enough: the uploader sends it after the bytes (hashed
-as they go out) and the server checks what arrived. Tokens travel inside the Flower message, so only a node that received the task can use
-them. The ServerApp reads and writes the folder directly (same machine), and accepts a reply's upload only from
-the slot it granted that task, checking size and checksum again.
+as they go out) and the server checks what arrived. Tokens travel inside the Flower message, so only a node
+that received the task can use them. The ServerApp reads and writes the folder directly (same machine), and
+accepts a reply's upload only from the slot it granted that task, checking size and checksum again.
 """
 
 from __future__ import annotations
@@ -151,31 +151,28 @@ class _Handler(socketserver.StreamRequestHandler):
         if final.exists():
             raise BlobError("this slot already holds an upload")
         tmp = server.root / "up" / f".{slot}.{name}.{threading.get_ident()}.part"
-        h, got = xxhash.xxh3_128(), 0
+        digest, got = checksum(b""), 0
         try:
             with open(tmp, "wb+") as f:
                 if size:  # received straight into the file's pages (no buffer to copy from), hashed on the side
                     f.truncate(size)
                     with mmap.mmap(f.fileno(), size) as mapped:
                         view = memoryview(mapped)
-                        received: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-                        hasher = threading.Thread(target=_hash_spans, args=(h, view, received), daemon=True)
-                        hasher.start()
+                        hasher = _SideChecksum(view)
                         try:
                             while got < size:
                                 n = self.rfile.readinto(view[got:min(size, got + CHUNK)])
                                 if not n:
                                     raise BlobError("upload ended early")
-                                received.put((got, got + n))
+                                hasher.add(got, got + n)
                                 got += n
                         finally:
-                            received.put(None)
-                            hasher.join()
+                            digest = hasher.hexdigest()
                             view.release()
             trailer = json.loads(self.rfile.readline(MAX_LINE) or b"null")  # the checksum, hashed as it was sent
             if not isinstance(trailer, dict) or not _valid_digest(trailer.get("digest")):
                 raise BlobError("upload ended without its checksum")
-            if h.hexdigest() != trailer["digest"]:
+            if digest != trailer["digest"]:
                 raise BlobError("upload does not match its checksum")
             try:  # exclusive: the first complete upload of a slot stays
                 os.link(tmp, final)
@@ -186,11 +183,27 @@ class _Handler(socketserver.StreamRequestHandler):
         self._answer({"ok": True})
 
 
-def _hash_spans(h: Any, view: memoryview, spans: queue.SimpleQueue) -> None:
-    """Feed `h` the spans of `view` named on `spans`, in order, until None (xxhash releases the GIL: this
-    runs beside the thread that receives the next span)."""
-    while (span := spans.get()) is not None:
-        h.update(view[span[0]:span[1]])
+class _SideChecksum:
+    """XXH3-128 of the spans of `view` named by `add`, in order, computed in a thread beside the one moving the
+    bytes (xxhash releases the GIL), so a span is hashed while the next one is sent or received."""
+
+    def __init__(self, view: memoryview):
+        self._h, self._spans = xxhash.xxh3_128(), queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(view,), daemon=True)
+        self._thread.start()
+
+    def _run(self, view: memoryview) -> None:
+        while (span := self._spans.get()) is not None:
+            self._h.update(view[span[0]:span[1]])
+
+    def add(self, start: int, end: int) -> None:
+        self._spans.put((start, end))
+
+    def hexdigest(self) -> str:
+        """The checksum of the spans added so far; the thread ends (add nothing after it)."""
+        self._spans.put(None)
+        self._thread.join()
+        return self._h.hexdigest()
 
 
 class BlobServer(socketserver.ThreadingTCPServer):
@@ -276,23 +289,19 @@ def fetch(endpoint: Endpoint, digest: str, token: str, size: int) -> bytearray:
 def put(endpoint: Endpoint, data: memoryview | bytes, token: str, limit: int, slot: str, name: str) -> str:
     """Upload `data` as `name` into the granted `slot`, its checksum (computed as it is sent) last; returns the
     checksum."""
-    view, h = memoryview(data).cast("B"), xxhash.xxh3_128()
+    view = memoryview(data).cast("B")
     with endpoint.connect() as sock:
         sock.sendall((json.dumps({"op": "put", "size": len(view), "limit": limit, "slot": slot, "name": name,
                                   "token": token}) + "\n").encode())
-        sent: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        hasher = threading.Thread(target=_hash_spans, args=(h, view, sent), daemon=True)
-        hasher.start()
+        hasher = _SideChecksum(view)
         try:
             for start in range(0, len(view), CHUNK):
-                sent.put((start, min(len(view), start + CHUNK)))  # hashed beside the send
+                hasher.add(start, min(len(view), start + CHUNK))  # hashed beside the send
                 sock.sendall(view[start:start + CHUNK])
-            sent.put(None)
-            hasher.join()
-            digest = h.hexdigest()
+            digest = hasher.hexdigest()
             sock.sendall((json.dumps({"digest": digest}) + "\n").encode())
         except OSError as e:  # the server refused mid-upload and closed: its answer says why
-            sent.put(None)
+            hasher.hexdigest()  # ends the thread
             try:
                 _read_line(sock)
             except OSError:

@@ -486,7 +486,9 @@ def _as_laid_out(tensors: Mapping[str, torch.Tensor], names: list[str]) -> np.nd
     at = flat.data_ptr()
     for name in names:
         t = tensors[name]
-        if t._base is not flat or t.dtype != torch.float32 or not t.is_contiguous() or (t.numel() and t.data_ptr() != at):
+        if t._base is not flat or t.dtype != torch.float32 or not t.is_contiguous():
+            return None
+        if t.numel() and t.data_ptr() != at:  # an empty view may point anywhere
             return None
         at += t.numel() * 4
     if at != flat.data_ptr() + flat.numel() * 4:

@@ -169,8 +169,8 @@ class ClientWorker:
                 raise RuntimeError(f"injected fault: the reply of task {task.task_id} was lost "
                                    "(federation.faults.drop_probability)")
         # The optimizer's own tensors (no copy): it is dropped next and nothing trains them again
-        new_state = ({k: v.detach().to("cpu", torch.float32) for k, v in optimizer_state_tensors(model, optimizer).items()}
-                     if persist else {})
+        new_state = ({k: v.detach().to("cpu", torch.float32)
+                      for k, v in optimizer_state_tensors(model, optimizer).items()} if persist else {})
         del optimizer  # its moments are saved (persist) or done with: free them before the reply is built
         release_freed_memory()  # the activations and gradients training freed, before the update is built
         with torch.no_grad():  # parameters leave the client as CPU tensors, written where the fp32 payload is

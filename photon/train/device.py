@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 
 import torch
@@ -70,15 +71,15 @@ def release_freed_memory() -> None:
     fall under glibc's dynamic mmap threshold, so after a phase frees them (a round's gradients, a decoded
     reply) the heap would otherwise keep them resident and the next phase's peak would stack on top. A no-op
     where glibc is absent."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
-_LIBC: ctypes.CDLL | bool | None = None
+@functools.cache
+def _malloc_trim():
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
