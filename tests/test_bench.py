@@ -33,3 +33,18 @@ def test_flops_per_token_counts_every_matmul_and_attention():
     m, T = cfg.model, cfg.train.seq_len
     per_layer = 4 * m.d_model**2 + 3 * m.d_model * m.hidden
     assert flops_per_token(cfg) == 6 * (m.n_layer * per_layer + m.vocab_size * m.d_model) + 12 * m.n_layer * m.d_model * T
+
+
+def test_wire_bench_baselines_and_verdicts():
+    from photon.bench.wire import loopback_mb_s, render
+
+    assert loopback_mb_s(8 << 20) > 0 and loopback_mb_s(8 << 20, keep=True) > 0
+    peaks = {"server": 250.0, "node": 450.0}
+    data = {"preset": "p", "model_mb": 100.0, "socket_mb_s": 1000.0, "socket_kept_mb_s": 400.0, "runtime_mb": 20.0,
+            "deployed": {"peaks_mb": peaks, "blob_fetch_s": [0.3, 0.2], "blob_upload_s": [0.25],
+                         "tasks": [{"pull_s": 0.1, "run_s": 1.0, "push_s": 0.1}]},
+            "simulated": {"peaks_mb": peaks}}
+    text = render(data)
+    assert "ServerApp 2.50×, met" in text and "deployed 4.50×, NOT met" in text and "4.30× above that" in text
+    # the slower direction counts: 100 MB in 0.25 s = 400 MB/s, 40% of the socket, 100% of the kept copy
+    assert "40.0% of it, NOT met" in text and "100.0% of that" in text

@@ -86,3 +86,23 @@ def test_refusals(server):
     (channel.root / "up" / f"{grant['slot']}.update").write_bytes(bytes(1000))  # damaged after the upload
     with pytest.raises(BlobError, match="checksum"):
         channel.load(up, grant["slot"])
+
+
+def test_a_download_lands_in_the_given_buffer_and_uploads_reuse_consumed_files(server):
+    _, endpoint, channel = server
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 255, 40_000, dtype=np.uint8)
+    ref = channel.offload(Payload({"codec": "fp32", "tensors": []}, data))
+    into = np.zeros(40_000, np.uint8)
+    got = blobs.materialize(ref, "127.0.0.1", endpoint.ca, into=into)
+    assert got.data is into and np.array_equal(into, data)  # the bytes are in the caller's memory
+    other = blobs.materialize(ref, "127.0.0.1", endpoint.ca, into=np.zeros(10, np.uint8))  # does not fit: anew
+    assert np.array_equal(other.data, data)
+    spare = channel.root / "up" / ".spare"
+    for size in (30_000, 50_000, 7, 30_000, 20_000):  # each upload lands in a consumed one's file when there is one
+        body = rng.integers(0, 255, size, dtype=np.uint8)
+        grant = channel.put_grant(100_000)
+        up = blobs.upload(Payload({"codec": "fp32", "tensors": []}, body), grant, "127.0.0.1", endpoint.ca, "u")
+        assert np.array_equal(np.frombuffer(channel.load(up, grant["slot"]).data, np.uint8), body)
+        assert 1 <= len(list(spare.iterdir())) <= blobs.SPARES
+    assert not [f for f in (channel.root / "up").iterdir() if f.is_file()]  # nothing half-written or left over

@@ -47,6 +47,8 @@ BLOB = "blob"                 # layout key of a payload that travels as a blob
 CHUNK = 4 << 20
 MAX_LINE = 4096
 TOKEN_TTL_S = 3 * 3600.0
+SPARES = 2                    # consumed upload files kept to receive the next uploads into (see `_take_spare`)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux ≥ 5.14; refused elsewhere (ignored)
 
 
 class BlobError(RuntimeError):
@@ -153,10 +155,14 @@ class _Handler(socketserver.StreamRequestHandler):
         tmp = server.root / "up" / f".{slot}.{name}.{threading.get_ident()}.part"
         digest, got = checksum(b""), 0
         try:
-            with open(tmp, "wb+") as f:
+            with open(tmp, "r+b" if _take_spare(server.root / "up", tmp) else "wb+") as f:
                 if size:  # received straight into the file's pages (no buffer to copy from), hashed on the side
                     f.truncate(size)
                     with mmap.mmap(f.fileno(), size) as mapped:
+                        try:  # map every page now, in one call, rather than a fault per page as bytes land
+                            mapped.madvise(MADV_POPULATE_WRITE)
+                        except OSError:
+                            pass
                         view = memoryview(mapped)
                         hasher = _SideChecksum(view)
                         try:
@@ -181,6 +187,20 @@ class _Handler(socketserver.StreamRequestHandler):
         finally:
             tmp.unlink(missing_ok=True)
         self._answer({"ok": True})
+
+
+def _take_spare(up: Path, tmp: Path) -> bool:
+    """Move a consumed upload file (`Channel.load` keeps a few) to `tmp`, to receive into: its pages are still
+    in the page cache, and overwriting them is about twice as fast here as filling new ones (the kernel
+    allocates, zeroes and, on a VM, the host faults in each new page). False if none is left."""
+    spare = up / ".spare"
+    for f in sorted(spare.glob("*")) if spare.is_dir() else []:
+        try:
+            os.rename(f, tmp)  # atomic: of two uploads racing for one spare, one gets it
+            return True
+        except OSError:
+            continue
+    return False
 
 
 class _SideChecksum:
@@ -266,15 +286,20 @@ def _read_line(sock: socket.socket) -> dict:
     return reply
 
 
-def fetch(endpoint: Endpoint, digest: str, token: str, size: int) -> bytearray:
-    """The blob `digest` (exactly `size` bytes, checksummed as they arrive), in one buffer."""
+def fetch(endpoint: Endpoint, digest: str, token: str, size: int,
+          into: memoryview | None = None) -> bytearray | memoryview:
+    """The blob `digest` (exactly `size` bytes, checksummed as they arrive), in one buffer: `into` when given
+    (memory that is already the process's, e.g. the model's own parameters: nothing to allocate and fault in,
+    which on a VM cost more than the copy itself), else a new one."""
     with endpoint.connect() as sock:
         sock.sendall((json.dumps({"op": "get", "digest": digest, "token": token}) + "\n").encode())
         head = _read_line(sock)
         if head.get("size") != size:
             raise BlobError(f"blob {digest[:12]} has {head.get('size')} bytes, expected {size}")
-        buf = bytearray(size)
-        view, got, h = memoryview(buf), 0, xxhash.xxh3_128()
+        buf: bytearray | memoryview = bytearray(size) if into is None else into
+        view, got, h = memoryview(buf).cast("B"), 0, xxhash.xxh3_128()
+        if len(view) != size:
+            raise ValueError(f"a {len(view)}-byte buffer cannot take a {size}-byte blob")
         while got < size:
             n = sock.recv_into(view[got:], min(CHUNK, size - got))
             if not n:
@@ -368,11 +393,21 @@ class Channel:
         if not path.is_file() or path.stat().st_size != size:
             raise BlobError(f"blob {name} was not uploaded (or has another size)")
         data = path.read_bytes()
-        path.unlink(missing_ok=True)  # an update is read once
+        self._recycle(path)  # an update is read once
+
         if checksum(data) != digest:
             raise BlobError(f"blob {name} does not match its checksum")
         layout = {k: v for k, v in payload.layout.items() if k != BLOB}
         return Payload.over(layout, data)
+
+    def _recycle(self, path: Path) -> None:
+        """Keep a consumed upload file (up to `SPARES`) for the blob server to receive the next one into."""
+        spare = self.root / "up" / ".spare"
+        spare.mkdir(exist_ok=True)
+        if sum(1 for _ in spare.iterdir()) < SPARES:
+            os.replace(path, spare / secrets.token_hex(8))
+        else:
+            path.unlink(missing_ok=True)
 
     def forget(self, keep: set[str]) -> None:
         """Delete model blobs no task will fetch any more, and uploads nobody claimed within a token's life."""
@@ -385,16 +420,21 @@ class Channel:
                 f.unlink(missing_ok=True)
 
 
-def materialize(payload: Payload, host: str, ca: str | None, log_as: str = "") -> Payload:
+def materialize(payload: Payload, host: str, ca: str | None, log_as: str = "",
+                into: np.ndarray | None = None) -> Payload:
     """A node's view of a payload: fetched from the blob server (at the SuperLink's `host`) when it travels as a
-    reference."""
+    reference, into `into` (1-D uint8) when that is exactly its size."""
     ref = payload.layout.get(BLOB)
     if ref is None:
         return payload
     start = time.perf_counter()
-    data = fetch(Endpoint(host, int(ref["port"]), ca), str(ref["digest"]), str(ref["token"]), int(ref["size"]))
-    log.info("fetched %s blob: %.1f MB in %.2f s", log_as, len(data) / 2**20, time.perf_counter() - start)
-    return Payload({k: v for k, v in payload.layout.items() if k != BLOB}, np.frombuffer(data, np.uint8))
+    size = int(ref["size"])
+    target = memoryview(into) if into is not None and into.nbytes == size else None
+    data = fetch(Endpoint(host, int(ref["port"]), ca), str(ref["digest"]), str(ref["token"]), size, target)
+    log.info("fetched %s blob: %.1f MB in %.2f s%s", log_as, size / 2**20, time.perf_counter() - start,
+             " (into the model)" if target is not None else "")
+    array = into if target is not None else np.frombuffer(data, np.uint8)
+    return Payload({k: v for k, v in payload.layout.items() if k != BLOB}, array)
 
 
 def upload(payload: Payload, grant: dict[str, Any], host: str, ca: str | None, name: str) -> Payload:

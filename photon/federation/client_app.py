@@ -33,8 +33,9 @@ def _worker(context: Context, default_state_dir: str) -> ClientWorker:
     key = (context.run_id, state_dir, data_dir)
     if key not in _workers:
         _workers.clear()  # another run (or node): let the last one's model and memmapped data go
+        # the reply leaves with this message (copied into Flower's records, or uploaded) before the next task
         _workers[key] = ClientWorker(Path(state_dir), Path(data_dir) if data_dir else None, slowdown=slowdown,
-                                     procs=procs)
+                                     procs=procs, reply_in_model=True)
     return _workers[key]
 
 
@@ -48,9 +49,10 @@ def make_client_app(default_state_dir: str = ".photon/node-cache") -> ClientApp:
         wire = content_to_wire(msg.content)
         host = str(context.node_config.get("superlink-host", "") or "127.0.0.1")
         ca = str(context.node_config.get("blob-ca", "") or "") or None
-        # Large payloads may come by the blob side channel (blobs.py): fetch them, send the reply back that way
-        wire.payloads = {k: blobs.materialize(p, host, ca, k) for k, p in wire.payloads.items()}
-        reply = _worker(context, default_state_dir).handle(wire)
+        # Large payloads may come by the blob side channel (blobs.py): the worker fetches them (the model straight
+        # into its own parameters), the reply goes back that way
+        reply = _worker(context, default_state_dir).handle(
+            wire, lambda name, payload, into: blobs.materialize(payload, host, ca, name, into))
         if "blob-put" in wire.meta:
             grant = json.loads(wire.meta["blob-put"])
             reply.payloads = {k: blobs.upload(p, grant, host, ca, k) if p.nbytes >= BLOB_THRESHOLD else p

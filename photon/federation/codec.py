@@ -476,9 +476,10 @@ def laid_out(layout: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
-def _as_laid_out(tensors: Mapping[str, torch.Tensor], names: list[str]) -> np.ndarray | None:
-    """The bytes of the one fp32 buffer `tensors` fill back to back in `names` order (as `laid_out` makes
-    them), or None if they are anything else."""
+def as_laid_out(tensors: Mapping[str, torch.Tensor], names: list[str] | None = None) -> np.ndarray | None:
+    """The bytes (writable, 1-D uint8) of the one fp32 buffer `tensors` fill back to back in `names` order
+    (default: sorted, as `laid_out` makes them), or None if they are anything else."""
+    names = sorted(tensors) if names is None else names
     first = tensors[names[0]] if names else None
     flat = first._base if first is not None and first._base is not None else first
     if flat is None or flat.dtype != torch.float32 or flat.device.type != "cpu" or not flat.is_contiguous():
@@ -506,7 +507,7 @@ def encode(tensors: Mapping[str, torch.Tensor], codec: str | CodecSpec = "fp32",
     gen = np.random.default_rng(seed) if spec.stochastic else None
     names = sorted(tensors)
     layout = {"codec": spec.name, **spec.params(), "tensors": [[n, list(tensors[n].shape)] for n in names]}
-    if spec.name == "fp32" and (data := _as_laid_out(tensors, names)) is not None:
+    if spec.name == "fp32" and (data := as_laid_out(tensors, names)) is not None:
         return Payload(layout, data)
     parts: list[Any] = []
     for name in names:

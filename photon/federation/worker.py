@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from photon.config import RunConfig, build_config
@@ -33,6 +37,59 @@ from photon.train.local import (load_optimizer_state_tensors, make_optimizer, op
 
 log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
+Fetch = Callable[[str, codec.Payload, "np.ndarray | None"], codec.Payload]  # (name, payload, into) -> in memory
+
+
+def _in_message(name: str, payload: codec.Payload, into: np.ndarray | None) -> codec.Payload:
+    return payload  # the engine delivered the bytes with the message
+
+
+def lay_out_parameters(model: torch.nn.Module) -> Tensors:
+    """Move a CPU fp32 model's parameters into one buffer laid out exactly as the fp32 payload of its
+    `unique_state_dict` (`codec.laid_out`); returns those views. The model is then its own payload: the global
+    model can be received straight into it, and an update computed in it encodes without a copy."""
+    params = dict(model.named_parameters())  # unique: a tied head is the embedding
+    flat = codec.laid_out(codec.layout_of(params))
+    with torch.no_grad():
+        for name, view in flat.items():
+            view.copy_(params[name])
+            params[name].data = view
+    return flat
+
+
+class ParkedModel:
+    """The global model a task started from, resting in an unnamed file (its page cache, reclaimable) while the
+    client trains, instead of a model's worth of the node's memory; read back a slab at a time to turn the
+    trained parameters into the update. The file is reused task after task (its pages stay warm) and vanishes
+    with the process."""
+
+    SLAB = 16 << 20
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._slab = np.empty(self.SLAB, np.uint8)
+        self.nbytes = 0
+
+    def park(self, data: np.ndarray) -> None:
+        view, fd = memoryview(data).cast("B"), self._file.fileno()
+        for at in range(0, len(view), self.SLAB):
+            os.pwrite(fd, view[at:at + self.SLAB], at)
+        if os.fstat(fd).st_size > len(view):
+            os.ftruncate(fd, len(view))
+        self.nbytes = len(view)
+
+    def subtract(self, trained: np.ndarray) -> None:
+        """`trained` (fp32 bytes laid out as the parked model) becomes parked − trained, in place."""
+        if trained.nbytes != self.nbytes:
+            raise ValueError(f"{trained.nbytes} bytes trained, {self.nbytes} parked")
+        out = torch.from_numpy(trained).view(torch.float32)
+        slab = torch.from_numpy(self._slab).view(torch.float32)
+        fd = self._file.fileno()
+        for at in range(0, self.nbytes, self.SLAB):
+            n = os.preadv(fd, [memoryview(self._slab)[:min(self.SLAB, self.nbytes - at)]], at)
+            a, b = at // 4, (at + n) // 4
+            torch.sub(slab[:b - a], out[a:b], out=out[a:b])
 
 
 def client_state_layout(cfg: RunConfig, layout: codec.Layout) -> codec.Layout:
@@ -55,19 +112,25 @@ def optimizer_state_layout(layout: codec.Layout) -> codec.Layout:
 
 class ClientWorker:
     def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None, real_time_faults: bool = True,
-                 slowdown: float = 1.0, procs: int | None = None):
+                 slowdown: float = 1.0, procs: int | None = None, reply_in_model: bool = False):
         """`state_dir` caches kept client state; `data_dir` overrides the task's prep_dir (a node's own data).
         `real_time_faults`: slow and late tasks really sleep and lost replies raise (Flower, real-time
         engines); the virtual-clock engine models them itself and turns this off. `slowdown`: this node takes
         that many times as long per task (a drill knob for a deployment: older hardware). `procs`: processes
-        that train each client together (`photon node --procs`; None = the run's federation.procs_per_node)."""
+        that train each client together (`photon node --procs`; None = the run's federation.procs_per_node).
+        `reply_in_model`: a CPU model's reply may be built in the model's own memory (no model-sized copy), for
+        an engine that has sent it before it hands this worker another task (Flower's ClientApp); elsewhere
+        the reply gets its own buffer."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
         self.data_dir = data_dir
         self.real_time_faults = real_time_faults
         self.slowdown = slowdown
         self.procs = procs
+        self.reply_in_model = reply_in_model
         self._prepared: dict[str, Prepared] = {}
-        self._model: tuple[str, Transformer, torch.nn.Module] | None = None  # key, module, what to call
+        # key, module, what to call, the parameters laid out as a payload (CPU fp32) or None
+        self._model: tuple[str, Transformer, torch.nn.Module, Tensors | None] | None = None
+        self._parked: ParkedModel | None = None
 
     def prepared(self, prep_dir: str, tokenizer_sha: str | None) -> Prepared:
         key = str(self.data_dir or prep_dir)
@@ -79,9 +142,10 @@ class ClientWorker:
                             "prepare it with the same source and preset")
         return prepared
 
-    def model(self, cfg: RunConfig) -> tuple[Transformer, torch.nn.Module]:
-        """The model on this node's device (kept warm across tasks, compiled once if asked), and the module to
-        call in training (the compiled one, or the model)."""
+    def model(self, cfg: RunConfig) -> tuple[Transformer, torch.nn.Module, Tensors | None]:
+        """The model on this node's device (kept warm across tasks, compiled once if asked), the module to
+        call in training (the compiled one, or the model), and on the CPU its parameters laid out as one
+        payload (`lay_out_parameters`)."""
         key = json.dumps([cfg.model.model_dump(mode="json"), cfg.train.device, cfg.train.compile,
                           cfg.train.activation_checkpointing, cfg.train.loss_chunk], sort_keys=True)
         if self._model is None or self._model[0] != key:
@@ -89,22 +153,28 @@ class ClientWorker:
             device = resolve_device(cfg.train.device)
             setup_backend(device)
             model = Transformer(cfg.model)
-            self._model = (key, model, place(model, cfg.train, device))
-        return self._model[1], self._model[2]
+            flat = lay_out_parameters(model) if device.type == "cpu" else None
+            release_freed_memory()  # the parameters' first home
+            self._model = (key, model, place(model, cfg.train, device), flat)
+        return self._model[1], self._model[2], self._model[3]
 
-    def handle(self, wire: Wire) -> Wire:
-        """Train the client a task message names and return the reply message."""
+    def handle(self, wire: Wire, fetch: Fetch = _in_message) -> Wire:
+        """Train the client a task message names and return the reply message. `fetch` brings a payload that
+        travels apart from the message (the blob side channel), into the given buffer where it fits."""
         task = decode_task(wire)
         cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
-        reply = self.run(task, cfg, wire)
+        reply = self.run(task, cfg, wire, fetch)
         return corrupt_wire(task, encode_reply(reply), cfg.federation.faults)
 
-    def global_model(self, task: ClientTask, wire: Wire, layout: codec.Layout) -> dict[str, torch.Tensor]:
-        """The task's starting model: sent whole, or rebuilt from the model this node holds and the server's
-        compressed update (checked against the digest the task names, and kept for the next round)."""
+    def global_model(self, task: ClientTask, wire: Wire, layout: codec.Layout, fetch: Fetch,
+                     flat: Tensors | None) -> dict[str, torch.Tensor]:
+        """The task's starting model: sent whole (received straight into `flat`, the model's laid-out
+        parameters, where it fits them), or rebuilt from the model this node holds and the server's compressed
+        update (checked against the digest the task names, and kept for the next round)."""
         try:
             if task.base_digest is None:
-                start = codec.decode(wire.payloads[MODEL], layout)
+                into = codec.as_laid_out(flat) if flat is not None else None
+                start = codec.decode(fetch(MODEL, wire.payloads[MODEL], into), layout)
             else:
                 files = self.cache.global_files(task.run_id)
                 base = files.get(task.base_digest)
@@ -115,7 +185,7 @@ class ClientWorker:
                         raise UserError("the server sent a model update for the model this node already holds")
                     start = base
                 else:
-                    start = compression.reconstruct(base, wire.payloads[MODEL], layout)
+                    start = compression.reconstruct(base, fetch(MODEL, wire.payloads[MODEL], None), layout)
         except (KeyError, CodecError) as e:
             raise UserError(f"the server's model does not fit this node's model ({e}); same photon version?") from None
         if task.model_digest is not None:
@@ -127,7 +197,7 @@ class ClientWorker:
             files.keep_only([got] + ([task.base_digest] if task.base_digest else []))  # nodes may share a cache
         return start
 
-    def run(self, task: ClientTask, cfg: RunConfig, wire: Wire) -> ClientReply:
+    def run(self, task: ClientTask, cfg: RunConfig, wire: Wire, fetch: Fetch = _in_message) -> ClientReply:
         maybe_fail(task, cfg.federation.faults)
         release_freed_memory()  # what the last task freed, before this one allocates its own
         if cfg.train.threads:
@@ -136,10 +206,21 @@ class ClientWorker:
         stream = spans_stream(prepared, task.spans, cfg.train.seq_len, task.batch_size,
                               client_seed(cfg, task.client_id))
         procs = self.procs or cfg.federation.procs_per_node
-        model, trainable = self.model(cfg if procs == 1 else distributed.host_config(cfg))
+        model, trainable, flat = self.model(cfg if procs == 1 else distributed.host_config(cfg))
         layout = codec.layout_of(unique_state_dict(model))
-        start = self.global_model(task, wire, layout)
-        load_unique_state_dict(model, start)
+        start: Tensors | None = self.global_model(task, wire, layout, fetch, flat)
+        if flat is None:
+            load_unique_state_dict(model, start)
+        else:  # into the model (a no-op where it was received there), then parked on disk while it trains
+            with torch.no_grad():
+                for k, v in flat.items():
+                    if v.data_ptr() != start[k].data_ptr():
+                        v.copy_(start[k])
+            if self._parked is None:
+                self._parked = ParkedModel(self.cache.state_dir)
+            self._parked.park(codec.as_laid_out(flat))
+            start = None
+            wire.payloads.pop(MODEL, None)  # the message's copy, where it brought one: let it go
         optimizer = make_optimizer(model, cfg.train)
         persist = task.client_optimizer == "persist"
         up = cfg.federation.compression.up
@@ -147,7 +228,7 @@ class ClientWorker:
         if task.state_digest is not None:
             attached = None
             if STATE in wire.payloads:
-                attached = codec.decode(wire.payloads[STATE], client_state_layout(cfg, layout))
+                attached = codec.decode(fetch(STATE, wire.payloads[STATE], None), client_state_layout(cfg, layout))
             state = self.cache.load(task.run_id, task.client_id, task.state_digest, attached)
             if persist:
                 load_optimizer_state_tensors(model, optimizer, state, adopt=True)  # fresh from the cache file
@@ -174,9 +255,16 @@ class ClientWorker:
         del optimizer  # its moments are saved (persist) or done with: free them before the reply is built
         release_freed_memory()  # the activations and gradients training freed, before the update is built
         with torch.no_grad():  # parameters leave the client as CPU tensors, written where the fp32 payload is
-            update = codec.laid_out(layout)
-            for k, v in unique_state_dict(model).items():
-                torch.sub(start[k], v.detach().to("cpu", torch.float32), out=update[k])
+            if flat is not None:  # θ_global − θ_local in the model's own memory, θ_global read back from disk
+                self._parked.subtract(codec.as_laid_out(flat))
+                update = flat if self.reply_in_model else codec.laid_out(layout)
+                if update is not flat:
+                    for k, v in flat.items():
+                        update[k].copy_(v)
+            else:
+                update = codec.laid_out(layout)
+                for k, v in unique_state_dict(model).items():
+                    torch.sub(start[k], v.detach().to("cpu", torch.float32), out=update[k])
         reply = ClientReply(task_id=task.task_id, client_id=task.client_id, round=task.round,
                             samples=result.samples, steps=result.steps, cursor=result.cursor, loss=result.loss,
                             train_seconds=result.seconds, update=update)
