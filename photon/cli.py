@@ -402,7 +402,7 @@ def bench_trainer(
     preset: PresetOpt = "small",
     overrides: SetOpt = None,
     steps: Annotated[int, typer.Option(help="Timed steps per arm.")] = 20,
-    repeats: Annotated[int, typer.Option(help="Alternating repeats per arm (best is kept).")] = 3,
+    repeats: Annotated[int, typer.Option(help="Alternating repeats per arm (best is kept).")] = 5,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (train.device).")] = None,
     settings: Annotated[str, typer.Option(help="Comma-separated settings: fp32, bf16, fp32+compile, "
                                           "bf16+compile.")] = "fp32,bf16,fp32+compile,bf16+compile",

@@ -16,7 +16,7 @@ def test_trainer_bench_on_tiny_reports_both_arms_against_the_peak():
     cfg = load_config("tiny")
     out = io.StringIO()
     result = run_trainer_bench(cfg, steps=2, repeats=1, settings=("fp32", "bf16"),
-                               console=Console(file=out, width=200), save=False)
+                               console=Console(file=out, width=200), save=False, calibrate_s=0.2)
     for setting in ("fp32", "bf16"):
         row = result["rows"][setting]
         assert row["bare_tok_s"] > 0 and row["photon_tok_s"] > 0
@@ -24,8 +24,19 @@ def test_trainer_bench_on_tiny_reports_both_arms_against_the_peak():
         assert row["model_flops"] == pytest.approx(row["photon_tok_s"] * flops_per_token(cfg))
         assert 0 < row["of_peak"] < 10
     assert result["peaks"]["fp32"] > 0 and result["peak_rss_mb"] > 0
+    assert result["shape_ceilings"]["fp32"] > 0 and result["shape_ceilings"]["bf16"] > 0
     text = out.getvalue()
     assert "bare loop tok/s" in text and "photon / bare" in text
+
+
+def test_the_shape_ceiling_times_every_linear_matmul_of_a_step():
+    from photon.bench.trainer import linear_matmuls
+
+    cfg = load_config("small")
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    flops = sum(2 * m * k * n * count for (m, k, n), count in linear_matmuls(cfg).items())
+    attention = 12 * cfg.model.n_layer * cfg.model.d_model * cfg.train.seq_len
+    assert flops == (flops_per_token(cfg) - attention) * tokens  # the Linear part of the model's FLOPs, exactly
 
 
 def test_flops_per_token_counts_every_matmul_and_attention():
