@@ -220,7 +220,6 @@ class ClientWorker:
                 self._parked = ParkedModel(self.cache.state_dir)
             self._parked.park(codec.as_laid_out(flat))
             start = None
-            wire.payloads.pop(MODEL, None)  # the message's copy, where it brought one: let it go
         optimizer = make_optimizer(model, cfg.train)
         persist = task.client_optimizer == "persist"
         up = cfg.federation.compression.up
