@@ -20,13 +20,13 @@ def test_trainer_bench_on_tiny_reports_both_arms_against_the_peak():
     for setting in ("fp32", "bf16"):
         row = result["rows"][setting]
         assert row["bare_tok_s"] > 0 and row["photon_tok_s"] > 0
-        assert row["ratio"] == row["photon_tok_s"] / row["bare_tok_s"]
+        assert row["ratio"] == row["photon_tok_s"] / row["bare_tok_s"] and row["paired_ratio"] > 0
         assert row["model_flops"] == pytest.approx(row["photon_tok_s"] * flops_per_token(cfg))
         assert 0 < row["of_peak"] < 10
     assert result["peaks"]["fp32"] > 0 and result["peak_rss_mb"] > 0
     assert result["shape_ceilings"]["fp32"] > 0 and result["shape_ceilings"]["bf16"] > 0
     text = out.getvalue()
-    assert "bare loop tok/s" in text and "photon / bare" in text
+    assert "bare loop tok/s" in text and "photon / bare" in text and "median ratio within a repeat" in text
 
 
 def test_the_shape_ceiling_times_every_linear_matmul_of_a_step():
