@@ -203,8 +203,6 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
             console.print(f"[bold]{setting}[/]")
             row = measure_setting(scfg, device, steps, repeats, warmup, console)
             row["model_flops"] = row["photon_tok_s"] * fpt
-            row["of_peak"] = row["model_flops"] / peaks[dtype]
-            row["of_bf16_peak"] = row["model_flops"] / peaks["bf16"]
             rows[setting] = row
         # measured again after the settings (here the same bf16 matmul ran at rates 2× apart within minutes):
         # the best of each, and the peak is the highest matmul rate seen in the run, the model's own shapes'

@@ -189,11 +189,16 @@ class _Handler(socketserver.StreamRequestHandler):
         self._answer({"ok": True})
 
 
+def _spare_dir(up: Path) -> Path:
+    """Where consumed upload files wait to be received into again (beside the uploads, never a slot name)."""
+    return up / ".spare"
+
+
 def _take_spare(up: Path, tmp: Path) -> bool:
     """Move a consumed upload file (`Channel.load` keeps a few) to `tmp`, to receive into: its pages are still
     in the page cache, and overwriting them is about twice as fast here as filling new ones (the kernel
     allocates, zeroes and, on a VM, the host faults in each new page). False if none is left."""
-    spare = up / ".spare"
+    spare = _spare_dir(up)
     for f in sorted(spare.glob("*")) if spare.is_dir() else []:
         try:
             os.rename(f, tmp)  # atomic: of two uploads racing for one spare, one gets it
@@ -394,7 +399,6 @@ class Channel:
             raise BlobError(f"blob {name} was not uploaded (or has another size)")
         data = path.read_bytes()
         self._recycle(path)  # an update is read once
-
         if checksum(data) != digest:
             raise BlobError(f"blob {name} does not match its checksum")
         layout = {k: v for k, v in payload.layout.items() if k != BLOB}
@@ -402,7 +406,7 @@ class Channel:
 
     def _recycle(self, path: Path) -> None:
         """Keep a consumed upload file (up to `SPARES`) for the blob server to receive the next one into."""
-        spare = self.root / "up" / ".spare"
+        spare = _spare_dir(self.root / "up")
         spare.mkdir(exist_ok=True)
         if sum(1 for _ in spare.iterdir()) < SPARES:
             os.replace(path, spare / secrets.token_hex(8))

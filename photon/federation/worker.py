@@ -256,10 +256,10 @@ class ClientWorker:
         with torch.no_grad():  # parameters leave the client as CPU tensors, written where the fp32 payload is
             if flat is not None:  # θ_global − θ_local in the model's own memory, θ_global read back from disk
                 self._parked.subtract(codec.as_laid_out(flat))
-                update = flat if self.reply_in_model else codec.laid_out(layout)
-                if update is not flat:
-                    for k, v in flat.items():
-                        update[k].copy_(v)
+                update = flat
+                if not self.reply_in_model:  # its own buffer: the next task overwrites the model's
+                    update = codec.laid_out(layout)
+                    codec.as_laid_out(update)[:] = codec.as_laid_out(flat)
             else:
                 update = codec.laid_out(layout)
                 for k, v in unique_state_dict(model).items():
