@@ -11,10 +11,13 @@ capability the ServerApp minted with a secret only the server machine holds (HMA
 its subject and an expiry). A GET serves exactly the model blob the token names. A PUT token names a size limit
 and an upload slot: a random id minted for one task, so an upload can only land in its own task's slot (never
 another node's, never a model blob), once. The checksum guards against corruption, not forgery (the capability
-does that), which is why a fast non-cryptographic one is enough: the uploader sends it after the bytes (hashed
-as they go out) and the server checks what arrived. Tokens travel inside the Flower message, so only a node
-that received the task can use them. The ServerApp reads and writes the folder directly (same machine), and
-accepts a reply's upload only from the slot it granted that task, checking size and checksum again.
+does that), which is why a fast non-cryptographic one is enough. Each side hashes in a thread beside the one
+moving the bytes. A node checks a download against the digest its task named. An upload's checksum travels in
+the node's reply, and the ServerApp checks it when it reads the upload: the blob server only stores the bytes
+(hashing them there too would be a second pass over every upload on the server, to no gain). Tokens travel
+inside the Flower message, so only a node that received the task can use them. The ServerApp reads and writes
+the folder directly (same machine), and accepts a reply's upload only from the slot it granted that task,
+checking its size and checksum.
 """
 
 from __future__ import annotations
@@ -153,10 +156,10 @@ class _Handler(socketserver.StreamRequestHandler):
         if final.exists():
             raise BlobError("this slot already holds an upload")
         tmp = server.root / "up" / f".{slot}.{name}.{threading.get_ident()}.part"
-        digest, got = checksum(b""), 0
+        got = 0
         try:
             with open(tmp, "r+b" if _take_spare(server.root / "up", tmp) else "wb+") as f:
-                if size:  # received straight into the file's pages (no buffer to copy from), hashed on the side
+                if size:  # received straight into the file's pages (no buffer to copy from)
                     f.truncate(size)
                     with mmap.mmap(f.fileno(), size) as mapped:
                         try:  # map every page now, in one call, rather than a fault per page as bytes land
@@ -164,22 +167,14 @@ class _Handler(socketserver.StreamRequestHandler):
                         except OSError:
                             pass
                         view = memoryview(mapped)
-                        hasher = _SideChecksum(view)
                         try:
                             while got < size:
                                 n = self.rfile.readinto(view[got:min(size, got + CHUNK)])
                                 if not n:
                                     raise BlobError("upload ended early")
-                                hasher.add(got, got + n)
                                 got += n
                         finally:
-                            digest = hasher.hexdigest()
                             view.release()
-            trailer = json.loads(self.rfile.readline(MAX_LINE) or b"null")  # the checksum, hashed as it was sent
-            if not isinstance(trailer, dict) or not _valid_digest(trailer.get("digest")):
-                raise BlobError("upload ended without its checksum")
-            if digest != trailer["digest"]:
-                raise BlobError("upload does not match its checksum")
             try:  # exclusive: the first complete upload of a slot stays
                 os.link(tmp, final)
             except FileExistsError:
@@ -302,23 +297,27 @@ def fetch(endpoint: Endpoint, digest: str, token: str, size: int,
         if head.get("size") != size:
             raise BlobError(f"blob {digest[:12]} has {head.get('size')} bytes, expected {size}")
         buf: bytearray | memoryview = bytearray(size) if into is None else into
-        view, got, h = memoryview(buf).cast("B"), 0, xxhash.xxh3_128()
+        view, got = memoryview(buf).cast("B"), 0
         if len(view) != size:
             raise ValueError(f"a {len(view)}-byte buffer cannot take a {size}-byte blob")
-        while got < size:
-            n = sock.recv_into(view[got:], min(CHUNK, size - got))
-            if not n:
-                raise BlobError("the blob download ended early")
-            h.update(view[got:got + n])
-            got += n
-    if h.hexdigest() != digest:
+        hasher = _SideChecksum(view)
+        try:
+            while got < size:
+                n = sock.recv_into(view[got:], min(CHUNK, size - got))
+                if not n:
+                    raise BlobError("the blob download ended early")
+                hasher.add(got, got + n)  # hashed beside the receive
+                got += n
+        finally:
+            received = hasher.hexdigest()
+    if received != digest:
         raise BlobError(f"blob {digest[:12]} does not match its checksum")
     return buf
 
 
 def put(endpoint: Endpoint, data: memoryview | bytes, token: str, limit: int, slot: str, name: str) -> str:
-    """Upload `data` as `name` into the granted `slot`, its checksum (computed as it is sent) last; returns the
-    checksum."""
+    """Upload `data` as `name` into the granted `slot`; returns its checksum, computed as it is sent, for the
+    reply to name (the ServerApp checks it when it reads the upload)."""
     view = memoryview(data).cast("B")
     with endpoint.connect() as sock:
         sock.sendall((json.dumps({"op": "put", "size": len(view), "limit": limit, "slot": slot, "name": name,
@@ -329,7 +328,6 @@ def put(endpoint: Endpoint, data: memoryview | bytes, token: str, limit: int, sl
                 hasher.add(start, min(len(view), start + CHUNK))  # hashed beside the send
                 sock.sendall(view[start:start + CHUNK])
             digest = hasher.hexdigest()
-            sock.sendall((json.dumps({"digest": digest}) + "\n").encode())
         except OSError as e:  # the server refused mid-upload and closed: its answer says why
             hasher.hexdigest()  # ends the thread
             try:
