@@ -59,3 +59,13 @@ def test_wire_bench_baselines_and_verdicts():
     assert "ServerApp 2.50×, met" in text and "deployed 4.50×, NOT met" in text and "4.30× above that" in text
     # the slower direction counts: 100 MB in 0.25 s = 400 MB/s, 40% of the socket, 100% of the kept copy
     assert "40.0% of it, NOT met" in text and "100.0% of that" in text
+
+
+def test_wire_bench_leaves_logs_and_drops_its_large_files(tmp_path):
+    from photon.bench.wire import drop_large_files
+
+    (tmp_path / "server/ckpt").mkdir(parents=True)
+    (tmp_path / "server/ckpt/model.safetensors").write_bytes(bytes(3000))
+    (tmp_path / "node.log").write_text("pulled in 0.1 s")
+    assert drop_large_files(tmp_path, min_bytes=1000) == 3000
+    assert not (tmp_path / "server/ckpt/model.safetensors").exists() and (tmp_path / "node.log").exists()
