@@ -1,7 +1,8 @@
 """Atomic, checksummed checkpoints: a folder of safetensors files plus one JSON of metadata.
 
-Every checkpoint (centralized step, federated round) is written to a temporary folder, fsynced, then renamed,
-so a crash leaves either the old checkpoint or the new one, never half of one. `meta.json` records the
+Every checkpoint (centralized step, federated round) is written to a temporary folder, every file and the
+folder fsynced, then renamed, so a crash (of the process or of the machine) leaves either the old checkpoint or
+the new one, never half of one. Its files are then dropped from the page cache: only a resume reads them. `meta.json` records the
 SHA-256 of every tensor file; a damaged file is detected at load and the previous good checkpoint is used.
 Tensors only: nothing here is pickled.
 """
@@ -33,6 +34,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_and_uncache(path: Path) -> None:
+    """Flush a written file to disk (so the rename that publishes its checkpoint never points at bytes a power
+    loss could take back), then tell the kernel its pages need not stay cached: a checkpoint is read again only
+    to resume, and a model-sized one would otherwise push hotter pages out of the page cache (the uploads the
+    blob server receives into, the model blob nodes fetch)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file so that readers see the old or the new content, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -57,9 +72,11 @@ def save_checkpoint(path: Path, tensors: dict[str, dict[str, torch.Tensor]], met
         fname = f"{group}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tdict.items()}, tmp / fname)
         files[fname] = sha256_file(tmp / fname)
+        _sync_and_uncache(tmp / fname)
     for src in extra_files:
         shutil.copyfile(src, tmp / Path(src).name)
         files[Path(src).name] = sha256_file(tmp / Path(src).name)
+        _sync_and_uncache(tmp / Path(src).name)
     atomic_write_text(tmp / META, json.dumps({"files": files, **meta}, indent=1))
     _fsync_dir(tmp)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -42,6 +42,30 @@ def test_round_trip(tmp_path):
     assert (path / "tokenizer.json").read_text() == '{"tok": 1}'
 
 
+def test_every_file_is_on_disk_before_the_checkpoint_is_published(tmp_path, monkeypatch):
+    import os
+
+    synced, real_fsync, real_replace = set(), os.fsync, os.replace
+    published = {}
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)  # an inode keeps its number through renames
+        real_fsync(fd)
+
+    def replace(src, dst):  # the renames that publish a file, or the checkpoint's folder
+        published[Path(dst).name] = set(synced)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    extra = tmp_path / "tokenizer.json"
+    extra.write_text("{}")
+    path = save_checkpoint(tmp_path / "ckpts" / "round_000001", _tensors(), {"round": 1}, extra_files=(extra,))
+    for f in path.iterdir():
+        assert f.stat().st_ino in published[path.name], f"{f.name} was not fsynced before the checkpoint's rename"
+    assert path.stat().st_ino in published[path.name]  # and the folder itself
+
+
 def test_non_contiguous_and_view_tensors_are_saved(tmp_path):
     base = torch.randn(4, 6)
     path = save_checkpoint(tmp_path / "c", {"m": {"t": base.t(), "s": base[1]}}, {})
