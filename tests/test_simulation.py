@@ -19,6 +19,29 @@ def test_simulation_resumed_matches_the_engine_free_run_bitwise(tiny_prep, tmp_p
     assert resumed["params_sha"] == reference["params_sha"]
 
 
+def test_a_model_over_1mb_takes_the_blob_channel_in_simulation_with_the_same_numbers(tiny_prep, tmp_path,
+                                                                                    monkeypatch):
+    from photon.federation import blobs
+    from photon.model.transformer import count_params
+
+    cfg = fed_cfg(tiny_prep, "model.d_model=96", "federation.rounds=2", "federation.num_nodes=2",
+                  "train.threads=1")
+    reference = run_federation(cfg, tmp_path / "ref", InProcessTransport(ClientWorker(tmp_path / "n"), 1))
+    loaded, load = [], blobs.Channel.load
+
+    def spy(self, payload, slot):  # the ServerApp runs in this process: count the replies read from uploads
+        if blobs.BLOB in payload.layout:
+            loaded.append(payload.layout[blobs.BLOB]["size"])
+        return load(self, payload, slot)
+
+    monkeypatch.setattr(blobs.Channel, "load", spy)
+    summary = run_simulated(cfg, tmp_path / "sim")
+    assert summary["params_sha"] == reference["params_sha"]
+    model_bytes = count_params(cfg.model) * 4  # every reply's fp32 update came as a blob (its kept state too)
+    assert loaded.count(model_bytes) == 2 * cfg.federation.clients_per_round and min(loaded) >= 1 << 20
+    assert not (tmp_path / "sim" / "blobs").exists()  # the channel's files go with the simulation
+
+
 def test_simulation_survives_a_client_that_raises_every_other_round(tiny_prep, tmp_path):
     cfg = fed_cfg(tiny_prep, "federation.rounds=3", "federation.clients_per_round=3",
                   "federation.faults.fail_clients=[0]", "federation.faults.fail_every=2")

@@ -6,7 +6,10 @@ sequences: the point is the wire, not the training) through
   as `photon submit` does; the ServerApp's and the node runtime's peak resident memory (VmHWM, polled from
   /proc while they run) and the node's seconds to pull the task and push the reply (from its log);
 - Flower's simulation runtime, in a fresh process: the whole server process's peak (SuperLink state, the
-  ServerApp and Ray's driver share it) and the simulated node's (a Ray worker).
+  ServerApp and Ray's driver share it) and the simulated node's (a Ray worker); payloads take the blob side
+  channel there too (`launch.loopback_blobs`).
+The blob server's own peak is reported in both (a process of its own; an upload's file pages while it is
+received).
 Against a baseline measured in the same invocation: a plain socket copy of the same bytes between two
 processes on loopback, best of 3, compared with the best of the 3 transfers each way after the first (which
 fills new pages). Goals: server ≤ 3× the model; node ≤ model + AdamW state + 1× the model (plus the
@@ -127,7 +130,8 @@ def deployed(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
     cfg = with_overrides(cfg, [f"data.prep_dir={Path(cfg.data.prep_dir).resolve()}"])
     address = f"127.0.0.1:{deploy.free_port()}"
     procs = []
-    with PeakWatcher({"server": "flwr-serverapp", "node": "clientapp-runtime", "superlink": "superlink"}) as w:
+    with PeakWatcher({"server": "flwr-serverapp", "node": "clientapp-runtime", "superlink": "superlink",
+                      "blob server": "photon.federation.blobs"}) as w:
         try:
             procs.append(deploy.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
                                                 log_file=out / "superlink.log"))
@@ -159,13 +163,14 @@ def simulated(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
             "from photon.federation.launch import run_simulated; "
             "run_simulated(build_config(json.loads(sys.argv[1])), Path(sys.argv[2])); "
             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    with PeakWatcher({"node": "ray::", "driver": "photon.federation.launch"}) as w:
+    with PeakWatcher({"node": "ray::", "driver": "photon.federation.launch",
+                      "blob server": "photon.federation.blobs"}) as w:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(config_to_dict(cfg)), str(out / "run")],
                               capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the simulated wire run failed: {proc.stderr[-2000:]}")
     peak = float(re.findall(r"PEAK ([\d.]+)", proc.stdout)[-1])
-    return {"peaks_mb": {"server": peak, "node": w.peaks["node"]}}
+    return {"peaks_mb": {"server": peak, "node": w.peaks["node"], "blob server": w.peaks["blob server"]}}
 
 
 def run_wire_bench(cfg: RunConfig, out: Path, console: Console | None = None) -> dict[str, Any]:

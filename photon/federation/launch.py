@@ -4,8 +4,14 @@ runtime across machines (see `deploy.py`). Flower's environment variables are se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +57,44 @@ def simulation_resources(cfg: RunConfig, cpus: int, gpus: int) -> tuple[int, dic
     return workers, {"num_cpus": cpus / workers, "num_gpus": 0.0}
 
 
+@contextlib.contextmanager
+def loopback_blobs(cfg: RunConfig, run_dir: Path) -> Iterator[Any]:
+    """The blob side channel (blobs.py) for a simulation whose model is large enough to use it: a blob server
+    on 127.0.0.1 in its own process, as `photon server` runs one, and the `Channel` the ServerApp mints its
+    capabilities with. Flower's simulation keeps every message in the driver's memory until it is pulled; with
+    the channel, messages carry references and the payloads move as deployed. None for smaller models (every
+    payload would stay in the message anyway). The blobs folder is removed when the simulation ends."""
+    from photon.federation.blobs import Channel
+    from photon.federation.certs import write_private
+    from photon.federation.client_app import BLOB_THRESHOLD
+    from photon.federation.deploy import die_with_parent, free_port, stop, wait_listening
+    from photon.model.transformer import count_params
+
+    if count_params(cfg.model) * 4 < BLOB_THRESHOLD:
+        yield None
+        return
+    root = Path(run_dir).resolve() / "blobs"
+    root.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_hex(32).encode()
+    write_private(root / "secret", secret)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "photon.federation.blobs", str(root / "store"), "127.0.0.1",
+                             str(port), str(root / "secret")], stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=die_with_parent)
+    try:
+        wait_listening(proc, "127.0.0.1", port, "the simulation's blob server")
+        yield Channel(root / "store", secret, port)
+    finally:
+        stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None,
                   **kwargs: Any) -> dict[str, Any]:
     """Run the federation with Flower's simulation runtime: `federation.num_nodes` virtual SuperNodes,
-    as many Ray workers as there are cores (at most one per node), each with its share of threads."""
+    as many Ray workers as there are cores (at most one per node), each with its share of threads. Payloads
+    over 1 MB take the blob side channel on loopback (`loopback_blobs`), as they do deployed."""
     os.environ.update(flower_env(Path(run_dir).resolve().parent / ".flwr"))
-    from flwr.simulation import run_simulation
-
     from photon.federation.client_app import make_client_app
     from photon.federation.server_app import make_server_app
 
@@ -65,8 +102,21 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     workers, resources = simulation_resources(cfg, os.cpu_count() or 1, visible_gpus(cfg))
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
-    server_app = make_server_app(cfg, Path(run_dir), resume, result, console=console, **kwargs)
-    client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
+    with loopback_blobs(cfg, Path(run_dir)) as blobs:
+        server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, console=console, **kwargs)
+        client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
+        _simulate(cfg, server_app, client_app, nodes, resources)
+    if "error" in result:
+        raise result["error"]
+    if "rounds" not in result:
+        raise RuntimeError(f"the simulation ended without a result; see the log above and {run_dir}")
+    return result
+
+
+def _simulate(cfg: RunConfig, server_app: Any, client_app: Any, nodes: int, resources: dict[str, float]) -> None:
+    """Flower's `run_simulation`, quiet, with Ray given the cores and GPUs."""
+    from flwr.simulation import run_simulation
+
     debug = logging.getLogger().level <= logging.INFO
     backend = {"client_resources": resources,
                "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": visible_gpus(cfg),
@@ -80,8 +130,3 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes, backend_config=backend)
     finally:
         flwr_log.setLevel(level)
-    if "error" in result:
-        raise result["error"]
-    if "rounds" not in result:
-        raise RuntimeError(f"the simulation ended without a result; see the log above and {run_dir}")
-    return result

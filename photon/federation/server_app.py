@@ -134,14 +134,16 @@ def short_reason(reason: str | None) -> str:
     return line.strip()[:300]
 
 
-def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, **kwargs) -> ServerApp:
-    """A ServerApp bound to an already-built config (simulation, where we launch in-process)."""
+def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, blobs: Channel | None = None,
+                    **kwargs) -> ServerApp:
+    """A ServerApp bound to an already-built config (simulation, where we launch in-process); `blobs`: the side
+    channel large payloads take (`launch.loopback_blobs`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            result.update(run_federation(cfg, run_dir, GridTransport(grid), resume=resume, **kwargs))
+            result.update(run_federation(cfg, run_dir, GridTransport(grid, blobs=blobs), resume=resume, **kwargs))
         except BaseException as e:  # Flower would log and swallow it: hand it back to the caller
             result["error"] = e
 
