@@ -34,6 +34,7 @@ import secrets
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -452,6 +453,14 @@ def upload(payload: Payload, grant: dict[str, Any], host: str, ca: str | None, n
     return Payload({**payload.layout, BLOB: ref}, np.zeros(0, np.uint8))
 
 
+def serve_command(root: str | Path, host: str, port: int, secret_file: str | Path, cert: str | Path | None = None,
+                  key: str | Path | None = None) -> list[str]:
+    """The command line that runs a blob server (`serve_main`) in a process of its own: `photon server` beside
+    the SuperLink, and a simulation on loopback (`launch.loopback_blobs`)."""
+    tls = [str(cert), str(key)] if cert is not None else []
+    return [sys.executable, "-m", "photon.federation.blobs", str(root), host, str(port), str(secret_file), *tls]
+
+
 def serve_main(argv: list[str]) -> None:
     """`python -m photon.federation.blobs ROOT HOST PORT SECRET_FILE [CERT KEY]`: run the blob server (started
     by `photon server` beside the SuperLink; it dies with its parent)."""
@@ -469,6 +478,4 @@ def serve_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     serve_main(sys.argv[1:])

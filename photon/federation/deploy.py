@@ -746,6 +746,8 @@ def superlink_main(argv: list[str]) -> None:
 
     from flwr.superlink.servicer.control import control_handlers
 
+    from photon.federation.blobs import serve_command
+
     fsl = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package exports a function by that name
 
     token_file, argv = _flag(argv, "--photon-operator-token-file")
@@ -764,8 +766,7 @@ def superlink_main(argv: list[str]) -> None:
     blobs, argv = _flag(argv, "--photon-blobs")
     if blobs is not None:  # the blob side channel, in its own process, dying with us
         b = json.loads(blobs)
-        serve = [sys.executable, "-m", "photon.federation.blobs", b["root"], b["host"], str(b["port"]),
-                 b["secret_file"], *([b["cert"], b["key"]] if "cert" in b else [])]
+        serve = serve_command(b["root"], b["host"], b["port"], b["secret_file"], b.get("cert"), b.get("key"))
         subprocess.Popen(serve, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     sys.argv = ["flower-superlink", *argv]
     fsl.flower_superlink()

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def loopback_blobs(cfg: RunConfig, run_dir: Path) -> Iterator[Any]:
     capabilities with. Flower's simulation keeps every message in the driver's memory until it is pulled; with
     the channel, messages carry references and the payloads move as deployed. None for smaller models (every
     payload would stay in the message anyway). The blobs folder is removed when the simulation ends."""
-    from photon.federation.blobs import Channel
+    from photon.federation.blobs import Channel, serve_command
     from photon.federation.certs import write_private
     from photon.federation.client_app import BLOB_THRESHOLD
     from photon.federation.deploy import die_with_parent, free_port, stop, wait_listening
@@ -78,9 +77,8 @@ def loopback_blobs(cfg: RunConfig, run_dir: Path) -> Iterator[Any]:
     secret = secrets.token_hex(32).encode()
     write_private(root / "secret", secret)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "photon.federation.blobs", str(root / "store"), "127.0.0.1",
-                             str(port), str(root / "secret")], stdin=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=die_with_parent)
+    proc = subprocess.Popen(serve_command(root / "store", "127.0.0.1", port, root / "secret"),
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     try:
         wait_listening(proc, "127.0.0.1", port, "the simulation's blob server")
         yield Channel(root / "store", secret, port)
