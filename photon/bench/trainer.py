@@ -53,19 +53,27 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) 
     best = 0.0
     for warm_up in (True, False):
         for n in sizes:
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
-            a @ b
-            _sync(device)
             budget = (min(1.0, seconds / 3) if warm_up else seconds) / len(sizes)
-            reps, start = 0, time.perf_counter()
-            while time.perf_counter() - start < budget or reps < 2:
-                a @ b
-                reps += 1
-            _sync(device)
+            per_product = _seconds_per_matmul(n, n, n, dtype, device, budget, min_reps=2)
             if not warm_up:
-                best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+                best = max(best, 2 * n**3 / per_product)
     return best
+
+
+def _seconds_per_matmul(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, budget_s: float,
+                        min_reps: int) -> float:
+    """Seconds one [m, k] @ [k, n] product takes, repeated for `budget_s` (and at least `min_reps` times)
+    after one untimed product."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < budget_s or reps < min_reps:
+        a @ b
+        reps += 1
+    _sync(device)
+    return (time.perf_counter() - start) / reps
 
 
 def linear_matmuls(cfg: RunConfig) -> dict[tuple[int, int, int], int]:
@@ -88,17 +96,8 @@ def shape_ceiling(cfg: RunConfig, device: torch.device, dtype: torch.dtype, seco
     counts = linear_matmuls(cfg)
     flops = elapsed = 0.0
     for (m, k, n), count in counts.items():
-        a = torch.randn(m, k, device=device).to(dtype)
-        b = torch.randn(k, n, device=device).to(dtype)
-        a @ b
-        _sync(device)
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / len(counts) or reps < 3:
-            a @ b
-            reps += 1
-        _sync(device)
         flops += 2 * m * k * n * count
-        elapsed += (time.perf_counter() - start) / reps * count
+        elapsed += _seconds_per_matmul(m, k, n, dtype, device, seconds / len(counts), min_reps=3) * count
     return flops / elapsed
 
 
@@ -219,7 +218,8 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
     data = {"preset": cfg.name, "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
             "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
             "params": sum(p.numel() for p in Transformer(cfg.model).parameters()), "flops_per_token": fpt,
-            "peaks": peaks, "shape_ceilings": ceilings, "datasheet_bf16": datasheet, "steps": steps, "repeats": repeats, "rows": rows,
+            "peaks": peaks, "shape_ceilings": ceilings, "datasheet_bf16": datasheet, "steps": steps,
+            "repeats": repeats, "rows": rows,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     console.print(render(data))
     if save:
