@@ -2,8 +2,9 @@
 
 Every checkpoint (centralized step, federated round) is written to a temporary folder, every file and the
 folder fsynced, then renamed, so a crash (of the process or of the machine) leaves either the old checkpoint or
-the new one, never half of one. Its files are then dropped from the page cache: only a resume reads them. `meta.json` records the
-SHA-256 of every tensor file; a damaged file is detected at load and the previous good checkpoint is used.
+the new one, never half of one. Its files are then dropped from the page cache: only a resume reads them.
+`meta.json` records the SHA-256 of every tensor file; a damaged file is detected at load and the previous good
+checkpoint is used.
 Tensors only: nothing here is pickled.
 """
 
