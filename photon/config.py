@@ -118,6 +118,12 @@ class TrainConfig(_Frozen):
         "its AdamW state would not fit one device, else ddp.")
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward instead of storing them.")
+    step_in_backward: bool = Field(
+        False, description="AdamW steps each parameter as soon as its gradient is complete, and frees that "
+        "gradient, so the gradients never all exist at once (one model's worth less memory at the peak). With "
+        "grad_clip > 0 the global norm must be known first: each step then runs forward and backward twice (a "
+        "norm pass, then the step pass), the same result for twice the compute. One process per client, no "
+        "micro-batches.")
     loss_chunk: int | None = Field(
         None, ge=1, description="Tokens per chunk of the output layer + cross-entropy, recomputed in backward, so "
         "full fp32 logits never exist at once (None = auto: 4096 when the vocabulary is >= 32k, else off).")
@@ -132,6 +138,10 @@ class TrainConfig(_Frozen):
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size="
                              f"{self.micro_batch_size}")
+        if self.step_in_backward and (self.micro_batch_size or self.batch_size) < self.batch_size:
+            raise ValueError(f"train.step_in_backward steps each parameter as its gradient completes, so it cannot "
+                             f"add up micro-batches (train.micro_batch_size={self.micro_batch_size}): unset one "
+                             f"of the two")
         return self
 
 
@@ -323,6 +333,10 @@ class RunConfig(_Frozen):
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         fed, n = self.federation, self.data.partition.num_clients
+        if self.train.step_in_backward and fed.procs_per_node > 1:
+            raise ValueError(f"train.step_in_backward trains a client in one process, not "
+                             f"federation.procs_per_node={fed.procs_per_node} (their gradients are averaged "
+                             f"over the processes first): unset one of the two")
         if fed.clients_per_round > n:
             raise ValueError(f"federation.clients_per_round={fed.clients_per_round} exceeds "
                              f"data.partition.num_clients={n}: sample at most N clients per round")

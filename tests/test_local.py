@@ -248,3 +248,54 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_prepared):
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k])
+
+
+@pytest.mark.parametrize("clip", ["0", "1.0", "1e-3"])  # off; the paper's (inactive here at first); always on
+def test_step_in_backward_equals_the_usual_step(tiny_prepared, clip):
+    """train.step_in_backward: each parameter stepped from its gradient hook (and, with clipping, after a norm
+    pass) trains to the usual step's parameters and AdamW state, bitwise, with a tied embedding."""
+    out = []
+    for in_backward in ("false", "true"):
+        cfg, model, opt, stream = _setup(tiny_prepared, f"train.grad_clip={clip}",
+                                         f"train.step_in_backward={in_backward}")
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        result = train_local(model, opt, stream, 0, 0, 4, cfg.train, 100)
+        out.append((_params(model), optimizer_state_tensors(model, opt), result.losses, result.cursor))
+    (p0, s0, l0, c0), (p1, s1, l1, c1) = out
+    assert _equal(p0, p1) and _equal(s0, s1) and l0 == l1 and c0 == c1
+
+
+def test_step_in_backward_never_holds_all_gradients(tiny_prepared):
+    """At most one parameter has a gradient at any moment of a step in backward, and none after it."""
+    cfg, model, opt, stream = _setup(tiny_prepared, "train.step_in_backward=true", "train.grad_clip=1.0")
+    params = list(model.parameters())
+    most = []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _: most.append(sum(q.grad is not None for q in params)))
+    train_local(model, opt, stream, 0, 0, 2, cfg.train, 100)
+    assert most and max(most) == 1
+    assert all(p.grad is None for p in params)
+    assert all(not p._post_accumulate_grad_hooks or len(p._post_accumulate_grad_hooks) == 1 for p in params)
+
+
+def test_step_in_backward_refuses_what_it_cannot_do():
+    from photon.config import load_config
+    from photon.errors import UserError
+
+    with pytest.raises(UserError, match="micro_batch_size"):
+        load_config("tiny", ["train.step_in_backward=true", "train.micro_batch_size=2"])
+    with pytest.raises(UserError, match="procs_per_node"):
+        load_config("tiny", ["train.step_in_backward=true", "federation.procs_per_node=2"])
+    load_config("tiny", ["train.step_in_backward=true", "train.micro_batch_size=8"])  # = the batch: fine
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_checkpointing_turns_off_autocasts_weight_cache(tiny_prepared, ckpt):
+    """Autocast's cache keeps every weight's bf16 copy until the forward ends, which would undo activation
+    checkpointing's saving; it stays on without checkpointing (backward keeps those copies anyway)."""
+    cfg, model, opt, stream = _setup(tiny_prepared, "train.bf16=true",
+                                     f"train.activation_checkpointing={str(ckpt).lower()}")
+    seen = []
+    model.lm_head.register_forward_hook(lambda *_: seen.append(torch.is_autocast_cache_enabled()))
+    train_local(model, opt, stream, 0, 0, 1, cfg.train, 10)
+    assert seen == [not ckpt]

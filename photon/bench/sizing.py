@@ -4,7 +4,9 @@ The tables in docs/DEPLOY.md and the README's presets table are rendered from th
 `photon bench report` (no stored measurement: they are arithmetic on the presets), so they cannot drift from
 the presets. Estimates, stated as such:
 - memory per rank = weights (fp32) + gradients (fp32) + AdamW moments (2 × fp32), divided by the ranks under
-  FSDP, plus activations of one micro-batch under bf16 autocast with SDPA attention: ≈ 34 × d_model bytes per
+  FSDP (with `train.step_in_backward`, one process, the gradients are only ever the largest parameter's),
+  plus, under bf16 autocast, each weight's bf16 copy that backward keeps (all of them, or one block's with
+  activation checkpointing, which recasts a block's weights as it recomputes it), plus activations of one micro-batch under bf16 autocast with SDPA attention: ≈ 34 × d_model bytes per
   token per layer stored for backward (Korthikanti et al. 2022, without the attention-score term that SDPA's
   fused kernels avoid), or ≈ 2 × d_model bytes per token per layer with activation checkpointing (only each
   block's input) plus one block's full activations, plus one chunk of fp32 logits;
@@ -35,6 +37,9 @@ def client_memory(cfg: RunConfig, procs: int | None = None) -> dict[str, float]:
     n = count_params(m)
     states = n * (4 + 4 + 8)  # fp32 weights, fp32 grads, AdamW exp_avg + exp_avg_sq
     sharded = procs > 1 and (t.sharding == "fsdp" or (t.sharding == "auto" and states > 0.7 * GPU_MEMORY_GIB * GIB))
+    if t.step_in_backward:  # one gradient at a time: the largest parameter's (the embedding, or an MLP matrix)
+        states = n * (4 + 8) + 4 * max(m.vocab_size * m.d_model, m.d_model * m.hidden)
+    casts = 0 if not t.bf16 else 2 * n // (m.n_layer if t.activation_checkpointing else 1)
     micro = min(t.micro_batch_size or t.batch_size, max(1, t.batch_size // procs))  # rows per forward, per rank
     tokens = micro * t.seq_len
     if t.activation_checkpointing:
@@ -48,8 +53,8 @@ def client_memory(cfg: RunConfig, procs: int | None = None) -> dict[str, float]:
     else:
         model_states = states
     return {"params": n, "procs": procs, "sharding": "fsdp" if sharded else ("ddp" if procs > 1 else "none"),
-            "micro_batch": micro, "model_states": model_states, "activations": acts, "logits": logits,
-            "total": model_states + acts + logits}
+            "micro_batch": micro, "model_states": model_states, "bf16_casts": casts, "activations": acts,
+            "logits": logits, "total": model_states + casts + acts + logits}
 
 
 def round_seconds(cfg: RunConfig, procs: int | None = None, mfu: float = MFU_ASSUMED) -> float:

@@ -39,11 +39,14 @@ def setup_backend(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def autocast(device: torch.device | str, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device type in use (weights and optimizer state stay fp32)."""
+def autocast(device: torch.device | str, bf16: bool, keep_casts: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device type in use (weights and optimizer state stay fp32). `keep_casts=False`
+    turns off autocast's cache of each weight's bf16 copy: the cache holds every copy until the forward
+    ends (half a model), which undoes activation checkpointing's saving, since backward would otherwise
+    recast each block's weights as it recomputes the block. Each weight is cast once per forward either way."""
     if not bf16:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=keep_casts)
 
 
 def place(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:

@@ -66,6 +66,9 @@ def check_split(cfg: RunConfig, batch_size: int, procs: int) -> None:
     """The client's batch must split evenly over the ranks (and each rank's share into micro-batches), so that
     its recipe does not depend on how many processes train it."""
     micro = cfg.train.micro_batch_size
+    if cfg.train.step_in_backward:
+        raise UserError(f"train.step_in_backward trains a client in one process, not {procs} ({PROCS_KEYS}): "
+                        f"their gradients are averaged over the processes first; unset one of the two")
     if batch_size % procs or (micro and (batch_size // procs) % micro):
         also = f" and train.micro_batch_size={micro}" if micro else ""
         raise UserError(f"train.batch_size={batch_size} does not split over {procs} processes{also} "

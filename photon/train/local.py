@@ -56,7 +56,7 @@ def adamw_kernel(device: torch.device) -> dict[str, bool]:
 
 
 def autocast(cfg: TrainConfig, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    return device_autocast(device, cfg.bf16)
+    return device_autocast(device, cfg.bf16, keep_casts=not cfg.activation_checkpointing)
 
 
 def train_local(
@@ -89,37 +89,107 @@ def train_local(
     micro = cfg.micro_batch_size or cfg.batch_size
     start = time.perf_counter()
     losses = []
-    for i in range(steps):
-        step = global_step + i
-        lr = get_lr(step, cfg.lr, cfg.warmup_steps, schedule_steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y, cursor = stream.next_batch(cursor)
-        rows = x.shape[0] // world
-        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
-        starts = range(0, rows, micro)
-        step_loss = torch.zeros((), device=device)
-        for j, s in enumerate(starts):
-            xm, ym = batch_to(device, x[s:s + micro], y[s:s + micro])
-            last = j == len(starts) - 1
-            with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
-                with autocast(cfg, device):
-                    _, loss = model(xm, ym)
-                loss = loss * (xm.shape[0] / rows)
-                loss.backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if reduce_loss is not None:
-            step_loss = reduce_loss(step_loss)
-        losses.append(step_loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1], lr)
+    optimizer.zero_grad(set_to_none=True)
+    in_backward = StepInBackward(model, optimizer, cfg.grad_clip) if cfg.step_in_backward else None
+    try:
+        for i in range(steps):
+            step = global_step + i
+            lr = get_lr(step, cfg.lr, cfg.warmup_steps, schedule_steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y, cursor = stream.next_batch(cursor)
+            rows = x.shape[0] // world
+            x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+            if in_backward is not None and cfg.grad_clip > 0:  # the norm pass: the same batch, the same draws
+                with in_backward.measuring_norm(), same_randomness(device):
+                    _forward_backward(model, cfg, device, x, y, rows)
+            starts = range(0, rows, micro)
+            step_loss = torch.zeros((), device=device)
+            for j, s in enumerate(starts):
+                last = j == len(starts) - 1
+                with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+                    step_loss += _forward_backward(model, cfg, device, x[s:s + micro], y[s:s + micro], rows)
+            if in_backward is None:
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if reduce_loss is not None:
+                step_loss = reduce_loss(step_loss)
+            losses.append(step_loss.item())
+            if on_step is not None:
+                on_step(step, losses[-1], lr)
+    finally:
+        if in_backward is not None:
+            in_backward.remove()
     tokens = steps * stream.batch_size * stream.seq_len
     return LocalResult(cursor=cursor, steps=steps, samples=steps * stream.batch_size, tokens=tokens,
                        losses=losses, seconds=time.perf_counter() - start)
+
+
+def _forward_backward(model: nn.Module, cfg: TrainConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor,
+                      rows: int) -> torch.Tensor:
+    """Forward and backward of one micro-batch, its loss weighted by its share of the step's `rows`."""
+    x, y = batch_to(device, x, y)
+    with autocast(cfg, device):
+        _, loss = model(x, y)
+    loss = loss * (x.shape[0] / rows)
+    loss.backward()
+    return loss.detach()
+
+
+class StepInBackward:
+    """`train.step_in_backward`: AdamW steps each parameter from a hook the moment its gradient is complete, and
+    frees that gradient, so the gradients never all exist at once.
+
+    The hook calls the optimizer's own `step()`, which skips every parameter without a gradient: at that moment
+    only this one has one (each earlier hook freed its own, the rest are not computed yet; a tied weight's hook
+    runs once, after all of its uses). The result is the usual step's: the fused AdamW kernel is elementwise
+    per tensor. Global-norm clipping needs every gradient's norm before any step: `measuring_norm()` turns the
+    hooks into a norm pass (each gradient's norm kept, the gradient freed), and the next backward steps with
+    each gradient scaled as `clip_grad_norm_` scales it (the same norms, combined in the parameters' order)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float):
+        self.optimizer, self.clip = optimizer, clip
+        self.order = {p: i for i, p in enumerate(getattr(model, "_orig_mod", model).parameters())}
+        self.norms: dict[int, torch.Tensor] = {}
+        self.scale: torch.Tensor | None = None
+        self.counting = False
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_gradient)
+                        for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        if self.counting:
+            self.norms[self.order[p]] = torch.linalg.vector_norm(p.grad, 2.0)
+        else:
+            if self.scale is not None:
+                p.grad.mul_(self.scale)
+            self.optimizer.step()
+        p.grad = None
+
+    @contextlib.contextmanager
+    def measuring_norm(self):
+        """Within: backward only measures gradient norms. After: the next backward steps with the gradients
+        clipped to the global norm measured (`clip_grad_norm_`'s coefficient)."""
+        self.counting, self.norms = True, {}
+        try:
+            yield
+        finally:
+            self.counting = False
+        total = torch.linalg.vector_norm(torch.stack([self.norms[i] for i in sorted(self.norms)]), 2.0)
+        self.scale = torch.clamp(self.clip / (total + 1e-6), max=1.0)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def same_randomness(device: torch.device) -> contextlib.AbstractContextManager:
+    """Random number generators restored on exit (for a pass that must be replayed with the same draws)."""
+    if device.type == "cuda":
+        return torch.random.fork_rng(devices=[device.index if device.index is not None
+                                              else torch.cuda.current_device()])
+    return torch.random.fork_rng(devices=[])
 
 
 # ---------------------------------------------------------------------------------------------------------
