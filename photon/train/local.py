@@ -9,6 +9,7 @@ optimizer state can be reset (stateless Photon clients) or exported/imported as 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from photon.data.shards import TokenStream
 from photon.train.device import autocast as device_autocast
 from photon.train.device import batch_to
 from photon.train.schedule import get_lr
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,6 +153,10 @@ class StepInBackward:
     each gradient scaled as `clip_grad_norm_` scales it (the same norms, combined in the parameters' order)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float):
+        if hasattr(model, "_orig_mod"):
+            log.warning("train.step_in_backward with train.compile: the compiled backward hands back all of its "
+                        "gradients at once, so they all exist together again (same result, no memory saved); "
+                        "turn train.compile off to save the memory")
         self.optimizer, self.clip = optimizer, clip
         self.order = {p: i for i, p in enumerate(getattr(model, "_orig_mod", model).parameters())}
         self.norms: dict[int, torch.Tensor] = {}
