@@ -96,3 +96,30 @@ def test_a_two_gpu_client_matches_one_gpu(tiny_prep, tmp_path):
     for k, v in update_1.items():
         torch.testing.assert_close(update_2[k], v, rtol=1e-3, atol=1e-4)
     assert ClientWorker
+
+
+def _peak_of_one_step(prep, *overrides):
+    """Peak CUDA memory of a step after the first (AdamW state already there), and the parameters after it."""
+    from photon.model.transformer import unique_state_dict
+    from photon.train.local import train_local
+
+    cfg, raw, model, opt, stream = _setup(prep, "model.d_model=256", "model.n_layer=4", "train.batch_size=1",
+                                          "train.bf16=true", "train.grad_clip=1.0", *overrides)
+    train_local(model, opt, stream, 0, 0, 1, cfg.train, 100)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    train_local(model, opt, stream, 1, 1, 1, cfg.train, 100)
+    torch.cuda.synchronize()
+    grads = sum(p.numel() * 4 for p in raw.parameters())
+    return torch.cuda.max_memory_allocated(), grads, {k: v.cpu() for k, v in unique_state_dict(raw).items()}
+
+
+def test_step_in_backward_on_cuda_saves_the_gradients_and_trains_the_same(tiny_prep):
+    """train.step_in_backward with activation checkpointing: the usual step's parameters (fused CUDA AdamW, one
+    parameter at a time, after the clipping norm pass), at a peak at least half the gradients' size lower
+    (all but the largest parameter's gradient never exist; batch 1, so parameters dominate the memory)."""
+    usual, grads, p0 = _peak_of_one_step(tiny_prep, "train.activation_checkpointing=true")
+    lean, _, p1 = _peak_of_one_step(tiny_prep, "train.activation_checkpointing=true", "train.step_in_backward=true")
+    for k, v in p0.items():
+        torch.testing.assert_close(p1[k], v, rtol=1e-5, atol=1e-6)
+    assert lean <= usual - grads // 2, (lean, usual, grads)
