@@ -278,9 +278,14 @@ def test_step_in_backward_never_holds_all_gradients(tiny_prepared):
     assert all(not p._post_accumulate_grad_hooks or len(p._post_accumulate_grad_hooks) == 1 for p in params)
 
 
-def test_step_in_backward_refuses_what_it_cannot_do():
+def test_step_in_backward_refuses_what_it_cannot_do(tiny_prepared):
     from photon.config import load_config
     from photon.errors import UserError
+
+    cfg, model, opt, stream = _setup(tiny_prepared, "train.step_in_backward=true")
+    with pytest.raises(UserError, match="one process"):  # a rank of a multi-process client
+        train_local(model, opt, stream, 0, 0, 1, cfg.train, 10, shard=(0, 2))
+    assert all(p.grad is None for p in model.parameters())
 
     with pytest.raises(UserError, match="micro_batch_size"):
         load_config("tiny", ["train.step_in_backward=true", "train.micro_batch_size=2"])

@@ -19,6 +19,7 @@ from torch import nn
 
 from photon.config import TrainConfig
 from photon.data.shards import TokenStream
+from photon.errors import UserError
 from photon.train.device import autocast as device_autocast
 from photon.train.device import batch_to
 from photon.train.schedule import get_lr
@@ -93,6 +94,9 @@ def train_local(
     start = time.perf_counter()
     losses = []
     optimizer.zero_grad(set_to_none=True)
+    if cfg.step_in_backward and (world > 1 or isinstance(model, nn.parallel.DistributedDataParallel)):
+        raise UserError("train.step_in_backward trains a client in one process: its gradients cannot be averaged "
+                        "over processes first; unset it for a multi-process run")
     in_backward = StepInBackward(model, optimizer, cfg.grad_clip) if cfg.step_in_backward else None
     try:
         for i in range(steps):
