@@ -106,3 +106,45 @@ def test_a_download_lands_in_the_given_buffer_and_uploads_reuse_consumed_files(s
         assert np.array_equal(np.frombuffer(channel.load(up, grant["slot"]).data, np.uint8), body)
         assert 1 <= len(list(spare.iterdir())) <= blobs.SPARES
     assert not [f for f in (channel.root / "up").iterdir() if f.is_file()]  # nothing half-written or left over
+
+
+@pytest.mark.parametrize("splice", ["kernel", "refused", "absent"])
+def test_an_upload_lands_whole_however_the_server_moves_it(server, monkeypatch, splice):
+    """On a plain socket the blob server splices an upload into its file inside the kernel; where the socket or
+    file system refuses (EINVAL), or the platform has no splice, it copies through a buffer: the same bytes
+    (several pipe loads and buffers' worth, and not a multiple of either)."""
+    import errno
+    import os
+
+    calls = []
+    if splice == "kernel":
+        real = os.splice
+        monkeypatch.setattr(os, "splice", lambda *a, **k: calls.append(1) or real(*a, **k))
+    elif splice == "refused":
+        monkeypatch.setattr(os, "splice", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EINVAL, "no")))
+    elif splice == "absent":
+        monkeypatch.delattr(os, "splice", raising=False)
+    _, endpoint, channel = server
+    body = np.random.default_rng(2).integers(0, 255, 3 * blobs.CHUNK + 12_345, dtype=np.uint8)
+    grant = channel.put_grant(body.size)
+    up = blobs.upload(Payload({"codec": "fp32", "tensors": []}, body), grant, "127.0.0.1", endpoint.ca, "u")
+    assert np.array_equal(np.frombuffer(channel.load(up, grant["slot"]).data, np.uint8), body)
+    assert bool(calls) == (splice == "kernel" and endpoint.ca is None)  # TLS bytes are decrypted in Python
+
+
+def test_an_upload_cut_off_midway_leaves_nothing(server):
+    import json
+
+    srv, endpoint, channel = server
+    grant = channel.put_grant(10_000_000)
+    with endpoint.connect() as sock:
+        sock.sendall((json.dumps({"op": "put", "size": 10_000_000, "limit": 10_000_000, "slot": grant["slot"],
+                                  "name": "u", "token": grant["token"]}) + "\n").encode() + bytes(3_000_000))
+    body = np.arange(10_000_000, dtype=np.uint8)  # the slot is still free: the cut-off upload stored nothing
+    up = blobs.upload(Payload({"codec": "fp32", "tensors": []}, body), grant, "127.0.0.1", endpoint.ca, "u")
+    assert np.array_equal(np.frombuffer(channel.load(up, grant["slot"]).data, np.uint8), body)
+    for _ in range(100):  # and its half-written file is gone once the server has seen the socket close
+        if not list((channel.root / "up").glob(".*.part")):
+            break
+        threading.Event().wait(0.05)
+    assert not [f for f in (channel.root / "up").iterdir() if f.is_file()]

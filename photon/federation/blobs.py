@@ -3,8 +3,9 @@ socket each, while the Flower message carries only a reference (checksum, size, 
 
 Why: Flower 1.41 moves a message as 5 MB chunks over HTTP, each hashed, framed and stored by the SuperLink;
 on loopback that reached a few percent of what a plain socket copies (docs/RESULTS.md, `photon bench wire`).
-This channel streams the bytes once, with the kernel's `sendfile` when TLS is off, checksummed on the fly with
-XXH3-128 (`xxhash`, ≈8 GB/s on one core here; SHA-256 ran at ≈0.7 GB/s and bounded the transfer).
+This channel streams the bytes once, with the kernel's `sendfile` (down) and `splice` (up, socket to file) when
+TLS is off, checksummed on the fly with XXH3-128 (`xxhash`, ≈8 GB/s on one core here; SHA-256 ran at ≈0.7 GB/s
+and bounded the transfer).
 
 Trust: the blob server runs beside the SuperLink (`photon server`) and serves one folder. Every request names a
 capability the ServerApp minted with a secret only the server machine holds (HMAC-SHA256 over the operation,
@@ -22,11 +23,12 @@ checking its size and checksum.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import logging
-import mmap
 import os
 import queue
 import re
@@ -52,7 +54,7 @@ CHUNK = 4 << 20
 MAX_LINE = 4096
 TOKEN_TTL_S = 3 * 3600.0
 SPARES = 2                    # consumed upload files kept to receive the next uploads into (see `_take_spare`)
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux ≥ 5.14; refused elsewhere (ignored)
+PIPE_BYTES = 1 << 20          # the pipe an upload is spliced through (Linux's default pipe-max-size)
 
 
 class BlobError(RuntimeError):
@@ -160,22 +162,9 @@ class _Handler(socketserver.StreamRequestHandler):
         got = 0
         try:
             with open(tmp, "r+b" if _take_spare(server.root / "up", tmp) else "wb+") as f:
-                if size:  # received straight into the file's pages (no buffer to copy from)
-                    f.truncate(size)
-                    with mmap.mmap(f.fileno(), size) as mapped:
-                        try:  # map every page now, in one call, rather than a fault per page as bytes land
-                            mapped.madvise(MADV_POPULATE_WRITE)
-                        except OSError:
-                            pass
-                        view = memoryview(mapped)
-                        try:
-                            while got < size:
-                                n = self.rfile.readinto(view[got:min(size, got + CHUNK)])
-                                if not n:
-                                    raise BlobError("upload ended early")
-                                got += n
-                        finally:
-                            view.release()
+                f.truncate(size)
+                if size:
+                    self._receive_into(f.fileno(), size)
             try:  # exclusive: the first complete upload of a slot stays
                 os.link(tmp, final)
             except FileExistsError:
@@ -185,6 +174,65 @@ class _Handler(socketserver.StreamRequestHandler):
         self._answer({"ok": True})
 
 
+    def _receive_into(self, fd: int, size: int) -> None:
+        """The request's next `size` bytes written into file `fd` from offset 0: first what the request line's
+        reader already buffered, then, on a plain socket, moved from the socket to the file's pages inside the
+        kernel (`os.splice` through a pipe), else (TLS, or no splice here) through one reused buffer. Whole
+        pages written this way are never read back from disk, as a memory-mapped file's are when its pages
+        have left the page cache: an upload into an evicted file ran at disk speed that way."""
+        got = len(head := self.rfile.read1(min(size, CHUNK)))  # read1: the buffered bytes, else one read
+        if not head:
+            raise BlobError("upload ended early")
+        _pwrite_all(fd, memoryview(head), 0)
+        if got < size and not isinstance(self.connection, ssl.SSLSocket):
+            got = _splice_into(self.connection.fileno(), fd, got, size)
+        buf = memoryview(bytearray(min(CHUNK, size - got)))
+        while got < size:
+            n = self.connection.recv_into(buf, min(len(buf), size - got))
+            if not n:
+                raise BlobError("upload ended early")
+            _pwrite_all(fd, buf[:n], got)
+            got += n
+
+
+def _splice_into(sock: int, fd: int, got: int, size: int) -> int:
+    """Move bytes `got`..`size` from socket `sock` to file `fd` at the same offsets with `os.splice` (Linux),
+    through a pipe; returns how far it got: `got` unchanged where splice is not available for these two."""
+    if not hasattr(os, "splice"):
+        return got
+    import fcntl  # Linux, as splice
+
+    start = got
+    r, w = os.pipe()
+    try:
+        with contextlib.suppress(OSError, AttributeError):  # a bigger pipe: fewer calls (≤ pipe-max-size)
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        while got < size:
+            try:
+                n = os.splice(sock, w, min(PIPE_BYTES, size - got))
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and got == start:
+                    return got  # this socket or file system cannot splice: the caller copies instead
+                raise
+            if not n:
+                raise BlobError("upload ended early")
+            end = got + n
+            while got < end:
+                if not (moved := os.splice(r, fd, end - got, offset_dst=got)):
+                    raise BlobError("the upload file took no bytes")
+                got += moved
+        return got
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 def _spare_dir(up: Path) -> Path:
     """Where consumed upload files wait to be received into again (beside the uploads, never a slot name)."""
     return up / ".spare"
@@ -192,8 +240,8 @@ def _spare_dir(up: Path) -> Path:
 
 def _take_spare(up: Path, tmp: Path) -> bool:
     """Move a consumed upload file (`Channel.load` keeps a few) to `tmp`, to receive into: its pages are still
-    in the page cache, and overwriting them is about twice as fast here as filling new ones (the kernel
-    allocates, zeroes and, on a VM, the host faults in each new page). False if none is left."""
+    in the page cache, and overwriting them was faster here than filling new ones (the kernel allocates each
+    new page, and on a VM the host faults it in). False if none is left."""
     spare = _spare_dir(up)
     for f in sorted(spare.glob("*")) if spare.is_dir() else []:
         try:
