@@ -250,14 +250,19 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_prepared):
         torch.testing.assert_close(grads[0][k], grads[1][k])
 
 
-@pytest.mark.parametrize("clip", ["0", "1.0", "1e-3"])  # off; the paper's (inactive here at first); always on
-def test_step_in_backward_equals_the_usual_step(tiny_prepared, clip):
+@pytest.mark.parametrize("clip,more", [("0", ()), ("1.0", ()), ("1e-3", ()),  # off; the paper's; always on
+                                       ("1e-3", ("train.loss_chunk=100", "train.activation_checkpointing=true"))])
+def test_step_in_backward_equals_the_usual_step(tiny_prepared, clip, more):
     """train.step_in_backward: each parameter stepped from its gradient hook (and, with clipping, after a norm
-    pass) trains to the usual step's parameters and AdamW state, bitwise, with a tied embedding."""
+    pass) trains to the usual step's parameters and AdamW state, bitwise, with a tied embedding (used by every
+    chunk of a chunked loss too, and by checkpointed blocks recomputed in backward)."""
+    from photon.train.device import place
+
     out = []
     for in_backward in ("false", "true"):
         cfg, model, opt, stream = _setup(tiny_prepared, f"train.grad_clip={clip}",
-                                         f"train.step_in_backward={in_backward}")
+                                         f"train.step_in_backward={in_backward}", *more)
+        model = place(model, cfg.train, torch.device("cpu"))
         assert model.lm_head.weight is model.model.embed_tokens.weight
         result = train_local(model, opt, stream, 0, 0, 4, cfg.train, 100)
         out.append((_params(model), optimizer_state_tensors(model, opt), result.losses, result.cursor))
