@@ -336,6 +336,9 @@ def node(
     procs: Annotated[Optional[int], typer.Option(min=1, help="Processes that train each client together, one per "
                                                  "GPU (or CPU processes); default: the run's "
                                                  "federation.procs_per_node.")] = None,
+    lean: Annotated[bool, typer.Option("--lean", help="Train with less memory for more compute: each parameter "
+                                       "stepped inside backward, activation checkpointing, no micro-batches "
+                                       "(the same updates; see docs/DEPLOY.md).")] = False,
 ) -> None:
     """Start a SuperNode that trains for the server at --superlink. Runs until Ctrl-C."""
     from photon.federation import deploy
@@ -346,7 +349,7 @@ def node(
     log_file = state / "supernode.log"
     since = log_file.stat().st_size if log_file.exists() else 0
     proc = deploy.start_supernode(superlink, port, state, data=data, certs=certs, key=key, insecure=insecure,
-                                  log_file=log_file, warm=warm, procs=procs)
+                                  log_file=log_file, warm=warm, procs=procs, lean=lean)
     try:
         deploy.wait_connected(proc, log_file, superlink, certs=certs, insecure=insecure, since=since)
         console.print(f"SuperNode for {superlink} connected; log {log_file}. Ctrl-C stops.", soft_wrap=True)

@@ -60,12 +60,13 @@ def test_wire_bench_baselines_and_verdicts():
     # the slower direction counts: 100 MB in 0.25 s = 400 MB/s, 40% of the socket, 100% of the kept copy
     assert "40.0% of it, NOT met" in text and "100.0% of that" in text
     assert "lean" not in text  # stored before the lean node's run existed: rendered as it was
-    data["deployed_lean"] = {"overrides": ["train.step_in_backward=true"], "peaks_mb": {"node": 380.0},
+    data["deployed_lean"] = {"node": "photon node --lean", "peaks_mb": {"node": 380.0},
                              "tasks": [{"pull_s": 0.1, "run_s": 3.0, "push_s": 0.1},
                                        {"pull_s": 0.1, "run_s": 2.0, "push_s": 0.1}]}
     text = render(data)
     assert "| deployed, lean node | node | 380 MB | 3.80× |" in text
-    assert "(`train.step_in_backward=true`; a second deployed run, the rest equal): 3.80×, met" in text
+    assert "started as `photon node --lean` (step in backward, activation checkpointing; a second deployed run, " \
+           "the rest equal): 3.80×, met" in text
     assert "ran in 2.0 s at best there against 1.0 s" in text
 
 

@@ -53,3 +53,42 @@ def test_a_parked_model_gives_back_the_exact_difference(tmp_path):
     trained = {k: v.clone() for k, v in flat.items()}
     parked.subtract(codec.as_laid_out(flat))
     assert all(torch.equal(flat[k], start[k] - trained[k]) for k in flat)
+
+
+def test_a_lean_node_replies_with_the_same_update_and_state(tiny_prep, tmp_path):
+    """`photon node --lean` (step in backward, checkpointing) trains the run's recipe: the same update and
+    AdamW state, bitwise, as a node without it (a run without micro-batches); with micro-batches, which a lean
+    node does not split, within fp32 rounding."""
+    for more, exact in (((), True), (("train.micro_batch_size=2",), False)):
+        replies = []
+        for lean in (False, True):
+            task, wire, layouts = _task(tiny_prep, *more)
+            worker = ClientWorker(tmp_path / f"{lean}{more}", lean=lean)
+            replies.append(decode_reply(worker.handle(wire), task, *layouts))
+            assert worker._model[1].checkpoint_blocks == lean
+        plain, lean_reply = replies
+        for k, v in plain.update.items():
+            if exact:
+                assert torch.equal(lean_reply.update[k], v), k
+            else:
+                torch.testing.assert_close(lean_reply.update[k], v, rtol=1e-4, atol=1e-5)
+        assert (lean_reply.state_digest == plain.state_digest) == exact
+
+
+def test_photon_node_lean_reaches_the_worker(tmp_path, monkeypatch):
+    """`photon node --lean` puts `lean=1` in the SuperNode's node config, and the ClientApp builds a lean worker
+    from it (Flower parses the node config's values; an int here)."""
+    from types import SimpleNamespace
+
+    from photon.federation import client_app, deploy
+
+    started = []
+    monkeypatch.setattr(deploy, "spawn", lambda args, *a, **k: started.append(args))
+    deploy.start_supernode("127.0.0.1:9092", deploy.free_port(), tmp_path / "node", insecure=True, lean=True)
+    node_config = started[0][started[0].index("--node-config") + 1]
+    assert " lean=1" in node_config
+    client_app._workers.clear()
+    for config, lean in (({"lean": 1}, True), ({}, False)):
+        context = SimpleNamespace(run_id=len(config), node_config={"state-dir": str(tmp_path / "w"), **config})
+        assert client_app._worker(context, str(tmp_path)).lean is lean
+    client_app._workers.clear()

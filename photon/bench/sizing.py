@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from photon.bench.trainer import DATASHEET_BF16, flops_per_token
-from photon.config import RunConfig, load_config, preset_names, with_overrides
+from photon.config import RunConfig, load_config, preset_names
+from photon.train.local import LEAN, lean_config
 from photon.model.transformer import count_params
 
 GIB = 2**30
-LEAN = ["train.step_in_backward=true", "train.activation_checkpointing=true", "train.micro_batch_size=null"]
 MFU_ASSUMED = 0.40
 GPU = "H100 SXM"
 GPU_MEMORY_GIB = 80
@@ -77,9 +77,9 @@ def _fmt_time(s: float) -> str:
 def render_deploy(_: Any = None) -> str:
     """The table for docs/DEPLOY.md: memory per rank and time per round for every preset."""
     lines = [f"Computed from the presets by `photon/bench/sizing.py` (estimates: see its docstring; time at an "
-             f"assumed {MFU_ASSUMED:.0%} MFU on {GPU} GPUs, {GPU_MEMORY_GIB} GiB). Lean node: the same preset with "
-             f"`{' '.join(LEAN)}` (the whole batch in one pass, since micro-batches cannot be stepped in backward; with the paper's clipping, "
-             f"each step's forward and backward run twice).",
+             f"assumed {MFU_ASSUMED:.0%} MFU on {GPU} GPUs, {GPU_MEMORY_GIB} GiB). Lean node: the same preset on a node "
+             f"started as `photon node --lean` (`{' '.join(LEAN)}`: the whole batch in one pass, since micro-batches "
+             f"cannot be stepped in backward; with the paper's clipping, each step's forward and backward run twice).",
              "",
              "| preset | parameters | ranks (GPUs) per client | sharding | micro-batch | memory per rank | fits one "
              f"{GPU_MEMORY_GIB} GiB GPU? | lean node (one process) | compute per round (H × batch) | model down + up "
@@ -89,7 +89,7 @@ def render_deploy(_: Any = None) -> str:
         cfg = load_config(name)
         mem = client_memory(cfg)
         fits = "yes" if mem["total"] <= GPU_MEMORY_GIB * GIB else "no"
-        lean = "—" if mem["procs"] > 1 else f"{client_memory(with_overrides(cfg, LEAN))['total'] / GIB:,.1f} GiB"
+        lean = "—" if mem["procs"] > 1 else f"{client_memory(lean_config(cfg))['total'] / GIB:,.1f} GiB"
         lines.append(f"| `{name}` | {mem['params'] / 1e6:,.1f}M | {mem['procs']} | {mem['sharding']} | "
                      f"{mem['micro_batch']} | {mem['total'] / GIB:,.1f} GiB | {fits} | {lean} | "
                      f"{_fmt_time(round_seconds(cfg))} (H = {cfg.federation.local_steps} × {cfg.train.batch_size}) "

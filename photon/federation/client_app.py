@@ -6,7 +6,8 @@ see `deploy.py`). Flower's own deployment executor starts a new process per mess
 options come from Flower's node config: `data-dir` (prepared data on this node, default: the run's
 `data.prep_dir`), `state-dir` (where this node caches kept client state, see `client_state.py`) and
 `slowdown` (a drill knob: the node takes that many times as long per task) and `procs` (processes that train
-each client together, `photon node --procs`; absent: the run's `federation.procs_per_node`).
+each client together, `photon node --procs`; absent: the run's `federation.procs_per_node`) and `lean` (1: train
+with less memory for more compute, `photon node --lean`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ def _worker(context: Context, default_state_dir: str) -> ClientWorker:
     data_dir = str(context.node_config.get("data-dir", "") or "")
     slowdown = float(context.node_config.get("slowdown", 1.0))
     procs = int(context.node_config.get("procs", 0)) or None
+    lean = bool(int(context.node_config.get("lean", 0)))
     key = (context.run_id, state_dir, data_dir)
     if key not in _workers:
         _workers.clear()  # another run (or node): let the last one's model and memmapped data go
         # the reply leaves with this message (copied into Flower's records, or uploaded) before the next task
         _workers[key] = ClientWorker(Path(state_dir), Path(data_dir) if data_dir else None, slowdown=slowdown,
-                                     procs=procs, reply_in_model=True)
+                                     procs=procs, reply_in_model=True, lean=lean)
     return _workers[key]
 
 

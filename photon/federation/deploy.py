@@ -286,12 +286,12 @@ def local_address(host: str) -> str:
 def start_supernode(superlink: str, port: int, state: Path, data: Path | None = None,
                     certs: Path | None = None, key: Path | None = None, insecure: bool = False,
                     log_file: Path | None = None, warm: bool = False, slowdown: float = 1.0,
-                    procs: int | None = None) -> subprocess.Popen:
+                    procs: int | None = None, lean: bool = False) -> subprocess.Popen:
     """Start a SuperNode connected to `superlink` (HOST:PORT). `port` is its local Runtime API for ClientApps
     (127.0.0.1 only), distinct per node on one host. The ClientApp reads `data-dir` and `state-dir`, and
     `slowdown` (a drill knob: this node takes `slowdown`× as long per task, like older hardware), and `procs`
     (processes, one per GPU, that train each client together, see `train/distributed.py`; None: the run's
-    `federation.procs_per_node`).
+    `federation.procs_per_node`), and `lean` (train with less memory for more compute, `local.lean_config`).
 
     Default: plain `flower-supernode`, a new ClientApp process per message. `warm` (opt-in, experimental):
     `--isolation process` with photon's long-lived ClientApp runtime beside it (see "A warm node" below)."""
@@ -308,6 +308,11 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
         node_config += f" slowdown={float(slowdown)}"
     if procs is not None:
         node_config += f" procs={int(procs)}"
+    if lean:
+        if procs is not None and procs > 1:
+            raise UserError("--lean steps each parameter inside backward, in one process per client, not "
+                            f"--procs {procs}: use one of the two")
+        node_config += " lean=1"
     # The blob side channel: reached at the SuperLink's host; its TLS is checked against our CA.
     node_config += f' superlink-host="{superlink.rpartition(":")[0]}"'
     if not insecure:

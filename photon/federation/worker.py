@@ -32,7 +32,7 @@ from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wi
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
 from photon.train import distributed
 from photon.train.device import place, release_freed_memory, resolve_device, setup_backend
-from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
+from photon.train.local import (lean_config, load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
                                 train_local)
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def optimizer_state_layout(layout: codec.Layout) -> codec.Layout:
 
 class ClientWorker:
     def __init__(self, state_dir: Path | None = None, data_dir: Path | None = None, real_time_faults: bool = True,
-                 slowdown: float = 1.0, procs: int | None = None, reply_in_model: bool = False):
+                 slowdown: float = 1.0, procs: int | None = None, reply_in_model: bool = False,
+                 lean: bool = False):
         """`state_dir` caches kept client state; `data_dir` overrides the task's prep_dir (a node's own data).
         `real_time_faults`: slow and late tasks really sleep and lost replies raise (Flower, real-time
         engines); the virtual-clock engine models them itself and turns this off. `slowdown`: this node takes
@@ -120,13 +121,15 @@ class ClientWorker:
         that train each client together (`photon node --procs`; None = the run's federation.procs_per_node).
         `reply_in_model`: a CPU model's reply may be built in the model's own memory (no model-sized copy), for
         an engine that has sent it before it hands this worker another task (Flower's ClientApp); elsewhere
-        the reply gets its own buffer."""
+        the reply gets its own buffer. `lean`: this node trades compute for memory (`photon node --lean`,
+        `local.lean_config`), whatever the run's config says; its updates are the same."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
         self.data_dir = data_dir
         self.real_time_faults = real_time_faults
         self.slowdown = slowdown
         self.procs = procs
         self.reply_in_model = reply_in_model
+        self.lean = lean
         self._prepared: dict[str, Prepared] = {}
         # key, module, what to call, the parameters laid out as a payload (CPU fp32) or None
         self._model: tuple[str, Transformer, torch.nn.Module, Tensors | None] | None = None
@@ -206,6 +209,8 @@ class ClientWorker:
         stream = spans_stream(prepared, task.spans, cfg.train.seq_len, task.batch_size,
                               client_seed(cfg, task.client_id))
         procs = self.procs or cfg.federation.procs_per_node
+        if self.lean:
+            cfg = lean_config(cfg, procs)
         model, trainable, flat = self.model(cfg if procs == 1 else distributed.host_config(cfg))
         layout = codec.layout_of(unique_state_dict(model))
         start: Tensors | None = self.global_model(task, wire, layout, fetch, flat)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from photon.config import TrainConfig
+from photon.config import RunConfig, TrainConfig, with_overrides
 from photon.data.shards import TokenStream
 from photon.errors import UserError
 from photon.train.device import autocast as device_autocast
@@ -132,6 +132,20 @@ def train_local(
     tokens = steps * stream.batch_size * stream.seq_len
     return LocalResult(cursor=cursor, steps=steps, samples=steps * stream.batch_size, tokens=tokens,
                        losses=losses, seconds=time.perf_counter() - start)
+
+
+LEAN = ("train.step_in_backward=true", "train.activation_checkpointing=true", "train.micro_batch_size=null")
+
+
+def lean_config(cfg: RunConfig, procs: int = 1) -> RunConfig:
+    """The run's config as a node short of memory trains it (`photon node --lean`): each parameter stepped in
+    backward, activation checkpointing, and the whole batch in one pass (micro-batches cannot be stepped in
+    backward; with checkpointing the whole batch's block inputs are what it keeps). The same recipe: bitwise
+    the same update on the CPU without micro-batches, within fp32 rounding when the run accumulates them. A
+    client of several processes (`procs` > 1) only gets the checkpointing."""
+    if procs > 1:
+        return with_overrides(cfg, ["train.activation_checkpointing=true"])
+    return with_overrides(cfg, [*LEAN, "federation.procs_per_node=1"])  # this node trains in one process
 
 
 def _forward_backward(model: nn.Module, cfg: TrainConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor,
