@@ -213,13 +213,18 @@ def drop_large_files(root: Path, min_bytes: int = 16 * MB) -> int:
     return freed
 
 
+def _after_first(xs: list) -> list:
+    """The rounds after the first, which fills new pages (a fresh process, a fresh upload file); all of them
+    when there is only one."""
+    return xs[1:] or xs
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["model_mb"]
     dep, sim = data["deployed"], data["simulated"]
-    later = dep["tasks"][1:] or dep["tasks"]
+    later = _after_first(dep["tasks"])
     if dep.get("blob_fetch_s") and dep.get("blob_upload_s"):  # the side channel moved the payloads
-        # the first transfer each way fills new pages (a fresh process, a fresh upload file); the best after it
-        pull, push = (min(dep[k][1:] or dep[k]) for k in ("blob_fetch_s", "blob_upload_s"))
+        pull, push = (min(_after_first(dep[k])) for k in ("blob_fetch_s", "blob_upload_s"))
         how = "blob side channel"
     else:
         pull, push, how = min(t["pull_s"] for t in later), min(t["push_s"] for t in later), "Flower messages"
@@ -251,7 +256,7 @@ def render(data: dict[str, Any]) -> str:
                   f" With the node started as `{lean['node']}` (step in backward, activation checkpointing; a "
                   f"second deployed run, the rest equal): {lean['peaks_mb']['node'] / m:.2f}×, "
                   f"{'met' if lean['peaks_mb']['node'] <= 4 * m else 'NOT met'}; a task ran in "
-                  f"{min(t['run_s'] for t in lean['tasks'][1:] or lean['tasks']):.1f} s at best there against "
+                  f"{min(t['run_s'] for t in _after_first(lean['tasks'])):.1f} s at best there against "
                   f"{min(t['run_s'] for t in later):.1f} s (clipping needs a norm pass first)." if lean else ""),
               f"- Goal: transfer ≥ 50% of the plain socket: {rate / data['socket_mb_s']:.1%} of it, "
               f"{'met' if rate >= 0.5 * data['socket_mb_s'] else 'NOT met'}" + (

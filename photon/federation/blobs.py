@@ -173,7 +173,6 @@ class _Handler(socketserver.StreamRequestHandler):
             tmp.unlink(missing_ok=True)
         self._answer({"ok": True})
 
-
     def _receive_into(self, fd: int, size: int) -> None:
         """The request's next `size` bytes written into file `fd` from offset 0: first what the request line's
         reader already buffered, then, on a plain socket, moved from the socket to the file's pages inside the
