@@ -19,11 +19,9 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 # On a machine with a CUDA GPU: the tests marked `gpu` (and only those), then the trainer benchmark on the GPU
-# at the paper's 125M shape (tokens/s and MFU against the device's bf16 peak; stored in docs/results/).
+# at the paper's 125M shape (see scripts/gpu-check, which also runs without this venv: PYTHON=python3).
 gpu-check: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m gpu -rs
-	$(VENV)/bin/photon bench trainer --device cuda --preset paper-125m --set train.batch_size=8 \
-		--set train.micro_batch_size=8 --steps 10 --repeats 2 --settings bf16,bf16+compile
+	PYTHON=$(PY) scripts/gpu-check
 
 clean:
 	rm -rf $(VENV) data runs
