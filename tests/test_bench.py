@@ -29,6 +29,30 @@ def test_trainer_bench_on_tiny_reports_both_arms_against_the_peak():
     assert "bare loop tok/s" in text and "photon / bare" in text and "median ratio within a repeat" in text
 
 
+@pytest.mark.parametrize("name, part", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A10", "A10"), ("NVIDIA L4", "L4"),
+    ("NVIDIA L40S", "L40S"), ("NVIDIA L40", "L40"), ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+    ("NVIDIA GH200 480GB", None), ("Tesla T4", None), (None, None)])
+def test_a_gpu_is_found_in_the_datasheet_table_by_the_name_cuda_gives_it(name, part):
+    from photon.bench.trainer import DATASHEET_BF16, datasheet_bf16
+
+    assert datasheet_bf16(name) == (DATASHEET_BF16[part] if part else None)
+
+
+def test_the_gpu_mfu_goal_is_judged_against_the_datasheet():
+    from photon.bench.trainer import render
+
+    row = {"bare_tok_s": 1.0, "photon_tok_s": 1.0, "ratio": 1.0, "paired_ratio": 1.0, "model_flops": 400e12,
+           "of_peak": 0.5, "of_bf16_peak": 0.5}
+    data = {"device_name": "NVIDIA H100 80GB HBM3", "device": "cuda", "threads": 1, "preset": "paper-125m",
+            "params": 1e8, "flops_per_token": 1e9, "batch": 8, "seq_len": 2048, "peaks": {"fp32": 1, "bf16": 8e14},
+            "repeats": 2, "steps": 10, "datasheet_bf16": 989.4e12, "rows": {"bf16": row}}
+    assert "best 40.4%, met" in render(data)
+    row["model_flops"] = 300e12
+    assert "best 30.3%, NOT met" in render(data)
+
+
 def test_the_shape_ceiling_times_every_linear_matmul_of_a_step():
     from photon.bench.trainer import linear_matmuls
 
