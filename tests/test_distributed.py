@@ -206,3 +206,20 @@ def test_one_rank_trains_as_train_local_does(tiny_prep, tmp_path, device, shardi
                 assert torch.equal(b[k], v), k
             else:
                 torch.testing.assert_close(b[k], v, rtol=1e-3, atol=1e-5)
+
+
+def test_ddp_is_told_not_to_sync_buffers_in_the_installed_torchs_words(monkeypatch):
+    """torch 2.13 renamed DDP's `broadcast_buffers` to `forward_sync_buffers`; an older torch (a GPU image's)
+    knows only the old name and would refuse the new one."""
+    import torch.nn.parallel
+
+    from photon.train.distributed import _no_buffer_sync
+
+    assert _no_buffer_sync() == {"forward_sync_buffers": False}  # the pinned torch
+
+    class OlderDDP:  # torch 2.11's keywords
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, init_sync=True):
+            pass
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OlderDDP)
+    assert _no_buffer_sync() == {"broadcast_buffers": False}

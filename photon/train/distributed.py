@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import json
 import logging
 import os
@@ -190,6 +191,16 @@ def _describe(folder: Path, rank: int, code: int, world: int) -> str:
 # A rank: open the client's stream, wrap the model, train its slice of every batch, rank 0 writes the result
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for not broadcasting buffers before each forward: `forward_sync_buffers` since torch 2.13
+    (whose `broadcast_buffers` warns), `broadcast_buffers` before (a GPU image may carry an older torch)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return {name: False}
+
+
 def wrap(model: Transformer, cfg: TrainConfig, device: torch.device, sharding: str
          ) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]:
     """The module to train and its no-sync context (gradient accumulation without communication): DDP, or
@@ -200,7 +211,7 @@ def wrap(model: Transformer, cfg: TrainConfig, device: torch.device, sharding: s
 
         ddp = DistributedDataParallel(place(model, plain, device),
                                       device_ids=[device.index] if device.type == "cuda" else None,
-                                      init_sync=False, forward_sync_buffers=False)  # every rank loaded the same
+                                      init_sync=False, **_no_buffer_sync())  # every rank loaded the same
         module, no_sync = ddp, ddp.no_sync
     else:
         from torch.distributed.device_mesh import init_device_mesh
