@@ -1,6 +1,7 @@
 """Hugging Face export: the folder loads offline in transformers and gives our logits and token ids."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,18 +85,93 @@ def test_import_round_trip(tmp_path, tokenizer_json, tie):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_replaces_folder_and_files(tmp_path, tokenizer_json):
+EXPORTED = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+            "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_export_replaces_earlier_export_and_empty_folder(tmp_path, tokenizer_json):
     model, cfg = tiny(True)
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    out.mkdir()  # an empty folder is fine
     export_hf(model, cfg, tokenizer_json, out)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-        "tokenizer.json", "tokenizer_config.json"]
+    (out / "config.json").write_text("{}")  # an earlier export (same file names) is replaced as a whole
+    export_hf(model, cfg, tokenizer_json, f"{out}/")  # a trailing slash names the same folder
+    assert sorted(p.name for p in out.iterdir()) == EXPORTED
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temp folders left behind
     c = json.loads((out / "config.json").read_text())
     assert c["eos_token_id"] == c["bos_token_id"] == Tokenizer.from_file(str(tokenizer_json)).token_to_id(EOT)
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "README.md"])
+def test_export_refuses_folder_that_is_not_an_export(tmp_path, tokenizer_json, extra):
+    model, cfg = tiny(True)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / extra).write_text("keep me")
+    if extra == "README.md":  # an export plus one file of the user's is not an export any more
+        export_hf(model, cfg, tokenizer_json, tmp_path / "hf")
+        for name in EXPORTED:
+            (out / name).write_bytes((tmp_path / "hf" / name).read_bytes())
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match="not empty and is not an earlier photon export"):
+        export_hf(model, cfg, tokenizer_json, out)
+    assert sorted(p.name for p in out.iterdir()) == before and (out / extra).read_text() == "keep me"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    (out / "file").write_text("x")
+    with pytest.raises(UserError, match="is not a folder"):
+        export_hf(model, cfg, tokenizer_json, out / "file")
+
+
+def fake_run(tmp_path, tokenizer_json):
+    """A run directory as train writes it: config, metrics and a checkpoint that holds the tokenizer."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step-00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    (ckpt / "model.safetensors").write_text("weights")
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    return run, ckpt
+
+
+def tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_export_refuses_the_run_or_checkpoint_being_exported(tmp_path, tokenizer_json):
+    model, cfg = tiny(True)
+    run, ckpt = fake_run(tmp_path, tokenizer_json)
+    before = tree(tmp_path)
+    for out in (run, ckpt, ckpt / "hf", run / "checkpoints"):
+        with pytest.raises(UserError, match="checkpoint being exported"):
+            export_hf(model, cfg, ckpt / "tokenizer.json", out)
+    assert tree(tmp_path) == before
+    export_hf(model, cfg, ckpt / "tokenizer.json", run / "hf")  # next to the checkpoints is fine
+    assert sorted(p.name for p in (run / "hf").iterdir()) == EXPORTED
+
+
+@pytest.mark.parametrize("arg", [".", "./", "..", "../.."])
+def test_export_refuses_current_folder_and_its_parents(tmp_path, tokenizer_json, monkeypatch, arg):
+    model, cfg = tiny(True)
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    if arg == ".":  # even when the current folder is an earlier export, it is not replaced under our feet
+        export_hf(model, cfg, tokenizer_json, tmp_path / "hf")
+        for name in EXPORTED:
+            (cwd / name).write_bytes((tmp_path / "hf" / name).read_bytes())
+    before = tree(tmp_path)
+    with pytest.raises(UserError, match="current folder"):
+        export_hf(model, cfg, tokenizer_json, arg)
+    assert tree(tmp_path) == before and Path.cwd() == cwd.resolve()
+
+
+def test_export_relative_path(tmp_path, tokenizer_json, monkeypatch):
+    model, cfg = tiny(True)
+    monkeypatch.chdir(tmp_path)
+    export_hf(model, cfg, tokenizer_json, "./out/../hf/")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == EXPORTED
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
 def test_user_errors(tmp_path, tokenizer_json):

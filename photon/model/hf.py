@@ -53,13 +53,42 @@ def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
     }
 
 
+# What export_hf writes, and so how an earlier export is recognised: a folder holding exactly these files.
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                          "tokenizer.json", "tokenizer_config.json"})
+
+
+def _check_out_dir(out_dir: Path, source: Path) -> Path:
+    """out_dir resolved to an absolute path, or a UserError if replacing it could destroy anything but an export."""
+    out_dir = out_dir.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise UserError(f"{out_dir} is the current folder or holds it; pass a new folder name, e.g. --hf hf-export")
+    if out_dir == source or out_dir in source.parents or source in out_dir.parents:
+        raise UserError(f"{out_dir} is, holds or lies inside the checkpoint being exported ({source}); "
+                        "pass a folder outside it, e.g. RUN_DIR/hf")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"{out_dir} exists and is not a folder; choose another output path")
+        entries = list(out_dir.iterdir())
+        if entries and ({p.name for p in entries} != EXPORT_FILES or not all(p.is_file() for p in entries)):
+            raise UserError(f"{out_dir} is not empty and is not an earlier photon export (it would be replaced); "
+                            "pass a new or empty folder")
+    return out_dir
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def export_hf(model: Transformer, cfg: ModelConfig, tokenizer_json: Path, out_dir: Path,
               eos_token: str = "<|endoftext|>") -> None:
-    """Write a complete HF folder at out_dir, replacing it atomically (readers never see half a folder)."""
+    """Write a complete HF folder at out_dir, replacing it atomically (readers never see half a folder).
+
+    out_dir may be missing, empty, or an earlier export (exactly the files in `EXPORT_FILES`); any other folder
+    is refused, as is the current folder or one above it, and a folder that is, holds or lies inside the folder
+    of tokenizer_json (the checkpoint being exported, when called from `photon export`).
+    """
     tokenizer_json, out_dir = Path(tokenizer_json), Path(out_dir)
     try:
         tok = Tokenizer.from_file(str(tokenizer_json))
@@ -71,8 +100,7 @@ def export_hf(model: Transformer, cfg: ModelConfig, tokenizer_json: Path, out_di
     if tok.get_vocab_size() > cfg.vocab_size:
         raise UserError(f"{tokenizer_json}: has {tok.get_vocab_size()} tokens but model.vocab_size="
                         f"{cfg.vocab_size}; export with the tokenizer the model was trained with")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a folder; choose another output path")
+    out_dir = _check_out_dir(out_dir, tokenizer_json.resolve().parent)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
