@@ -99,6 +99,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{meta_path} is corrupted (not JSON); use an earlier checkpoint") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} is corrupted (not a JSON object); use an earlier checkpoint")
     tensors = {}
     for fname, digest in meta.get("files", {}).items():
         fpath = path / fname
@@ -107,6 +109,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         if fname.endswith(".safetensors"):
             tensors[fname.removesuffix(".safetensors")] = load_file(fpath)
     return tensors, meta
+
+
+RESUMED_BY = {"central": "photon train-central --resume --out RUN_DIR",
+              "federated": "photon run --resume RUN_DIR (photon submit --resume on a server)"}
+
+
+def require_kind(meta: dict[str, Any], kind: str, where: Path) -> None:
+    """Refuse to resume a checkpoint another kind of run wrote (`meta["kind"]`: central or federated)."""
+    found = meta.get("kind")
+    if found is not None and found != kind:
+        raise UserError(f"{where} is a checkpoint of a {found} run, not a {kind} one; continue it with "
+                        f"{RESUMED_BY.get(found, 'the command that started it')}")
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

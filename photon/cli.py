@@ -30,7 +30,8 @@ _state = {"debug": False}
 PresetOpt = Annotated[str, typer.Option("--preset", "-p", help=f"Preset name ({', '.join(preset_names())}) "
                                         "or a YAML file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=3e-4 (repeatable).")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Prepared data dir (default: the preset's data.prep_dir).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Prepared data dir (default: the preset's "
+                                                "data.prep_dir).")]
 
 
 @app.callback()
@@ -55,9 +56,11 @@ def _config(preset: str, overrides: list[str] | None, data: Path | None = None, 
 
 @app.command()
 def prepare(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Your text: a dir of domain subdirs with .txt/.jsonl/"
-                                                  ".parquet. Default: the built-in offline multi-domain corpus.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write (default: the preset's data.prep_dir).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Your text: a dir of domain subdirs with .txt/"
+                                                  ".jsonl/.parquet. Default: the built-in offline multi-domain "
+                                                  "corpus.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write (default: the preset's "
+                                                "data.prep_dir).")] = None,
     preset: PresetOpt = "small",
     overrides: SetOpt = None,
     cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
@@ -93,18 +96,25 @@ def train_central(
 def eval_cmd(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory (its newest checkpoint).")],
     data: DataOpt = None,
-    batches: Annotated[Optional[int], typer.Option(help="Validation batches per domain.")] = None,
+    batches: Annotated[Optional[int], typer.Option(min=1, help="Validation batches per domain (default: the "
+                                                   "run's train.eval_batches).")] = None,
 ) -> None:
     """Print validation loss and perplexity per domain and overall."""
     from photon.checkpoint import load_model_checkpoint
-    from photon.data.shards import open_prepared
+    from photon.config import with_overrides
     from photon.report import eval_table
-    from photon.train.evaluate import evaluate
+    from photon.train.centralized import open_data
+    from photon.train.evaluate import OVERALL, evaluate
 
     model, cfg, meta, _ = load_model_checkpoint(ckpt)
-    prepared = open_prepared(data or cfg.data.prep_dir)
+    if data is not None:
+        cfg = with_overrides(cfg, [f"data.prep_dir={data}"])
+    prepared = open_data(cfg)  # refuses data of another vocabulary
     t = cfg.train
     losses = evaluate(model, prepared, t.seq_len, t.batch_size, batches or t.eval_batches, t.bf16)
+    if set(losses) == {OVERALL}:
+        raise UserError(f"{cfg.data.prep_dir}: no domain's validation split holds one sequence of "
+                        f"train.seq_len={t.seq_len} tokens; prepare more text (data.val_fraction) or pass other --data")
     console.print(eval_table(losses, title=f"{ckpt}"))
 
 
@@ -126,7 +136,7 @@ def export(
 def generate(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "The",
-    tokens: Annotated[int, typer.Option(help="New tokens to sample.")] = 80,
+    tokens: Annotated[int, typer.Option(min=1, help="New tokens to sample.")] = 80,
     temperature: Annotated[float, typer.Option(min=0.01)] = 0.8,
     top_k: Annotated[int, typer.Option(min=1)] = 50,
     seed: int = 0,
@@ -171,6 +181,8 @@ def run(
     cache: Annotated[Path, typer.Option(help="Where downloaded source archives are kept.")] = Path("data/sources"),
 ) -> None:
     """Federated pre-training on this machine: prepares data on first use, then runs Photon's rounds."""
+    if engine not in ENGINES:  # before data is prepared (minutes on first use)
+        raise UserError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
     if resume is not None:
         cfg = _config(preset, overrides, saved=resume)
         run_dir = resume
@@ -190,6 +202,9 @@ def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources")) -> None:
         do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
 
 
+ENGINES = ("simulation", "inprocess")
+
+
 def run_federated(cfg: RunConfig, run_dir: Path, resume: bool, engine: str) -> dict:
     if engine == "simulation":
         from photon.federation.launch import run_simulated
@@ -202,7 +217,7 @@ def run_federated(cfg: RunConfig, run_dir: Path, resume: bool, engine: str) -> d
 
         transport = VirtualClockTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.num_nodes)
         return run_federation(cfg, run_dir, transport, resume=resume, console=console)
-    raise UserError(f"--engine {engine!r}: choose simulation or inprocess")
+    raise UserError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
 
 
 @app.command()
@@ -277,23 +292,27 @@ def _wait_foreground(proc, what: str, log_file: Path) -> None:
 
 @app.command()
 def server(
-    port: Annotated[int, typer.Option(help="The port nodes and `photon submit` connect to (the blob side channel "
-                                           "listens on the next one unless --blob-port says otherwise).")] = 9092,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The port nodes and `photon submit` connect to (the "
+                                      "blob side channel listens on the next one unless --blob-port says "
+                                      "otherwise).")] = 9092,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to accept other machines.")] = "127.0.0.1",
     certs: CertsOpt = None,
     insecure: InsecureOpt = False,
     state: Annotated[Path, typer.Option(help="SuperLink database, Flower home and log.")] = Path(".photon/server"),
     runs: Annotated[Optional[Path], typer.Option(help="Runs root: every submitted run writes into a directory "
                                                  "under it (default STATE/runs).")] = None,
-    blob_port: Annotated[Optional[int], typer.Option(help="Port of the blob side channel for payloads over 1 MB "
-                                                     "(default --port + 1; 0 turns it off: everything through "
-                                                     "Flower).")] = None,
+    blob_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Port of the blob side channel for "
+                                                     "payloads over 1 MB (default --port + 1; 0 turns it off: "
+                                                     "everything through Flower).")] = None,
 ) -> None:
     """Start the SuperLink (and the blob side channel); registers every node-*.key.pub in --certs. Runs until
     Ctrl-C."""
     from photon.federation import deploy
     from photon.federation.certs import read_token
 
+    if blob_port is not None and blob_port == port:
+        raise UserError(f"--blob-port {blob_port} is --port too: the blob side channel needs a port of its own "
+                        f"(leave --blob-port out for --port + 1)")
     _warn_insecure(insecure)
     _stop_on_sigterm()
     log_file = state / "superlink.log"
@@ -322,8 +341,8 @@ def server(
 @app.command()
 def node(
     superlink: SuperlinkOpt,
-    port: Annotated[int, typer.Option(help="Local port for this node's ClientApps (127.0.0.1; one per node "
-                                      "on a host).")] = 9094,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Local port for this node's ClientApps (127.0.0.1; "
+                                      "one per node on a host).")] = 9094,
     certs: CertsOpt = None,
     key: Annotated[Optional[Path], typer.Option("--key", help="This node's private key (a path, or a name "
                                                 "inside --certs).")] = None,
@@ -404,8 +423,8 @@ def _numbers(text: str, kind: type, flag: str, example: str) -> tuple:
 def bench_trainer(
     preset: PresetOpt = "small",
     overrides: SetOpt = None,
-    steps: Annotated[int, typer.Option(help="Timed steps per arm.")] = 20,
-    repeats: Annotated[int, typer.Option(help="Alternating repeats per arm (best is kept).")] = 5,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per arm.")] = 20,
+    repeats: Annotated[int, typer.Option(min=1, help="Alternating repeats per arm (best is kept).")] = 5,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (train.device).")] = None,
     settings: Annotated[str, typer.Option(help="Comma-separated settings: fp32, bf16, fp32+compile, "
                                           "bf16+compile.")] = "fp32,bf16,fp32+compile,bf16+compile",
@@ -426,8 +445,8 @@ def bench_trainer(
 def bench_federation(
     preset: PresetOpt = "small",
     overrides: SetOpt = None,
-    local_steps: Annotated[int, typer.Option(help="H for the overhead run.")] = 64,
-    rounds: Annotated[int, typer.Option(help="Rounds of the overhead run (the first includes start-up).")] = 3,
+    local_steps: Annotated[int, typer.Option(min=1, help="H for the overhead run.")] = 64,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of the overhead run (the first includes start-up).")] = 3,
     memory_preset: Annotated[str, typer.Option(help="Model shape for the aggregator-memory probe.")] = "paper-125m",
     out: Annotated[Path, typer.Option(help="Where runs and results go.")] = Path("runs/bench-federation"),
     deployed: Annotated[bool, typer.Option("--deployed", help="Also measure the overhead on Flower's deployment "
@@ -630,9 +649,25 @@ def main() -> None:
         # soft_wrap: one line at any terminal width; escape: a path like data/[v2] is printed as typed.
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except (PermissionError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        if _state["debug"] or e.filename is None:  # one with no path is not a path the user gave: a bug
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(_path_error(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+
+
+def _path_error(e: OSError) -> str:
+    """A file-system error on a path as one line: which path, what is wrong with it, what to do."""
+    path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    hint = {PermissionError: "choose a path you can write (or read), or fix its permissions",
+            FileExistsError: "a file is in the way of a folder (or the reverse); choose another path",
+            NotADirectoryError: "a part of the path is a file, not a folder; choose another path",
+            IsADirectoryError: "a folder is where a file should be; choose another path",
+            FileNotFoundError: "check the path (relative paths start from the current folder)"}[type(e)]
+    return f"{path}: {e.strerror or e}; {hint} (--debug shows where)"
 
 
 if __name__ == "__main__":

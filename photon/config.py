@@ -387,6 +387,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8); pass a YAML config file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -485,7 +487,14 @@ def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> RunC
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise UserError(f"{run_dir} has no config.json: not a photon run directory")
-    return apply_overrides(json.loads(path.read_text(encoding="utf-8")), overrides)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is damaged (not a JSON object of config keys); restore it, or start a new run "
+                        "with the same --preset and --set")
+    return apply_overrides(saved, overrides)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

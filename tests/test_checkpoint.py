@@ -204,3 +204,24 @@ def test_no_pickle_in_photon():
 def test_the_scan_catches_pickle():
     bad = "import pickle\nx = torch.load(f)\ny = torch.load(f, weights_only=True)\nnp.load(p, allow_pickle=True)\n"
     assert len(_unsafe(bad)) == 3
+
+
+def test_a_checkpoint_is_resumed_only_by_the_kind_of_run_that_wrote_it(tmp_path):
+    from photon.checkpoint import require_kind
+    from photon.errors import UserError
+
+    require_kind({"kind": "federated"}, "federated", tmp_path)
+    require_kind({}, "central", tmp_path)  # written before checkpoints said their kind
+    with pytest.raises(UserError, match="federated run, not a central one.*photon run --resume"):
+        require_kind({"kind": "federated"}, "central", tmp_path)
+    with pytest.raises(UserError, match="central run, not a federated one.*photon train-central --resume"):
+        require_kind({"kind": "central"}, "federated", tmp_path)
+
+
+def test_a_meta_json_that_is_not_an_object_is_a_damaged_checkpoint(tmp_path):
+    from photon.checkpoint import load_checkpoint
+    from photon.errors import UserError
+
+    (tmp_path / "meta.json").write_text("[]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        load_checkpoint(tmp_path)

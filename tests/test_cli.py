@@ -1,7 +1,9 @@
 """The command line: help on every verb, one-line errors with exit code 2, and the tiny pipeline end to end."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,10 +147,21 @@ def test_tiny_pipeline_end_to_end(photon, tmp_path, monkeypatch):
     code, out, err = photon("train-central", "--preset", "tiny", "--data", prep, "--steps", 20, "--out", run)
     assert code == 2 and "--resume" in err  # the run dir is taken
 
+    code, out, err = photon("train-central", "--resume", "--out", run)
+    assert code == 2 and "nothing left to train" in err  # at its last step: refused, its config left as it was
+    code, out, err = photon("run", "--resume", run)
+    assert code == 2 and "central run" in err and "photon train-central --resume" in err
+
     code, out, err = photon("eval", run)
     assert code == 0, err
     for domain in ("code_python", "literature", "speech_sotu", "overall"):
         assert domain in out
+    other = tmp_path / "other-vocab"  # data whose manifest says another vocabulary
+    shutil.copytree(prep, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": 2048}))
+    code, out, err = photon("eval", run, "--data", other)
+    assert code == 2 and "vocab_size=2048" in err
 
     code, out, err = photon("export", run, "--hf", hf)
     assert code == 0, err
@@ -183,3 +196,34 @@ def test_unknown_key_hint_names_a_real_verb(photon):
     assert code == 2
     hinted = re.findall(r"`photon ([\w-]+)", err)
     assert hinted and all((verb,) in VERBS for verb in hinted)
+
+
+def test_a_path_that_cannot_be_used_is_one_line_naming_it(photon, tmp_path):
+    (tmp_path / "afile").write_text("")
+    code, out, err = photon("certs", "--out", tmp_path / "afile" / "certs")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path}/afile/certs" in err and "a file, not a folder" in err
+
+
+def test_a_mistyped_engine_is_refused_before_any_data_is_prepared(photon, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = photon("run", "--preset", "tiny", "--engine", "simulaton")
+    assert code == 2 and "choose simulation or inprocess" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_ports_out_of_range_or_shared_are_refused(photon):
+    code, _, err = photon("server", "--port", 70000)
+    assert code == 2 and "65535" in err
+    code, _, err = photon("server", "--port", 9092, "--blob-port", 9092)
+    assert code == 2 and "a port of its own" in err
+
+
+def test_damaged_config_files_are_one_line_errors(photon, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{")
+    code, _, err = photon("run", "--resume", tmp_path / "run")
+    assert code == 2 and "config.json is damaged" in err
+    (tmp_path / "binary.yaml").write_bytes(b"\x00\xff\xfe")
+    code, _, err = photon("run", "--preset", tmp_path / "binary.yaml")
+    assert code == 2 and "not a text file" in err

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from photon.checkpoint import load_latest, prune_checkpoints, save_checkpoint
+from photon.checkpoint import load_latest, prune_checkpoints, require_kind, save_checkpoint
 
 Tensors = dict[str, torch.Tensor]
 
@@ -84,7 +84,8 @@ class ServerState:
         found = load_latest(ckpt_dir)
         if found is None:
             return None
-        _, tensors, meta = found
+        path, tensors, meta = found
+        require_kind(meta, "federated", path)
         state = cls(round=meta["round"], global_step=meta["global_step"], params=tensors["model"],
                     outer_state=tensors.get("outer", {}),
                     clients=[ClientRecord(**c) for c in meta["clients"]], rng_state=meta["rng_state"],

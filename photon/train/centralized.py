@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from photon.checkpoint import list_checkpoints, load_latest, prune_checkpoints, save_checkpoint
+from photon.checkpoint import list_checkpoints, load_latest, prune_checkpoints, require_kind, save_checkpoint
 from photon.config import RunConfig, config_to_dict
 from photon.data.shards import Prepared, TokenStream, open_prepared
 from photon.errors import UserError
@@ -80,10 +80,14 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
         if found is None:
             raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
         path, tensors, meta = found
+        require_kind(meta, "central", path)
         check_same_model(cfg, meta, path)
         load_unique_state_dict(model, tensors["model"])
         load_optimizer_state_tensors(model, optimizer, tensors.get("optimizer", {}))
         step, cursor = meta["step"], meta["cursor"]
+        if step >= tcfg.steps:
+            raise UserError(f"{path} is at step {step} and the run's schedule ends at train.steps={tcfg.steps}: "
+                            f"nothing left to train; pass --steps larger than {step} to train on")
         console.print(f"resumed from {path} at step {step}")
     elif list_checkpoints(ckpt_dir):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
