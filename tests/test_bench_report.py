@@ -1,10 +1,14 @@
 """docs/RESULTS.md's measured blocks are a pure function of the stored benchmark outputs (docs/results)."""
 
 import json
+import re
 from pathlib import Path
+
+import pytest
 
 from photon.bench.report import render, write_report
 from photon.bench.results import load_results, save_result
+from photon.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +52,66 @@ def test_the_committed_docs_match_the_committed_outputs_and_presets():
         text = (ROOT / doc).read_text()
         assert render(text, load_results(ROOT / "docs/results"), ROOT / "docs/results") == text, \
             f"{doc} is stale or was edited by hand inside a results block: run `photon bench report`"
+
+
+def _results_and_target(tmp_path):
+    """A results folder with one good record, and a target file whose blocks render from it."""
+    save_result("robust-flip", _robust_data(), command="photon bench robust", results_dir=tmp_path / "r")
+    md = tmp_path / "RESULTS.md"
+    md.write_text(TEXT)
+    return tmp_path / "r", md
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_missing_or_empty_results_folder_is_refused_and_nothing_written(tmp_path, folder):
+    _, md = _results_and_target(tmp_path)
+    results = tmp_path / folder
+    if folder == "empty":
+        results.mkdir()
+    match = "no such results folder" if folder == "missing" else "holds no benchmark results"
+    with pytest.raises(UserError, match=f"{results}: {match}"):
+        write_report(results, (md,))
+    assert md.read_text() == TEXT
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"name": "robust-flip", "comm', "not valid JSON"),
+    ("[]", "holds a JSON list, not a benchmark record"),
+    ("{}", "lacks 'command', 'date', 'data'"),
+    ('{"command": "photon bench robust", "date": "2024-01-01", "data": []}', "lacks 'data'"),
+    ('{"command": "c", "date": "d", "data": {}, "machine": "x"}', "'machine' is not an object"),
+    ('{"name": "wire", "command": "c", "date": "d", "data": {}}', "records the name 'wire', not 'robust-flip'"),
+    ('{"command": "c", "date": "d", "data": {"rows": []}}', "lacks or mistypes a field the robust-flip block"),
+    ('{"command": "c", "date": "d", "wall_seconds": "long", "data": {}}', "lacks or mistypes a field"),
+])
+def test_a_damaged_results_file_is_a_user_error_naming_it(tmp_path, content, match):
+    results, md = _results_and_target(tmp_path)
+    bad = results / "robust-flip.json"
+    bad.write_text(content)
+    with pytest.raises(UserError, match=re.escape(f"{bad}: ") + ".*" + re.escape(match)):
+        write_report(results, (md,))
+    assert md.read_text() == TEXT
+
+
+def test_a_damaged_claims_record_is_caught_before_any_target_is_written(tmp_path):
+    """claims-tiny.json feeds README's computed findings block too: it is checked even when no target shows
+    its own block, and neither target is half-written."""
+    results, md = _results_and_target(tmp_path)
+    (results / "claims-tiny.json").write_text('{"command": "c", "date": "d", "data": {"runs": 1}}')
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:claims-findings -->\n<!-- /results:claims-findings -->\n")
+    with pytest.raises(UserError, match=re.escape(str(results / "claims-tiny.json"))):
+        write_report(results, (md, readme))
+    assert md.read_text() == TEXT
+
+
+def test_cli_bench_report_with_a_mistyped_folder_exits_with_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from photon.cli import app
+
+    _, md = _results_and_target(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["bench", "report", "--results", "rsults", "--target", str(md)])
+    assert res.exit_code != 0 and isinstance(res.exception, UserError) and "rsults" in str(res.exception)
+    assert md.read_text() == TEXT

@@ -15,6 +15,7 @@ from typing import Any
 
 from photon.bench import claims_report
 from photon.bench.results import RESULTS_DIR, load_results
+from photon.errors import UserError
 
 RESULTS_MD = Path("docs/RESULTS.md")
 TARGETS = (Path("docs/RESULTS.md"), Path("README.md"), Path("docs/DEPLOY.md"))
@@ -26,7 +27,8 @@ def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
 
     return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
             "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render,
-            "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render, "federation": federation.render,
+            "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render,
+            "federation": federation.render,
             "demo": demo.render, "demo-brief": demo.render_brief,
             **dict.fromkeys(("claims-tiny", "claims-small", "claims-medium"), claims_report.render)}
 
@@ -48,17 +50,34 @@ def provenance(record: dict[str, Any]) -> str:
     return (f"`{record['command']}` on {record['date']}: {where}, torch {m.get('torch', '?')}{load_text}{took}.")
 
 
-def render_block(name: str, record: dict[str, Any] | None) -> str:
+def render_block(name: str, record: dict[str, Any] | None, path: Path | None = None) -> str:
     """A block `NAME` renders docs/results/NAME.json; `NAME-brief` the same record in one sentence, without
-    its provenance (for the README)."""
+    its provenance (for the README). A record its renderer cannot read is a UserError naming `path`."""
     renderer = _renderers().get(name)
     if renderer is None:
         raise KeyError(f"no renderer for results {name!r}")
     if record is None:
         return f"*Not measured yet: no `{RESULTS_DIR}/{name.removesuffix('-brief')}.json`.*\n"
-    if name.endswith("-brief"):
-        return f"{renderer(record['data']).rstrip()}\n"
-    return f"{provenance(record)}\n\n{renderer(record['data']).rstrip()}\n"
+    try:
+        if name.endswith("-brief"):
+            return f"{renderer(record['data']).rstrip()}\n"
+        return f"{provenance(record)}\n\n{renderer(record['data']).rstrip()}\n"
+    except UserError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        where = path or f"{RESULTS_DIR}/{name.removesuffix('-brief')}.json"
+        raise UserError(f"{where}: lacks or mistypes a field the {name} block needs ({type(e).__name__}: {e}); "
+                        "restore it (git checkout) or rerun the benchmark that writes it") from e
+
+
+def check_results(results: dict[str, dict[str, Any]], results_dir: Path = RESULTS_DIR) -> None:
+    """Render every stored record with each of its renderers, so a damaged one is a UserError naming its file
+    before any target is written (also the ones a computed block reads, such as claims-findings)."""
+    renderers = _renderers()
+    for name, record in results.items():
+        for block in (name, f"{name}-brief"):
+            if block in renderers:
+                render_block(block, record, Path(results_dir) / f"{name}.json")
 
 
 def render(text: str, results: dict[str, dict[str, Any]], results_dir: Path = RESULTS_DIR) -> str:
@@ -67,18 +86,30 @@ def render(text: str, results: dict[str, dict[str, Any]], results_dir: Path = RE
 
     def block(m: re.Match) -> str:
         name = m.group("name")
-        record = results.get(name.removesuffix("-brief"))
-        body = computed[name]() + "\n" if name in computed else render_block(name, record)
+        stem = name.removesuffix("-brief")
+        record = results.get(stem)
+        body = computed[name]() + "\n" if name in computed else \
+            render_block(name, record, Path(results_dir) / f"{stem}.json")
         return m.group(1) + body + m.group(4)
 
     return _BLOCK.sub(block, text)
 
 
 def write_report(results_dir: Path = RESULTS_DIR, targets: tuple[Path, ...] = TARGETS) -> list[str]:
-    """Re-render every target file in place; returns the names of the blocks rewritten."""
-    results, names = load_results(results_dir), []
+    """Re-render every target file in place; returns the names of the blocks rewritten.
+
+    A missing or empty results folder, or a damaged record, is a UserError and no target is touched (a mistyped
+    --results would otherwise turn every block into "Not measured yet")."""
+    results = load_results(results_dir)
+    if not results:
+        raise UserError(f"{results_dir}: holds no benchmark results (*.json); pass the folder the benchmarks "
+                        f"wrote, e.g. --results {RESULTS_DIR}")
+    check_results(results, results_dir)
+    rendered, names = {}, []
     for target in targets:
         text = Path(target).read_text(encoding="utf-8")
-        Path(target).write_text(render(text, results, results_dir), encoding="utf-8")
+        rendered[target] = render(text, results, results_dir)
         names += [m.group("name") for m in _BLOCK.finditer(text)]
+    for target, text in rendered.items():
+        Path(target).write_text(text, encoding="utf-8")
     return names

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from photon.errors import UserError
+
 RESULTS_DIR = Path("docs/results")
 
 
@@ -101,12 +103,33 @@ def save_result(name: str, data: dict[str, Any], load: LoadSampler | None = None
     return path
 
 
+def load_result(path: Path) -> dict[str, Any]:
+    """One stored record, checked for the fields every report block reads (UserError naming the file if not)."""
+    fix = "restore it (git checkout) or rerun the benchmark that writes it"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: holds a JSON {type(record).__name__}, not a benchmark record (an object); {fix}")
+    missing = [k for k, kind in (("command", str), ("date", str), ("data", dict))
+               if not isinstance(record.get(k), kind)]
+    if missing:
+        raise UserError(f"{path}: lacks {', '.join(map(repr, missing))} (or has the wrong type); {fix}")
+    if not isinstance(record.get("machine", {}), dict):
+        raise UserError(f"{path}: 'machine' is not an object; {fix}")
+    if record.get("name", path.stem) != path.stem:
+        raise UserError(f"{path}: records the name {record['name']!r}, not {path.stem!r}; rename the file to match")
+    return record
+
+
 def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
-    out = {}
-    for path in sorted(Path(results_dir).glob("*.json")):
-        record = json.loads(path.read_text())
-        out[record.get("name", path.stem)] = record
-    return out
+    """Every `results_dir/NAME.json` as NAME -> record; a missing folder or a damaged file is a UserError."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(f"{results_dir}: no such results folder; pass the folder the benchmarks wrote, "
+                        f"e.g. --results {RESULTS_DIR}")
+    return {path.stem: load_result(path) for path in sorted(results_dir.glob("*.json"))}
 
 
 def publish(name: str, data: dict[str, Any], render, load: LoadSampler, started: float, console,
