@@ -454,17 +454,17 @@ def bench_federation(
                                            "127.0.0.1 only).")] = False,
 ) -> None:
     """Federation overhead in simulation, aggregator peak RAM for K=2,4,8, bytes per token vs data-parallel."""
-    import shutil
-
     from photon.bench.federation import run_federation_bench
+    from photon.bench.outdir import fresh_out_dir
 
     k = 2
     cfg = _config(preset, list(overrides or []) + [
         f"federation.local_steps={local_steps}", f"federation.rounds={rounds}", f"federation.clients_per_round={k}",
         f"federation.num_nodes={k}", f"federation.eval_every={rounds}"])
-    shutil.rmtree(out, ignore_errors=True)
+    memory_cfg = load_config(memory_preset)
+    fresh_out_dir(out)  # once every option is known to be good
     ensure_prepared(cfg)
-    run_federation_bench(cfg, load_config(memory_preset), out, console, deployed=deployed)
+    run_federation_bench(cfg, memory_cfg, out, console, deployed=deployed)
 
 
 @bench_app.command("robust")
@@ -515,13 +515,12 @@ def bench_wire(
 ) -> None:
     """A large model through the real Flower path on loopback (deployed and simulated): peak RSS of server and
     node over the model size, seconds per transfer, against a plain socket copy; stores docs/results/wire.json."""
-    import shutil
-
+    from photon.bench.outdir import fresh_out_dir
     from photon.bench.wire import run_wire_bench
 
     cfg = _config(preset, overrides)
     ensure_prepared(cfg)
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_out_dir(out)
     run_wire_bench(cfg, out, console)
 
 
@@ -572,7 +571,7 @@ def bench_compression(
 def bench_demo(
     preset: PresetOpt = "small",
     overrides: SetOpt = None,
-    out: Annotated[Path, typer.Option(help="Run directory (replaced).")] = Path("runs/bench-demo"),
+    out: Annotated[Path, typer.Option(help="Run directory (replaced by each run).")] = Path("runs/bench-demo"),
 ) -> None:
     """The main job (`make run`) timed and scored: per-domain perplexity before/after and wall time; stores
     docs/results/demo.json (the README's and RESULTS.md's description of `make run` come from it)."""

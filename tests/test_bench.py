@@ -102,3 +102,48 @@ def test_wire_bench_leaves_logs_and_drops_its_large_files(tmp_path):
     (tmp_path / "node.log").write_text("pulled in 0.1 s")
     assert drop_large_files(tmp_path, min_bytes=1000) == 3000
     assert not (tmp_path / "server/ckpt/model.safetensors").exists() and (tmp_path / "node.log").exists()
+
+
+def test_a_benchmark_clears_only_an_out_folder_a_benchmark_made(tmp_path):
+    from photon.bench.outdir import MARK, fresh_out_dir
+    from photon.errors import UserError
+
+    out = fresh_out_dir(tmp_path / "bench")  # made, marked
+    (out / "old-run.log").write_text("")
+    assert fresh_out_dir(out) == out and list(out.iterdir()) == [out / MARK]  # its own: cleared
+    (tmp_path / "empty").mkdir()
+    assert (fresh_out_dir(tmp_path / "empty") / MARK).is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="no photon benchmark made"):
+        fresh_out_dir(mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="is a file"):
+        fresh_out_dir(mine / "notes.txt")
+
+
+def test_bench_federation_checks_its_options_before_it_touches_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    code = _main(monkeypatch, "bench", "federation", "--preset", "tiny", "--memory-preset", "paper125m",
+                 "--out", victim)
+    assert code == 2 and (victim / "notes.txt").exists()
+    code = _main(monkeypatch, "bench", "federation", "--preset", "tiny", "--out", victim)
+    assert code == 2 and (victim / "notes.txt").exists()  # not a benchmark's folder: refused
+
+
+def _main(monkeypatch, *args) -> int:
+    import sys
+
+    from photon import cli
+
+    monkeypatch.setattr(sys, "argv", ["photon", *map(str, args)])
+    monkeypatch.setitem(cli._state, "debug", False)
+    try:
+        cli.main()
+    except SystemExit as e:
+        return e.code or 0
+    return 0

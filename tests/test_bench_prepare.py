@@ -40,5 +40,5 @@ def test_prepare_bench_on_tiny_inputs(tmp_path):
     assert stored["data"] == json.loads(json.dumps(data))
     text = render(stored["data"])
     assert "Peak RSS as the input grows 2×" in text and "one `encode_batch` call" in text
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["baseline.log", "prepare-0.0005gb.log",
-                                                                    "prepare-0.001gb.log"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".photon-bench", "baseline.log",
+                                                                    "prepare-0.0005gb.log", "prepare-0.001gb.log"]

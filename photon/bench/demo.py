@@ -7,13 +7,13 @@ federation (and of each round), and the run's configuration in brief.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from photon.bench.outdir import fresh_out_dir
 from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig
 from photon.runlog import read_metrics
@@ -23,7 +23,7 @@ from photon.train.evaluate import perplexity
 def run_demo_bench(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
     from photon.federation.launch import run_simulated
 
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_out_dir(out)
     started = time.time()
     with LoadSampler() as load:
         t0 = time.perf_counter()

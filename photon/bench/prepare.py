@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from photon.bench.outdir import fresh_out_dir
 from photon.bench.results import LoadSampler, save_result
 from photon.config import DataConfig, RunConfig
 
@@ -125,8 +126,7 @@ def run_prepare_bench(cfg: RunConfig, sizes: tuple[float, ...], out: Path, corpu
                       console: Console | None = None, results_dir: Path | None = None) -> dict[str, Any]:
     """Prepare ``corpus`` repeated to each of ``sizes`` (GB), and the one-call baseline on the first size."""
     console = console or Console()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    fresh_out_dir(out)
     runs, baseline = [], None
     started = time.time()
     with LoadSampler() as load:
