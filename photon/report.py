@@ -1,4 +1,4 @@
-"""Turns run logs into what people read: per-evaluation tables on the console and PNG curves.
+"""Turns run logs into what people read: per-evaluation tables on the console and curves (PNG, PDF or SVG).
 
 Reads only `metrics.jsonl` (see `photon.runlog`), so a plot can be redrawn from any finished or running run.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.table import Table
 
 from photon.errors import UserError
-from photon.runlog import read_metrics
+from photon.runlog import METRICS, read_metrics
 from photon.train.evaluate import OVERALL, perplexity
 
 
@@ -32,16 +32,45 @@ def eval_table(losses: dict[str, float], title: str, before: dict[str, float] | 
     return table
 
 
+# The formats `plot_run` writes, chosen by the --out suffix (a name without one gets .png).
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+PLOT_NAME = "curves.png"
+
+
+def plot_path(run_dir: Path, out: Path | None = None) -> Path:
+    """Where `plot_run` writes: RUN_DIR/curves.png by default, DIR/curves.png for an existing folder DIR,
+    NAME.png for a NAME without a suffix; a suffix other than those in `PLOT_FORMATS` is a UserError."""
+    if out is None:
+        return Path(run_dir) / PLOT_NAME
+    out = Path(out)
+    if out.is_dir():
+        return out / PLOT_NAME
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    if out.suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"{out}: cannot write a {out.suffix!r} plot; end --out with one of "
+                        f"{', '.join(PLOT_FORMATS)} (a name without a suffix gets .png)")
+    return out
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """PNG with training loss (left) and validation perplexity per domain (right) against tokens or steps."""
+    """Draw training loss (left) and validation perplexity per domain (right) against steps into `plot_path`
+    (PNG, PDF or SVG by its suffix); returns the path written."""
+    out = plot_path(run_dir, out)
+    rows = read_metrics(run_dir)
+    if not rows:
+        metrics = Path(run_dir) / METRICS
+        if not Path(run_dir).is_dir():
+            raise UserError(f"{run_dir} does not exist; pass a run directory made by photon train-central/run")
+        if metrics.is_file():
+            raise UserError(f"{metrics} is empty (no complete row logged yet); plot once the run has logged a step")
+        raise UserError(f"{run_dir} has no {METRICS}; pass a run directory made by photon train-central/run")
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
-    if not rows:
-        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run directory made by photon train-central/run")
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
@@ -61,7 +90,6 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax_ppl.legend(fontsize=7)
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

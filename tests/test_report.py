@@ -70,8 +70,40 @@ def test_plot_without_metrics_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no metrics.jsonl"):
         plot_run(tmp_path)
     (tmp_path / METRICS).write_text("")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="metrics.jsonl is empty"):
         plot_run(tmp_path)
+    (tmp_path / METRICS).write_text('{"kind": "tra')  # only a torn line: nothing logged either
+    with pytest.raises(UserError, match="metrics.jsonl is empty"):
+        plot_run(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        plot_run(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name, magic", [("c.png", PNG_MAGIC), ("c.pdf", b"%PDF"), ("c.svg", b"<?xml"),
+                                         ("C.SVG", b"<?xml")])
+def test_plot_run_writes_the_format_its_suffix_names(tmp_path, name, magic):
+    _fake_run(tmp_path)
+    assert plot_run(tmp_path, tmp_path / name) == tmp_path / name
+    assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_plot_run_refuses_an_unsupported_suffix(tmp_path):
+    _fake_run(tmp_path)
+    with pytest.raises(UserError, match=r"x\.txt: cannot write a '\.txt' plot; end --out with one of \.png, \.pdf, "):
+        plot_run(tmp_path, tmp_path / "x.txt")
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_plot_run_returns_the_path_it_wrote(tmp_path):
+    _fake_run(tmp_path)
+    out = plot_run(tmp_path, tmp_path / "mycurves")  # no suffix: .png is added, and said
+    assert out == tmp_path / "mycurves.png" and out.read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "mycurves").exists()
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    out = plot_run(tmp_path, folder)  # an existing folder: the plot goes inside it
+    assert out == folder / "curves.png" and out.read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "plots.png").exists()
 
 
 def test_a_torn_last_line_ends_the_log(tmp_path):
