@@ -157,7 +157,8 @@ def generate(
 
 @app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-         out: Annotated[Optional[Path], typer.Option(help="PNG path (default RUN_DIR/curves.png).")] = None) -> None:
+         out: Annotated[Optional[Path], typer.Option(help="Output file: .png, .pdf or .svg (no suffix: .png), or a "
+                                                     "folder (default RUN_DIR/curves.png).")] = None) -> None:
     """Draw the loss / perplexity curves of a run as a PNG."""
     from photon.report import plot_run
 

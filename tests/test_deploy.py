@@ -376,3 +376,24 @@ def test_large_payloads_travel_by_the_blob_side_channel(link, procs, tiny_prep):
     assert moved > 8e6 and status["network-traffic"]["total-bytes"] < 0.1 * moved, (moved, status["network-traffic"])
     logs = "".join((link.root / f"node-b{i}.log").read_text(errors="replace") for i in range(2))
     assert "fetched model blob" in logs and "uploaded reply blob" in logs
+
+
+def test_a_port_that_cannot_be_listened_on_says_why(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use.*with --blob-port"):
+            deploy.check_port_free("127.0.0.1", port, "--blob-port")
+    with pytest.raises(UserError, match="not an address or a name"):
+        deploy.check_port_free("not a host", port)
+    with pytest.raises(UserError, match="not an address of this machine"):
+        deploy.check_port_free("192.0.2.1", port)  # TEST-NET-1: never this machine's
+
+
+def test_a_server_with_a_mistyped_certs_folder_writes_nothing_into_it(tmp_path):
+    with pytest.raises(UserError, match="lacks ca.crt"):
+        deploy.start_superlink(deploy.free_port(), tmp_path / "state", certs=tmp_path / "certz")
+    assert not (tmp_path / "certz").exists()

@@ -14,6 +14,7 @@ below; docs/DEPLOY.md, "Who can do what").
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -78,14 +79,30 @@ def child_env(home: Path) -> dict[str, str]:
     return {**os.environ, **flower_env(Path(home).resolve()), "PATH": path}
 
 
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse, in one line, a `host:port` this machine cannot listen on, saying why: the port is taken (pick
+    another with `flag`), the host is not one of this machine's addresses, or it is no address at all."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address or a name this machine can resolve ({e.strerror}); "
+                        "pass one of its addresses, or 0.0.0.0 to listen on all") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError as e:
-            raise UserError(f"port {port} on {host} is in use ({e.strerror}); stop what holds it or pick "
-                            "another with --port") from None
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is in use; stop what holds it or pick another with "
+                                f"{flag}") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host} is not an address of this machine; pass one of its addresses, "
+                                "or 0.0.0.0 to listen on all") from None
+            if e.errno == errno.EACCES:
+                raise UserError(f"port {port} needs privileges to listen on; pick one above 1023 with "
+                                f"{flag}") from None
+            raise UserError(f"cannot listen on {host} port {port} ({e.strerror}); check --host and "
+                            f"{flag}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -242,6 +259,8 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
     (`blobs.py`) that moves large payloads: its capabilities are minted by the ServerApp with a secret that never
     leaves this machine (`state/blobs.secret`); TLS with the server certificate unless --insecure."""
     certs, insecure = _tls_args(certs, insecure, "photon server")
+    if not insecure:  # before anything is written into --certs (a mistyped one would be made)
+        ca, cert, key = _need_files(certs, SERVER_FILES, "photon server")
     state = Path(state).resolve()
     runs = Path(runs).resolve() if runs is not None else state / "runs"
     token = operator_token_file(state, certs)
@@ -256,16 +275,15 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
     if insecure:
         args.append("--insecure")
     else:
-        ca, cert, key = _need_files(certs, SERVER_FILES, "photon server")
         args += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                  "--enable-supernode-auth"]
-    check_port_free(host, port)
+    check_port_free(host, port, "--port")
     env = {}
     blob_port = port + 1 if blob_port is None else blob_port
     if blob_port:
         blob_secret = state / "blobs.secret"
         write_private(blob_secret, secrets.token_hex(32).encode())
-        check_port_free(host, blob_port)
+        check_port_free(host, blob_port, "--blob-port")
         blobs = {"root": str(state / "blobs"), "host": host, "port": blob_port, "secret_file": str(blob_secret)}
         if not insecure:
             blobs.update(cert=str(cert), key=str(key))
@@ -333,7 +351,7 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
         key = key.resolve()
         check_key_unused(key)
         args += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
-    check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port, "--port")
     return spawn(args, state / "flwr", log_file)
 
 
