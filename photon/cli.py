@@ -397,6 +397,7 @@ def submit(
     from photon.federation import deploy
     from photon.federation.certs import OPERATOR_TOKEN, read_token
 
+    deploy.tls_args(certs, insecure, "photon submit")  # before the token: its default place depends on these
     _warn_insecure(insecure)
     cfg = _config(preset, overrides)
     run_dir = out or f"{cfg.name}-deployed"

@@ -227,3 +227,9 @@ def test_damaged_config_files_are_one_line_errors(photon, tmp_path):
     (tmp_path / "binary.yaml").write_bytes(b"\x00\xff\xfe")
     code, _, err = photon("run", "--preset", tmp_path / "binary.yaml")
     assert code == 2 and "not a text file" in err
+
+
+def test_submit_asks_for_certs_or_insecure_before_it_looks_for_a_token(photon, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = photon("submit", "--superlink", "127.0.0.1:9092")
+    assert code == 2 and "exactly one of --certs DIR" in err and "token" not in err

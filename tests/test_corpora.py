@@ -35,6 +35,19 @@ def test_flat_directory_is_one_domain(tmp_path):
     assert load_user_corpus(flat) == {"mydomain": ["hello", "x", "y"]}
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    bom = b"\xef\xbb\xbf"  # what some editors write at the start of a UTF-8 file
+    many = tmp_path / "c" / "many"
+    many.mkdir(parents=True)
+    (many / "a.txt").write_bytes(bom + b"hello")
+    (many / "b.txt").write_bytes(b"another")
+    (many / "c.jsonl").write_bytes(bom + b'{"text": "x"}\n')
+    one = tmp_path / "c" / "one"
+    one.mkdir()
+    (one / "all.txt").write_bytes(bom + b"First.\n\nSecond.\n")
+    assert load_user_corpus(tmp_path / "c") == {"many": ["hello", "another", "x"], "one": ["First.", "Second."]}
+
+
 def test_a_domains_only_txt_file_is_split_at_blank_lines(tmp_path):
     one = tmp_path / "c" / "one"
     one.mkdir(parents=True)

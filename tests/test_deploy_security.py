@@ -208,3 +208,12 @@ def test_our_processes_take_no_secret_on_their_command_line(tmp_path, monkeypatc
     assert token not in exposed and secret.hex() not in exposed and blob_secret not in exposed
     for name in ("superexec.secret", "blobs.secret"):
         assert (tmp_path / "state" / name).stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("host", ["server.example.org:9092", "https://server.example.org", "bad host!"])
+def test_a_certificate_host_must_be_a_name_or_an_address(tmp_path, host):
+    from photon.federation.certs import make_certs
+
+    with pytest.raises(UserError, match="not a host name or IP address"):
+        make_certs(tmp_path / "certs", hosts=(host, "127.0.0.1"))
+    assert not (tmp_path / "certs").exists()

@@ -369,7 +369,7 @@ def _read_utf8(path: Path) -> str:
     if not raw.strip():
         raise UserError(f"{path}: file is empty; add text or remove the file")
     try:
-        return raw.decode("utf-8").replace("\r\n", "\n")
+        return raw.decode("utf-8-sig").replace("\r\n", "\n")  # -sig: a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 at byte offset {e.start}; re-save the file as UTF-8") from None
 
@@ -380,7 +380,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark is not text
             except UnicodeDecodeError as e:
                 # '\n' never occurs inside a multi-byte UTF-8 sequence, so decoding per line loses nothing.
                 raise UserError(f"{path}: not valid UTF-8 at byte offset {offset + e.start}; re-save the file as "

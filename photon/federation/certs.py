@@ -50,6 +50,23 @@ def read_token(path: Path) -> str:
     return token
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def check_host(host: str) -> None:
+    """A name or IP address a certificate can be valid for; a URL, a port or a typo is a one-line error (the
+    certificate would never match, and nodes would fail later with CERTIFICATE_VERIFY_FAILED)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(host):
+        raise UserError(f"--host {host!r}: not a host name or IP address; give the name or address alone, "
+                        "without scheme or port (e.g. server.example.org or 10.0.0.5)")
+
+
 def make_certs(out_dir: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), nodes: int = 2,
                force: bool = False, days: int = 365) -> list[Path]:
     """Write ca.crt, ca.key, server.pem, server.key, operator.token and node-<i>.key(.pub) for i < nodes;
@@ -69,6 +86,8 @@ def make_certs(out_dir: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
                         "(nodes holding the old keys and CA will then be refused)")
     if not hosts:
         raise UserError("no --host for the server certificate: name the address nodes use to reach the server")
+    for h in hosts:
+        check_host(h)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -228,7 +228,7 @@ def check_address(superlink: str) -> None:
         raise UserError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. 10.0.0.5:9092")
 
 
-def _tls_args(certs: Path | None, insecure: bool, what: str) -> tuple[Path | None, bool]:
+def tls_args(certs: Path | None, insecure: bool, what: str) -> tuple[Path | None, bool]:
     if insecure == (certs is not None):
         raise UserError(f"{what}: pass exactly one of --certs DIR (TLS, the default) or --insecure")
     return (Path(certs).resolve() if certs else None), insecure
@@ -258,7 +258,7 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
     (default `state/runs`). Beside it, on `blob_port` (default port + 1; 0 turns it off), the blob side channel
     (`blobs.py`) that moves large payloads: its capabilities are minted by the ServerApp with a secret that never
     leaves this machine (`state/blobs.secret`); TLS with the server certificate unless --insecure."""
-    certs, insecure = _tls_args(certs, insecure, "photon server")
+    certs, insecure = tls_args(certs, insecure, "photon server")
     if not insecure:  # before anything is written into --certs (a mistyped one would be made)
         ca, cert, key = _need_files(certs, SERVER_FILES, "photon server")
     state = Path(state).resolve()
@@ -313,7 +313,7 @@ def start_supernode(superlink: str, port: int, state: Path, data: Path | None = 
 
     Default: plain `flower-supernode`, a new ClientApp process per message. `warm` (opt-in, experimental):
     `--isolation process` with photon's long-lived ClientApp runtime beside it (see "A warm node" below)."""
-    certs, insecure = _tls_args(certs, insecure, "photon node")
+    certs, insecure = tls_args(certs, insecure, "photon node")
     check_address(superlink)
     state = Path(state).resolve()
     node_config = f'state-dir="{state / "worker"}"'
@@ -450,7 +450,7 @@ def write_connection(home: Path, superlink: str, certs: Path | None = None, inse
                      token: str | None = None, name: str = CONNECTION) -> Path:
     """Add (or replace) `[superlink.<name>]` in `$FLWR_HOME/config.toml` and make it the default; with `token`
     (the operator token), store it where the `flwr` CLI sends it from (`store_token`)."""
-    certs, insecure = _tls_args(certs, insecure, "the SuperLink connection")
+    certs, insecure = tls_args(certs, insecure, "the SuperLink connection")
     check_address(superlink)
     path = Path(home) / "config.toml"
     doc = tomli.loads(path.read_text()) if path.exists() else {}
@@ -673,7 +673,7 @@ def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume:
                poll_s: float = 2.0) -> dict:
     """`photon submit`: write the connection (with the operator `token`), start the run, stream the ServerApp's
     log, wait for the end."""
-    certs, insecure = _tls_args(certs, insecure, "photon submit")
+    certs, insecure = tls_args(certs, insecure, "photon submit")
     check_out(run_dir)
     write_connection(home, superlink, certs=certs, insecure=insecure, token=token)
     run_id = submit_run(home, cfg, run_dir, resume=resume)
