@@ -136,3 +136,23 @@ def test_too_many_clients_is_refused_before_any_round_with_the_fix(tiny_prep, tm
     with pytest.raises(UserError, match=r"use at most \d+ clients"):
         run(cfg, tmp_path)
     assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_a_run_with_no_node_says_every_30_s_that_it_waits(tiny_prep, monkeypatch, caplog):
+    from photon.federation import aggregator
+
+    cfg = fed_cfg(tiny_prep)
+    agg = Aggregator(cfg, ServerState.fresh({"w": torch.zeros(2)}, cfg.data.partition.num_clients, 0),
+                     [[]] * cfg.data.partition.num_clients, {})
+    now = [1000.0]
+    monkeypatch.setattr(aggregator.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(aggregator.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    with caplog.at_level("WARNING", logger="photon.federation.aggregator"):
+        for _ in range(130):  # 65 s of waiting, half a second each
+            agg.wait_for_a_node()
+        said = [r.getMessage() for r in caplog.records if "no node connected" in r.getMessage()]
+        assert len(said) == 2 and "for 30 s" in said[0] and "for 60 s" in said[1] and "photon node" in said[0]
+        agg.node_came()  # a node came and went: a new wait starts counting from zero
+        for _ in range(59):
+            agg.wait_for_a_node()
+        assert len([r for r in caplog.records if "no node connected" in r.getMessage()]) == 2

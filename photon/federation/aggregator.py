@@ -44,6 +44,7 @@ from photon.federation.worker import client_state_layout
 log = logging.getLogger(__name__)
 SAME_MODEL = codec.Payload({"codec": "fp32", "tensors": []}, np.zeros(0, np.uint8))  # "use the model you hold"
 MAX_REMEMBERED = 4096  # expired tasks remembered, to name the client of a late reply in the log
+IDLE_WARNING_S = 30.0  # how often a run with no node connected says it is waiting
 
 
 class Transport(Protocol):
@@ -145,6 +146,8 @@ class Aggregator:
         self._expired: dict[str, ClientTask] = {}
         # A node stays occupied by a task until its reply comes (even late) or `round_timeout_s` has passed since
         # it was sent (presumed lost): a straggler is not handed more work that would queue behind it.
+        self._idle_since: float | None = None  # when the run began to wait for a node (wall clock)
+        self._idle_warnings = 0
         self.occupied: dict[int, tuple[str, float]] = {}  # node -> (handle, release at, transport clock)
         self.task_times: deque[float] = deque(state.task_times, maxlen=cfg.federation.adaptive.window)
         self._model_payload: tuple[tuple[int, int], codec.Payload] | None = None
@@ -243,6 +246,22 @@ class Aggregator:
                 del self.occupied[node]
         return [n for n in self.usable_nodes(transport) if n not in self.occupied]
 
+    def wait_for_a_node(self) -> None:
+        """Nothing can be sent until a node connects: wait a moment, and say so every IDLE_WARNING_S, so a run
+        whose nodes never come does not look hung."""
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        if now - self._idle_since >= IDLE_WARNING_S * (self._idle_warnings + 1):
+            self._idle_warnings += 1
+            log.warning("no node connected for %.0f s: the run waits for one (start `photon node --superlink "
+                        "SERVER:PORT` on a machine with the data; docs/DEPLOY.md)", now - self._idle_since)
+        time.sleep(0.5)
+
+    def node_came(self) -> None:
+        """Work was sent: the wait (if any) is over."""
+        self._idle_since, self._idle_warnings = None, 0
+
     def occupy(self, node: int, handle: str, sent: float) -> None:
         self.occupied[node] = (handle, sent + self.cfg.federation.round_timeout_s)
 
@@ -272,8 +291,9 @@ class Aggregator:
             while (rnd.queue or rnd.in_flight) and clock() < deadline:
                 self._dispatch(transport, rnd)
                 if not rnd.in_flight and not self.occupied:
-                    time.sleep(0.5)  # no node connected yet: wait for one rather than spin
+                    self.wait_for_a_node()  # none connected yet: wait for one rather than spin
                     continue
+                self.node_came()
                 until = min(deadline, self.next_release(), *(f.deadline for f in rnd.in_flight.values()))
                 wait = max(0.0, until - clock())
                 for handle, msg in transport.collect(wait if is_virtual(transport) else min(1.0, wait)):

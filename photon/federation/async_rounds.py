@@ -93,8 +93,9 @@ class AsyncRounds:
             self._dispatch(transport, result)
             if not self.in_flight and not agg.occupied:
                 if not agg.usable_nodes(transport):
-                    time.sleep(0.5)  # no node connected yet
+                    agg.wait_for_a_node()  # none connected yet
                 continue
+            agg.node_came()
             wait = max(0.0, min(self._next_event(), agg.next_release()) - clock())
             for handle, msg in transport.collect(wait if is_virtual(transport) else min(1.0, wait)):
                 self._on_reply(handle, msg, result, clock())
