@@ -19,9 +19,11 @@ from rich.markup import escape
 from photon.config import RunConfig, load_config, load_saved_config, preset_names
 from photon.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# suggest_commands=False: click itself suggests a close command; typer's own suggestion would say it twice
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, suggest_commands=False,
                   help="Photon: federated pre-training of language models on Flower.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios against a baseline run in the same call.")
+bench_app = typer.Typer(no_args_is_help=True, suggest_commands=False,
+                        help="Benchmarks: ratios against a baseline run in the same call.")
 app.add_typer(bench_app, name="bench")
 console = Console()
 err_console = Console(stderr=True)

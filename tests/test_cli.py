@@ -233,3 +233,8 @@ def test_submit_asks_for_certs_or_insecure_before_it_looks_for_a_token(photon, t
     monkeypatch.chdir(tmp_path)
     code, _, err = photon("submit", "--superlink", "127.0.0.1:9092")
     assert code == 2 and "exactly one of --certs DIR" in err and "token" not in err
+
+
+def test_a_mistyped_command_gets_one_suggestion(photon):
+    code, _, err = photon("rum")
+    assert code == 2 and err.count("Did you mean 'run'?") == 1
