@@ -121,9 +121,9 @@ class TrainConfig(_Frozen):
     step_in_backward: bool = Field(
         False, description="AdamW steps each parameter as soon as its gradient is complete, and frees that "
         "gradient, so the gradients never all exist at once (one model's worth less memory at the peak). With "
-        "grad_clip > 0 the global norm must be known first: each step then runs forward and backward twice (a "
-        "norm pass, then the step pass), the same result for twice the compute. One process per client, no "
-        "micro-batches.")
+        "grad_clip > 0 the global norm must be known first: each step then runs backward twice through one "
+        "forward (a norm pass, then the step pass), the same result for one more backward. One process per "
+        "client, no micro-batches, no compile.")
     loss_chunk: int | None = Field(
         None, ge=1, description="Tokens per chunk of the output layer + cross-entropy, recomputed in backward, so "
         "full fp32 logits never exist at once (None = auto: 4096 when the vocabulary is >= 32k, else off).")
@@ -142,6 +142,10 @@ class TrainConfig(_Frozen):
             raise ValueError(f"train.step_in_backward steps each parameter as its gradient completes, so it cannot "
                              f"add up micro-batches (train.micro_batch_size={self.micro_batch_size}): unset one "
                              f"of the two")
+        if self.step_in_backward and self.compile:
+            raise ValueError("train.step_in_backward needs an eager model: a compiled backward hands back all of "
+                             "its gradients at once (no memory saved) and cannot run twice for the clipping norm; "
+                             "unset train.compile or train.step_in_backward")
         return self
 
 

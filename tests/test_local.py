@@ -251,7 +251,8 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_prepared):
 
 
 @pytest.mark.parametrize("clip,more", [("0", ()), ("1.0", ()), ("1e-3", ()),  # off; the paper's; always on
-                                       ("1e-3", ("train.loss_chunk=100", "train.activation_checkpointing=true"))])
+                                       ("1e-3", ("train.loss_chunk=100", "train.activation_checkpointing=true")),
+                                       ("1.0", ("train.bf16=true", "train.activation_checkpointing=true"))])
 def test_step_in_backward_equals_the_usual_step(tiny_prepared, clip, more):
     """train.step_in_backward: each parameter stepped from its gradient hook (and, with clipping, after a norm
     pass) trains to the usual step's parameters and AdamW state, bitwise, with a tied embedding (used by every
@@ -296,6 +297,8 @@ def test_step_in_backward_refuses_what_it_cannot_do(tiny_prepared):
         load_config("tiny", ["train.step_in_backward=true", "train.micro_batch_size=2"])
     with pytest.raises(UserError, match="procs_per_node"):
         load_config("tiny", ["train.step_in_backward=true", "federation.procs_per_node=2"])
+    with pytest.raises(UserError, match="eager model.*unset train.compile"):
+        load_config("tiny", ["train.step_in_backward=true", "train.compile=true"])
     load_config("tiny", ["train.step_in_backward=true", "train.micro_batch_size=8"])  # = the batch: fine
 
 
@@ -309,3 +312,12 @@ def test_checkpointing_turns_off_autocasts_weight_cache(tiny_prepared, ckpt):
     model.lm_head.register_forward_hook(lambda *_: seen.append(torch.is_autocast_cache_enabled()))
     train_local(model, opt, stream, 0, 0, 1, cfg.train, 10)
     assert seen == [not ckpt]
+
+
+def test_a_lean_node_trains_uncompiled_whatever_the_run_says():
+    from photon.config import load_config
+    from photon.train.local import lean_config
+
+    lean = lean_config(load_config("tiny", ["train.compile=true", "train.micro_batch_size=4"])).train
+    assert lean.step_in_backward and lean.activation_checkpointing and not lean.compile
+    assert lean.micro_batch_size is None

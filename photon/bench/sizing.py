@@ -80,8 +80,8 @@ def render_deploy(_: Any = None) -> str:
     lines = [f"Computed from the presets by `photon/bench/sizing.py` (estimates: see its docstring; time at an "
              f"assumed {MFU_ASSUMED:.0%} MFU on {GPU} GPUs, {GPU_MEMORY_GIB} GiB). Lean node: the same preset on "
              f"a node started as `photon node --lean` (`{' '.join(LEAN)}`: the whole batch in one pass, since "
-             "micro-batches cannot be stepped in backward; with the paper's clipping, each step's forward and "
-             "backward run twice).",
+             "micro-batches cannot be stepped in backward; with the paper's clipping, each step runs backward twice "
+             "through one forward).",
              "",
              "| preset | parameters | ranks (GPUs) per client | sharding | micro-batch | memory per rank | fits one "
              f"{GPU_MEMORY_GIB} GiB GPU? | lean node (one process) | compute per round (H × batch) | model down + up "

@@ -107,15 +107,23 @@ def train_local(
             x, y, cursor = stream.next_batch(cursor)
             rows = x.shape[0] // world
             x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
-            if in_backward is not None and cfg.grad_clip > 0:  # the norm pass: the same batch, the same draws
-                with in_backward.measuring_norm(), same_randomness(device):
-                    _forward_backward(model, cfg, device, x, y, rows)
-            starts = range(0, rows, micro)
             step_loss = torch.zeros((), device=device)
-            for j, s in enumerate(starts):
-                last = j == len(starts) - 1
-                with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
-                    step_loss += _forward_backward(model, cfg, device, x[s:s + micro], y[s:s + micro], rows)
+            if in_backward is not None and cfg.grad_clip > 0:
+                # one forward, two backwards through its graph: the first only measures the gradients' norm,
+                # the second steps each parameter with its gradient clipped (one pass: no micro-batches here)
+                loss = _forward(model, cfg, device, x, y, rows)
+                with in_backward.measuring_norm():
+                    loss.backward(retain_graph=True)
+                loss.backward()
+                step_loss += loss.detach()
+            else:
+                starts = range(0, rows, micro)
+                for j, s in enumerate(starts):
+                    last = j == len(starts) - 1
+                    with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+                        loss = _forward(model, cfg, device, x[s:s + micro], y[s:s + micro], rows)
+                        loss.backward()
+                    step_loss += loss.detach()
             if in_backward is None:
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
@@ -134,29 +142,29 @@ def train_local(
                        losses=losses, seconds=time.perf_counter() - start)
 
 
-LEAN = ("train.step_in_backward=true", "train.activation_checkpointing=true", "train.micro_batch_size=null")
+LEAN = ("train.step_in_backward=true", "train.activation_checkpointing=true", "train.micro_batch_size=null",
+        "train.compile=false")
 
 
 def lean_config(cfg: RunConfig, procs: int = 1) -> RunConfig:
     """The run's config as a node short of memory trains it (`photon node --lean`): each parameter stepped in
     backward, activation checkpointing, and the whole batch in one pass (micro-batches cannot be stepped in
-    backward; with checkpointing the whole batch's block inputs are what it keeps). The same recipe: bitwise
-    the same update on the CPU without micro-batches, within fp32 rounding when the run accumulates them. A
-    client of several processes (`procs` > 1) only gets the checkpointing."""
+    backward; with checkpointing the whole batch's block inputs are what it keeps), uncompiled. The same
+    recipe: bitwise the same update on the CPU without micro-batches or compile, within fp32 rounding when the
+    run accumulates micro-batches or compiles. A client of several processes (`procs` > 1) only gets the
+    checkpointing."""
     if procs > 1:
         return with_overrides(cfg, ["train.activation_checkpointing=true"])
     return with_overrides(cfg, [*LEAN, "federation.procs_per_node=1"])  # this node trains in one process
 
 
-def _forward_backward(model: nn.Module, cfg: TrainConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor,
-                      rows: int) -> torch.Tensor:
-    """Forward and backward of one micro-batch, its loss weighted by its share of the step's `rows`."""
+def _forward(model: nn.Module, cfg: TrainConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor,
+             rows: int) -> torch.Tensor:
+    """The loss of one micro-batch, weighted by its share of the step's `rows`, ready for backward."""
     x, y = batch_to(device, x, y)
     with autocast(cfg, device):
         _, loss = model(x, y)
-    loss = loss * (x.shape[0] / rows)
-    loss.backward()
-    return loss.detach()
+    return loss * (x.shape[0] / rows)
 
 
 class StepInBackward:
@@ -168,13 +176,12 @@ class StepInBackward:
     runs once, after all of its uses). The result is the usual step's: the fused AdamW kernel is elementwise
     per tensor. Global-norm clipping needs every gradient's norm before any step: `measuring_norm()` turns the
     hooks into a norm pass (each gradient's norm kept, the gradient freed), and the next backward steps with
-    each gradient scaled as `clip_grad_norm_` scales it (the same norms, combined in the parameters' order)."""
+    each gradient scaled as `clip_grad_norm_` scales it (the same norms, combined in the parameters' order).
+    `train_local` runs both backwards through one forward's graph (kept by the first): the same gradients
+    twice, with no forward replayed. (Replaying the forward instead cost one more forward, and in one probe, in
+    bf16 with checkpointed blocks of width 512, ended a few steps away from the usual step; why was not found.)"""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float):
-        if hasattr(model, "_orig_mod"):
-            log.warning("train.step_in_backward with train.compile: the compiled backward hands back all of its "
-                        "gradients at once, so they all exist together again (same result, no memory saved); "
-                        "turn train.compile off to save the memory")
         self.optimizer, self.clip = optimizer, clip
         self.order = {p: i for i, p in enumerate(getattr(model, "_orig_mod", model).parameters())}
         self.norms: dict[int, torch.Tensor] = {}
@@ -207,14 +214,6 @@ class StepInBackward:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def same_randomness(device: torch.device) -> contextlib.AbstractContextManager:
-    """Random number generators restored on exit (for a pass that must be replayed with the same draws)."""
-    if device.type == "cuda":
-        return torch.random.fork_rng(devices=[device.index if device.index is not None
-                                              else torch.cuda.current_device()])
-    return torch.random.fork_rng(devices=[])
 
 
 # ---------------------------------------------------------------------------------------------------------
