@@ -125,3 +125,20 @@ def test_sync_with_an_adaptive_deadline_drops_stragglers_and_goes_on(tiny_prep, 
                              "federation.rounds=5", "federation.faults.slow_fraction=0.34",
                              "federation.faults.slow_factor=4", "federation.round_timeout_s=200"), tmp_path / "f")
     assert transport.now < t2.now  # waiting for every straggler takes longer
+
+
+def _most_in_flight(transport) -> int:
+    events = sorted([(r.start, 1) for r in transport.records.values()] +
+                    [(r.done, -1) for r in transport.records.values()], key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.parametrize("concurrency,expected", [(None, 3), (2, 2), (1, 1)])
+def test_concurrency_caps_the_clients_in_flight(tiny_prep, tmp_path, concurrency, expected):
+    extra = [f"federation.asynchronous.concurrency={concurrency}"] if concurrency else []
+    summary, transport = _run(_cfg(tiny_prep, "federation.rounds=2", *extra), tmp_path)
+    assert summary["rounds"] == 2 and _most_in_flight(transport) == expected

@@ -1,4 +1,5 @@
-"""`photon bench report`: rewrite the measured blocks of docs/RESULTS.md from the stored benchmark outputs.
+"""`photon bench report`: rewrite the measured blocks of docs/RESULTS.md (and the computed tables of README.md
+and docs/DEPLOY.md) from the stored benchmark outputs.
 
 docs/RESULTS.md is prose plus blocks between `<!-- results:NAME -->` and `<!-- /results:NAME -->` markers.
 Each block is rendered from `docs/results/NAME.json` (written by the benchmark that measured it, see

@@ -126,4 +126,4 @@ def render_presets(results_dir: Path) -> str:
 def _blurb(name: str) -> str:
     return {"tiny": "tests, seconds", "small": "the demo (`make run`), Photon's recipe",
             "small-diloco": "DiLoCo's recipe on the demo model", "medium": "claims benchmark, non-embedding "
-            "parameters dominate"}.get(name, "the paper's shape (PAPER.md)")
+            "parameters dominate"}.get(name, "the paper's shape (arXiv 2411.02908)")

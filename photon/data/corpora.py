@@ -336,7 +336,7 @@ def _default_docs(name: str, cache_dir: Path, max_mb: float | None) -> Iterator[
 
 
 def default_domains(cache_dir: Path, max_mb_per_domain: float | None = None) -> list[Domain]:
-    """The six fast domains of docs/DATA.md whose archives are in ``cache_dir`` (see fetch_sources)."""
+    """The six fast built-in domains whose archives are in ``cache_dir`` (see fetch_sources)."""
     cache_dir = Path(cache_dir)
     domains = []
     for name in DEFAULT_DOMAINS:

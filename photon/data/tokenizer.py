@@ -1,6 +1,7 @@
 """Our own byte-level BPE tokenizer (HF ``tokenizers``): train, save, load, fingerprint.
 
-No pretrained vocabulary can be fetched offline, so every prepared corpus trains its own (docs/DATA.md).
+No pretrained vocabulary can be fetched offline (no model hub is reachable), so every prepared corpus trains
+its own.
 The end-of-text token is id 0 and separates documents in the shards; nothing here touches shards.
 """
 

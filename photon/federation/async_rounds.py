@@ -128,6 +128,8 @@ class AsyncRounds:
     def _dispatch(self, transport: Transport, result: RoundResult) -> None:
         agg = self.agg
         for node in agg.free_nodes(transport):
+            if self.cfg.concurrency is not None and len(self.in_flight) >= self.cfg.concurrency:
+                break  # federation.asynchronous.concurrency: no more clients in flight at once
             cid = self._pick()
             if cid is None:
                 break

@@ -1,8 +1,9 @@
 """Flower ClientApp: a train message in, the worker's reply out. Nothing else lives here.
 
 The worker is cached per process and run, so where the process outlives a message, model and data stay warm
-across rounds: in simulation (long-lived Ray actors) and on a `photon node` (its long-lived ClientApp runtime,
-see `deploy.py`). Flower's own deployment executor starts a new process per message, which starts cold. Node
+across rounds: in simulation (long-lived Ray actors) and on a `photon node --warm` (its long-lived ClientApp
+runtime, see `warm_node.py`). A plain `photon node` runs Flower's own executor, a new process per message,
+which starts cold. Node
 options come from Flower's node config: `data-dir` (prepared data on this node, default: the run's
 `data.prep_dir`), `state-dir` (where this node caches kept client state, see `client_state.py`) and
 `slowdown` (a drill knob: the node takes that many times as long per task) and `procs` (processes that train

@@ -20,7 +20,8 @@ from photon.config import RunConfig, with_overrides
 
 
 def flower_env(home: Path) -> dict[str, str]:
-    """Variables every Flower process of ours needs on an offline machine (FLOWER-NOTES.md)."""
+    """Variables every Flower process of ours needs on an offline machine: no telemetry, no update check, no
+    runtime installs."""
     return {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DEDUP_LOGS": "0",
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
