@@ -316,6 +316,9 @@ def server(
     if blob_port is not None and blob_port == port:
         raise UserError(f"--blob-port {blob_port} is --port too: the blob side channel needs a port of its own "
                         f"(leave --blob-port out for --port + 1)")
+    if blob_port is None and port == 65535:
+        raise UserError("--port 65535 leaves no --port + 1 for the blob side channel; pick a lower --port or pass "
+                        "--blob-port")
     _warn_insecure(insecure)
     _stop_on_sigterm()
     log_file = state / "superlink.log"

@@ -217,6 +217,8 @@ def test_ports_out_of_range_or_shared_are_refused(photon):
     assert code == 2 and "65535" in err
     code, _, err = photon("server", "--port", 9092, "--blob-port", 9092)
     assert code == 2 and "a port of its own" in err
+    code, _, err = photon("server", "--port", 65535)
+    assert code == 2 and "no --port + 1" in err
 
 
 def test_damaged_config_files_are_one_line_errors(photon, tmp_path):
