@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test setup clean gpu-check
 
 $(STAMP): pyproject.toml
+	@echo "setting up $(VENV): Photon and its pinned dependencies (about 2 GB, a few minutes on first use)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)

@@ -154,7 +154,7 @@ def generate(
     ids = tok.encode(prompt).ids or [0]
     gen = torch.Generator().manual_seed(seed)
     out = model.generate(torch.tensor([ids]), tokens, temperature=temperature, top_k=top_k, generator=gen)
-    console.print(tok.decode(out[0].tolist()), markup=False, highlight=False)
+    console.print(tok.decode(out[0].tolist()), markup=False, highlight=False, soft_wrap=True)  # as generated
 
 
 @app.command()
@@ -193,7 +193,12 @@ def run(
         cfg = _config(preset, overrides)
         run_dir = out or Path("runs") / f"{cfg.name}-federated"
     ensure_prepared(cfg, cache)
-    summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
+    try:
+        summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; the run keeps its last checkpoint: continue it with photon run --resume "
+                          f"{run_dir}", highlight=False, soft_wrap=True)
+        sys.exit(130)
     console.print(f"run directory: {summary['run_dir']}")
 
 

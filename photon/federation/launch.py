@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from rich.console import Console
 
 from photon.config import RunConfig, with_overrides
+
+log = logging.getLogger(__name__)
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -101,15 +104,33 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     workers, resources = simulation_resources(cfg, os.cpu_count() or 1, visible_gpus(cfg))
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
+    stop = threading.Event()
     with loopback_blobs(cfg, Path(run_dir)) as blobs:
-        server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, console=console, **kwargs)
+        server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, stop=stop, console=console,
+                                     **kwargs)
         client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
-        _simulate(cfg, server_app, client_app, nodes, resources)
+        try:
+            _simulate(cfg, server_app, client_app, nodes, resources)
+        except KeyboardInterrupt:  # Ctrl-C: Flower stops its runtime but not our server thread, which
+            stop.set()  # would wait for replies that never come (and the process with it): end it, and Ray
+            _shutdown_ray()
+            raise
     if "error" in result:
         raise result["error"]
     if "rounds" not in result:
         raise RuntimeError(f"the simulation ended without a result; see the log above and {run_dir}")
     return result
+
+
+def _shutdown_ray() -> None:
+    """Ray's workers and helper processes gone (an interrupted simulation left some running)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception as e:  # noqa: BLE001 (already stopping: say so, do not mask the interrupt)
+        log.warning("stopping Ray after an interrupt: %s", e)
 
 
 def _simulate(cfg: RunConfig, server_app: Any, client_app: Any, nodes: int, resources: dict[str, float]) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -42,10 +43,12 @@ class GridTransport:
     poll interval doubles from `poll_s` up to `max_poll_s`."""
 
     def __init__(self, grid: Grid, poll_s: float = 0.05, max_poll_s: float = 1.0, retries: int = 6,
-                 blobs: Channel | None = None):
+                 blobs: Channel | None = None, stop: threading.Event | None = None):
         """`blobs`: large payloads travel over the side channel `photon server` runs (blobs.py); the message
-        carries references."""
-        self.grid = grid
+        carries references. `stop`: once set, the next Grid call raises KeyboardInterrupt, which ends the round
+        loop where it stands (the last checkpoint stays as written): how Ctrl-C reaches a simulation's server
+        thread."""
+        self.grid, self.stop = grid, stop
         self.poll_s, self.max_poll_s, self.retries = poll_s, max_poll_s, retries
         self.blobs = blobs
         self._live: deque[str] = deque()  # model blobs recent tasks may still fetch
@@ -56,6 +59,8 @@ class GridTransport:
         """A Grid call, retried with backoff: under load the SuperLink answers some requests with a server
         error (seen: "database is locked" from its SQLite state while large objects stream in); one such
         answer must not end the run."""
+        if self.stop is not None and self.stop.is_set():
+            raise KeyboardInterrupt
         for attempt in range(self.retries + 1):
             try:
                 return fn(*args)
@@ -135,7 +140,7 @@ def short_reason(reason: str | None) -> str:
 
 
 def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, blobs: Channel | None = None,
-                    **kwargs) -> ServerApp:
+                    stop: threading.Event | None = None, **kwargs) -> ServerApp:
     """A ServerApp bound to an already-built config (simulation, where we launch in-process); `blobs`: the side
     channel large payloads take (`launch.loopback_blobs`)."""
     app = ServerApp()
@@ -143,7 +148,8 @@ def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, b
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            result.update(run_federation(cfg, run_dir, GridTransport(grid, blobs=blobs), resume=resume, **kwargs))
+            result.update(run_federation(cfg, run_dir, GridTransport(grid, blobs=blobs, stop=stop), resume=resume,
+                                         **kwargs))
         except BaseException as e:  # Flower would log and swallow it: hand it back to the caller
             result["error"] = e
 
