@@ -156,3 +156,18 @@ def test_a_run_with_no_node_says_every_30_s_that_it_waits(tiny_prep, monkeypatch
         for _ in range(59):
             agg.wait_for_a_node()
         assert len([r for r in caplog.records if "no node connected" in r.getMessage()]) == 2
+
+
+def test_resuming_a_finished_run_says_so_and_shows_its_last_evaluation(tiny_prep, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    cfg = fed_cfg(tiny_prep, "federation.rounds=2")
+    done = run(cfg, tmp_path)
+    out = io.StringIO()
+    again = run(cfg, tmp_path, resume=True, console=Console(file=out, width=200))
+    text = out.getvalue()
+    assert "already ran its 2 rounds" in text and "federation.schedule_rounds=2" in text
+    assert again["rounds"] == 2 and again["params_sha"] == done["params_sha"]
+    assert "overall" in text.split("validation after 2 rounds")[1]  # the table has rows, not an empty frame

@@ -126,8 +126,15 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
                   f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
     first = run_eval() if state.round == 0 else None
     release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
-    console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
     last = first or {}
+    if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
+        console.print(f"the run already ran its {fed.rounds} rounds: nothing to train. To train on: --resume with "
+                      f"--set federation.rounds=<more> --set federation.schedule_rounds="
+                      f"{fed.schedule_rounds or fed.rounds}", highlight=False)
+        evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+        last = {k.removeprefix("loss/"): v for k, v in evals[-1].items() if k.startswith("loss/")} if evals else {}
+    else:
+        console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
     end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
     retries = 0
     short_rounds: list[int] = []
