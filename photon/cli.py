@@ -214,18 +214,17 @@ ENGINES = ("simulation", "inprocess")
 
 
 def run_federated(cfg: RunConfig, run_dir: Path, resume: bool, engine: str) -> dict:
+    """The run on `engine`, one of ENGINES (`run` checks it before any data is prepared)."""
     if engine == "simulation":
         from photon.federation.launch import run_simulated
 
         return run_simulated(cfg, run_dir, resume=resume, console=console)
-    if engine == "inprocess":
-        from photon.federation.runner import run_federation
-        from photon.federation.virtual_clock import VirtualClockTransport
-        from photon.federation.worker import ClientWorker
+    from photon.federation.runner import run_federation  # inprocess
+    from photon.federation.virtual_clock import VirtualClockTransport
+    from photon.federation.worker import ClientWorker
 
-        transport = VirtualClockTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.num_nodes)
-        return run_federation(cfg, run_dir, transport, resume=resume, console=console)
-    raise UserError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
+    transport = VirtualClockTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.num_nodes)
+    return run_federation(cfg, run_dir, transport, resume=resume, console=console)
 
 
 @app.command()

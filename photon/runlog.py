@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 METRICS = "metrics.jsonl"
+LOSS = "loss/"  # an eval row's per-domain validation losses are logged as loss/<domain>
+
+
+def eval_losses(row: dict[str, Any]) -> dict[str, float]:
+    """The per-domain losses an eval row logged, keyed by domain (`overall` included)."""
+    return {k.removeprefix(LOSS): v for k, v in row.items() if k.startswith(LOSS)}
 
 
 class RunLog:

@@ -634,7 +634,7 @@ def _round_row(r: dict[str, Any]) -> dict[str, Any]:
 
 def read_run(run_dir: Path, arm: Arm, local_steps: int) -> dict[str, Any] | None:
     """One finished run as stored: evaluations [tokens, round-equivalent, {domain: loss}], round rows, seconds."""
-    from photon.runlog import read_metrics
+    from photon.runlog import eval_losses, read_metrics
 
     done = run_dir / "done.json"
     if not done.exists():
@@ -651,7 +651,7 @@ def read_run(run_dir: Path, arm: Arm, local_steps: int) -> dict[str, Any] | None
         by_round[r["round"]] = cum
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     for r in (r for r in rows if r["kind"] == "eval"):
-        losses = {k.removeprefix("loss/"): v for k, v in r.items() if k.startswith("loss/")}
+        losses = eval_losses(r)
         if arm.kind == "federated":
             evals.append([by_round.get(r["round"], r["tokens"]), r["round"], losses])
         else:  # a centralized step of batch K·b is one global step of K clients: round-equivalent = step/H

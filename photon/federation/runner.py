@@ -24,7 +24,7 @@ from photon.federation.client_state import StateFiles
 from photon.federation.server_state import ServerState, referenced_state_digests
 from photon.model.transformer import load_unique_state_dict, unique_state_dict
 from photon.report import eval_table, plot_run
-from photon.runlog import RunLog, read_metrics
+from photon.runlog import RunLog, eval_losses, read_metrics
 from photon.train.centralized import build_model, check_same_model, open_data
 from photon.train.device import release_freed_memory, resolve_device
 from photon.train.evaluate import OVERALL, evaluate, perplexity
@@ -132,7 +132,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
                       f"--set federation.rounds=<more> --set federation.schedule_rounds="
                       f"{fed.schedule_rounds or fed.rounds}", highlight=False)
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
-        last = {k.removeprefix("loss/"): v for k, v in evals[-1].items() if k.startswith("loss/")} if evals else {}
+        last = eval_losses(evals[-1]) if evals else {}
     else:
         console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
     end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
@@ -176,7 +176,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     summary["short_rounds"] = short_rounds
     if state.round >= fed.rounds or not budget_left():
         before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
-        before_losses = {k.removeprefix("loss/"): v for k, v in (before or {}).items() if k.startswith("loss/")}
+        before_losses = eval_losses(before or {})
         console.print(eval_table(last, title=f"validation after {state.round} rounds", before=before_losses))
         summary["plot"] = str(plot_run(run_dir))
         console.print(f"curves: {summary['plot']}")
