@@ -45,6 +45,33 @@ def crash_when(predicate):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The CLI, called in this process
+
+
+@pytest.fixture
+def photon(monkeypatch, capsys):
+    """Run `photon ARGS` in this process through `cli.main` (what the console script calls); returns
+    (exit code, stdout, stderr)."""
+    import sys
+
+    from photon import cli
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["photon", *map(str, args)])
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # main() sets it; undo that after the test
+        monkeypatch.setitem(cli._state, "debug", False)
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The tiny fixture corpus, prepared once per session, and configs that point at it.
 
 

@@ -123,27 +123,13 @@ def test_a_benchmark_clears_only_an_out_folder_a_benchmark_made(tmp_path):
         fresh_out_dir(mine / "notes.txt")
 
 
-def test_bench_federation_checks_its_options_before_it_touches_out(tmp_path, monkeypatch):
+def test_bench_federation_checks_its_options_before_it_touches_out(photon, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "notes.txt").write_text("keep me")
-    code = _main(monkeypatch, "bench", "federation", "--preset", "tiny", "--memory-preset", "paper125m",
-                 "--out", victim)
+    code, _, _ = photon("bench", "federation", "--preset", "tiny", "--memory-preset", "paper125m",
+                        "--out", victim)
     assert code == 2 and (victim / "notes.txt").exists()
-    code = _main(monkeypatch, "bench", "federation", "--preset", "tiny", "--out", victim)
+    code, _, _ = photon("bench", "federation", "--preset", "tiny", "--out", victim)
     assert code == 2 and (victim / "notes.txt").exists()  # not a benchmark's folder: refused
-
-
-def _main(monkeypatch, *args) -> int:
-    import sys
-
-    from photon import cli
-
-    monkeypatch.setattr(sys, "argv", ["photon", *map(str, args)])
-    monkeypatch.setitem(cli._state, "debug", False)
-    try:
-        cli.main()
-    except SystemExit as e:
-        return e.code or 0
-    return 0

@@ -39,25 +39,6 @@ def run_cli(*args, cwd=None):
                           cwd=cwd, env=env, timeout=120)
 
 
-@pytest.fixture
-def photon(monkeypatch, capsys):
-    """Run `photon ARGS` in this process through `cli.main` (what the console script calls)."""
-
-    def call(*args):
-        monkeypatch.setattr(sys, "argv", ["photon", *map(str, args)])
-        monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # main() sets it; undo that after the test
-        monkeypatch.setitem(cli._state, "debug", False)
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
-
-
 def test_every_verb_is_listed():
     names = {v[-1] for v in VERBS}
     assert {"prepare", "train-central", "eval", "export", "generate", "plot", "run", "presets", "bench",
