@@ -196,9 +196,11 @@ def run(
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
     except KeyboardInterrupt:
+        from photon.federation.launch import exit_after_interrupt
+
         err_console.print(f"interrupted; the run keeps its last checkpoint: continue it with photon run --resume "
                           f"{run_dir}", highlight=False, soft_wrap=True)
-        sys.exit(130)
+        exit_after_interrupt(130)
     console.print(f"run directory: {summary['run_dir']}")
 
 
@@ -665,8 +667,10 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(_path_error(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        from photon.federation.launch import exit_after_interrupt
+
         err_console.print("interrupted")
-        sys.exit(130)
+        exit_after_interrupt(130)
 
 
 def _path_error(e: OSError) -> str:

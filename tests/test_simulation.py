@@ -79,3 +79,38 @@ def test_async_rounds_run_on_flower_with_slow_clients_sleeping_for_real(tiny_pre
     assert all(1 <= len(r["folded"]) <= 2 for r in rounds)  # quorum 1: replies that arrive together fold together
     max_staleness = cfg.federation.asynchronous.max_staleness
     assert all(0 <= s <= max_staleness for r in rounds for s in r["folded"].values()), [r["folded"] for r in rounds]
+
+
+def test_ctrl_c_ends_a_simulation_and_says_how_to_resume(tiny_prep, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-run: the process ends within seconds
+    with exit code 130 and the resume command, and leaves no Ray process behind. (Flower stopped its runtime
+    but not our server thread, which waited for replies forever, and the process with it.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "photon.cli", "run", "--preset", "tiny", "--out", str(out),
+                                 "--set", f"data.prep_dir={tiny_prep}", "--set", "federation.rounds=2000"],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints").is_dir() or len(list((out / "checkpoints").iterdir())) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert f"photon run --resume {out}" in log.read_text()
+    for _ in range(20):  # nothing of its session (Ray's workers and agents) left running, after a moment
+        left = subprocess.run(["pgrep", "-a", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, left

@@ -10,16 +10,18 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from photon.config import RunConfig, with_overrides
 
 log = logging.getLogger(__name__)
+SERVER_STOP_S = 60  # how long an interrupted simulation waits for its server thread to stop
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -104,16 +106,15 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     workers, resources = simulation_resources(cfg, os.cpu_count() or 1, visible_gpus(cfg))
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
-    stop = threading.Event()
+    stop, done = threading.Event(), threading.Event()
     with loopback_blobs(cfg, Path(run_dir)) as blobs:
-        server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, stop=stop, console=console,
-                                     **kwargs)
+        server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, stop=stop, done=done,
+                                     console=console, **kwargs)
         client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
         try:
             _simulate(cfg, server_app, client_app, nodes, resources)
-        except KeyboardInterrupt:  # Ctrl-C: Flower stops its runtime but not our server thread, which
-            stop.set()  # would wait for replies that never come (and the process with it): end it, and Ray
-            _shutdown_ray()
+        except KeyboardInterrupt:
+            _stop_after_interrupt(stop, done)
             raise
     if "error" in result:
         raise result["error"]
@@ -122,15 +123,31 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     return result
 
 
-def _shutdown_ray() -> None:
-    """Ray's workers and helper processes gone (an interrupted simulation left some running)."""
-    try:
-        import ray
+def _stop_after_interrupt(stop: threading.Event, done: threading.Event) -> None:
+    """Ctrl-C: Flower stops its runtime but not our server thread, which would wait for replies that never come
+    (and keep the process alive). Tell it to stop and wait until it has: it stops at its next Grid call, after
+    any checkpoint it is writing. Flower's threads log as they wind down: kept quiet. Ray is left to the exit
+    (`exit_after_interrupt`): stopping it here, while Flower's threads still call it, can end the process."""
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
+    stop.set()
+    if not done.wait(SERVER_STOP_S):
+        log.warning("the server thread did not stop within %d s of the interrupt", SERVER_STOP_S)
 
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception as e:  # noqa: BLE001 (already stopping: say so, do not mask the interrupt)
-        log.warning("stopping Ray after an interrupt: %s", e)
+
+def exit_after_interrupt(code: int = 130) -> NoReturn:
+    """Leave after an interrupt once our own work is closed. Flower's simulation workers can still be waiting
+    in `ray.get` for actors the interrupt killed, and Python joins such threads at exit: forever. So when
+    threads other than daemons are left, flush what we printed and logged, and exit without joining them (Ray's
+    own processes end with ours: Ray starts them to die with their parent)."""
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not left:
+        sys.exit(code)
+    log.debug("exiting past %d thread(s) still running: %s", len(left), ", ".join(t.name for t in left))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _simulate(cfg: RunConfig, server_app: Any, client_app: Any, nodes: int, resources: dict[str, float]) -> None:

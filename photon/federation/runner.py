@@ -109,64 +109,66 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     else:
         next_round, keep = agg.run_round, 3
     runlog = RunLog(run_dir, resume_step=state.round if found is not None else None, step_key="round")
-    eval_model = build_model(cfg).to(resolve_device(cfg.train.device))
-    t = cfg.train
+    try:
+        eval_model = build_model(cfg).to(resolve_device(cfg.train.device))
+        t = cfg.train
 
-    def run_eval() -> dict[str, float]:
-        # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
-        load_unique_state_dict(eval_model, state.params, share=next(eval_model.parameters()).device.type == "cpu")
-        losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
-        runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
-                   clock=state.clock, **{f"loss/{k}": v for k, v in losses.items()})
-        return losses
+        def run_eval() -> dict[str, float]:
+            # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
+            load_unique_state_dict(eval_model, state.params, share=next(eval_model.parameters()).device.type == "cpu")
+            losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
+            runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
+                       clock=state.clock, **{f"loss/{k}": v for k, v in losses.items()})
+            return losses
 
-    mode = "" if fed.mode == "sync" else f"async (quorum {driver.quorum}), "
-    console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
-                  f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
-                  f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
-    first = run_eval() if state.round == 0 else None
-    release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
-    last = first or {}
-    if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
-        console.print(f"the run already ran its {fed.rounds} rounds: nothing to train. To train on: --resume with "
-                      f"--set federation.rounds=<more> --set federation.schedule_rounds="
-                      f"{fed.schedule_rounds or fed.rounds}", highlight=False)
-        evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
-        last = eval_losses(evals[-1]) if evals else {}
-    else:
-        console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
-    end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
-    retries = 0
-    short_rounds: list[int] = []
-    def budget_left() -> bool:
-        return token_budget is None or state.totals.get("tokens", 0) < token_budget
-
-    while state.round < end and budget_left():
-        result = next_round(transport)
-        for node, reason in result.excluded.items():
-            console.print(f"  [yellow]excluded node {node}[/] after repeated failures (last: {reason})",
-                          highlight=False)
-        if not result.committed:
-            retries += 1
-            console.print(f"round {result.round + 1}: only {len(result.ok)} good replies (< {fed.min_replies}); "
-                          f"retry {retries}/{fed.max_round_retries}")
-            for cid, reason in sorted(result.dropped.items()):
-                console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
-            if retries > fed.max_round_retries:
-                raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
-                                f"{'; '.join(result.failed[-2:])}")
-            continue
+        mode = "" if fed.mode == "sync" else f"async (quorum {driver.quorum}), "
+        console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
+                      f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
+                      f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
+        first = run_eval() if state.round == 0 else None
+        release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
+        last = first or {}
+        if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
+            console.print(f"the run already ran its {fed.rounds} rounds: nothing to train. To train on: --resume with "
+                          f"--set federation.rounds=<more> --set federation.schedule_rounds="
+                          f"{fed.schedule_rounds or fed.rounds}", highlight=False)
+            evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+            last = eval_losses(evals[-1]) if evals else {}
+        else:
+            console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
+        end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
         retries = 0
-        state.clock = result.clock
-        if result.dropped:
-            short_rounds.append(state.round)
-        if state.round % fed.eval_every == 0 or state.round == fed.rounds or not budget_left():
-            last = run_eval()
-        _log_round(runlog, state, result, last, console)
-        state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
-        StateFiles(run_dir / "client_state").keep_only(referenced_state_digests(ckpt_dir) | state.state_digests())
-        release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
-    runlog.close()
+        short_rounds: list[int] = []
+        def budget_left() -> bool:
+            return token_budget is None or state.totals.get("tokens", 0) < token_budget
+
+        while state.round < end and budget_left():
+            result = next_round(transport)
+            for node, reason in result.excluded.items():
+                console.print(f"  [yellow]excluded node {node}[/] after repeated failures (last: {reason})",
+                              highlight=False)
+            if not result.committed:
+                retries += 1
+                console.print(f"round {result.round + 1}: only {len(result.ok)} good replies (< {fed.min_replies}); "
+                              f"retry {retries}/{fed.max_round_retries}")
+                for cid, reason in sorted(result.dropped.items()):
+                    console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
+                if retries > fed.max_round_retries:
+                    raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
+                                    f"{'; '.join(result.failed[-2:])}")
+                continue
+            retries = 0
+            state.clock = result.clock
+            if result.dropped:
+                short_rounds.append(state.round)
+            if state.round % fed.eval_every == 0 or state.round == fed.rounds or not budget_left():
+                last = run_eval()
+            _log_round(runlog, state, result, last, console)
+            state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
+            StateFiles(run_dir / "client_state").keep_only(referenced_state_digests(ckpt_dir) | state.state_digests())
+            release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
+    finally:  # an interrupt too: TensorBoard's buffered events are written
+        runlog.close()
     if short_rounds:
         console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
                       f"their sampled clients (rounds {', '.join(map(str, short_rounds[:10]))}"

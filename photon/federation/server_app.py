@@ -140,9 +140,11 @@ def short_reason(reason: str | None) -> str:
 
 
 def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, blobs: Channel | None = None,
-                    stop: threading.Event | None = None, **kwargs) -> ServerApp:
+                    stop: threading.Event | None = None, done: threading.Event | None = None,
+                    **kwargs) -> ServerApp:
     """A ServerApp bound to an already-built config (simulation, where we launch in-process); `blobs`: the side
-    channel large payloads take (`launch.loopback_blobs`)."""
+    channel large payloads take (`launch.loopback_blobs`); `stop`: see `GridTransport`; `done`: set once the
+    round loop has ended, however it ended."""
     app = ServerApp()
 
     @app.main()
@@ -152,6 +154,9 @@ def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, b
                                          **kwargs))
         except BaseException as e:  # Flower would log and swallow it: hand it back to the caller
             result["error"] = e
+        finally:
+            if done is not None:
+                done.set()
 
     return app
 
