@@ -115,3 +115,13 @@ def test_cli_bench_report_with_a_mistyped_folder_exits_with_one_line(tmp_path, m
     res = CliRunner().invoke(app, ["bench", "report", "--results", "rsults", "--target", str(md)])
     assert res.exit_code != 0 and isinstance(res.exception, UserError) and "rsults" in str(res.exception)
     assert md.read_text() == TEXT
+
+
+def test_demo_names_its_failed_replies_and_renders_older_records_without_them():
+    from photon.bench.demo import render
+
+    data = {"preset": "small", "clients": 4, "k": 4, "h": 32, "rounds": 2, "nodes": 2, "wall_seconds": 60.0,
+            "round_seconds": [30.0, 30.0], "tokens": 10**6, "ppl": {"overall": [8000.0, 500.0]}}
+    assert "Failed replies" not in render(data)  # stored before failures were recorded
+    text = render({**data, "replies": 8, "failures": ["round 2: client 1 attempt 1: update disagrees"]})
+    assert "Failed replies: 1 of 8." in text and "- round 2: client 1 attempt 1: update disagrees" in text

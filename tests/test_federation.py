@@ -1,9 +1,11 @@
 """The federated round loop, engine-free (in-process transport): sampling, client table, failures, resume."""
 
+import io
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from photon.checkpoint import list_checkpoints
 from photon.config import load_config
@@ -71,13 +73,23 @@ def test_a_failing_client_is_dropped_requeued_and_not_advanced(tiny_prep, tmp_pa
         calls.append((task.client_id, task.round, task.attempt))
         return "boom" if task.client_id == 1 and task.round == 0 else None
 
-    run(cfg, tmp_path, fail=fail)
+    out = io.StringIO()
+    run(cfg, tmp_path, fail=fail, console=Console(file=out, width=200))
     assert (1, 0, 1) in calls and (1, 0, 2) in calls  # re-queued once within the round
     state, _ = ServerState.load_latest(tmp_path / "checkpoints")
     assert state.clients[1].rounds == 1 and state.clients[1].failures == 2
     assert state.clients[0].rounds == 2 and state.clients[1].cursor == 4 * 8
     rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
     assert [(r["ok"], r["failed"]) for r in rounds] == [(2, 2), (3, 0)]
+    assert len(rounds[0]["failures"]) == 2 and all("boom" in why for why in rounds[0]["failures"])
+    assert rounds[1]["failures"] == []
+    # the printed table's MB down/up are everything the round moved: the kept AdamW state (backed up) too
+    table = {int(cells[0]): cells for line in out.getvalue().splitlines() if (cells := line.split())
+             and cells[0].isdigit()}
+    for r in rounds:
+        assert r["bytes_state_up"] > 0
+        assert table[r["round"]][5:7] == [f"{(r['bytes_down'] + r['bytes_state_down']) / 1e6:.1f}",
+                                          f"{(r['bytes_up'] + r['bytes_state_up']) / 1e6:.1f}"]
 
 
 def test_a_retry_that_succeeds_counts_the_client(tiny_prep, tmp_path):
@@ -159,10 +171,6 @@ def test_a_run_with_no_node_says_every_30_s_that_it_waits(tiny_prep, monkeypatch
 
 
 def test_resuming_a_finished_run_says_so_and_shows_its_last_evaluation(tiny_prep, tmp_path):
-    import io
-
-    from rich.console import Console
-
     cfg = fed_cfg(tiny_prep, "federation.rounds=2")
     done = run(cfg, tmp_path)
     out = io.StringIO()

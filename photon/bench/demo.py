@@ -2,7 +2,7 @@
 and scored, so the README's and docs/RESULTS.md's description of it is regenerated, never typed.
 
 Stored in docs/results/demo.json: validation perplexity per domain before and after, the wall time of the
-federation (and of each round), and the run's configuration in brief.
+federation (and of each round), the replies that failed and why, and the run's configuration in brief.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def run_demo_bench(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any
     data = {"preset": cfg.name, "clients": cfg.data.partition.num_clients, "k": fed.clients_per_round,
             "h": fed.local_steps, "rounds": fed.rounds, "nodes": fed.num_nodes, "wall_seconds": wall,
             "round_seconds": [r["wall_seconds"] for r in rounds], "tokens": sum(r["tokens"] for r in rounds),
+            "replies": sum(r["ok"] + r["failed"] for r in rounds),
+            "failures": [f"round {r['round']}: {why}" for r in rounds for why in r.get("failures", [])],
             "ppl": {d: [perplexity(a), perplexity(b)] for d, (a, b) in losses.items()}}
     publish("demo", data, render, load, started, console)
     return data
@@ -51,6 +53,9 @@ def render(data: dict[str, Any]) -> str:
              "| domain | before | after |", "|---|---|---|"]
     for domain, (before, after) in data["ppl"].items():
         lines.append(f"| {domain} | {before:,.1f} | {after:,.1f} |")
+    if "failures" in data:  # recorded since the round log names its failures
+        lines += ["", f"Failed replies: {len(data['failures'])} of {data['replies']}."]
+        lines += [f"- {why}" for why in data["failures"]]
     return "\n".join(lines)
 
 

@@ -31,7 +31,9 @@ from photon.train.evaluate import OVERALL, evaluate, perplexity
 
 log = logging.getLogger(__name__)
 
-# "train s" is the busiest node's time inside local training; "round s" the round's wall time.
+# "MB down"/"MB up": everything the round moved (the model, and each client's kept AdamW state when it is backed
+# up; metrics.jsonl has the two apart); "train s" is the busiest node's time inside local training; "round s"
+# the round's wall time; "failed": replies turned away or lost (metrics.jsonl's `failures` says why).
 COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "MB down", "MB up", "train s", "round s")
 
 
@@ -193,10 +195,11 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
                bytes_state_up=r.bytes_state_up, bytes_state_down=r.bytes_state_down, tokens=r.tokens,
                train_seconds=r.train_seconds, critical_train_seconds=r.critical_train_seconds,
                wall_seconds=r.wall_seconds, clock=r.clock, norms={str(k): v for k, v in r.norms.items()},
-               cosines={str(k): v for k, v in r.cosines.items()}, folded=r.folded)
+               cosines={str(k): v for k, v in r.cosines.items()}, folded=r.folded, failures=r.failed)
     runlog.log("train", state.global_step, round=state.round, loss=r.loss)
-    cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{r.bytes_down / 1e6:.1f}",
-             f"{r.bytes_up / 1e6:.1f}", f"{r.critical_train_seconds:.1f}", f"{r.wall_seconds:.1f}")
+    down, up = r.bytes_down + r.bytes_state_down, r.bytes_up + r.bytes_state_up  # all of it: the kept state too
+    cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{down / 1e6:.1f}",
+             f"{up / 1e6:.1f}", f"{r.critical_train_seconds:.1f}", f"{r.wall_seconds:.1f}")
     console.print(" ".join(f"{c!s:>7s}" for c in cells))
     for cid in sorted(r.retried - set(r.dropped)):
         console.print(f"  [yellow]retried[/] client {cid}: it failed once, then succeeded", highlight=False)
