@@ -192,6 +192,9 @@ def run(
     else:
         cfg = _config(preset, overrides)
         run_dir = out or Path("runs") / f"{cfg.name}-federated"
+        from photon.federation.runner import refuse_a_taken_run_dir
+
+        refuse_a_taken_run_dir(run_dir)  # before data is prepared and Ray started (seconds to minutes)
     ensure_prepared(cfg, cache)
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)

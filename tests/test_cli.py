@@ -193,6 +193,14 @@ def test_a_mistyped_engine_is_refused_before_any_data_is_prepared(photon, tmp_pa
     assert not (tmp_path / "data").exists()
 
 
+def test_a_taken_run_folder_is_refused_before_data_is_prepared_or_ray_started(photon, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken" / "checkpoints" / "round-00001").mkdir(parents=True)
+    code, _, err = photon("run", "--preset", "tiny", "--out", "taken")
+    assert code == 2 and "taken already holds a run; pass --resume" in err
+    assert not (tmp_path / "data").exists()
+
+
 def test_ports_out_of_range_or_shared_are_refused(photon):
     code, _, err = photon("server", "--port", 70000)
     assert code == 2 and "65535" in err

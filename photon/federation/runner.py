@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "MB down", "MB up", "train s", "round s")
 
 
+def refuse_a_taken_run_dir(run_dir: Path) -> None:
+    """A new run may not start in a folder that holds another's checkpoints (`photon run` asks first, before
+    data is prepared or Ray is started)."""
+    if list_checkpoints(Path(run_dir) / "checkpoints"):
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
 def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> tuple[ServerState, bool]:
     """The state to start from, and whether it came from a checkpoint."""
     ckpt_dir = run_dir / "checkpoints"
@@ -55,8 +62,7 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -
                             f"{cfg.data.partition.num_clients}; resume with the same config")
         console.print(f"resumed {run_dir} after round {state.round} (global step {state.global_step})")
         return state, True
-    if list_checkpoints(ckpt_dir):
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    refuse_a_taken_run_dir(run_dir)
     params = {k: v.detach() for k, v in unique_state_dict(build_model(cfg)).items()}  # the model's own tensors
     return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed), False
 
