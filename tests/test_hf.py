@@ -102,6 +102,19 @@ def test_export_replaces_earlier_export_and_empty_folder(tmp_path, tokenizer_jso
     assert c["eos_token_id"] == c["bos_token_id"] == Tokenizer.from_file(str(tokenizer_json)).token_to_id(EOT)
 
 
+def test_exported_weights_are_as_readable_as_the_other_files(tmp_path, tokenizer_json):
+    """safetensors writes 0600 whatever the umask; an export is for sharing."""
+    import os
+
+    model, cfg = tiny(True)
+    before = os.umask(0o022)
+    try:
+        export_hf(model, cfg, tokenizer_json, tmp_path / "hf")
+    finally:
+        os.umask(before)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()} == dict.fromkeys(EXPORTED, 0o644)
+
+
 @pytest.mark.parametrize("extra", ["notes.txt", "README.md"])
 def test_export_refuses_folder_that_is_not_an_export(tmp_path, tokenizer_json, extra):
     model, cfg = tiny(True)

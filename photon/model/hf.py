@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ def export_hf(model: Transformer, cfg: ModelConfig, tokenizer_json: Path, out_di
         sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unique_state_dict(model).items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config(cfg, eot_id))
+        # safetensors writes 0600 whatever the umask: an export is for sharing, so like its other files
+        os.chmod(tmp / "model.safetensors", stat.S_IMODE((tmp / "config.json").stat().st_mode))
         _write_json(tmp / "generation_config.json",
                     {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id})
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
