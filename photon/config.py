@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from photon.errors import UserError
 
+MIN_VOCAB = 257  # 256 byte symbols + EOT: byte-level BPE cannot go smaller
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -25,7 +27,8 @@ class _Frozen(BaseModel):
 class ModelConfig(_Frozen):
     """Shape of the decoder-only (Llama-style) transformer."""
 
-    vocab_size: int = Field(8192, ge=256, description="Tokenizer vocabulary size (embedding rows).")
+    vocab_size: int = Field(8192, ge=MIN_VOCAB, description="Tokenizer vocabulary size (embedding rows); at least "
+                            f"{MIN_VOCAB}: a byte-level BPE's 256 byte symbols and its end-of-text token.")
     n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
     d_model: int = Field(128, ge=8, description="Hidden width.")
     n_head: int = Field(4, ge=1, description="Attention heads.")

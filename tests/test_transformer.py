@@ -11,7 +11,7 @@ from photon.model.transformer import (
     Transformer, count_params, describe, load_unique_state_dict, unique_state_dict,
 )
 
-TINY = dict(vocab_size=256, n_layer=2, d_model=32, n_head=4, max_seq_len=32)
+TINY = dict(vocab_size=257, n_layer=2, d_model=32, n_head=4, max_seq_len=32)
 
 
 def make(seed=0, **kw):
@@ -80,7 +80,7 @@ def test_tied_and_untied():
     untied, _ = make(tie_embeddings=False)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
-    assert untied.num_params() - tied.num_params() == 256 * 32
+    assert untied.num_params() - tied.num_params() == 257 * 32
     assert "lm_head.weight" in tied.state_dict()
     assert "lm_head.weight" not in unique_state_dict(tied)
     assert "lm_head.weight" in unique_state_dict(untied)
@@ -174,8 +174,8 @@ def test_a_shared_state_dict_becomes_the_parameters_without_a_copy(tie):
 def test_load_wrong_shape_or_keys_is_user_error():
     small, _ = make(d_model=32)
     wide, _ = make(d_model=64)
-    with pytest.raises(UserError, match=r"different model shape: .* has shape \(256, 64\) but the model "
-                                        r"expects \(256, 32\)"):
+    with pytest.raises(UserError, match=r"different model shape: .* has shape \(257, 64\) but the model "
+                                        r"expects \(257, 32\)"):
         load_unique_state_dict(small, unique_state_dict(wide))
     untied, _ = make(tie_embeddings=False)
     with pytest.raises(UserError, match="unexpected keys lm_head.weight.*tie_embeddings"):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from photon.config import MIN_VOCAB
 from photon.digest import sha256_file
 from photon.errors import UserError
 
 EOT = "<|endoftext|>"
-MIN_VOCAB = 257  # 256 byte symbols + EOT: byte-level BPE cannot go smaller
 
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int) -> Tokenizer:
