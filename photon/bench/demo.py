@@ -65,4 +65,6 @@ def render_brief(data: dict[str, Any]) -> str:
     return (f"On this 2-core machine the federation took {data['wall_seconds'] / 60:.1f} minutes "
             f"(preparing the corpus the first time comes on top); overall validation perplexity fell from "
             f"{before:,.0f} to {after:,.0f}, and fell on every domain"
-            + ("." if all(b < a for a, b in data["ppl"].values()) else " but one or more (see docs/RESULTS.md)."))
+            + ("." if all(b < a for a, b in data["ppl"].values()) else " but one or more (see docs/RESULTS.md).")
+            + (f" {len(data['failures'])} of its {data['replies']} replies failed (docs/RESULTS.md says why)."
+               if data.get("failures") else ""))
