@@ -88,8 +88,10 @@ def train_central(
     """Train the centralized baseline on the union of all domains; checkpoints under OUT/checkpoints/."""
     from photon.train.centralized import train_central as run
 
+    from photon.config import with_absolute_prep_dir
+
     saved = out if resume and (out / "config.json").exists() else None
-    cfg = _config(preset, overrides, data, saved=saved, **{"train.steps": steps})
+    cfg = with_absolute_prep_dir(_config(preset, overrides, data, saved=saved, **{"train.steps": steps}))
     run(cfg, out, resume=resume, console=console)
     console.print(f"run directory: {out}")
 
@@ -105,18 +107,17 @@ def eval_cmd(
     from photon.checkpoint import load_model_checkpoint
     from photon.config import with_overrides
     from photon.report import eval_table
-    from photon.train.centralized import open_data
-    from photon.train.evaluate import OVERALL, evaluate
+    from photon.train.centralized import check_same_data, open_data
+    from photon.train.evaluate import evaluable_domains, evaluate
 
     model, cfg, meta, _ = load_model_checkpoint(ckpt)
     if data is not None:
         cfg = with_overrides(cfg, [f"data.prep_dir={data}"])
     prepared = open_data(cfg)  # refuses data of another vocabulary
+    check_same_data(cfg, meta, prepared, ckpt)  # and of another tokenizer
     t = cfg.train
+    evaluable_domains(prepared, t.seq_len)
     losses = evaluate(model, prepared, t.seq_len, t.batch_size, batches or t.eval_batches, t.bf16)
-    if set(losses) == {OVERALL}:
-        raise UserError(f"{cfg.data.prep_dir}: no domain's validation split holds one sequence of "
-                        f"train.seq_len={t.seq_len} tokens; prepare more text (data.val_fraction) or pass other --data")
     console.print(eval_table(losses, title=f"{ckpt}"))
 
 
@@ -186,16 +187,21 @@ def run(
     """Federated pre-training on this machine: prepares data on first use, then runs Photon's rounds."""
     if engine not in ENGINES:  # before data is prepared (minutes on first use)
         raise UserError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
+    from photon.config import with_absolute_prep_dir
+
     if resume is not None:
-        cfg = _config(preset, overrides, saved=resume)
+        if out is not None:
+            raise UserError(f"--out does not go with --resume: the run continues in {resume}")
+        cfg = with_absolute_prep_dir(_config(preset, overrides, saved=resume))
         run_dir = resume
     else:
-        cfg = _config(preset, overrides)
+        cfg = with_absolute_prep_dir(_config(preset, overrides))
         run_dir = out or Path("runs") / f"{cfg.name}-federated"
         from photon.federation.runner import refuse_a_taken_run_dir
 
         refuse_a_taken_run_dir(run_dir)  # before data is prepared and Ray started (seconds to minutes)
-    ensure_prepared(cfg, cache)
+    chose_data = any(o.split("=", 1)[0].strip() == "data.prep_dir" for o in overrides or [])
+    ensure_prepared(cfg, cache, built_in=resume is None and not chose_data)
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
     except KeyboardInterrupt:
@@ -207,12 +213,21 @@ def run(
     console.print(f"run directory: {summary['run_dir']}")
 
 
-def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources")) -> None:
-    """First use: prepare the built-in offline corpus; afterwards whatever is in data.prep_dir is used."""
+def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources"), built_in: bool = True) -> None:
+    """First use: prepare the built-in offline corpus; afterwards whatever is in data.prep_dir is used.
+    `built_in=False` (a resume, or a data.prep_dir the user chose): missing data is an error, never silently
+    replaced by the built-in corpus."""
     from photon.data.shards import prepare as do_prepare
 
-    if not (cfg.data.prep_dir / "manifest.json").exists():
+    prep_dir = cfg.data.prep_dir
+    if (prep_dir / "manifest.json").exists():
+        return
+    if built_in:
         do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
+        return
+    raise UserError(f"data.prep_dir={prep_dir} holds no prepared data (no manifest.json); point at the run's data "
+                    f"with --set data.prep_dir=PATH, or prepare it there first (photon prepare --data YOUR_TEXT "
+                    f"--out {prep_dir})")
 
 
 ENGINES = ("simulation", "inprocess")

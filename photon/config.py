@@ -487,6 +487,12 @@ def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> Ru
     return apply_overrides(config_to_dict(cfg), list(overrides))
 
 
+def with_absolute_prep_dir(cfg: RunConfig) -> RunConfig:
+    """`cfg` with data.prep_dir made absolute, so the run's config.json names its data from any folder (a
+    relative one would be read from wherever `--resume` or `photon eval` is run next)."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"prep_dir": Path(cfg.data.prep_dir).absolute()})})
+
+
 def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
     """The config a run directory was started with (its config.json), plus overrides."""
     import json

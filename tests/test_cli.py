@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from photon import cli
-from photon.config import load_config, preset_names
+from photon.config import config_to_dict, load_config, preset_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box
 
@@ -119,7 +119,7 @@ def test_tiny_pipeline_end_to_end(photon, tmp_path, monkeypatch):
     assert code == 0, err
     assert (prep / "manifest.json").is_file()
 
-    code, out, err = photon("train-central", "--preset", "tiny", "--data", prep, "--steps", 20, "--out", run,
+    code, out, err = photon("train-central", "--preset", "tiny", "--data", "prep", "--steps", 20, "--out", run,
                             "--set", "train.warmup_steps=2", "--set", "train.eval_every=10",
                             "--set", "train.ckpt_every=10", "--set", "train.eval_batches=1")
     assert code == 0, err
@@ -143,6 +143,22 @@ def test_tiny_pipeline_end_to_end(photon, tmp_path, monkeypatch):
     (other / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": 2048}))
     code, out, err = photon("eval", run, "--data", other)
     assert code == 2 and "vocab_size=2048" in err
+    retokenized = tmp_path / "retokenized"  # the same vocabulary size, another tokenizer (prepared again)
+    shutil.copytree(prep, retokenized)
+    (retokenized / "tokenizer.json").write_text((prep / "tokenizer.json").read_text() + "\n")
+    from photon.digest import sha256_file
+
+    (retokenized / "manifest.json").write_text(json.dumps(
+        {**manifest, "tokenizer_sha256": sha256_file(retokenized / "tokenizer.json")}))
+    code, out, err = photon("eval", run, "--data", retokenized)
+    assert code == 2 and "tokenized by another tokenizer" in err
+    assert json.loads((run / "config.json").read_text())["data"]["prep_dir"] == str(prep)  # absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the run names its data from any folder
+    code, out, err = photon("eval", run)
+    assert code == 0 and "overall" in out, err
+    monkeypatch.chdir(tmp_path)
 
     code, out, err = photon("export", run, "--hf", hf)
     assert code == 0, err
@@ -199,6 +215,22 @@ def test_a_taken_run_folder_is_refused_before_data_is_prepared_or_ray_started(ph
     code, _, err = photon("run", "--preset", "tiny", "--out", "taken")
     assert code == 2 and "taken already holds a run; pass --resume" in err
     assert not (tmp_path / "data").exists()
+
+
+def test_data_the_user_named_is_never_replaced_by_the_built_in_corpus(photon, tmp_path, monkeypatch):
+    """A mistyped data.prep_dir, or a resumed run's data gone missing, is an error: preparing the built-in
+    corpus there instead would train on other text without a word."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = photon("run", "--preset", "tiny", "--set", "data.prep_dir=prep_typo")
+    assert code == 2 and "data.prep_dir=" in err and "prep_typo holds no prepared data" in err
+    assert not (tmp_path / "prep_typo").exists() and not (tmp_path / "data").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config_to_dict(load_config(
+        "tiny", [f"data.prep_dir={tmp_path / 'gone'}"]))))
+    code, _, err = photon("run", "--resume", "old")
+    assert code == 2 and "gone holds no prepared data" in err and not (tmp_path / "gone").exists()
+    code, _, err = photon("run", "--resume", "old", "--out", "new")
+    assert code == 2 and "--out does not go with --resume" in err
 
 
 def test_ports_out_of_range_or_shared_are_refused(photon):

@@ -179,3 +179,44 @@ def test_resuming_a_finished_run_says_so_and_shows_its_last_evaluation(tiny_prep
     assert "already ran its 2 rounds" in text and "federation.schedule_rounds=2" in text
     assert again["rounds"] == 2 and again["params_sha"] == done["params_sha"]
     assert "overall" in text.split("validation after 2 rounds")[1]  # the table has rows, not an empty frame
+
+
+def test_resume_refuses_another_partition_or_tokenizer_and_leaves_the_run_as_it_was(tiny_prep, tmp_path):
+    """The clients' cursors and kept state belong to the partition and the tokens they trained on."""
+    import json
+    import shutil
+
+    from photon.digest import sha256_file
+
+    run_dir = tmp_path / "run"
+    cfg = fed_cfg(tiny_prep, "federation.rounds=1")
+    run(cfg, run_dir)
+    partition = (run_dir / "partition.json").read_text()
+    with pytest.raises(UserError, match=r"data.partition.kind='by-domain' \(not 'iid'\)"):
+        run(fed_cfg(tiny_prep, "federation.rounds=1", "data.partition.kind=iid"), run_dir, resume=True)
+    assert (run_dir / "partition.json").read_text() == partition  # refused before anything is rewritten
+    other = tmp_path / "retokenized"  # the same vocabulary size, another tokenizer: prepared again
+    shutil.copytree(tiny_prep, other)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text() + "\n")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = sha256_file(other / "tokenizer.json")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="tokenized by another tokenizer"):
+        run(fed_cfg(other, "federation.rounds=1"), run_dir, resume=True)
+
+
+def test_a_run_that_cannot_be_evaluated_is_refused_before_any_round(tiny_prep, tmp_path, caplog):
+    from photon.data.shards import open_prepared
+
+    prepared = open_prepared(tiny_prep)
+    val = sorted(len(prepared.tokens(d, "val")) for d in prepared.domains)
+    with pytest.raises(UserError, match="no domain's validation split holds one sequence"):
+        run(fed_cfg(tiny_prep, f"train.seq_len={val[-1]}", f"model.max_seq_len={val[-1]}"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    short = val[0]  # the shortest domain cannot hold one sequence of this length; the others can
+    assert short < val[-1] - 1
+    from photon.train.evaluate import evaluable_domains
+
+    with caplog.at_level("WARNING"):
+        fits = evaluable_domains(prepared, short)
+    assert len(fits) == len(prepared.domains) - 1 and "left out of evaluation" in caplog.text

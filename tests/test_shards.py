@@ -64,6 +64,19 @@ def test_prepare_is_deterministic_and_reuses(prepared, tmp_path, monkeypatch):
     assert prepare(cfg, VOCAB, source=FIXTURE) == tmp_path / "prep"
 
 
+def test_a_finished_build_of_files_edited_since_is_rebuilt_not_reused(tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(FIXTURE, corpus)
+    cfg = _cfg(tmp_path)
+    prepare(cfg, VOCAB, source=corpus)
+    before = _files(tmp_path / "prep")
+    (corpus / "literature" / "sonnets.txt").write_text("Shall I compare thee to a summer's day?\n" * 50)
+    prepare(cfg, VOCAB, source=corpus)
+    fresh = tmp_path / "fresh"
+    prepare(_cfg(fresh), VOCAB, source=corpus)
+    assert _files(tmp_path / "prep") == _files(fresh / "prep") != before
+
+
 def test_changed_recipe_rebuilds_in_place(tmp_path):
     prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
     prepare(_cfg(tmp_path, seed=1), 300, source=FIXTURE)
@@ -270,7 +283,7 @@ def test_format_1_folders_still_open(prepared, tmp_path):
     m = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps(m | {"format": 1}))
     assert open_prepared(copy).manifest["format"] == 1
-    assert not shards._reusable(copy, m["recipe"])  # but `photon prepare` rebuilds it
+    assert not shards._reusable(copy, m["recipe"], None, None)  # but `photon prepare` rebuilds it
     (copy / "manifest.json").write_text(json.dumps(m | {"format": 99}))
     with pytest.raises(UserError, match="format 99"):
         open_prepared(copy)

@@ -285,12 +285,18 @@ def _fingerprint(domains: list[Domain]) -> str:
     return h.hexdigest()
 
 
-def _reusable(prep_dir: Path, recipe: dict[str, Any]) -> bool:
+def _reusable(prep_dir: Path, recipe: dict[str, Any], source: Path | None, max_mb: float | None) -> bool:
+    """`prep_dir` was built by this recipe and, for the user's own text, from the files as they are now
+    (names, sizes, mtimes: a file edited since is rebuilt, not served stale)."""
     try:
         manifest = json.loads((prep_dir / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("format") == FORMAT_VERSION and manifest.get("recipe") == recipe
+    if manifest.get("format") != FORMAT_VERSION or manifest.get("recipe") != recipe:
+        return False
+    if source is not None and "sources" in manifest:  # listing files is cheap; the built-in corpus is pinned
+        return manifest["sources"] == _fingerprint(user_domains(Path(source), max_mb))
+    return True
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -402,9 +408,13 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
     ``timings``, if given, receives the seconds spent per phase (for `photon bench prepare`)."""
     prep_dir = Path(cfg.prep_dir)
     recipe = _recipe(cfg, vocab_size, source)
-    if _reusable(prep_dir, recipe):
-        console.log(f"reusing prepared data in {prep_dir} (same vocab_size, source and seed)")
+    if _reusable(prep_dir, recipe, source, cfg.max_mb_per_domain):
+        console.log(f"reusing prepared data in {prep_dir} (same vocab_size, source, files and seed)")
         return prep_dir
+    if (prep_dir / "manifest.json").exists():
+        console.log(f"[yellow]rebuilding[/] {prep_dir}: it was prepared from other text or with another recipe; "
+                    "the old data is replaced once the new is complete (runs trained on it will refuse the new "
+                    "data if its tokenizer differs)")
     if prep_dir.exists() and not (prep_dir / "manifest.json").exists() and any(prep_dir.iterdir()):
         # Never delete a folder we did not write: it might be the user's own data.
         raise UserError(f"data.prep_dir={prep_dir} exists and is not a Photon prepared folder (no manifest.json); "
@@ -427,7 +437,7 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
                             "domain(s): the same command resumes from there")
             raise
         (tmp / PROGRESS).unlink()
-        _write_json(tmp / "manifest.json", manifest)
+        _write_json(tmp / "manifest.json", {**manifest, "sources": want["sources"]})
         _swap_in(tmp, prep_dir)
     timings["total_s"] = time.perf_counter() - t0
     tokens = sum(e["train"]["tokens"] + e["val"]["tokens"] for e in manifest["domains"].values())

@@ -17,6 +17,7 @@ from rich.console import Console
 from photon.checkpoint import atomic_write_text, list_checkpoints
 from photon.config import RunConfig, build_config, config_to_dict
 from photon.data.partition import client_seed, client_stream, make_partition
+from photon.data.shards import Prepared
 from photon.digest import tensors_digest
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator, RoundResult, Transport
@@ -25,9 +26,9 @@ from photon.federation.server_state import ServerState, referenced_state_digests
 from photon.model.transformer import load_unique_state_dict, unique_state_dict
 from photon.report import eval_table, plot_run
 from photon.runlog import RunLog, eval_losses, read_metrics
-from photon.train.centralized import build_model, check_same_model, open_data
+from photon.train.centralized import build_model, check_same_data, check_same_model, open_data
 from photon.train.device import release_freed_memory, resolve_device
-from photon.train.evaluate import OVERALL, evaluate, perplexity
+from photon.train.evaluate import OVERALL, evaluable_domains, evaluate, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,18 @@ log = logging.getLogger(__name__)
 COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "MB down", "MB up", "train s", "round s")
 
 
+def check_same_partition(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
+    """Refuse a resume that would hand the clients other data: their cursors and kept AdamW state belong to
+    the partition they were trained on."""
+    saved = meta.get("config", {}).get("data", {}).get("partition")
+    now = cfg.data.partition.model_dump(mode="json")
+    if saved is not None and saved != now:
+        changed = ", ".join(f"data.partition.{k}={saved.get(k)!r} (not {now.get(k)!r})"
+                            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        raise UserError(f"{run_dir} was trained with {changed}: the clients' cursors and kept state belong to "
+                        "that partition; resume with the saved config, or start a new run with another --out")
+
+
 def refuse_a_taken_run_dir(run_dir: Path) -> None:
     """A new run may not start in a folder that holds another's checkpoints (`photon run` asks first, before
     data is prepared or Ray is started)."""
@@ -44,7 +57,8 @@ def refuse_a_taken_run_dir(run_dir: Path) -> None:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> tuple[ServerState, bool]:
+def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,
+                console: Console) -> tuple[ServerState, bool]:
     """The state to start from, and whether it came from a checkpoint."""
     ckpt_dir = run_dir / "checkpoints"
     found = ServerState.load_latest(ckpt_dir) if resume else None
@@ -56,6 +70,8 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -
     if found is not None:
         state, meta = found
         check_same_model(cfg, meta, ckpt_dir)
+        check_same_data(cfg, meta, prepared, ckpt_dir)
+        check_same_partition(cfg, meta, run_dir)
         check_same_schedule(cfg, meta, run_dir)
         if len(state.clients) != cfg.data.partition.num_clients:
             raise UserError(f"{run_dir} has {len(state.clients)} clients but data.partition.num_clients="
@@ -98,12 +114,13 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     fed = cfg.federation
     cfg.check_federated_schedule()
     prepared = open_data(cfg)
+    evaluable_domains(prepared, cfg.train.seq_len)  # before any round: a run that cannot be evaluated is refused
     partition = make_partition(prepared.manifest, cfg.data.partition)
     for c in partition["clients"]:  # every client can fill a batch: say so now, with the fix, not mid-round
         client_stream(prepared, partition, c["id"], cfg.train.seq_len, cfg.train.batch_size, client_seed(cfg, c["id"]))
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))
-    state, found = _open_state(cfg, run_dir, resume, console)
+    state, found = _open_state(cfg, run_dir, resume, prepared, console)
+    atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))  # once the config is vetted
     atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
     task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
     agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,

@@ -22,7 +22,7 @@ from photon.report import eval_table
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
 from photon.runlog import RunLog
 from photon.train.device import place, resolve_device, setup_backend
-from photon.train.evaluate import OVERALL, evaluate
+from photon.train.evaluate import OVERALL, evaluable_domains, evaluate
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
                                 train_local)
 
@@ -35,8 +35,20 @@ def open_data(cfg: RunConfig) -> Prepared:
     vocab = prepared.manifest["vocab_size"]
     if vocab != cfg.model.vocab_size:
         raise UserError(f"{cfg.data.prep_dir} was prepared with vocab_size={vocab} but model.vocab_size="
-                        f"{cfg.model.vocab_size}; run `photon prepare` with this preset or point --data elsewhere")
+                        f"{cfg.model.vocab_size}; run `photon prepare` with this preset, or point data.prep_dir "
+                        "elsewhere (--set data.prep_dir=PATH, or --data where the command has it)")
     return prepared
+
+
+def check_same_data(cfg: RunConfig, meta: dict, prepared: Prepared, where: Path) -> None:
+    """Refuse data tokenized by another tokenizer than the checkpoint's (the checkpoint keeps a copy of its
+    tokenizer and that copy's SHA-256): whatever its vocabulary size, its token ids mean other things to the
+    model. A folder prepared again from other text, or the wrong folder, is caught here."""
+    saved, now = meta.get("files", {}).get("tokenizer.json"), prepared.manifest.get("tokenizer_sha256")
+    if saved and now and saved != now:
+        raise UserError(f"{cfg.data.prep_dir} was tokenized by another tokenizer than {where}, so its token ids "
+                        "mean other things to this model; use the data the run was trained on (--set "
+                        "data.prep_dir=PATH, or --data where the command has it)")
 
 
 def build_model(cfg: RunConfig) -> Transformer:
@@ -66,6 +78,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     prepared = open_data(cfg)
+    evaluable_domains(prepared, tcfg.seq_len)  # before any step: a run that cannot be evaluated is refused
     device = resolve_device(tcfg.device)
     setup_backend(device)
     model = build_model(cfg)
@@ -82,6 +95,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
         path, tensors, meta = found
         require_kind(meta, "central", path)
         check_same_model(cfg, meta, path)
+        check_same_data(cfg, meta, prepared, path)
         load_unique_state_dict(model, tensors["model"])
         load_optimizer_state_tensors(model, optimizer, tensors.get("optimizer", {}))
         step, cursor = meta["step"], meta["cursor"]

@@ -6,14 +6,17 @@ evaluation of every run (centralized, federated, any seed) scores exactly the sa
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from photon.data.shards import Prepared, eval_batches
+from photon.errors import UserError
 from photon.train.device import autocast, batch_to
 
+log = logging.getLogger(__name__)
 OVERALL = "overall"
 
 
@@ -41,6 +44,19 @@ def evaluate(model: nn.Module, prepared: Prepared, seq_len: int, batch_size: int
     losses[OVERALL] = total_loss / max(1, total_tokens)
     model.train(was_training)
     return losses
+
+
+def evaluable_domains(prepared: Prepared, seq_len: int) -> list[str]:
+    """The domains whose validation split holds at least one sequence (`seq_len` + 1 tokens). None is a
+    UserError (every validation loss would be a meaningless 0); a domain left out is logged."""
+    fits = [d for d in prepared.domains if len(prepared.tokens(d, "val")) >= seq_len + 1]
+    if not fits:
+        raise UserError(f"{prepared.path}: no domain's validation split holds one sequence of train.seq_len={seq_len} "
+                        "tokens; prepare more text (or a larger data.val_fraction), or use a shorter train.seq_len")
+    for d in sorted(set(prepared.domains) - set(fits)):
+        log.warning("domain %r: its validation split is shorter than one sequence of %d tokens, so it is left out "
+                    "of evaluation (it is still trained on)", d, seq_len)
+    return fits
 
 
 def perplexity(loss: float) -> float:
