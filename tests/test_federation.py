@@ -220,3 +220,37 @@ def test_a_run_that_cannot_be_evaluated_is_refused_before_any_round(tiny_prep, t
     with caplog.at_level("WARNING"):
         fits = evaluable_domains(prepared, short)
     assert len(fits) == len(prepared.domains) - 1 and "left out of evaluation" in caplog.text
+
+
+class _BrokenNode(ClientWorker):
+    """A node whose every task errors (a full disk, a broken install): not one client's fault."""
+
+    def handle(self, wire, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+
+def test_a_failed_client_is_retried_on_another_node(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=2",
+                  "federation.node_max_failures=100")  # keep the broken node in: its failures are the point
+    transport = InProcessTransport([ClientWorker(tmp_path / "n0"), _BrokenNode(tmp_path / "n1")])
+    run_federation(cfg, tmp_path / "run", transport)
+    rounds = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "round"]
+    assert [r["ok"] for r in rounds] == [3, 3] and all(r["failed"] >= 1 for r in rounds)
+    assert all("disk full" in why for r in rounds for why in r["failures"])
+
+
+def test_a_node_without_the_runs_data_is_excluded_at_once_and_its_client_trained_elsewhere(tiny_prep, tmp_path,
+                                                                                          caplog):
+    cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=2")
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    transport = InProcessTransport([ClientWorker(tmp_path / "n0"), ClientWorker(tmp_path / "n1", data_dir=empty)])
+    with caplog.at_level("WARNING"):
+        run_federation(cfg, tmp_path / "run", transport)
+    rounds = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "round"]
+    assert [(r["ok"], r["failed"]) for r in rounds] == [(3, 0), (3, 0)]  # not the clients' failures
+    excluded = [r for r in caplog.records if "excluding node 1" in r.getMessage()]
+    assert len(excluded) == 1 and "cannot train any client" in excluded[0].getMessage()
+    assert "no prepared data" in excluded[0].getMessage() and "photon:" not in excluded[0].getMessage()
+    with pytest.raises(UserError, match="every node was excluded from the run; last: node 0: .*no prepared data"):
+        run_federation(cfg, tmp_path / "alone", InProcessTransport([ClientWorker(tmp_path / "n2", data_dir=empty)]))

@@ -37,7 +37,7 @@ from photon.federation.client_state import MISSING, MISSING_BASE, StateFiles
 from photon.federation.fold import ReplyBuffer, combine, screen
 from photon.federation.outer import make_outer
 from photon.federation.protocol import MODEL, STATE, UPDATE, ClientReply, ClientTask, Rejected, Wire, \
-    decode_reply, encode_task
+    decode_reply, encode_task, unfit_reason
 from photon.federation.server_state import ServerState
 from photon.federation.worker import client_state_layout
 
@@ -106,6 +106,7 @@ class _Round:
     attach: set[int] = field(default_factory=set)          # retry these with the server's copy of their state
     full_model: set[int] = field(default_factory=set)      # retry these with the full model (node lacked the base)
     state_retried: set[int] = field(default_factory=set)
+    failed_on: dict[int, set[int]] = field(default_factory=dict)  # client -> nodes it failed on this round
     in_flight: dict[str, InFlight] = field(default_factory=dict)
     replies: dict[int, ClientReply] = field(default_factory=dict)
     node_of: dict[int, int] = field(default_factory=dict)
@@ -222,29 +223,34 @@ class Aggregator:
         fed = self.cfg.federation
         return fed.client_optimizer == "persist" or fed.compression.up.error_feedback
 
-    def _pick(self, queue: deque[int], node: int) -> int:
-        """The next queued client for `node`: one whose kept state it already holds, else the first."""
-        for i, cid in enumerate(queue):
-            if self.state.clients[cid].state_node == node:
-                del queue[i]
-                return cid
-        return queue.popleft()
+    def _pick(self, queue: deque[int], node: int, failed_on: dict[int, set[int]] | None = None,
+              others: bool = False) -> int | None:
+        """The next queued client for `node`: one whose kept state it already holds, else the first. With
+        `others` (another usable node exists), a client that already failed on `node` this round waits for
+        another node (None when only such clients are queued)."""
+        candidates = [c for c in queue if not (others and failed_on and node in failed_on.get(c, ()))]
+        if not candidates:
+            return None
+        cid = next((c for c in candidates if self.state.clients[c].state_node == node), candidates[0])
+        queue.remove(cid)
+        return cid
 
     def usable_nodes(self, transport: Transport) -> list[int]:
         nodes = transport.nodes()
         usable = [n for n in nodes if n not in self.excluded]
         if nodes and not usable:
-            raise UserError(f"every node was excluded after repeated failures; last: "
+            raise UserError(f"every node was excluded from the run; last: "
                             f"{'; '.join(f'node {n}: {r}' for n, r in list(self.excluded.items())[-2:])}")
         return usable
 
-    def free_nodes(self, transport: Transport) -> list[int]:
-        """Usable nodes not occupied by a task (one whose reply has not come and is not presumed lost)."""
+    def free_nodes(self, transport: Transport, usable: list[int] | None = None) -> list[int]:
+        """Usable nodes (`usable`, if the caller has them) not occupied by a task (one whose reply has not come
+        and is not presumed lost)."""
         now = clock_of(transport)()
         for node, (_, until) in list(self.occupied.items()):
             if now >= until:
                 del self.occupied[node]
-        return [n for n in self.usable_nodes(transport) if n not in self.occupied]
+        return [n for n in (self.usable_nodes(transport) if usable is None else usable) if n not in self.occupied]
 
     def wait_for_a_node(self) -> None:
         """Nothing can be sent until a node connects: wait a moment, and say so every IDLE_WARNING_S, so a run
@@ -343,10 +349,13 @@ class Aggregator:
 
     def _dispatch(self, transport: Transport, rnd: _Round) -> None:
         """Give every idle node the next queued client; keep the encoded model only while clients wait."""
-        for node in self.free_nodes(transport):
+        usable = self.usable_nodes(transport)
+        for node in self.free_nodes(transport, usable):
             if not rnd.queue:
                 break
-            cid = self._pick(rnd.queue, node)
+            cid = self._pick(rnd.queue, node, rnd.failed_on, others=len(usable) > 1)
+            if cid is None:  # every queued client failed on this node: they wait for another
+                continue
             rnd.attempts[cid] += 1
             task = self.task(cid, rnd.attempts[cid])
             state_payload = None
@@ -382,6 +391,12 @@ class Aggregator:
             self._state_missing(cid, node, rnd.attach)
             rnd.queue.appendleft(cid)
             return
+        unfit = unfit_reason(msg) if isinstance(msg, str) else None
+        if unfit is not None:  # the node cannot train anyone: out of the run, and the client goes elsewhere
+            self._exclude(node, unfit, rnd.result)
+            rnd.queue.appendleft(cid)
+            rnd.attempts[cid] -= 1
+            return
         if isinstance(msg, str) and MISSING_BASE in msg and cid not in rnd.full_model:
             rnd.full_model.add(cid)  # the node lacked the model the update applies to: send it whole
             rnd.attempts[cid] -= 1
@@ -401,6 +416,7 @@ class Aggregator:
             return
         node_error = isinstance(msg, str)  # the node could not run it (vs a reply we rejected)
         self._attempt_failed(cid, node, rnd.attempts[cid], outcome, rnd.result, node_error=node_error)
+        rnd.failed_on.setdefault(cid, set()).add(node)  # its retry goes to another node while there is one
         if rnd.attempts[cid] < rnd.max_attempts:
             rnd.result.retried.add(cid)
             rnd.queue.append(cid)
@@ -504,10 +520,16 @@ class Aggregator:
         history.append(cid)
         limit = self.cfg.federation.node_max_failures
         if node not in self.excluded and len(history) >= limit and len(set(history)) >= 2:
-            self.excluded[node] = reason
-            result.excluded[node] = reason
-            log.warning("excluding node %d from this run: its last %d tasks failed for %d different clients "
-                        "(last: %s)", node, len(history), len(set(history)), reason)
+            self._exclude(node, reason, result, f"its last {len(history)} tasks failed for {len(set(history))} "
+                                                "different clients")
+
+    def _exclude(self, node: int, reason: str, result: RoundResult, why: str = "it cannot train any client") -> None:
+        """Take `node` out of this run (it is sent nothing more); said once, with `why` and the last `reason`."""
+        if node in self.excluded:
+            return
+        self.excluded[node] = reason
+        result.excluded[node] = reason
+        log.warning("excluding node %d from this run: %s (last: %s)", node, why, reason)
 
     def _state_missing(self, cid: int, node: int, attach: set[int]) -> None:
         rec = self.state.clients[cid]

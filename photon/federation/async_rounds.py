@@ -31,7 +31,7 @@ from photon.federation import codec
 from photon.federation.aggregator import Aggregator, InFlight, RoundResult, Transport, clock_of, is_virtual
 from photon.federation.client_state import MISSING
 from photon.federation.fold import ReplyBuffer
-from photon.federation.protocol import ClientReply, ClientTask, Rejected, Wire, encode_task
+from photon.federation.protocol import ClientReply, ClientTask, Rejected, Wire, encode_task, unfit_reason
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,10 @@ class AsyncRounds:
         if isinstance(msg, str) and MISSING in msg:
             agg._state_missing(cid, node, self.attach)
             return  # the client is free again; its next task carries the server's copy (or starts fresh)
+        unfit = unfit_reason(msg) if isinstance(msg, str) else None
+        if unfit is not None:  # the node cannot train anyone: out of the run; the client is free again
+            agg._exclude(node, unfit, result)
+            return
         self.no_progress += 1
         if isinstance(msg, (str, Rejected)):
             agg._attempt_failed(cid, node, 0, str(msg), result, node_error=not isinstance(msg, Rejected))

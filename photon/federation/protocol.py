@@ -31,6 +31,22 @@ class Rejected(ValueError):
     """A reply the server cannot use; the message is the logged reason."""
 
 
+UNFIT = "photon:node-unfit"  # marks a node's error reply: "this node cannot train any client" (not the client's fault)
+
+
+class NodeUnfit(RuntimeError):
+    """The node cannot run any task as set up (its data is missing, or was prepared otherwise than the
+    server's): the server excludes it at once and gives its client to another node."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{UNFIT} {reason}")
+
+
+def unfit_reason(error: str) -> str | None:
+    """The reason of a `NodeUnfit` error reply, or None for any other error."""
+    return error.split(UNFIT, 1)[1].strip() if UNFIT in error else None
+
+
 @dataclass
 class Wire:
     """A message as it travels: a JSON header and named payloads."""

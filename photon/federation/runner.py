@@ -61,6 +61,9 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,
                 console: Console) -> tuple[ServerState, bool]:
     """The state to start from, and whether it came from a checkpoint."""
     ckpt_dir = run_dir / "checkpoints"
+    if resume and not (run_dir / "config.json").exists():  # a mistyped folder must not start a new run
+        raise UserError(f"{run_dir} holds no run to resume (no config.json); check the run folder's name, or "
+                        "start a new run without --resume")
     found = ServerState.load_latest(ckpt_dir) if resume else None
     if resume and found is None:
         if list_checkpoints(ckpt_dir):
@@ -170,7 +173,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
         while state.round < end and budget_left():
             result = next_round(transport)
             for node, reason in result.excluded.items():
-                console.print(f"  [yellow]excluded node {node}[/] after repeated failures (last: {reason})",
+                console.print(f"  [yellow]excluded node {node}[/] from the run (last error: {reason})",
                               highlight=False)
             if not result.committed:
                 retries += 1

@@ -134,6 +134,9 @@ class GridTransport:
 def short_reason(reason: str | None) -> str:
     """One line out of a remote traceback: the exception's own message where Flower/Ray wrapped it."""
     text = reason or "unknown error"
+    wrapped = re.fullmatch(r"\s*<class '[\w.]+'>:<'(.*)'>\s*", text, flags=re.DOTALL)  # Flower: type:<'message'>
+    if wrapped:
+        text = wrapped.group(1)
     found = re.findall(r"Message: (.+?)(?:'>|$)", text, flags=re.MULTILINE)
     line = found[-1] if found else next((ln for ln in reversed(text.splitlines()) if ln.strip()), text)
     return line.strip()[:300]

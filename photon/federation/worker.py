@@ -28,7 +28,8 @@ from photon.federation import codec, compression
 from photon.federation.client_state import MissingBaseModel, NodeStateCache
 from photon.federation.codec import CodecError
 from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail, task_timing
-from photon.federation.protocol import MODEL, STATE, ClientReply, ClientTask, Wire, decode_task, encode_reply
+from photon.federation.protocol import (MODEL, STATE, ClientReply, ClientTask, NodeUnfit, Wire, decode_task,
+                                       encode_reply)
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
 from photon.train import distributed
 from photon.train.device import place, release_freed_memory, resolve_device, setup_backend
@@ -136,13 +137,19 @@ class ClientWorker:
         self._parked: ParkedModel | None = None
 
     def prepared(self, prep_dir: str, tokenizer_sha: str | None) -> Prepared:
+        """This node's data for the run; `NodeUnfit` when it has none, or data tokenized otherwise than the
+        server's (no client can train here then)."""
         key = str(self.data_dir or prep_dir)
         if key not in self._prepared:
-            self._prepared[key] = open_prepared(Path(key))
+            try:
+                self._prepared[key] = open_prepared(Path(key))
+            except UserError as e:
+                raise NodeUnfit(str(e)) from None
         prepared = self._prepared[key]
         if tokenizer_sha and prepared.manifest.get("tokenizer_sha256") != tokenizer_sha:
-            raise UserError(f"the data at {key} was tokenized with another tokenizer than the server's; "
-                            "prepare it with the same source and preset")
+            raise NodeUnfit(f"the data at {key} was tokenized with another tokenizer than the server's (prepared "
+                            "from other text, with another recipe, or by another Photon version); prepare it again "
+                            "with `photon prepare`, from the same text and preset as the server's data")
         return prepared
 
     def model(self, cfg: RunConfig) -> tuple[Transformer, torch.nn.Module, Tensors | None]:
