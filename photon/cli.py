@@ -432,8 +432,12 @@ def submit(
     run_dir = out or f"{cfg.name}-deployed"
     deploy.check_out(run_dir)
     token = token or (certs / OPERATOR_TOKEN if certs is not None else Path(".photon/server") / OPERATOR_TOKEN)
-    status = deploy.run_to_end(home, superlink, cfg, run_dir, resume=resume, certs=certs, insecure=insecure,
-                               token=read_token(token), console=console)
+    try:
+        status = deploy.run_to_end(home, superlink, cfg, run_dir, resume=resume, certs=certs, insecure=insecure,
+                                   token=read_token(token), console=console)
+    except deploy.Detached as e:  # Ctrl-C: not a failure, the run goes on
+        err_console.print(str(e), highlight=False, soft_wrap=True)
+        sys.exit(130)
     console.print(f"run {status['run-id']}: {status['status']} after {status['elapsed']:.0f} s; run directory: "
                   f"{run_dir} under the server's runs root", soft_wrap=True)
 

@@ -200,6 +200,25 @@ def test_a_holder_of_ca_crt_alone_cannot_submit_a_run_or_take_the_serverapps_tas
     client.close()
 
 
+def test_a_failed_submit_says_why_and_keeps_the_connection_that_works(link, tiny_prep, tmp_path):
+    """`flwr run` says only "Connection to the SuperLink is unavailable"; a probe of our own names the cause.
+    The operator's working connection (which `flwr log` of a running run reads) is left as it was."""
+    home = tmp_path / "home"
+    shutil.copytree(link.home, home)
+    files = lambda: {p.relative_to(home): p.read_bytes() for p in home.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    other = tmp_path / "other-certs"
+    make_certs(other, nodes=1)
+    cfg = tiny_cfg(tiny_prep)
+    with pytest.raises(UserError, match="unavailable.*certificate fails the check against .*other-certs"):
+        deploy.run_to_end(home, link.address, cfg, "never", certs=other, token=read_token(other / OPERATOR_TOKEN))
+    with pytest.raises(UserError, match="unavailable.*nothing answers there"):
+        deploy.run_to_end(home, f"127.0.0.1:{deploy.free_port()}", cfg, "never", certs=link.certs,
+                          token=read_token(link.certs / OPERATOR_TOKEN))
+    assert files() == before
+    assert sorted(int(n["node-id"]) for n in deploy.list_nodes(home)) == sorted(link.ids)  # it still works
+
+
 def test_a_run_dir_outside_the_runs_root_is_refused_by_the_server(link, tiny_prep):
     """`photon submit` refuses '..' itself, but a raw `flwr run` skips that: the SuperLink checks every run."""
     cfg = tiny_cfg(tiny_prep)

@@ -411,9 +411,11 @@ def _read_from(path: Path, offset: int) -> str:
         return ""
 
 
-def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: float = 3.0) -> tuple[bool, str]:
-    """Why a node's connections to `superlink` fail, from a TCP connect and a TLS handshake of our own:
-    (True, reason) for a sure mismatch, (False, best guess) otherwise."""
+def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: float = 3.0,
+                    who: str = "this node") -> tuple[bool, str]:
+    """Why `who`'s connections to `superlink` fail (a node's, or `photon submit`'s), from a TCP connect and a
+    TLS handshake of our own: (True, reason) for a sure mismatch, (False, best guess) otherwise."""
+    node = who == "this node"
     host, _, port = superlink.rpartition(":")
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout)
@@ -428,8 +430,9 @@ def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: fl
                 ctx.wrap_socket(sock, server_hostname=host).close()
             except (ssl.SSLError, OSError):
                 return False, "it answers, but not as a photon server does: is this the port of `photon server`?"
-            return True, ("the server speaks TLS but this node was started with --insecure; start it with --certs "
-                          "DIR --key node-<i>.key")
+            return True, (f"the server speaks TLS but {who} was started with --insecure; pass --certs DIR"
+                          + (" --key node-<i>.key" if node else " (the folder with the server's ca.crt)")
+                          + " instead")
         try:
             ctx = ssl.create_default_context(cafile=str(ca))
             ctx.wrap_socket(sock, server_hostname=host).close()
@@ -437,9 +440,9 @@ def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: fl
             return True, (f"the server's certificate fails the check against {ca} ({e.verify_message}): copy the "
                           "server's ca.crt, and use an address that `photon certs --host` named")
         except (ssl.SSLError, OSError):
-            return True, ("the server does not speak TLS: it was started with --insecure (start the node with "
+            return True, (f"the server does not speak TLS: it was started with --insecure (start {who} with "
                           "--insecure too), or this is not the port of `photon server`")
-        return False, "TLS works, but Flower's connection keeps failing: see the node's log"
+        return False, "TLS works, but Flower's connection keeps failing" + (": see the node's log" if node else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -668,6 +671,18 @@ def explain_exit(log_file: Path) -> str:
     return reason
 
 
+class Detached(Exception):
+    """`photon submit` was left with Ctrl-C; the run goes on (the message says how to watch or stop it)."""
+
+
+def _why_unreachable(superlink: str, certs: Path | None, insecure: bool, error: str) -> str:
+    """For a `flwr` error that says the SuperLink is unreachable: why, from a probe of our own ('' otherwise)."""
+    if "unavailable" not in error.lower():
+        return ""
+    ca = Path(certs) / "ca.crt" if certs is not None else None
+    return f"; {probe_superlink(superlink, ca, insecure, who='photon submit')[1]}"
+
+
 def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume: bool = False,
                certs: Path | None = None, insecure: bool = False, token: str | None = None, console=None,
                poll_s: float = 2.0) -> dict:
@@ -675,19 +690,31 @@ def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume:
     log, wait for the end."""
     certs, insecure = tls_args(certs, insecure, "photon submit")
     check_out(run_dir)
+    kept = {p: p.read_bytes() if p.exists() else None for p in (Path(home) / "config.toml",
+                                                                 Path(home) / "credentials.yaml")}
     write_connection(home, superlink, certs=certs, insecure=insecure, token=token)
-    run_id = submit_run(home, cfg, run_dir, resume=resume)
+    try:
+        run_id = submit_run(home, cfg, run_dir, resume=resume)
+    except UserError as e:  # keep the connection that works (`flwr log` of a running run reads it)
+        for path, data in kept.items():
+            path.unlink(missing_ok=True) if data is None else path.write_bytes(data)
+        raise UserError(f"{e}{_why_unreachable(superlink, certs, insecure, str(e))}") from None
     say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else print
     say(f"started run {run_id} on {superlink}; its log follows (Ctrl-C detaches, the run goes on)")
     streamer, relay = stream_logs(home, run_id) if console is not None else (None, None)
+    watch = f"FLWR_HOME={home} flwr log {run_id} {CONNECTION}"
     try:
         status = wait_run(home, run_id, poll_s=poll_s)
         if streamer is not None:
             streamer.wait(timeout=15)  # the stream ends with the run; let it print the tail
             relay.join(timeout=5)
     except KeyboardInterrupt:
-        raise UserError(f"detached from run {run_id}; it goes on: watch it with `FLWR_HOME={home} flwr log {run_id} "
-                        f"{CONNECTION}`, stop it with `flwr stop {run_id} {CONNECTION}`") from None
+        raise Detached(f"detached from run {run_id}; it goes on: watch it with `{watch}`, stop it with "
+                       f"`FLWR_HOME={home} flwr stop {run_id} {CONNECTION}`") from None
+    except UserError as e:
+        raise UserError(f"lost the server while run {run_id} was going ({e}). If the server stopped, the run "
+                        f"stopped with it: once it is back, continue it with photon submit --resume --out {run_dir} "
+                        f"(the same --preset/--set); if only the connection broke, watch it with `{watch}`") from None
     except subprocess.TimeoutExpired:
         pass
     finally:
