@@ -304,7 +304,9 @@ def _stop_on_sigterm() -> None:
 
 
 def _wait_foreground(proc, what: str, log_file: Path) -> None:
-    """Block until the child ends; Ctrl-C or SIGTERM stops it. A child that fails by itself is a UserError."""
+    """Block until the child ends; Ctrl-C or SIGTERM stops it. A child that ends by itself, even with code 0,
+    is a UserError with the reason from its log (it should run until stopped; a service manager's
+    Restart=on-failure then restarts it)."""
     from photon.federation.deploy import explain_exit, stop
 
     try:
@@ -313,8 +315,7 @@ def _wait_foreground(proc, what: str, log_file: Path) -> None:
         stop(proc)
         console.print(f"stopped {what}")
         return
-    if code != 0:
-        raise UserError(f"{what} exited with code {code}: {explain_exit(log_file)} (log: {log_file})")
+    raise UserError(f"{what} stopped by itself (exit code {code}): {explain_exit(log_file)} (log: {log_file})")
 
 
 @app.command()

@@ -416,3 +416,17 @@ def test_a_server_with_a_mistyped_certs_folder_writes_nothing_into_it(tmp_path):
     with pytest.raises(UserError, match="lacks ca.crt"):
         deploy.start_superlink(deploy.free_port(), tmp_path / "state", certs=tmp_path / "certz")
     assert not (tmp_path / "certz").exists()
+
+
+def test_a_node_or_server_that_stops_by_itself_is_an_error_with_the_reason(tmp_path):
+    """Even with exit code 0 (Flower's SuperNode ends so when the SuperLink has forgotten it): it should run
+    until stopped, and a service manager restarts only a failure."""
+    from photon.cli import _wait_foreground
+
+    log = tmp_path / "supernode.log"
+    log.write_text("INFO :      SuperNode ID: 7\nTraceback (most recent call last):\n  ...\n"
+                   "httpx.HTTPStatusError: Client error '401 Unauthorized' for url "
+                   "'https://127.0.0.1:9092/v1/fleet/send-node-heartbeat'\n")
+    with pytest.raises(UserError, match=r"stopped by itself \(exit code 0\): .*401 Unauthorized.*does not know "
+                                        r"this node any more"):
+        _wait_foreground(subprocess.Popen(["true"]), "flower-supernode", log)

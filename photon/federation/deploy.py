@@ -655,8 +655,13 @@ def explain_exit(log_file: Path) -> str:
     text = Path(log_file).read_text(errors="replace") if Path(log_file).exists() else ""
     lines = [l.strip() for l in ANSI.sub("", text).splitlines()]
     errors = [i for i, l in enumerate(lines) if l.startswith("ERROR")]
+    last = next((l for l in reversed(lines) if l), "no log")
+    if "401 Unauthorized" in last:
+        return (f"{last}. The server does not know this node any more: it was restarted with another --state, "
+                "or its state was lost. Start the node again: a server started with --certs registers the "
+                "node-*.key.pub there anew (or register this node's key by hand, docs/DEPLOY.md)")
     if not errors:
-        return lines[-1] if lines else "no log"
+        return last
     reason = " ".join(l for l in lines[errors[-1] + 1:errors[-1] + 4] if l and not l.startswith("For more"))
     reason = reason.replace("[", "(").replace("]", ")")  # the CLI prints errors as rich markup
     if "CERTIFICATE_VERIFY_FAILED" in reason:
