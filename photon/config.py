@@ -135,6 +135,8 @@ class TrainConfig(_Frozen):
     eval_every: int = Field(200, ge=1, description="Evaluate every this many steps (centralized).")
     eval_batches: int = Field(8, ge=1, description="Validation batches per domain at each evaluation.")
     ckpt_every: int = Field(200, ge=1, description="Checkpoint every this many steps (centralized).")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept (the newest; centralized). Raise it to "
+                                  "compare models along the run.")
 
     @model_validator(mode="after")
     def _check_micro_batch(self) -> TrainConfig:
@@ -303,6 +305,9 @@ class FederationConfig(_Frozen):
         "(error replies), for at least two different clients: a node without data fails every client, while a "
         "bad client fails everywhere. Rejected replies count against the client, not the node.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
+    keep_checkpoints: int = Field(3, ge=1, description="Round checkpoints kept (the newest; in async mode at "
+                                  "least max_staleness + 2, which in-flight tasks may still need). Raise it to "
+                                  "compare models along the run.")
     num_nodes: int = Field(2, ge=1, description="Simulated nodes (Flower SuperNodes) in simulation.")
     procs_per_node: int = Field(
         1, ge=1, description="Processes (GPUs, or CPU processes) that train one client together on a node, with "

@@ -90,6 +90,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax_ppl.legend(fontsize=7)
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)  # --out plots/curves.png makes plots/
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

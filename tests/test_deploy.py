@@ -430,3 +430,24 @@ def test_a_node_or_server_that_stops_by_itself_is_an_error_with_the_reason(tmp_p
     with pytest.raises(UserError, match=r"stopped by itself \(exit code 0\): .*401 Unauthorized.*does not know "
                                         r"this node any more"):
         _wait_foreground(subprocess.Popen(["true"]), "flower-supernode", log)
+
+
+def test_a_key_in_use_names_the_photon_node_using_it_or_the_orphan(tmp_path):
+    key = tmp_path / "node-0.key"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "--auth-supernode-private-key", str(key)]
+    starter = ("import json, os, subprocess, time; p = subprocess.Popen(json.loads(os.environ['CHILD'])); "
+               "print(p.pid, flush=True); time.sleep(60)")
+    node = subprocess.Popen([sys.executable, "-c", starter, "photon", "node"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "CHILD": json.dumps(sleeper)})  # `photon node`, its SuperNode a child
+    child = int(node.stdout.readline())
+    try:
+        with pytest.raises(UserError, match=rf"a running `photon node` \(pid {node.pid}\) uses the key"):
+            deploy.check_key_unused(key)
+    finally:
+        node.kill()
+        node.wait()
+    try:  # its SuperNode outlived it (a SIGKILLed `photon node` before the parent-death signal): an orphan
+        with pytest.raises(UserError, match=rf"pid {child}, perhaps left by a killed `photon node`"):
+            deploy.check_key_unused(key)
+    finally:
+        os.kill(child, signal.SIGKILL)

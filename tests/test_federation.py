@@ -44,6 +44,14 @@ def test_rounds_advance_global_step_clients_and_lower_the_loss(tiny_prep, tmp_pa
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_keep_checkpoints_sets_how_many_round_checkpoints_stay(tiny_prep, tmp_path):
+    run(fed_cfg(tiny_prep, "federation.rounds=5", "federation.local_steps=2"), tmp_path / "a")
+    run(fed_cfg(tiny_prep, "federation.rounds=5", "federation.local_steps=2", "federation.keep_checkpoints=5"),
+        tmp_path / "b")
+    assert [p.name for p in list_checkpoints(tmp_path / "a" / "checkpoints")] == [f"round_{r:06d}" for r in (3, 4, 5)]
+    assert len(list_checkpoints(tmp_path / "b" / "checkpoints")) == 5
+
+
 def test_more_clients_per_round_than_nodes(tiny_prep, tmp_path):
     cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=1")
     assert run(cfg, tmp_path, nodes=1)["rounds"] == 1

@@ -104,6 +104,8 @@ def test_plot_run_returns_the_path_it_wrote(tmp_path):
     out = plot_run(tmp_path, folder)  # an existing folder: the plot goes inside it
     assert out == folder / "curves.png" and out.read_bytes()[:8] == PNG_MAGIC
     assert not (tmp_path / "plots.png").exists()
+    out = plot_run(tmp_path, tmp_path / "new" / "deep" / "c.svg")  # missing folders are made
+    assert out.read_bytes().startswith(b"<?xml")
 
 
 def test_a_torn_last_line_ends_the_log(tmp_path):

@@ -378,7 +378,8 @@ def _setup(v: View) -> str:
         f"{d['eval_rows']} validation rows of every domain at every evaluation, cosine schedule over the arm's "
         f"own length with a {p['min_lr_ratio']:.0%} floor and {p['warmup_fraction']:.1%} warmup, AdamW as in the "
         "paper, gradient clipping 1.0.",
-        "- Federated arms: in-process engine (`InProcessTransport`, bitwise the Flower simulation's parameters), "
+        "- Federated arms: in-process engine (`InProcessTransport`, bitwise the Flower simulation's parameters "
+        "at equal `train.threads`), "
         "one node per client, clients trained one after another, so a round's critical path is its slowest "
         "client as if each had its own machine. Every federated arm states its client optimizer: `persist` (the "
         "paper's recipe, AdamW state kept per client across rounds) or `reset`. All run with "

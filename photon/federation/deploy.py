@@ -364,10 +364,24 @@ def check_key_unused(key: Path) -> None:
         except OSError:
             continue
         if any(a == "--auth-supernode-private-key" and b == str(key) for a, b in zip(argv, argv[1:])):
-            pid = cmdline.parent.name
+            pid, owner = cmdline.parent.name, _photon_node_parent(cmdline.parent)
+            if owner is not None:
+                raise UserError(f"a running `photon node` (pid {owner}) uses the key {key}; the server admits one "
+                                "node per key: give this node another --key, or stop that one first")
             raise UserError(f"a node with the key {key} still runs on this machine (pid {pid}, perhaps left by a "
                             f"killed `photon node`); the server admits one node per key: stop it (kill {pid}) "
                             "and start this one again")
+
+
+def _photon_node_parent(proc_dir: Path) -> str | None:
+    """The pid of the `photon node` that started the SuperNode in /proc/PID, if its parent is one."""
+    try:
+        ppid = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        argv = (Path("/proc") / ppid / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except (OSError, IndexError):
+        return None
+    is_photon = any(Path(a).name == "photon" or a == "photon.cli" for a in argv)
+    return ppid if is_photon and "node" in argv else None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -133,9 +133,9 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
         from photon.federation.async_rounds import AsyncRounds
 
         driver = AsyncRounds(agg, run_dir / ".spill", ckpt_dir)
-        next_round, keep = driver.step, max(3, fed.asynchronous.max_staleness + 2)  # in-flight tasks' models
+        next_round, keep = driver.step, max(fed.keep_checkpoints, fed.asynchronous.max_staleness + 2)  # in flight
     else:
-        next_round, keep = agg.run_round, 3
+        next_round, keep = agg.run_round, fed.keep_checkpoints
     runlog = RunLog(run_dir, resume_step=state.round if found is not None else None, step_key="round")
     try:
         eval_model = build_model(cfg).to(resolve_device(cfg.train.device))

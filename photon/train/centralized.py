@@ -70,7 +70,7 @@ def check_same_model(cfg: RunConfig, meta: dict, where: Path) -> None:
 
 
 def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: int | None = None,
-                  console: Console | None = None, keep_checkpoints: int = 3) -> dict[str, float]:
+                  console: Console | None = None, keep_checkpoints: int | None = None) -> dict[str, float]:
     """Train for `cfg.train.steps` steps (or stop early at `stop_at`); returns the last evaluation."""
     console = console or Console()
     cfg.check_central_schedule()
@@ -146,7 +146,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
                 }, {"kind": "central", "step": step, "cursor": cursor, "config": config_to_dict(cfg),
                     "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")},
                     extra_files=(prepared.tokenizer_path,))
-                prune_checkpoints(ckpt_dir, keep_checkpoints)
+                prune_checkpoints(ckpt_dir, keep_checkpoints or tcfg.keep_checkpoints)
     runlog.close()
     if losses:
         console.print(f"final validation loss {losses[OVERALL]:.4f}")
