@@ -261,7 +261,8 @@ def test_killing_photon_node_kills_its_supernode_and_frees_the_key(link, procs, 
         time.sleep(0.2)
     below = deploy.descendants(wrapper.pid)
     assert below
-    with pytest.raises(UserError, match=f"pid {below[0]}.*one node per key"):
+    with pytest.raises(UserError, match=rf"a running `photon node` \(pid {wrapper.pid}\) uses the key .*one node per "
+                                        "key"):
         deploy.start_supernode(link.address, deploy.free_port(), tmp_path / "second", certs=link.certs, key=key)
     wrapper.kill()
     wrapper.wait()

@@ -84,7 +84,8 @@ def test_async_rounds_run_on_flower_with_slow_clients_sleeping_for_real(tiny_pre
 def test_ctrl_c_ends_a_simulation_and_says_how_to_resume(tiny_prep, tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-run: the process ends within seconds
     with exit code 130 and the resume command, and leaves no Ray process behind. (Flower stopped its runtime
-    but not our server thread, which waited for replies forever, and the process with it.)"""
+    but not our server thread, which waited for replies forever; and Flower's own workers could wait forever
+    for actors the interrupt had killed, which Python waited for at exit.)"""
     import os
     import signal
     import subprocess
@@ -96,6 +97,9 @@ def test_ctrl_c_ends_a_simulation_and_says_how_to_resume(tiny_prep, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "photon.cli", "run", "--preset", "tiny", "--out", str(out),
                                  "--set", f"data.prep_dir={tiny_prep}", "--set", "federation.rounds=2000"],
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                # as from a terminal, whatever this test runs under (a shell's background job
+                                # inherits SIGINT ignored, and Python then keeps ignoring it)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                                 env={**os.environ, "COLUMNS": "200"})
     try:
         deadline = time.monotonic() + 180
