@@ -262,3 +262,12 @@ def test_a_node_without_the_runs_data_is_excluded_at_once_and_its_client_trained
     assert "no prepared data" in excluded[0].getMessage() and "photon:" not in excluded[0].getMessage()
     with pytest.raises(UserError, match="every node was excluded from the run; last: node 0: .*no prepared data"):
         run_federation(cfg, tmp_path / "alone", InProcessTransport([ClientWorker(tmp_path / "n2", data_dir=empty)]))
+
+
+def test_a_run_killed_in_its_first_round_and_resumed_logs_its_first_evaluation_once(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.rounds=2")
+    with pytest.raises(ServerCrash):
+        run(cfg, tmp_path, fail=crash_when(lambda t: t.round == 0))
+    assert [r["round"] for r in read_metrics(tmp_path) if r["kind"] == "eval"] == [0]
+    run(cfg, tmp_path, resume=True)  # no checkpoint yet: it starts from round 0 again
+    assert [r["round"] for r in read_metrics(tmp_path) if r["kind"] == "eval"] == [0, 1, 2]

@@ -136,7 +136,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
         next_round, keep = driver.step, max(fed.keep_checkpoints, fed.asynchronous.max_staleness + 2)  # in flight
     else:
         next_round, keep = agg.run_round, fed.keep_checkpoints
-    runlog = RunLog(run_dir, resume_step=state.round if found is not None else None, step_key="round")
+    runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
     try:
         eval_model = build_model(cfg).to(resolve_device(cfg.train.device))
         t = cfg.train
