@@ -407,6 +407,9 @@ def test_a_port_that_cannot_be_listened_on_says_why(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use.*with --blob-port"):
             deploy.check_port_free("127.0.0.1", port, "--blob-port")
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use"):  # before --state is made
+            deploy.start_superlink(port, tmp_path / "state", insecure=True, log_file=tmp_path / "superlink.log")
+        assert not (tmp_path / "state").exists()
     with pytest.raises(UserError, match="not an address or a name"):
         deploy.check_port_free("not a host", port)
     with pytest.raises(UserError, match="not an address of this machine"):

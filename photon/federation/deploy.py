@@ -261,6 +261,10 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
     certs, insecure = tls_args(certs, insecure, "photon server")
     if not insecure:  # before anything is written into --certs (a mistyped one would be made)
         ca, cert, key = _need_files(certs, SERVER_FILES, "photon server")
+    blob_port = port + 1 if blob_port is None else blob_port
+    check_port_free(host, port, "--port")  # before anything is written into --state
+    if blob_port:
+        check_port_free(host, blob_port, "--blob-port")
     state = Path(state).resolve()
     runs = Path(runs).resolve() if runs is not None else state / "runs"
     token = operator_token_file(state, certs)
@@ -277,13 +281,10 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
     else:
         args += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                  "--enable-supernode-auth"]
-    check_port_free(host, port, "--port")
     env = {}
-    blob_port = port + 1 if blob_port is None else blob_port
     if blob_port:
         blob_secret = state / "blobs.secret"
         write_private(blob_secret, secrets.token_hex(32).encode())
-        check_port_free(host, blob_port, "--blob-port")
         blobs = {"root": str(state / "blobs"), "host": host, "port": blob_port, "secret_file": str(blob_secret)}
         if not insecure:
             blobs.update(cert=str(cert), key=str(key))
