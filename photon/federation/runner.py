@@ -43,9 +43,9 @@ def check_same_partition(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
     the partition they were trained on."""
     saved = meta.get("config", {}).get("data", {}).get("partition")
     now = cfg.data.partition.model_dump(mode="json")
-    if saved is not None and saved != now:
-        changed = ", ".join(f"data.partition.{k}={saved.get(k)!r} (not {now.get(k)!r})"
-                            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+    changed = ", ".join(f"data.partition.{k}={saved[k]!r} (not {now[k]!r})"  # keys both know: an older
+                        for k in sorted(saved or {}) if k in now and saved[k] != now[k])  # checkpoint may lack some
+    if changed:
         raise UserError(f"{run_dir} was trained with {changed}: the clients' cursors and kept state belong to "
                         "that partition; resume with the saved config, or start a new run with another --out")
 
