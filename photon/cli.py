@@ -200,8 +200,7 @@ def run(
         from photon.federation.runner import refuse_a_taken_run_dir
 
         refuse_a_taken_run_dir(run_dir)  # before data is prepared and Ray started (seconds to minutes)
-    chose_data = any(o.split("=", 1)[0].strip() == "data.prep_dir" for o in overrides or [])
-    ensure_prepared(cfg, cache, built_in=resume is None and not chose_data)
+    ensure_prepared(cfg, cache, built_in=resume is None and is_built_in_folder(cfg.data.prep_dir))
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
     except KeyboardInterrupt:
@@ -213,10 +212,15 @@ def run(
     console.print(f"run directory: {summary['run_dir']}")
 
 
+def is_built_in_folder(prep_dir: Path) -> bool:
+    """`prep_dir` is where a shipped preset keeps the built-in corpus (data/prepared-v<vocab>, from here)."""
+    return Path(prep_dir).absolute() in {load_config(name).data.prep_dir.absolute() for name in preset_names()}
+
+
 def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources"), built_in: bool = True) -> None:
     """First use: prepare the built-in offline corpus; afterwards whatever is in data.prep_dir is used.
-    `built_in=False` (a resume, or a data.prep_dir the user chose): missing data is an error, never silently
-    replaced by the built-in corpus."""
+    `built_in=False` (a resume, or a folder other than a shipped preset's): missing data is an error, never
+    silently replaced by the built-in corpus."""
     from photon.data.shards import prepare as do_prepare
 
     prep_dir = cfg.data.prep_dir
@@ -226,8 +230,8 @@ def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources"), built_in
         do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
         return
     raise UserError(f"data.prep_dir={prep_dir} holds no prepared data (no manifest.json); point at the run's data "
-                    f"with --set data.prep_dir=PATH, or prepare it there first (photon prepare --data YOUR_TEXT "
-                    f"--out {prep_dir})")
+                    f"with --set data.prep_dir=PATH, or prepare it there first (photon prepare --out {prep_dir}, "
+                    "with the run's preset, plus --data YOUR_TEXT unless it is the built-in corpus)")
 
 
 ENGINES = ("simulation", "inprocess")
@@ -315,7 +319,7 @@ def _wait_foreground(proc, what: str, log_file: Path) -> None:
         stop(proc)
         console.print(f"stopped {what}")
         return
-    raise UserError(f"{what} stopped by itself (exit code {code}): {explain_exit(log_file)} (log: {log_file})")
+    raise UserError(f"{what} stopped by itself (exit code {code}): {explain_exit(log_file, what)} (log: {log_file})")
 
 
 @app.command()

@@ -135,8 +135,8 @@ class TrainConfig(_Frozen):
     eval_every: int = Field(200, ge=1, description="Evaluate every this many steps (centralized).")
     eval_batches: int = Field(8, ge=1, description="Validation batches per domain at each evaluation.")
     ckpt_every: int = Field(200, ge=1, description="Checkpoint every this many steps (centralized).")
-    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept (the newest; centralized). Raise it to "
-                                  "compare models along the run.")
+    keep_checkpoints: int = Field(3, ge=2, description="Checkpoints kept (the newest; centralized; at least 2, so "
+                                  "a damaged newest one has a fallback). Raise it to compare models along the run.")
 
     @model_validator(mode="after")
     def _check_micro_batch(self) -> TrainConfig:
@@ -305,7 +305,8 @@ class FederationConfig(_Frozen):
         "(error replies), for at least two different clients: a node without data fails every client, while a "
         "bad client fails everywhere. Rejected replies count against the client, not the node.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
-    keep_checkpoints: int = Field(3, ge=1, description="Round checkpoints kept (the newest; in async mode at "
+    keep_checkpoints: int = Field(3, ge=2, description="Round checkpoints kept (the newest; at least 2, so a "
+                                  "damaged newest one has a fallback; in async mode at "
                                   "least max_staleness + 2, which in-flight tasks may still need). Raise it to "
                                   "compare models along the run.")
     num_nodes: int = Field(2, ge=1, description="Simulated nodes (Flower SuperNodes) in simulation.")

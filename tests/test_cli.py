@@ -231,6 +231,12 @@ def test_data_the_user_named_is_never_replaced_by_the_built_in_corpus(photon, tm
     assert code == 2 and "gone holds no prepared data" in err and not (tmp_path / "gone").exists()
     code, _, err = photon("run", "--resume", "old", "--out", "new")
     assert code == 2 and "--out does not go with --resume" in err
+    preset = tmp_path / "mine.yaml"  # a preset of one's own naming a folder not prepared yet
+    preset.write_text((Path(cli.__file__).parent / "presets" / "tiny.yaml").read_text().replace(
+        "prep_dir: data/prepared-v1024", "prep_dir: not_prepared_yet"))
+    code, _, err = photon("run", "--preset", preset)
+    assert code == 2 and "not_prepared_yet holds no prepared data" in err
+    assert not (tmp_path / "not_prepared_yet").exists()
 
 
 def test_ports_out_of_range_or_shared_are_refused(photon):

@@ -434,6 +434,9 @@ def test_a_node_or_server_that_stops_by_itself_is_an_error_with_the_reason(tmp_p
     with pytest.raises(UserError, match=r"stopped by itself \(exit code 0\): .*401 Unauthorized.*does not know "
                                         r"this node any more"):
         _wait_foreground(subprocess.Popen(["true"]), "flower-supernode", log)
+    with pytest.raises(UserError, match=r"flower-superlink stopped by itself") as e:  # a node's 401 is not its
+        _wait_foreground(subprocess.Popen(["true"]), "flower-superlink", log)
+    assert "does not know this node" not in str(e.value)
 
 
 def test_a_key_in_use_names_the_photon_node_using_it_or_the_orphan(tmp_path):

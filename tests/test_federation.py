@@ -50,6 +50,8 @@ def test_keep_checkpoints_sets_how_many_round_checkpoints_stay(tiny_prep, tmp_pa
         tmp_path / "b")
     assert [p.name for p in list_checkpoints(tmp_path / "a" / "checkpoints")] == [f"round_{r:06d}" for r in (3, 4, 5)]
     assert len(list_checkpoints(tmp_path / "b" / "checkpoints")) == 5
+    with pytest.raises(UserError, match="keep_checkpoints"):  # at least 2: a damaged newest needs a fallback
+        fed_cfg(tiny_prep, "federation.keep_checkpoints=1")
 
 
 def test_more_clients_per_round_than_nodes(tiny_prep, tmp_path):
@@ -271,3 +273,18 @@ def test_a_run_killed_in_its_first_round_and_resumed_logs_its_first_evaluation_o
     assert [r["round"] for r in read_metrics(tmp_path) if r["kind"] == "eval"] == [0]
     run(cfg, tmp_path, resume=True)  # no checkpoint yet: it starts from round 0 again
     assert [r["round"] for r in read_metrics(tmp_path) if r["kind"] == "eval"] == [0, 1, 2]
+
+
+def test_a_retry_goes_to_a_free_node_it_has_not_failed_on_and_never_waits_for_a_busy_one(tiny_prep):
+    from collections import deque
+
+    cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4")
+    agg = Aggregator(cfg, ServerState.fresh({"w": torch.zeros(2)}, 4, seed=7), [[]] * 4, {})
+    # client 1 failed on node 1: with nodes 0 and 1 free, node 0 takes it and node 1 the other client
+    assert agg._assign(deque([2, 1]), [0, 1], {1: {1}}) == [(0, 1), (1, 2)]
+    # client 1 failed on node 0 and only node 0 is free (node 1 is busy, maybe straggling): it runs there now
+    queue = deque([1])
+    assert agg._assign(queue, [0], {1: {0}}) == [(0, 1)] and not queue
+    # a node keeps the client whose kept state it holds
+    agg.state.clients[3].state_node = 1
+    assert agg._assign(deque([2, 3]), [0, 1], {}) == [(0, 2), (1, 3)]

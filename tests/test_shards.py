@@ -77,6 +77,19 @@ def test_a_finished_build_of_files_edited_since_is_rebuilt_not_reused(tmp_path):
     assert _files(tmp_path / "prep") == _files(fresh / "prep") != before
 
 
+def test_unchanged_text_with_files_beside_domain_folders_is_reused(tmp_path, monkeypatch):
+    """The folder's own files are a domain named after it, listed first by `user_domains`; the fingerprint
+    compares domains by name, so a folder whose name sorts after a sub-folder's is reused, not rebuilt."""
+    corpus = tmp_path / "zz"
+    (corpus / "aa").mkdir(parents=True)
+    shutil.copytree(FIXTURE / "literature", corpus / "aa", dirs_exist_ok=True)
+    (corpus / "root.txt").write_text("Of the folder itself.\n\nA second document.\n" * 40)
+    cfg = _cfg(tmp_path)
+    prepare(cfg, VOCAB, source=corpus)
+    monkeypatch.setattr(shards, "_build", lambda *a: pytest.fail("unchanged text must be reused"))
+    assert prepare(cfg, VOCAB, source=corpus) == tmp_path / "prep"
+
+
 def test_changed_recipe_rebuilds_in_place(tmp_path):
     prepare(_cfg(tmp_path), VOCAB, source=FIXTURE)
     prepare(_cfg(tmp_path, seed=1), 300, source=FIXTURE)

@@ -295,7 +295,7 @@ def _reusable(prep_dir: Path, recipe: dict[str, Any], source: Path | None, max_m
     if manifest.get("format") != FORMAT_VERSION or manifest.get("recipe") != recipe:
         return False
     if source is not None and "sources" in manifest:  # listing files is cheap; the built-in corpus is pinned
-        return manifest["sources"] == _fingerprint(user_domains(Path(source), max_mb))
+        return manifest["sources"] == _fingerprint(sorted(user_domains(Path(source), max_mb), key=lambda d: d.name))
     return True
 
 

@@ -223,15 +223,29 @@ class Aggregator:
         fed = self.cfg.federation
         return fed.client_optimizer == "persist" or fed.compression.up.error_feedback
 
-    def _pick(self, queue: deque[int], node: int, failed_on: dict[int, set[int]] | None = None,
-              others: bool = False) -> int | None:
-        """The next queued client for `node`: one whose kept state it already holds, else the first. With
-        `others` (another usable node exists), a client that already failed on `node` this round waits for
-        another node (None when only such clients are queued)."""
-        candidates = [c for c in queue if not (others and failed_on and node in failed_on.get(c, ()))]
+    def _assign(self, queue: deque[int], free: list[int], failed_on: dict[int, set[int]]) -> list[tuple[int, int]]:
+        """(node, client) pairs for the free nodes, taken off `queue`. First every free node gets a client
+        that has not failed on it this round (so a retry goes to another node when one is free now); then the
+        nodes still free get what is left, failed there or not: a retry never waits for a busy node."""
+        plan, left = [], list(free)
+        for strict in (True, False):
+            for node in list(left):
+                if not queue:
+                    return plan
+                cid = self._pick(queue, node, failed_on if strict else {})
+                if cid is not None:
+                    plan.append((node, cid))
+                    left.remove(node)
+        return plan
+
+    def _pick(self, queue: deque[int], node: int, failed_on: dict[int, set[int]]) -> int | None:
+        """The queued client for `node` (taken off `queue`), leaving out those that failed on it (`failed_on`):
+        one whose kept state it already holds, else one that failed on another node (it has fewer places to
+        go), else the first; None if every queued client failed here."""
+        candidates = [c for c in queue if node not in failed_on.get(c, ())]
         if not candidates:
             return None
-        cid = next((c for c in candidates if self.state.clients[c].state_node == node), candidates[0])
+        cid = min(candidates, key=lambda c: (self.state.clients[c].state_node != node, not failed_on.get(c)))
         queue.remove(cid)
         return cid
 
@@ -243,14 +257,13 @@ class Aggregator:
                             f"{'; '.join(f'node {n}: {r}' for n, r in list(self.excluded.items())[-2:])}")
         return usable
 
-    def free_nodes(self, transport: Transport, usable: list[int] | None = None) -> list[int]:
-        """Usable nodes (`usable`, if the caller has them) not occupied by a task (one whose reply has not come
-        and is not presumed lost)."""
+    def free_nodes(self, transport: Transport) -> list[int]:
+        """Usable nodes not occupied by a task (one whose reply has not come and is not presumed lost)."""
         now = clock_of(transport)()
         for node, (_, until) in list(self.occupied.items()):
             if now >= until:
                 del self.occupied[node]
-        return [n for n in (self.usable_nodes(transport) if usable is None else usable) if n not in self.occupied]
+        return [n for n in self.usable_nodes(transport) if n not in self.occupied]
 
     def wait_for_a_node(self) -> None:
         """Nothing can be sent until a node connects: wait a moment, and say so every IDLE_WARNING_S, so a run
@@ -349,13 +362,7 @@ class Aggregator:
 
     def _dispatch(self, transport: Transport, rnd: _Round) -> None:
         """Give every idle node the next queued client; keep the encoded model only while clients wait."""
-        usable = self.usable_nodes(transport)
-        for node in self.free_nodes(transport, usable):
-            if not rnd.queue:
-                break
-            cid = self._pick(rnd.queue, node, rnd.failed_on, others=len(usable) > 1)
-            if cid is None:  # every queued client failed on this node: they wait for another
-                continue
+        for node, cid in self._assign(rnd.queue, self.free_nodes(transport), rnd.failed_on):
             rnd.attempts[cid] += 1
             task = self.task(cid, rnd.attempts[cid])
             state_payload = None

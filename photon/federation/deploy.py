@@ -665,13 +665,14 @@ def copy_lines(src: IO[bytes], out: IO[str], plain: bool) -> None:
         out.flush()
 
 
-def explain_exit(log_file: Path) -> str:
-    """Why a Flower process stopped, from its log: the lines after its last ERROR, else the last line."""
+def explain_exit(log_file: Path, what: str = "flower-supernode") -> str:
+    """Why a Flower process (`what`) stopped, from its log: the lines after its last ERROR, else the last
+    line."""
     text = Path(log_file).read_text(errors="replace") if Path(log_file).exists() else ""
     lines = [l.strip() for l in ANSI.sub("", text).splitlines()]
     errors = [i for i, l in enumerate(lines) if l.startswith("ERROR")]
     last = next((l for l in reversed(lines) if l), "no log")
-    if "401 Unauthorized" in last:
+    if what == "flower-supernode" and "401 Unauthorized" in last:
         return (f"{last}. The server does not know this node any more: it was restarted with another --state, "
                 "or its state was lost. Start the node again: a server started with --certs registers the "
                 "node-*.key.pub there anew (or register this node's key by hand, docs/DEPLOY.md)")

@@ -114,7 +114,7 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
         try:
             _simulate(cfg, server_app, client_app, nodes, resources)
         except KeyboardInterrupt:
-            _stop_after_interrupt(stop, done)
+            _stop_after_interrupt(stop, done if result.get("started") else None)
             raise
     if "error" in result:
         raise result["error"]
@@ -123,7 +123,7 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     return result
 
 
-def _stop_after_interrupt(stop: threading.Event, done: threading.Event) -> None:
+def _stop_after_interrupt(stop: threading.Event, done: threading.Event | None) -> None:
     """Ctrl-C: Flower stops its runtime but not our server thread, which would wait for replies that never come
     (and keep the process alive). Tell it to stop and wait until it has: it stops at its next Grid call, after
     any checkpoint it is writing. Flower's threads log as they wind down: kept quiet. Ray is left to the exit
@@ -131,7 +131,7 @@ def _stop_after_interrupt(stop: threading.Event, done: threading.Event) -> None:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
     stop.set()
-    if not done.wait(SERVER_STOP_S):
+    if done is not None and not done.wait(SERVER_STOP_S):  # None: the server thread had not started
         log.warning("the server thread did not stop within %d s of the interrupt", SERVER_STOP_S)
 
 

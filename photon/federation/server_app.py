@@ -152,6 +152,7 @@ def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, b
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        result["started"] = True  # an interrupt before this has no server thread to wait for
         try:
             result.update(run_federation(cfg, run_dir, GridTransport(grid, blobs=blobs, stop=stop), resume=resume,
                                          **kwargs))
