@@ -275,9 +275,10 @@ def _domains(source: Path | None, cache_dir: Path | None, max_mb: float | None) 
 
 
 def _fingerprint(domains: list[Domain]) -> str:
-    """Names, sizes and mtimes of the files read: a resume must not mix shards of edited files."""
+    """Names, sizes and mtimes of the files read (domains in name order, however listed): a resume must not
+    mix shards of edited files, nor a reuse serve them stale."""
     h = hashlib.sha256()
-    for d in domains:
+    for d in sorted(domains, key=lambda d: d.name):
         h.update(f"{d.name}\n".encode())
         for f in d.files:
             st = f.stat()
@@ -295,7 +296,7 @@ def _reusable(prep_dir: Path, recipe: dict[str, Any], source: Path | None, max_m
     if manifest.get("format") != FORMAT_VERSION or manifest.get("recipe") != recipe:
         return False
     if source is not None and "sources" in manifest:  # listing files is cheap; the built-in corpus is pinned
-        return manifest["sources"] == _fingerprint(sorted(user_domains(Path(source), max_mb), key=lambda d: d.name))
+        return manifest["sources"] == _fingerprint(user_domains(Path(source), max_mb))
     return True
 
 

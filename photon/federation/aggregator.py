@@ -398,7 +398,7 @@ class Aggregator:
             self._state_missing(cid, node, rnd.attach)
             rnd.queue.appendleft(cid)
             return
-        unfit = unfit_reason(msg) if isinstance(msg, str) else None
+        unfit = unfit_reason(msg)
         if unfit is not None:  # the node cannot train anyone: out of the run, and the client goes elsewhere
             self._exclude(node, unfit, rnd.result)
             rnd.queue.appendleft(cid)

@@ -164,7 +164,7 @@ class AsyncRounds:
         if isinstance(msg, str) and MISSING in msg:
             agg._state_missing(cid, node, self.attach)
             return  # the client is free again; its next task carries the server's copy (or starts fresh)
-        unfit = unfit_reason(msg) if isinstance(msg, str) else None
+        unfit = unfit_reason(msg)
         if unfit is not None:  # the node cannot train anyone: out of the run; the client is free again
             agg._exclude(node, unfit, result)
             return

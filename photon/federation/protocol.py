@@ -42,9 +42,9 @@ class NodeUnfit(RuntimeError):
         super().__init__(f"{UNFIT} {reason}")
 
 
-def unfit_reason(error: str) -> str | None:
-    """The reason of a `NodeUnfit` error reply, or None for any other error."""
-    return error.split(UNFIT, 1)[1].strip() if UNFIT in error else None
+def unfit_reason(reply: object) -> str | None:
+    """The reason of a `NodeUnfit` error reply (a str), or None for any other reply or error."""
+    return reply.split(UNFIT, 1)[1].strip() if isinstance(reply, str) and UNFIT in reply else None
 
 
 @dataclass
