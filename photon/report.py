@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.table import Table
 
 from photon.errors import UserError
-from photon.runlog import METRICS, read_metrics
+from photon.runlog import METRICS, eval_losses, read_metrics
 from photon.train.evaluate import OVERALL, perplexity
 
 
@@ -79,9 +79,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     ax_loss.set(xlabel="global step", ylabel="train loss", title="training loss")
     curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in evals:
-        for key, value in r.items():
-            if key.startswith("loss/"):
-                curves[key.removeprefix("loss/")].append((r["step"], perplexity(value)))
+        for domain, loss in eval_losses(r).items():
+            curves[domain].append((r["step"], perplexity(loss)))
     for domain, points in sorted(curves.items()):
         xs, ys = zip(*points)
         ax_ppl.plot(xs, ys, marker="o", ms=3, lw=2.5 if domain == OVERALL else 1, label=domain)

@@ -16,7 +16,7 @@ from rich.console import Console
 from photon.bench.outdir import fresh_out_dir
 from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig
-from photon.runlog import read_metrics
+from photon.runlog import eval_losses, read_metrics
 from photon.train.evaluate import perplexity
 
 
@@ -32,7 +32,8 @@ def run_demo_bench(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any
     rows = read_metrics(out)
     evals = [r for r in rows if r["kind"] == "eval"]
     rounds = [r for r in rows if r["kind"] == "round"]
-    losses = {k.removeprefix("loss/"): (evals[0][k], evals[-1][k]) for k in evals[0] if k.startswith("loss/")}
+    first, final = eval_losses(evals[0]), eval_losses(evals[-1])
+    losses = {domain: (loss, final[domain]) for domain, loss in first.items()}
     fed = cfg.federation
     data = {"preset": cfg.name, "clients": cfg.data.partition.num_clients, "k": fed.clients_per_round,
             "h": fed.local_steps, "rounds": fed.rounds, "nodes": fed.num_nodes, "wall_seconds": wall,

@@ -25,7 +25,7 @@ from photon.federation.client_state import StateFiles
 from photon.federation.server_state import ServerState, referenced_state_digests
 from photon.model.transformer import load_unique_state_dict, unique_state_dict
 from photon.report import eval_table, plot_run
-from photon.runlog import RunLog, eval_losses, read_metrics
+from photon.runlog import LOSS, RunLog, eval_losses, read_metrics
 from photon.train.centralized import build_model, check_same_data, check_same_model, open_data
 from photon.train.device import release_freed_memory, resolve_device
 from photon.train.evaluate import OVERALL, evaluable_domains, evaluate, perplexity
@@ -146,7 +146,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
             load_unique_state_dict(eval_model, state.params, share=next(eval_model.parameters()).device.type == "cpu")
             losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
             runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
-                       clock=state.clock, **{f"loss/{k}": v for k, v in losses.items()})
+                       clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()})
             return losses
 
         mode = "" if fed.mode == "sync" else f"async (quorum {driver.quorum}), "

@@ -20,7 +20,7 @@ from photon.data.shards import Prepared, TokenStream, open_prepared
 from photon.errors import UserError
 from photon.report import eval_table
 from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
-from photon.runlog import RunLog
+from photon.runlog import LOSS, RunLog
 from photon.train.device import place, resolve_device, setup_backend
 from photon.train.evaluate import OVERALL, evaluable_domains, evaluate
 from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
@@ -115,7 +115,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
 
     def run_eval(at: int) -> dict[str, float]:
         losses = evaluate(model, prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, tcfg.bf16)
-        runlog.log("eval", at, **{f"loss/{k}": v for k, v in losses.items()})
+        runlog.log("eval", at, **{f"{LOSS}{k}": v for k, v in losses.items()})
         console.print(eval_table(losses, title=f"validation at step {at}"))
         return losses
 
