@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from photon.config import PartitionConfig, RunConfig
-from photon.data.shards import Prepared, TokenStream
+from photon.data.shards import Prepared, TokenStream, rows_in
 from photon.errors import UserError
 
 Span = tuple[str, int, int]  # (domain, start, end) in the domain's train tokens
@@ -144,7 +144,7 @@ def load_partition(path: Path) -> dict[str, Any]:
 
 
 def _span_rows(spans: list[dict[str, Any]], seq_len: int) -> int:
-    return sum(max(0, (s["end"] - s["start"] - 1) // seq_len) for s in spans)
+    return sum(rows_in(s["end"] - s["start"], seq_len) for s in spans)
 
 
 def _max_clients(manifest: dict[str, Any], part: dict[str, Any], seq_len: int) -> int:

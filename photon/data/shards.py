@@ -527,6 +527,12 @@ def open_prepared(prep_dir: Path) -> Prepared:
 # Batches
 
 
+def rows_in(n_tokens: int, seq_len: int) -> int:
+    """How many rows of `seq_len` + 1 tokens (inputs and their next-token targets), one starting every
+    `seq_len` tokens, `n_tokens` hold: what training and evaluation cut a span of tokens into."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
 class TokenStream:
     """(x, y) batches of ``batch_size`` rows of ``seq_len`` tokens, as a pure function of an integer cursor.
 
@@ -540,7 +546,7 @@ class TokenStream:
     def __init__(self, arrays: list[np.ndarray], seq_len: int, batch_size: int, seed: int):
         assert seq_len >= 1 and batch_size >= 1, (seq_len, batch_size)
         self.arrays, self.seq_len, self.batch_size, self.seed = list(arrays), seq_len, batch_size, seed
-        counts = np.array([max(0, (len(a) - 1) // seq_len) for a in self.arrays], dtype=np.int64)
+        counts = np.array([rows_in(len(a), seq_len) for a in self.arrays], dtype=np.int64)
         if counts.sum() < 1:
             sizes = [len(a) for a in self.arrays]
             raise UserError(f"token spans of sizes {sizes[:8]}{'...' if len(sizes) > 8 else ''} are all shorter "
@@ -596,7 +602,7 @@ def eval_batches(arr: np.ndarray, seq_len: int, batch_size: int, n_batches: int)
     at least ``seq_len + 1`` tokens is evaluated.
     """
     T = seq_len
-    avail = max(0, (len(arr) - 1) // T)
+    avail = rows_in(len(arr), T)
     n_rows = min(avail, n_batches * batch_size)
     if n_rows >= batch_size:
         n_rows -= n_rows % batch_size

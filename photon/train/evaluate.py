@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from photon.data.shards import Prepared, eval_batches
+from photon.data.shards import Prepared, eval_batches, rows_in
 from photon.errors import UserError
 from photon.train.device import autocast, batch_to
 
@@ -49,7 +49,7 @@ def evaluate(model: nn.Module, prepared: Prepared, seq_len: int, batch_size: int
 def evaluable_domains(prepared: Prepared, seq_len: int) -> list[str]:
     """The domains whose validation split holds at least one sequence (`seq_len` + 1 tokens). None is a
     UserError (every validation loss would be a meaningless 0); a domain left out is logged."""
-    fits = [d for d in prepared.domains if len(prepared.tokens(d, "val")) >= seq_len + 1]
+    fits = [d for d in prepared.domains if rows_in(len(prepared.tokens(d, "val")), seq_len)]
     if not fits:
         raise UserError(f"{prepared.path}: no domain's validation split holds one sequence of train.seq_len={seq_len} "
                         "tokens; prepare more text (or a larger data.val_fraction), or use a shorter train.seq_len")
