@@ -427,10 +427,10 @@ def _read_from(path: Path, offset: int) -> str:
 
 
 def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: float = 3.0,
-                    who: str = "this node") -> tuple[bool, str]:
-    """Why `who`'s connections to `superlink` fail (a node's, or `photon submit`'s), from a TCP connect and a
-    TLS handshake of our own: (True, reason) for a sure mismatch, (False, best guess) otherwise."""
-    node = who == "this node"
+                    node: bool = True) -> tuple[bool, str]:
+    """Why a node's (or, `node=False`, `photon submit`'s) connections to `superlink` fail, from a TCP connect
+    and a TLS handshake of our own: (True, reason) for a sure mismatch, (False, best guess) otherwise."""
+    who = "this node" if node else "photon submit"
     host, _, port = superlink.rpartition(":")
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout)
@@ -701,7 +701,7 @@ def _why_unreachable(superlink: str, certs: Path | None, insecure: bool, error: 
     if "unavailable" not in error.lower():
         return ""
     ca = Path(certs) / "ca.crt" if certs is not None else None
-    return f"; {probe_superlink(superlink, ca, insecure, who='photon submit')[1]}"
+    return f"; {probe_superlink(superlink, ca, insecure, node=False)[1]}"
 
 
 def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume: bool = False,
