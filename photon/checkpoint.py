@@ -10,10 +10,14 @@ Tensors only: nothing here is pickled.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,39 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+RUN_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, wait_s: float = 0.0, say: Callable[[str], None] = log.info) -> Iterator[None]:
+    """One writer per run folder: hold an exclusive lock on `run_dir/.lock` (holding the process id) while a
+    run trains into it. Another process holding it is waited for up to `wait_s` seconds (a deployed server
+    restarted after a kill can briefly overlap the old run's ServerApp, which Flower starts and ends), then
+    refused with its process id. The kernel releases the lock when its holder exits, however it exits."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, waiting = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    raise UserError(f"{run_dir} is in use by process {holder} (a photon run or server training "
+                                    "into it); wait for it to end or stop it, then try again") from None
+                if not waiting:
+                    say(f"waiting up to {wait_s:.0f} s for process {holder} to release {run_dir}")
+                    waiting = True
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save_checkpoint(path: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_cfg, torch_threads
 from rich.console import Console
 
-from photon.checkpoint import list_checkpoints, load_checkpoint
+from photon.checkpoint import hold_run_dir, list_checkpoints, load_checkpoint
 from photon.errors import UserError
 from photon.runlog import read_metrics
 from photon.train.centralized import train_central
@@ -136,6 +136,13 @@ def test_existing_run_without_resume_is_refused(short_runs, tmp_path):
     with pytest.raises(UserError, match="--resume"):
         train_central(short_runs["cfg"], tmp_path / "run", console=_quiet())
     assert len(read_metrics(tmp_path / "run")) == len(read_metrics(short_runs["straight_dir"]))  # untouched
+
+
+def test_a_run_another_process_trains_into_is_not_resumed_beside_it(short_runs, tmp_path):
+    shutil.copytree(short_runs["resumed_dir"], tmp_path / "run")
+    with hold_run_dir(tmp_path / "run"):
+        with pytest.raises(UserError, match="in use by process"):
+            train_central(short_runs["cfg"], tmp_path / "run", resume=True, console=_quiet())
 
 
 def test_resume_with_a_different_model_is_refused(short_runs, tmp_path):

@@ -1,14 +1,17 @@
-"""Checkpoints: round trip, atomic replace, damage detected and skipped, pruning, and no pickle anywhere."""
+"""Checkpoints: round trip, atomic replace, damage detected and skipped, pruning, one writer per run folder, and
+no pickle anywhere."""
 
 import json
+import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from photon.checkpoint import (META, list_checkpoints, load_checkpoint, load_latest, prune_checkpoints,
-                               resolve_checkpoint, save_checkpoint)
+from photon.checkpoint import (META, hold_run_dir, list_checkpoints, load_checkpoint, load_latest,
+                               prune_checkpoints, resolve_checkpoint, save_checkpoint)
 from photon.errors import UserError
 
 PHOTON = Path(__file__).parent.parent / "photon"
@@ -225,3 +228,31 @@ def test_a_meta_json_that_is_not_an_object_is_a_damaged_checkpoint(tmp_path):
     (tmp_path / "meta.json").write_text("[]")
     with pytest.raises(UserError, match="not a JSON object"):
         load_checkpoint(tmp_path)
+
+
+def test_a_run_folder_has_one_writer_and_a_second_is_refused_with_the_holders_pid(tmp_path):
+    run = tmp_path / "run"
+    with hold_run_dir(run):
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(UserError, match=rf"in use by process {os.getpid()}"):
+            with hold_run_dir(run):
+                pass
+    with hold_run_dir(run):  # released when its holder is done
+        pass
+
+
+def test_a_writer_may_wait_for_the_holder_to_let_go(tmp_path):
+    run, held, said = tmp_path / "run", threading.Event(), []
+
+    def hold_briefly():
+        with hold_run_dir(run):
+            held.set()
+            threading.Event().wait(0.6)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    held.wait()
+    with hold_run_dir(run, wait_s=30, say=said.append):
+        assert not holder.is_alive()
+    holder.join()
+    assert len(said) == 1 and "waiting up to 30 s" in said[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from photon.checkpoint import list_checkpoints
+from photon.checkpoint import hold_run_dir, list_checkpoints
 from photon.config import load_config
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator
@@ -288,3 +288,12 @@ def test_a_retry_goes_to_a_free_node_it_has_not_failed_on_and_never_waits_for_a_
     # a node keeps the client whose kept state it holds
     agg.state.clients[3].state_node = 1
     assert agg._assign(deque([2, 3]), [0, 1], {}) == [(0, 2), (1, 3)]
+
+
+def test_a_run_folder_another_process_trains_into_is_refused_before_anything_is_written(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "federation.rounds=1")
+    with hold_run_dir(tmp_path / "run"):
+        with pytest.raises(UserError, match="in use by process"):
+            run(cfg, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert run(cfg, tmp_path / "run")["rounds"] == 1

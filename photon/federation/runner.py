@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.checkpoint import atomic_write_text, list_checkpoints
+from photon.checkpoint import atomic_write_text, hold_run_dir, list_checkpoints
 from photon.config import RunConfig, build_config, config_to_dict
 from photon.data.partition import client_seed, client_stream, make_partition
 from photon.data.shards import Prepared
@@ -109,9 +109,10 @@ def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
 
 def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: bool = False,
                    console: Console | None = None, stop_after: int | None = None,
-                   token_budget: int | None = None) -> dict[str, Any]:
+                   token_budget: int | None = None, lock_wait_s: float = 0.0) -> dict[str, Any]:
     """Run rounds until `federation.rounds` (or `stop_after` rounds in this call, or until `token_budget`
-    training tokens have been folded, for benchmarks that compare arms at equal tokens); returns a summary."""
+    training tokens have been folded, for benchmarks that compare arms at equal tokens); returns a summary.
+    Another process training into `run_dir` is waited for up to `lock_wait_s` seconds, then refused."""
     console = console or Console()
     run_dir = Path(run_dir)
     fed = cfg.federation
@@ -121,96 +122,98 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     partition = make_partition(prepared.manifest, cfg.data.partition)
     for c in partition["clients"]:  # every client can fill a batch: say so now, with the fix, not mid-round
         client_stream(prepared, partition, c["id"], cfg.train.seq_len, cfg.train.batch_size, client_seed(cfg, c["id"]))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state, found = _open_state(cfg, run_dir, resume, prepared, console)
-    atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))  # once the config is vetted
-    atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
-    task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
-    agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
-                     spill_dir=run_dir / ".spill", state_dir=run_dir / "client_state")
-    ckpt_dir = run_dir / "checkpoints"
-    if fed.mode == "async":
-        from photon.federation.async_rounds import AsyncRounds
+    with hold_run_dir(run_dir, lock_wait_s, say=console.print):  # one writer per run folder
+        state, found = _open_state(cfg, run_dir, resume, prepared, console)
+        atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))  # once the config is vetted
+        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+        task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
+        agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
+                         spill_dir=run_dir / ".spill", state_dir=run_dir / "client_state")
+        ckpt_dir = run_dir / "checkpoints"
+        if fed.mode == "async":
+            from photon.federation.async_rounds import AsyncRounds
 
-        driver = AsyncRounds(agg, run_dir / ".spill", ckpt_dir)
-        next_round, keep = driver.step, max(fed.keep_checkpoints, fed.asynchronous.max_staleness + 2)  # in flight
-    else:
-        next_round, keep = agg.run_round, fed.keep_checkpoints
-    runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
-    try:
-        eval_model = build_model(cfg).to(resolve_device(cfg.train.device))
-        t = cfg.train
-
-        def run_eval() -> dict[str, float]:
-            # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
-            load_unique_state_dict(eval_model, state.params, share=next(eval_model.parameters()).device.type == "cpu")
-            losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
-            runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
-                       clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()})
-            return losses
-
-        mode = "" if fed.mode == "sync" else f"async (quorum {driver.quorum}), "
-        console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
-                      f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
-                      f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
-        first = run_eval() if state.round == 0 else None
-        release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
-        last = first or {}
-        if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
-            console.print(f"the run already ran its {fed.rounds} rounds: nothing to train. To train on: --resume with "
-                          f"--set federation.rounds=<more> --set federation.schedule_rounds="
-                          f"{fed.schedule_rounds or fed.rounds}", highlight=False)
-            evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
-            last = eval_losses(evals[-1]) if evals else {}
+            driver = AsyncRounds(agg, run_dir / ".spill", ckpt_dir)
+            next_round, keep = driver.step, max(fed.keep_checkpoints, fed.asynchronous.max_staleness + 2)  # in flight
         else:
-            console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
-        end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
-        retries = 0
-        short_rounds: list[int] = []
-        def budget_left() -> bool:
-            return token_budget is None or state.totals.get("tokens", 0) < token_budget
+            next_round, keep = agg.run_round, fed.keep_checkpoints
+        runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
+        try:
+            eval_model = build_model(cfg).to(resolve_device(cfg.train.device))
+            t = cfg.train
 
-        while state.round < end and budget_left():
-            result = next_round(transport)
-            for node, reason in result.excluded.items():
-                console.print(f"  [yellow]excluded node {node}[/] from the run (last error: {reason})",
-                              highlight=False)
-            if not result.committed:
-                retries += 1
-                console.print(f"round {result.round + 1}: only {len(result.ok)} good replies (< {fed.min_replies}); "
-                              f"retry {retries}/{fed.max_round_retries}")
-                for cid, reason in sorted(result.dropped.items()):
-                    console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
-                if retries > fed.max_round_retries:
-                    raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
-                                    f"{'; '.join(result.failed[-2:])}")
-                continue
+            def run_eval() -> dict[str, float]:
+                # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
+                on_cpu = next(eval_model.parameters()).device.type == "cpu"
+                load_unique_state_dict(eval_model, state.params, share=on_cpu)
+                losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
+                runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
+                           clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()})
+                return losses
+
+            mode = "" if fed.mode == "sync" else f"async (quorum {driver.quorum}), "
+            console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
+                          f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
+                          f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
+            first = run_eval() if state.round == 0 else None
+            release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
+            last = first or {}
+            if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
+                console.print(f"the run already ran its {fed.rounds} rounds: nothing to train. To train on: --resume "
+                              f"with --set federation.rounds=<more> --set federation.schedule_rounds="
+                              f"{fed.schedule_rounds or fed.rounds}", highlight=False)
+                evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+                last = eval_losses(evals[-1]) if evals else {}
+            else:
+                console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
+            end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
             retries = 0
-            state.clock = result.clock
-            if result.dropped:
-                short_rounds.append(state.round)
-            if state.round % fed.eval_every == 0 or state.round == fed.rounds or not budget_left():
-                last = run_eval()
-            _log_round(runlog, state, result, last, console)
-            state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
-            StateFiles(run_dir / "client_state").keep_only(referenced_state_digests(ckpt_dir) | state.state_digests())
-            release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
-    finally:  # an interrupt too: TensorBoard's buffered events are written
-        runlog.close()
-    if short_rounds:
-        console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
-                      f"their sampled clients (rounds {', '.join(map(str, short_rounds[:10]))}"
-                      f"{' ...' if len(short_rounds) > 10 else ''}); see the 'dropped' lines above and "
-                      f"{run_dir / 'metrics.jsonl'}", highlight=False)
-    summary = _summary(run_dir, state, last)
-    summary["short_rounds"] = short_rounds
-    if state.round >= fed.rounds or not budget_left():
-        before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
-        before_losses = eval_losses(before or {})
-        console.print(eval_table(last, title=f"validation after {state.round} rounds", before=before_losses))
-        summary["plot"] = str(plot_run(run_dir))
-        console.print(f"curves: {summary['plot']}")
-    return summary
+            short_rounds: list[int] = []
+            def budget_left() -> bool:
+                return token_budget is None or state.totals.get("tokens", 0) < token_budget
+
+            while state.round < end and budget_left():
+                result = next_round(transport)
+                for node, reason in result.excluded.items():
+                    console.print(f"  [yellow]excluded node {node}[/] from the run (last error: {reason})",
+                                  highlight=False)
+                if not result.committed:
+                    retries += 1
+                    console.print(f"round {result.round + 1}: only {len(result.ok)} good replies "
+                                  f"(< {fed.min_replies}); retry {retries}/{fed.max_round_retries}")
+                    for cid, reason in sorted(result.dropped.items()):
+                        console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
+                    if retries > fed.max_round_retries:
+                        raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
+                                        f"{'; '.join(result.failed[-2:])}")
+                    continue
+                retries = 0
+                state.clock = result.clock
+                if result.dropped:
+                    short_rounds.append(state.round)
+                if state.round % fed.eval_every == 0 or state.round == fed.rounds or not budget_left():
+                    last = run_eval()
+                _log_round(runlog, state, result, last, console)
+                state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
+                kept = referenced_state_digests(ckpt_dir) | state.state_digests()
+                StateFiles(run_dir / "client_state").keep_only(kept)
+                release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
+        finally:  # an interrupt too: TensorBoard's buffered events are written
+            runlog.close()
+        if short_rounds:
+            console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
+                          f"their sampled clients (rounds {', '.join(map(str, short_rounds[:10]))}"
+                          f"{' ...' if len(short_rounds) > 10 else ''}); see the 'dropped' lines above and "
+                          f"{run_dir / 'metrics.jsonl'}", highlight=False)
+        summary = _summary(run_dir, state, last)
+        summary["short_rounds"] = short_rounds
+        if state.round >= fed.rounds or not budget_left():
+            before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
+            before_losses = eval_losses(before or {})
+            console.print(eval_table(last, title=f"validation after {state.round} rounds", before=before_losses))
+            summary["plot"] = str(plot_run(run_dir))
+            console.print(f"curves: {summary['plot']}")
+        return summary
 
 
 def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[str, float],

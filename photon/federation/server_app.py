@@ -167,6 +167,7 @@ def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, b
 
 # Deployment runtime (`flwr run`): the run config carries the config as JSON, written by `photon submit`.
 app = ServerApp()
+RUN_LOCK_WAIT_S = 60.0  # a SIGKILLed `photon server` left the old ServerApp alive for up to ~25 s here
 
 
 @app.main()
@@ -178,8 +179,10 @@ def main(grid: Grid, context: Context) -> None:
         cfg = build_config(json.loads(str(rc["config-json"])))
         # `photon server` runs a blob side channel beside the SuperLink and describes it here (read at the edge)
         blobs = Channel.from_env(os.environ["PHOTON_BLOBS"]) if os.environ.get("PHOTON_BLOBS") else None
+        # a server restarted after a kill can start this run while the old run's ServerApp, which Flower ends,
+        # still holds the run folder for a few seconds: wait for it rather than refuse
         run_federation(cfg, Path(str(rc["run-dir"])), GridTransport(grid, blobs=blobs),
-                       resume=bool(rc.get("resume", False)))
+                       resume=bool(rc.get("resume", False)), lock_wait_s=RUN_LOCK_WAIT_S)
     except UserError as e:  # a mistake the user can fix: one line in the run's log, not a traceback
         from flwr.supercore.exit import ExitCode, flwr_exit
 

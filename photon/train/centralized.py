@@ -14,7 +14,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from photon.checkpoint import list_checkpoints, load_latest, prune_checkpoints, require_kind, save_checkpoint
+from photon.checkpoint import (hold_run_dir, list_checkpoints, load_latest, prune_checkpoints, require_kind,
+                               save_checkpoint)
 from photon.config import RunConfig, config_to_dict
 from photon.data.shards import Prepared, TokenStream, open_prepared
 from photon.errors import UserError
@@ -86,68 +87,70 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
     optimizer = make_optimizer(model, tcfg)
     stream = TokenStream([prepared.tokens(d, "train") for d in prepared.domains], tcfg.seq_len,
                          tcfg.batch_size, tcfg.seed)
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    step, cursor = 0, 0
-    if resume:
-        found = load_latest(ckpt_dir)
-        if found is None:
-            raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
-        path, tensors, meta = found
-        require_kind(meta, "central", path)
-        check_same_model(cfg, meta, path)
-        check_same_data(cfg, meta, prepared, path)
-        load_unique_state_dict(model, tensors["model"])
-        load_optimizer_state_tensors(model, optimizer, tensors.get("optimizer", {}))
-        step, cursor = meta["step"], meta["cursor"]
-        if step >= tcfg.steps:
-            raise UserError(f"{path} is at step {step} and the run's schedule ends at train.steps={tcfg.steps}: "
-                            f"nothing left to train; pass --steps larger than {step} to train on")
-        console.print(f"resumed from {path} at step {step}")
-    elif list_checkpoints(ckpt_dir):
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    with hold_run_dir(Path(run_dir), say=console.print):  # one writer per run folder
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        step, cursor = 0, 0
+        if resume:
+            found = load_latest(ckpt_dir)
+            if found is None:
+                raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
+            path, tensors, meta = found
+            require_kind(meta, "central", path)
+            check_same_model(cfg, meta, path)
+            check_same_data(cfg, meta, prepared, path)
+            load_unique_state_dict(model, tensors["model"])
+            load_optimizer_state_tensors(model, optimizer, tensors.get("optimizer", {}))
+            step, cursor = meta["step"], meta["cursor"]
+            if step >= tcfg.steps:
+                raise UserError(f"{path} is at step {step} and the run's schedule ends at train.steps={tcfg.steps}: "
+                                f"nothing left to train; pass --steps larger than {step} to train on")
+            console.print(f"resumed from {path} at step {step}")
+        elif list_checkpoints(ckpt_dir):
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
-    runlog = RunLog(run_dir, resume_step=step if resume else None)
-    (Path(run_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    total = tcfg.steps
-    end = min(total, stop_at) if stop_at is not None else total
-    console.print(f"centralized: {model.num_params() / 1e6:.2f}M parameters, {total} steps of "
-                  f"{tcfg.batch_size}×{tcfg.seq_len} tokens on {device}, data {cfg.data.prep_dir}")
+        runlog = RunLog(run_dir, resume_step=step if resume else None)
+        (Path(run_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+        total = tcfg.steps
+        end = min(total, stop_at) if stop_at is not None else total
+        console.print(f"centralized: {model.num_params() / 1e6:.2f}M parameters, {total} steps of "
+                      f"{tcfg.batch_size}×{tcfg.seq_len} tokens on {device}, data {cfg.data.prep_dir}")
 
-    def run_eval(at: int) -> dict[str, float]:
-        losses = evaluate(model, prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, tcfg.bf16)
-        runlog.log("eval", at, **{f"{LOSS}{k}": v for k, v in losses.items()})
-        console.print(eval_table(losses, title=f"validation at step {at}"))
+        def run_eval(at: int) -> dict[str, float]:
+            losses = evaluate(model, prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, tcfg.bf16)
+            runlog.log("eval", at, **{f"{LOSS}{k}": v for k, v in losses.items()})
+            console.print(eval_table(losses, title=f"validation at step {at}"))
+            return losses
+
+        losses = run_eval(step) if step == 0 else {}
+        progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
+                            transient=True)
+
+        with progress:
+            task = progress.add_task("train", total=total, completed=step, loss="-")
+
+            def on_step(s: int, loss: float, lr: float) -> None:
+                runlog.log("train", s + 1, loss=loss, lr=lr)
+                progress.update(task, advance=1, loss=f"{loss:.3f}")
+
+            while step < end:
+                nxt = min(end, (step // tcfg.eval_every + 1) * tcfg.eval_every,
+                          (step // tcfg.ckpt_every + 1) * tcfg.ckpt_every)
+                result = train_local(trainable, optimizer, stream, cursor, step, nxt - step, tcfg, total, on_step)
+                step, cursor = nxt, result.cursor
+                if step % tcfg.eval_every == 0 or step == total:
+                    progress.stop()
+                    losses = run_eval(step)
+                    progress.start()
+                if step % tcfg.ckpt_every == 0 or step == end:
+                    save_checkpoint(ckpt_dir / f"step_{step:08d}", {
+                        "model": unique_state_dict(model),
+                        "optimizer": optimizer_state_tensors(model, optimizer),
+                    }, {"kind": "central", "step": step, "cursor": cursor, "config": config_to_dict(cfg),
+                        "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")},
+                        extra_files=(prepared.tokenizer_path,))
+                    prune_checkpoints(ckpt_dir, keep_checkpoints or tcfg.keep_checkpoints)
+        runlog.close()
+        if losses:
+            console.print(f"final validation loss {losses[OVERALL]:.4f}")
         return losses
-
-    losses = run_eval(step) if step == 0 else {}
-    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TimeRemainingColumn(), console=console, transient=True)
-
-    with progress:
-        task = progress.add_task("train", total=total, completed=step, loss="-")
-
-        def on_step(s: int, loss: float, lr: float) -> None:
-            runlog.log("train", s + 1, loss=loss, lr=lr)
-            progress.update(task, advance=1, loss=f"{loss:.3f}")
-
-        while step < end:
-            nxt = min(end, (step // tcfg.eval_every + 1) * tcfg.eval_every,
-                      (step // tcfg.ckpt_every + 1) * tcfg.ckpt_every)
-            result = train_local(trainable, optimizer, stream, cursor, step, nxt - step, tcfg, total, on_step)
-            step, cursor = nxt, result.cursor
-            if step % tcfg.eval_every == 0 or step == total:
-                progress.stop()
-                losses = run_eval(step)
-                progress.start()
-            if step % tcfg.ckpt_every == 0 or step == end:
-                save_checkpoint(ckpt_dir / f"step_{step:08d}", {
-                    "model": unique_state_dict(model),
-                    "optimizer": optimizer_state_tensors(model, optimizer),
-                }, {"kind": "central", "step": step, "cursor": cursor, "config": config_to_dict(cfg),
-                    "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")},
-                    extra_files=(prepared.tokenizer_path,))
-                prune_checkpoints(ckpt_dir, keep_checkpoints or tcfg.keep_checkpoints)
-    runlog.close()
-    if losses:
-        console.print(f"final validation loss {losses[OVERALL]:.4f}")
-    return losses
