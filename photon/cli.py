@@ -160,8 +160,9 @@ def generate(
 
 @app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-         out: Annotated[Optional[Path], typer.Option(help="Output file: .png, .pdf or .svg (no suffix: .png), or a "
-                                                     "folder (default RUN_DIR/curves.png).")] = None) -> None:
+         out: Annotated[Optional[str], typer.Option(help="Output file: .png, .pdf or .svg (no suffix: .png), or a "
+                                                    "folder, existing or ending in / (default RUN_DIR/curves.png).")]
+         = None) -> None:
     """Draw the loss / perplexity curves of a run as a PNG."""
     from photon.report import plot_run
 

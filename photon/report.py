@@ -5,10 +5,12 @@ Reads only `metrics.jsonl` (see `photon.runlog`), so a plot can be redrawn from 
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from photon.errors import UserError
 from photon.runlog import METRICS, eval_losses, read_metrics
@@ -17,7 +19,7 @@ from photon.train.evaluate import OVERALL, perplexity
 
 def eval_table(losses: dict[str, float], title: str, before: dict[str, float] | None = None) -> Table:
     """Loss and perplexity per domain; with `before`, the perplexity before training beside it."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title, no_wrap=True, overflow="ignore"), title_justify="left")  # wider than the rows
     table.add_column("domain")
     if before:
         table.add_column("ppl before", justify="right")
@@ -37,13 +39,15 @@ PLOT_FORMATS = (".png", ".pdf", ".svg")
 PLOT_NAME = "curves.png"
 
 
-def plot_path(run_dir: Path, out: Path | None = None) -> Path:
-    """Where `plot_run` writes: RUN_DIR/curves.png by default, DIR/curves.png for an existing folder DIR,
-    NAME.png for a NAME without a suffix; a suffix other than those in `PLOT_FORMATS` is a UserError."""
+def plot_path(run_dir: Path, out: Path | str | None = None) -> Path:
+    """Where `plot_run` writes: RUN_DIR/curves.png by default, DIR/curves.png for an existing folder DIR or a
+    name ending in a slash (`DIR/`, as typed; a `Path` drops the slash), NAME.png for a NAME without a suffix;
+    a suffix other than those in `PLOT_FORMATS` is a UserError."""
     if out is None:
         return Path(run_dir) / PLOT_NAME
+    folder = str(out).endswith(os.sep)
     out = Path(out)
-    if out.is_dir():
+    if folder or out.is_dir():
         return out / PLOT_NAME
     if not out.suffix:
         return out.with_name(out.name + ".png")
@@ -53,7 +57,7 @@ def plot_path(run_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
-def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+def plot_run(run_dir: Path, out: Path | str | None = None) -> Path:
     """Draw training loss (left) and validation perplexity per domain (right) against steps into `plot_path`
     (PNG, PDF or SVG by its suffix); returns the path written."""
     out = plot_path(run_dir, out)

@@ -50,6 +50,11 @@ def test_eval_table_with_before_column():
     assert " - " in code_line  # no 'before' for that domain
 
 
+def test_a_title_wider_than_the_table_stays_on_one_line():
+    title = "validation after 1234 rounds of a long federated run"
+    assert title in _render(eval_table({"overall": 3.0}, title=title)).splitlines()[0]
+
+
 def test_plot_run_writes_a_png(tmp_path):
     _fake_run(tmp_path)
     out = plot_run(tmp_path)
@@ -106,6 +111,8 @@ def test_plot_run_returns_the_path_it_wrote(tmp_path):
     assert not (tmp_path / "plots.png").exists()
     out = plot_run(tmp_path, tmp_path / "new" / "deep" / "c.svg")  # missing folders are made
     assert out.read_bytes().startswith(b"<?xml")
+    out = plot_run(tmp_path, f"{tmp_path / 'later'}/")  # a missing folder, named with a slash, as typed
+    assert out == tmp_path / "later" / "curves.png" and out.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_a_torn_last_line_ends_the_log(tmp_path):

@@ -372,7 +372,8 @@ def _build(tmp: Path, state: dict[str, Any], domains: list[Domain], cfg: DataCon
            timings: dict[str, float]) -> dict[str, Any]:
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
+    # transient: gone once done; not drawn where stderr is no terminal (a log, a pipe: it left a blank line)
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         t0 = time.perf_counter()
         if state["tokenizer_sha256"] is None:
             _train(tmp, domains, cfg, vocab_size, progress, state)

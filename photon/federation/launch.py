@@ -106,15 +106,15 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     workers, resources = simulation_resources(cfg, os.cpu_count() or 1, visible_gpus(cfg))
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
-    stop, done = threading.Event(), threading.Event()
+    stop, started, done = threading.Event(), threading.Event(), threading.Event()
     with loopback_blobs(cfg, Path(run_dir)) as blobs:
-        server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, stop=stop, done=done,
-                                     console=console, **kwargs)
+        server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, stop=stop, started=started,
+                                     done=done, console=console, **kwargs)
         client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
         try:
             _simulate(cfg, server_app, client_app, nodes, resources)
         except KeyboardInterrupt:
-            _stop_after_interrupt(stop, done if result.get("started") else None)
+            _stop_after_interrupt(stop, done if started.is_set() else None)
             raise
     if "error" in result:
         raise result["error"]

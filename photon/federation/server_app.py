@@ -143,16 +143,17 @@ def short_reason(reason: str | None) -> str:
 
 
 def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, blobs: Channel | None = None,
-                    stop: threading.Event | None = None, done: threading.Event | None = None,
-                    **kwargs) -> ServerApp:
+                    stop: threading.Event | None = None, started: threading.Event | None = None,
+                    done: threading.Event | None = None, **kwargs) -> ServerApp:
     """A ServerApp bound to an already-built config (simulation, where we launch in-process); `blobs`: the side
-    channel large payloads take (`launch.loopback_blobs`); `stop`: see `GridTransport`; `done`: set once the
-    round loop has ended, however it ended."""
+    channel large payloads take (`launch.loopback_blobs`); `stop`: see `GridTransport`; `started` and `done`:
+    set when the round loop begins and once it has ended, however it ended."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result["started"] = True  # an interrupt before this has no server thread to wait for
+        if started is not None:  # an interrupt before this has no server thread to wait for
+            started.set()
         try:
             result.update(run_federation(cfg, run_dir, GridTransport(grid, blobs=blobs, stop=stop), resume=resume,
                                          **kwargs))

@@ -124,7 +124,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
         losses = run_eval(step) if step == 0 else {}
         progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
-                            transient=True)
+                            transient=True, disable=not console.is_terminal)  # a log gets the eval tables only
 
         with progress:
             task = progress.add_task("train", total=total, completed=step, loss="-")
