@@ -19,8 +19,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# On a machine with a CUDA GPU: the tests marked `gpu` (and only those), then the trainer benchmark on the GPU
-# at the paper's 125M shape (see scripts/gpu-check, which also runs without this venv: PYTHON=python3).
+# On a machine with a CUDA GPU: the trainer benchmark on the GPU at the paper's 125M shape, then the tests marked
+# `gpu` (and only those); see scripts/gpu-check, which also runs without this venv: PYTHON=python3.
 gpu-check: $(STAMP)
 	PYTHON=$(PY) scripts/gpu-check
 

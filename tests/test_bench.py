@@ -29,6 +29,39 @@ def test_trainer_bench_on_tiny_reports_both_arms_against_the_peak():
     assert "bare loop tok/s" in text and "photon / bare" in text and "median ratio within a repeat" in text
 
 
+def test_each_setting_is_stored_as_it_ends_and_a_failed_one_does_not_lose_the_others(monkeypatch, tmp_path):
+    """A GPU's time is scarce: a setting that fails is recorded with its error, and one that never ends (the
+    time limit) leaves the settings before it stored."""
+    import json
+
+    from photon.bench import trainer
+
+    monkeypatch.chdir(tmp_path)  # results go to ./docs/results
+    real = trainer.measure_setting
+
+    def measure(cfg, *args, **kwargs):
+        if cfg.train.bf16 and cfg.train.compile:
+            raise KeyboardInterrupt  # the time limit, mid-setting
+        if cfg.train.bf16:
+            raise RuntimeError("out of memory\nmore lines")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "measure_setting", measure)
+    quiet = Console(file=io.StringIO(), width=200)
+    with pytest.raises(RuntimeError, match=r"bf16 failed \(RuntimeError: out of memory\)"):
+        run_trainer_bench(load_config("tiny"), steps=1, repeats=1, warmup=1, settings=("fp32", "bf16"),
+                          console=quiet, calibrate_s=0.05)
+    stored = json.loads((tmp_path / "docs/results/trainer-cpu.json").read_text())["data"]
+    assert list(stored["rows"]) == ["fp32"] and stored["failed"] == {"bf16": "RuntimeError: out of memory"}
+    assert stored["complete"] and "**bf16 failed**: RuntimeError: out of memory" in trainer.render(stored)
+    with pytest.raises(KeyboardInterrupt):
+        run_trainer_bench(load_config("tiny"), steps=1, repeats=1, warmup=1, settings=("fp32", "bf16+compile"),
+                          console=quiet, calibrate_s=0.05)
+    stored = json.loads((tmp_path / "docs/results/trainer-cpu.json").read_text())["data"]
+    assert list(stored["rows"]) == ["fp32"] and not stored.get("complete")
+    assert "**Incomplete run**: it stopped before bf16+compile" in trainer.render(stored)
+
+
 @pytest.mark.parametrize("name, part", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
     ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A10", "A10"), ("NVIDIA L4", "L4"),

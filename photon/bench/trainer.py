@@ -32,6 +32,10 @@ from photon.model.transformer import Transformer
 from photon.train.device import autocast, place, resolve_device, setup_backend
 from photon.train.local import adamw_kernel, make_optimizer, train_local
 
+# How `flops_per_token` counts, said beside the numbers (MFU depends on it): attention is not halved for the
+# causal mask, as in PaLM's and nanoGPT's accounting; a causal-aware count gives lower MFU
+FLOP_COUNT = ("; PaLM's count: 6 × the parameters of every matmul + 12 × layers × d_model × seq_len for "
+              "attention, not halved for the causal mask")
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for MFU on known GPUs.
 DATASHEET_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200": 989.4e12,
                   "A100": 312e12, "L40S": 362.05e12, "L40": 181.05e12, "A10": 125e12, "L4": 121e12,
@@ -201,53 +205,84 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
                       settings: tuple[str, ...] = ("fp32", "bf16", "fp32+compile", "bf16+compile"),
                       console: Console | None = None, save: bool = True,
                       calibrate_s: float = 3.0) -> dict[str, Any]:
-    """`calibrate_s`: seconds for each measurement of a peak or a shape ceiling (tests pass less)."""
+    """`calibrate_s`: seconds for each measurement of a peak or a shape ceiling (tests pass less). The result is
+    stored after each setting (a GPU's time is scarce: a later setting that fails or runs out of time keeps the
+    earlier ones), then once more with the peaks measured again at the end. A setting that fails is recorded
+    with its error and the others still run; the call then raises, after storing."""
     console = console or Console()
     device = resolve_device(cfg.train.device)
     setup_backend(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     started = time.time()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    data: dict[str, Any] = {
+        "preset": cfg.name, "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+        "tf32": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32, "batch": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len, "params": sum(p.numel() for p in Transformer(cfg.model).parameters()),
+        "flops_per_token": flops_per_token(cfg), "datasheet_bf16": datasheet_bf16(name), "steps": steps,
+        "repeats": repeats, "rows": {}, "failed": {}, "settings": list(settings)}
+
+    def rate(peaks: dict[str, float]) -> None:
+        for setting, row in data["rows"].items():
+            row["of_peak"] = row["model_flops"] / peaks[setting.partition("+")[0]]
+            row["of_bf16_peak"] = row["model_flops"] / peaks["bf16"]
+        data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def store() -> Path | None:
+        return save_result(f"trainer-{device.type}", data, load, started=started) if save else None
+
     with LoadSampler() as load:
         peaks, ceilings = _peaks_and_ceilings(cfg, device, console, calibrate_s)
-        fpt = flops_per_token(cfg)
-        rows = {}
+        data.update(peaks=peaks, shape_ceilings=ceilings)
         for setting in settings:
             dtype, _, comp = setting.partition("+")
             scfg = with_overrides(cfg, [f"train.bf16={dtype == 'bf16'}", f"train.compile={bool(comp)}"])
             console.print(f"[bold]{setting}[/]")
-            row = measure_setting(scfg, device, steps, repeats, warmup, console)
-            row["model_flops"] = row["photon_tok_s"] * fpt
-            rows[setting] = row
+            try:
+                row = measure_setting(scfg, device, steps, repeats, warmup, console)
+            except Exception as e:  # noqa: BLE001 -- recorded, and raised once the rest is measured and stored
+                console.print_exception()
+                data["failed"][setting] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                release_cuda_memory(device)
+                continue
+            row["model_flops"] = row["photon_tok_s"] * data["flops_per_token"]
+            data["rows"][setting] = row
+            rate(peaks)
+            store()  # so far: the peaks measured before the settings
         # measured again after the settings (here the same bf16 matmul ran at rates 2× apart within minutes):
         # the best of each, and the peak is the highest matmul rate seen in the run, the model's own shapes'
         # included, so no ratio below is against a peak measured in a slow moment
         again = _peaks_and_ceilings(cfg, device, console, calibrate_s)
         ceilings = {k: max(v, again[1][k]) for k, v in ceilings.items()}
         peaks = {k: max(v, again[0][k], ceilings[k]) for k, v in peaks.items()}
-        for setting, row in rows.items():
-            row["of_peak"] = row["model_flops"] / peaks[setting.partition("+")[0]]
-            row["of_bf16_peak"] = row["model_flops"] / peaks["bf16"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    datasheet = datasheet_bf16(name)
-    data = {"preset": cfg.name, "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
-            "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
-            "params": sum(p.numel() for p in Transformer(cfg.model).parameters()), "flops_per_token": fpt,
-            "peaks": peaks, "shape_ceilings": ceilings, "datasheet_bf16": datasheet, "steps": steps,
-            "repeats": repeats, "rows": rows,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        data.update(peaks=peaks, shape_ceilings=ceilings, complete=True)
+        rate(peaks)
+    path = store()
     console.print(render(data))
-    if save:
-        path = save_result(f"trainer-{device.type}", data, load, started=started)
+    if path is not None:
         console.print(f"stored in {path}")
+    if data["failed"]:
+        raise RuntimeError("bench trainer: " + "; ".join(f"{k} failed ({v})" for k, v in data["failed"].items()))
     return data
+
+
+def release_cuda_memory(device: torch.device) -> None:
+    """After a failed setting (out of memory, say): what it left on the GPU, back to the allocator's pool."""
+    if device.type == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def render(data: dict[str, Any]) -> str:
     dev = data["device_name"] or f"{data['device']}, {data['threads']} threads"
+    fp32 = "fp32 (TF32 matmuls)" if data.get("tf32") else "fp32"
     lines = [f"Preset `{data['preset']}` ({data['params'] / 1e6:.2f}M parameters, {data['flops_per_token'] / 1e6:.1f} "
-             f"MFLOP per token), batch {data['batch']}×{data['seq_len']}, {dev}. Matmul peak measured in the same run: "
-             f"fp32 {data['peaks']['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {data['peaks']['bf16'] / 1e9:,.1f} GFLOP/s. "
+             f"MFLOP per token{FLOP_COUNT}), batch "
+             f"{data['batch']}×{data['seq_len']}, {dev}. Matmul peak measured in the same run: "
+             f"{fp32} {data['peaks']['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {data['peaks']['bf16'] / 1e9:,.1f} GFLOP/s. "
              f"Best of {data['repeats']} alternating repeats of {data['steps']} steps per arm." + (
                  f" The model's own matmul shapes, each timed alone (its Linear layers' forward and backward "
                  f"products at this batch), reach fp32 {data['shape_ceilings']['fp32'] / 1e9:,.1f} GFLOP/s "
@@ -256,7 +291,16 @@ def render(data: dict[str, Any]) -> str:
                  f"({data['shape_ceilings']['bf16'] / data['peaks']['bf16']:.0%}): what a loop doing nothing else "
                  f"could reach. Each is the best of a measurement before and one after the settings (the same "
                  f"bf16 matmul ran at rates up to 2× apart within minutes on this machine)." if "shape_ceilings" in data
-                 else ""), "",
+                 else "")]
+    if "settings" in data and not data.get("complete"):  # stored mid-run, and the run never finished
+        left = [k for k in data["settings"] if k not in data["rows"] and k not in data["failed"]]
+        lines += ["", f"**Incomplete run**: it stopped before {', '.join(left) or 'the peaks were measured again'}; "
+                  "the peaks are those measured before the settings."]
+    for setting, error in data.get("failed", {}).items():
+        lines += ["", f"**{setting} failed**: {error}"]
+    if not data["rows"]:
+        return "\n".join(lines).rstrip()
+    lines += ["",
              "| setting | bare loop tok/s | photon tok/s | photon / bare | model FLOP/s | of this dtype's peak | "
              "of the bf16 peak |" + (" MFU (datasheet bf16) |" if data["datasheet_bf16"] else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if data["datasheet_bf16"] else "")]

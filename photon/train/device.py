@@ -50,9 +50,11 @@ def autocast(device: torch.device | str, bf16: bool, keep_casts: bool = True) ->
 
 
 def place(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The model on `device`, with activation checkpointing and `torch.compile` as configured. Returns the
-    module to call (compiled or not); state dicts are read through `transformer.unique_state_dict`, which
-    looks through the compile wrapper."""
+    """The model on `device`, with activation checkpointing and `torch.compile` as configured, and the device's
+    numerics set up (`setup_backend`: every model placed on a GPU trains with the same matmul precision, here
+    or in a rank). Returns the module to call (compiled or not); state dicts are read through
+    `transformer.unique_state_dict`, which looks through the compile wrapper."""
+    setup_backend(device)
     model.to(device)
     if hasattr(model, "checkpoint_blocks"):
         model.checkpoint_blocks = cfg.activation_checkpointing

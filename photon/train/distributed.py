@@ -307,13 +307,13 @@ def _train_rank(folder: Path, spec: dict[str, Any], cfg: RunConfig, rank: int, d
                           s["seed"])
     kill_after = max(1, spec["steps"] // 2) if cfg.federation.faults.kill_rank == rank else None
 
-    def on_step(step: int, loss: float, lr: float) -> None:
-        if kill_after is not None and step + 1 - spec["global_step"] >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # federation.faults.kill_rank: a crashed GPU process
+    def kill_midway(step: int, loss: float, lr: float) -> None:  # federation.faults.kill_rank: a crashed GPU process
+        if step + 1 - spec["global_step"] >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     result = train_local(trainable, optimizer, stream, spec["cursor"], spec["global_step"], spec["steps"],
-                         cfg.train, spec["schedule_steps"], on_step=on_step, shard=(rank, world), no_sync=no_sync,
-                         reduce_loss=_mean_over_ranks)
+                         cfg.train, spec["schedule_steps"], on_step=kill_midway if kill_after is not None else None,
+                         shard=(rank, world), no_sync=no_sync, reduce_loss=_mean_over_ranks)
     params = {k: _full(v) for k, v in unique_state_dict(model).items()}  # gathers: every rank takes part
     state = full_optimizer_state(model, optimizer) if spec["return_state"] else {}
     if rank == 0:  # the result file last: it says the others are complete

@@ -92,7 +92,7 @@ def train_local(
     rank, world = shard
     micro = cfg.micro_batch_size or cfg.batch_size
     start = time.perf_counter()
-    losses = []
+    step_losses = []  # on the device, read once at the end: a read per step would wait for the GPU every step
     optimizer.zero_grad(set_to_none=True)
     if cfg.step_in_backward and (world > 1 or isinstance(model, nn.parallel.DistributedDataParallel)):
         raise UserError("train.step_in_backward trains a client in one process: its gradients cannot be averaged "
@@ -131,12 +131,13 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
             if reduce_loss is not None:
                 step_loss = reduce_loss(step_loss)
-            losses.append(step_loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1], lr)
+            step_losses.append(step_loss)
+            if on_step is not None:  # wants each step's loss now: read it
+                on_step(step, step_loss.item(), lr)
     finally:
         if in_backward is not None:
             in_backward.remove()
+    losses = torch.stack(step_losses).tolist() if step_losses else []
     tokens = steps * stream.batch_size * stream.seq_len
     return LocalResult(cursor=cursor, steps=steps, samples=steps * stream.batch_size, tokens=tokens,
                        losses=losses, seconds=time.perf_counter() - start)
