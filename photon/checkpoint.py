@@ -64,6 +64,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 RUN_LOCK = ".lock"
+# Everything Photon writes into a run folder (runs, train-central, the benchmarks' arms): a new run may start in
+# a folder holding only these (an empty one, or one a run left in its first round), never in another's files
+RUN_FOLDER_NAMES = frozenset({
+    RUN_LOCK, "config.json", "partition.json", "metrics.jsonl", "tensorboard", "curves.png", "checkpoints",
+    "client_state", "node-cache", "blobs", ".spill", "node", "node-state", "done.json", "failed.json"})
+
+
+def refuse_a_taken_run_dir(run_dir: Path) -> None:
+    """A new run may not start in a folder that holds another run's checkpoints, or files Photon did not write
+    there (an export, a corpus: the run would write over them)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file; choose a folder for --out")
+    if list_checkpoints(run_dir / "checkpoints"):
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FOLDER_NAMES) if run_dir.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(f"{run_dir} holds files that are not a photon run's ({shown}); a run would write among "
+                        "them: choose a new or empty folder for --out")
 
 
 @contextlib.contextmanager

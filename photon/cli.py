@@ -6,7 +6,9 @@ the traceback. Every verb has `--help`.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,11 +35,24 @@ PresetOpt = Annotated[str, typer.Option("--preset", "-p", help=f"Preset name ({'
                                         "or a YAML file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.lr=3e-4 (repeatable).")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Prepared data dir (default: the preset's "
-                                                "data.prep_dir).")]
+                                                "data.prep_dir; for a run or checkpoint, the run's).")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import torch
+
+        from photon import __version__
+
+        console.print(f"photon {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})",
+                      highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     _state["debug"] = debug
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -90,8 +105,15 @@ def train_central(
 
     from photon.config import with_absolute_prep_dir
 
-    saved = out if resume and (out / "config.json").exists() else None
-    cfg = with_absolute_prep_dir(_config(preset, overrides, data, saved=saved, **{"train.steps": steps}))
+    if resume and not (out / "config.json").is_file():  # a mistyped --out must not fall back to the preset
+        raise UserError(f"{out} holds no run to resume (no config.json); check --out, or start a new run "
+                        "without --resume")
+    if not resume:
+        from photon.checkpoint import refuse_a_taken_run_dir
+
+        refuse_a_taken_run_dir(out)  # before the data is opened: the folder is the likelier mistake
+    cfg = with_absolute_prep_dir(_config(preset, overrides, data, saved=out if resume else None,
+                                         **{"train.steps": steps}))
     run(cfg, out, resume=resume, console=console)
     console.print(f"run directory: {out}")
 
@@ -140,12 +162,17 @@ def generate(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder or run directory.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "The",
     tokens: Annotated[int, typer.Option(min=1, help="New tokens to sample.")] = 80,
-    temperature: Annotated[float, typer.Option(min=0.01)] = 0.8,
+    temperature: Annotated[float, typer.Option(min=0.01, max=100.0)] = 0.8,
     top_k: Annotated[int, typer.Option(min=1)] = 50,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1)] = 0,
 ) -> None:
     """Sample a continuation of PROMPT."""
+    import math
+
     import torch
+
+    if not math.isfinite(temperature):  # click's range check lets nan through
+        raise UserError(f"--temperature {temperature}: give a number from 0.01 to 100, e.g. 0.8")
 
     from photon.checkpoint import load_model_checkpoint
     from photon.data.tokenizer import load_tokenizer
@@ -163,7 +190,7 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
          out: Annotated[Optional[str], typer.Option(help="Output file: .png, .pdf or .svg (no suffix: .png), or a "
                                                     "folder, existing or ending in / (default RUN_DIR/curves.png).")]
          = None) -> None:
-    """Draw the loss / perplexity curves of a run as a PNG."""
+    """Draw the loss / perplexity curves of a run (PNG, PDF or SVG)."""
     from photon.report import plot_run
 
     console.print(f"wrote {plot_run(run_dir, out)}")
@@ -198,9 +225,10 @@ def run(
     else:
         cfg = with_absolute_prep_dir(_config(preset, overrides))
         run_dir = out or Path("runs") / f"{cfg.name}-federated"
-        from photon.federation.runner import refuse_a_taken_run_dir
+        from photon.checkpoint import refuse_a_taken_run_dir
 
         refuse_a_taken_run_dir(run_dir)  # before data is prepared and Ray started (seconds to minutes)
+    cfg.check_federated_schedule()  # so is a warmup longer than the schedule
     ensure_prepared(cfg, cache, built_in=resume is None and is_built_in_folder(cfg.data.prep_dir))
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
@@ -453,11 +481,26 @@ def submit(
 
 
 def _numbers(text: str, kind: type, flag: str, example: str) -> tuple:
-    """A comma-separated list of numbers from a flag, or a one-line error naming it."""
+    """A comma-separated list of positive, finite numbers from a flag, or a one-line error naming it."""
     try:
-        return tuple(kind(x) for x in text.split(","))
+        values = tuple(kind(x) for x in text.split(","))
     except ValueError:
         raise UserError(f"{flag} {text!r}: expected comma-separated {kind.__name__}s, e.g. {example}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"{flag} {text!r}: each must be a positive number, e.g. {example}")
+    return values
+
+
+@bench_app.callback()
+def _bench(results: Annotated[Optional[Path], typer.Option(
+        "--results", help="Where the benchmarks store their records (default docs/results, which `photon bench "
+        "report` renders into the docs): another folder for a trial run, e.g. `photon bench --results "
+        "/tmp/trial trainer --steps 2`; the compression and stragglers plots still go to docs/img.")] = None
+        ) -> None:
+    if results is not None:
+        from photon.bench.results import store_results_in
+
+        store_results_in(results)
 
 
 @bench_app.command("trainer")
@@ -476,8 +519,9 @@ def bench_trainer(
 
     chosen = tuple(s.strip() for s in settings.split(",") if s.strip())
     bad = [s for s in chosen if s not in ("fp32", "bf16", "fp32+compile", "bf16+compile")]
-    if bad:
-        raise UserError(f"--settings {','.join(bad)}: choose from fp32, bf16, fp32+compile, bf16+compile")
+    if bad or not chosen:
+        raise UserError(f"--settings {','.join(bad) or settings!r}: choose from fp32, bf16, fp32+compile, "
+                        "bf16+compile")
     cfg = _config(preset, overrides, **{"train.device": device})
     run_trainer_bench(cfg, steps=steps, repeats=repeats, settings=chosen, console=console)
 
@@ -560,8 +604,8 @@ def bench_wire(
     from photon.bench.wire import run_wire_bench
 
     cfg = _config(preset, overrides)
+    fresh_out_dir(out)  # before the data is prepared (minutes)
     ensure_prepared(cfg)
-    fresh_out_dir(out)
     run_wire_bench(cfg, out, console)
 
 
@@ -579,12 +623,7 @@ def bench_prepare(
     peak RSS per size (it must stay flat); stores docs/results/prepare.json."""
     from photon.bench.prepare import builtin_corpus, run_prepare_bench
 
-    try:
-        values = tuple(float(x) for x in sizes.split(","))
-    except ValueError:
-        raise UserError(f"--sizes {sizes!r}: expected comma-separated sizes in GB, e.g. 0.1,1") from None
-    if min(values) <= 0:
-        raise UserError(f"--sizes {sizes!r}: sizes must be positive, e.g. 0.1,1")
+    values = _numbers(sizes, float, "--sizes", "0.1,1")
     run_prepare_bench(_config(preset, overrides), values, out, builtin_corpus(cache), console)
 
 
@@ -625,7 +664,8 @@ def bench_demo(
 
 @bench_app.command("report")
 def bench_report(
-    results: Annotated[Path, typer.Option(help="Stored benchmark outputs.")] = Path("docs/results"),
+    results: Annotated[Optional[Path], typer.Option(help="Stored benchmark outputs (default: `photon bench "
+                                                    "--results`, docs/results).")] = None,
     target: Annotated[Optional[list[Path]], typer.Option(help="Markdown files whose results blocks are rewritten "
                                                          "(default: docs/RESULTS.md, README.md, docs/DEPLOY.md).")]
     = None,
@@ -633,12 +673,13 @@ def bench_report(
     """Rewrite the measured blocks of docs/RESULTS.md (and the computed tables of README.md and docs/DEPLOY.md)
     from the stored benchmark outputs (docs/results/*.json) and the presets."""
     from photon.bench.report import TARGETS, write_report
+    from photon.bench.results import chosen_results_dir
 
     targets = tuple(target) if target else TARGETS
     for t in targets:
         if not t.is_file():
             raise UserError(f"{t} does not exist; run from the repository root or pass --target")
-    names = write_report(results, targets)
+    names = write_report(results or chosen_results_dir(), targets)
     console.print(f"rewrote {len(names)} block(s) in {', '.join(map(str, targets))}: {', '.join(names) or 'none'}")
 
 
@@ -656,7 +697,8 @@ def bench_claims(
                                                 "each (default: the scale's, 2).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and its cost estimate (from a throughput "
                                           "measured now), train nothing.")] = False,
-    results: Annotated[Path, typer.Option(help="Where the record claims-SCALE.json is stored.")] = Path("docs/results"),
+    results: Annotated[Optional[Path], typer.Option(help="Where the record claims-SCALE.json is stored (default: "
+                                                    "`photon bench --results`, docs/results).")] = None,
     overrides: SetOpt = None,
     data: DataOpt = None,
 ) -> None:
@@ -689,10 +731,11 @@ def main() -> None:
         # soft_wrap: one line at any terminal width; escape: a path like data/[v2] is printed as typed.
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (PermissionError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        if _state["debug"] or e.filename is None:  # one with no path is not a path the user gave: a bug
+    except Exception as e:  # the machine's limits (disk, memory) and a path the user gave: one line too
+        line = None if _state["debug"] else _environment_error(e)
+        if line is None:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(_path_error(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         from photon.federation.launch import exit_after_interrupt
@@ -701,15 +744,37 @@ def main() -> None:
         exit_after_interrupt(130)
 
 
-def _path_error(e: OSError) -> str:
-    """A file-system error on a path as one line: which path, what is wrong with it, what to do."""
-    path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
-    hint = {PermissionError: "choose a path you can write (or read), or fix its permissions",
-            FileExistsError: "a file is in the way of a folder (or the reverse); choose another path",
-            NotADirectoryError: "a part of the path is a file, not a folder; choose another path",
-            IsADirectoryError: "a folder is where a file should be; choose another path",
-            FileNotFoundError: "check the path (relative paths start from the current folder)"}[type(e)]
-    return f"{path}: {e.strerror or e}; {hint} (--debug shows where)"
+_PATH_HINTS = {PermissionError: "choose a path you can write (or read), or fix its permissions",
+               FileExistsError: "a file is in the way of a folder (or the reverse); choose another path",
+               NotADirectoryError: "a part of the path is a file, not a folder; choose another path",
+               IsADirectoryError: "a folder is where a file should be; choose another path",
+               FileNotFoundError: "check the path (relative paths start from the current folder)"}
+_DISK_HINTS = {errno.ENOSPC: "the disk is full: free space there or choose another place",
+               errno.EDQUOT: "the disk quota is used up: free space there or choose another place",
+               errno.EROFS: "that file system is read-only: choose a writable place"}
+_WHERE = " (photon --debug COMMAND shows where)"
+_OUT_OF_MEMORY = ("out of memory: the model or the batch is too large for this machine; lower train.batch_size (or "
+                  "set train.micro_batch_size), or use a smaller preset (README's presets table gives the memory a "
+                  "client needs)")
+
+
+def _environment_error(e: Exception) -> str | None:
+    """An error from the machine's limits or a path the user gave, as one line (what, and what to do); None for
+    anything else (a bug: its traceback is shown)."""
+    if isinstance(e, OSError) and e.errno in _DISK_HINTS:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}; {_DISK_HINTS[e.errno]}{_WHERE}"
+    if type(e) in _PATH_HINTS and e.filename is not None:  # one with no path is not a path the user gave: a bug
+        path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return f"{path}: {e.strerror or e}; {_PATH_HINTS[type(e)]}{_WHERE}"
+    text = str(e)
+    if type(e).__name__ == "SafetensorError":  # safetensors' writer reports the OS error in its message
+        code = next((c for c in _DISK_HINTS if f"os error {c})" in text), None)
+        if code is not None:
+            return f"writing a checkpoint: {os.strerror(code)}; {_DISK_HINTS[code]}{_WHERE}"
+    if type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
+        return f"{_OUT_OF_MEMORY}{_WHERE}"
+    return None
 
 
 if __name__ == "__main__":

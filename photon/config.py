@@ -21,7 +21,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # an infinite LR is a typo
 
 
 class ModelConfig(_Frozen):
@@ -422,17 +422,31 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``'train.lr=3e-4'`` -> ``('train.lr', '3e-4')``: the value is read as YAML (numbers, bools, lists, null);
-    pydantic then converts it to the field's type. A value with `#` is taken verbatim (not a YAML comment)."""
+    pydantic then converts it to the field's type. A value with `#`, or for a path or text field, is taken
+    verbatim: a folder named `010` or `no` is that folder, not the number 8 or False."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
-    if "#" in raw:
+    if "#" in raw or _is_text_field(key):
         return key, raw.strip()
     try:
         return key, yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         return key, raw.strip()
+
+
+def _is_text_field(key: str) -> bool:
+    """Whether the config field at dotted `key` holds a path or a string (and nothing else)."""
+    model: Any = RunConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None)
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            return False
+    field = model.model_fields.get(name)
+    return field is not None and field.annotation in (str, Path)
 
 
 def _fields_at(loc: tuple) -> list[str]:

@@ -58,9 +58,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             break  # a line torn by a crash ends the log
+        if not isinstance(row, dict) or "kind" not in row or "step" not in row:
+            break  # nor a line this log never wrote (damaged): what is read is what came before it
+        rows.append(row)
     return rows

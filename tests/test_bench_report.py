@@ -105,6 +105,26 @@ def test_a_damaged_claims_record_is_caught_before_any_target_is_written(tmp_path
     assert md.read_text() == TEXT
 
 
+def test_a_folder_of_a_few_trial_records_does_not_blank_the_blocks_it_lacks(tmp_path):
+    results, md = _results_and_target(tmp_path)
+    write_report(results, (md,))
+    measured = md.read_text()
+    trial = tmp_path / "trial"
+    save_result("robust-noise", _robust_data() | {"attack": "noise"}, command="c", results_dir=trial)
+    with pytest.raises(UserError, match=r"trial lacks records the docs now show measured \(robust-flip\): .*cp -n"):
+        write_report(trial, (md,))
+    assert md.read_text() == measured
+
+
+def test_benchmarks_store_their_records_where_photon_bench_results_says(tmp_path, monkeypatch, photon):
+    from photon.bench import results as stored
+
+    monkeypatch.setitem(stored._STORE, "dir", stored.RESULTS_DIR)
+    code, _, err = photon("bench", "--results", tmp_path / "trial", "report")
+    assert code == 2 and f"{tmp_path / 'trial'}: no such results folder" in err
+    assert stored.save_result("x", {}, results_dir=None) == tmp_path / "trial" / "x.json"
+
+
 def test_cli_bench_report_with_a_mistyped_folder_exits_with_one_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

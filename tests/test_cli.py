@@ -65,6 +65,13 @@ def test_user_error_is_one_line_on_stderr_with_exit_2(tmp_path):
     assert r.stderr.startswith("error: /nonexistent")
 
 
+def test_version(photon):
+    from photon import __version__
+
+    code, out, _ = photon("--version")
+    assert code == 0 and out.startswith(f"photon {__version__} (torch ")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = run_cli("--debug", "prepare", "--preset", "tiny", "--data", "/nonexistent", "--out", tmp_path / "p",
                 cwd=tmp_path)
@@ -215,6 +222,55 @@ def test_a_taken_run_folder_is_refused_before_data_is_prepared_or_ray_started(ph
     code, _, err = photon("run", "--preset", "tiny", "--out", "taken")
     assert code == 2 and "taken already holds a run; pass --resume" in err
     assert not (tmp_path / "data").exists()
+
+
+def test_a_new_run_is_refused_in_a_folder_of_other_files_and_a_resume_of_a_non_run(photon, tmp_path, monkeypatch):
+    """An export or a corpus given as --out would be written over (config.json first)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "export").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / "export" / name).write_text("{}")
+    for verb in ("run", "train-central"):
+        code, _, err = photon(verb, "--preset", "tiny", "--out", "export")
+        assert code == 2 and "export holds files that are not a photon run's (model.safetensors, tokenizer.json)" in err
+    assert (tmp_path / "export" / "config.json").read_text() == "{}" and not (tmp_path / "data").exists()
+    code, _, err = photon("train-central", "--resume", "--out", "nowhere")
+    assert code == 2 and "nowhere holds no run to resume" in err and not (tmp_path / "nowhere").exists()
+
+
+def test_full_disks_read_only_places_and_out_of_memory_are_one_line_with_the_fix():
+    import errno
+
+    from safetensors import SafetensorError
+
+    line = cli._environment_error
+    assert "x/y: No space left on device; the disk is full" in line(OSError(errno.ENOSPC, "No space left on device",
+                                                                             "x/y"))
+    assert "that file system is read-only" in line(OSError(errno.EROFS, "Read-only file system", "/ro/.prep"))
+    full = SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    assert line(full).startswith("writing a checkpoint: No space left on device; the disk is full")
+    alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:124] data. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
+    assert line(alloc).startswith("out of memory: ") and "train.batch_size" in line(alloc)
+    assert "x: No such file" in line(FileNotFoundError(errno.ENOENT, "No such file or directory", "x"))
+    for bug in (ValueError("max() arg is an empty sequence"), FileNotFoundError("no path"), RuntimeError("x"),
+                SafetensorError("header too large")):
+        assert line(bug) is None  # a traceback: not a mistake the user can fix
+
+
+@pytest.mark.parametrize("args, named", [
+    (("bench", "trainer", "-p", "tiny", "--settings", ","), "--settings"),
+    (("bench", "compression", "-p", "tiny", "--hs", "0,-5"), "--hs '0,-5': each must be a positive number"),
+    (("bench", "prepare", "--sizes", "nan"), "--sizes 'nan': each must be a positive number"),
+    (("bench", "robust", "--scales", "1,-1"), "--scales '1,-1': each must be a positive number"),
+    (("generate", "nowhere", "--temperature", "nan"), "--temperature nan"),
+    (("generate", "nowhere", "--seed", "99999999999999999999"), "--seed"),
+    (("run", "-p", "tiny", "--set", "train.warmup_steps=100000"), "exceeds the federated schedule")])
+def test_bad_benchmark_and_sampling_numbers_are_refused_before_any_work(photon, tmp_path, monkeypatch, args, named):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = photon(*args)
+    assert code == 2 and named in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
 def test_data_the_user_named_is_never_replaced_by_the_built_in_corpus(photon, tmp_path, monkeypatch):

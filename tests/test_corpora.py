@@ -127,6 +127,19 @@ def test_parquet_without_text_column(tmp_path):
     assert str(f) in str(e.value)
 
 
+def test_a_parquet_text_column_of_bytes_is_read_as_utf8_and_of_numbers_refused(tmp_path):
+    docs = ["café one", "café two"]
+    root, _ = _corpus_with(tmp_path, "a.parquet", table=pa.table({"text": pa.array([d.encode() for d in docs])}))
+    assert load_user_corpus(root)["dom"] == docs
+    root, f = _corpus_with(tmp_path / "b", "a.parquet", table=pa.table({"text": pa.array([b"ok", b"bad \xff"])}))
+    with pytest.raises(UserError, match=r"row 1 of 'text' is not valid UTF-8 at byte offset 4"):
+        load_user_corpus(root)
+    root, f = _corpus_with(tmp_path / "c", "a.parquet", table=pa.table({"text": [1, 2]}))
+    with pytest.raises(UserError, match="the 'text' column holds int64, not text") as e:
+        load_user_corpus(root)
+    assert str(f) in str(e.value)
+
+
 def test_empty_parquet(tmp_path):
     root, f = _corpus_with(tmp_path, "a.parquet", table=pa.table({"text": pa.array([], pa.string())}))
     with pytest.raises(UserError, match="empty"):

@@ -115,6 +115,16 @@ def test_plot_run_returns_the_path_it_wrote(tmp_path):
     assert out == tmp_path / "later" / "curves.png" and out.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_a_damaged_log_is_read_up_to_the_damage(tmp_path):
+    good = '{"kind": "train", "step": 1, "loss": 5.0}\n'
+    for damage in (b"\xff\xfe binary\n", b"[1, 2]\n", b'{"no": "kind"}\n'):
+        (tmp_path / METRICS).write_bytes(good.encode() + damage + good.encode())
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    (tmp_path / METRICS).write_bytes(b"\xff\xfe\n")
+    with pytest.raises(UserError, match="metrics.jsonl is empty"):
+        plot_run(tmp_path)
+
+
 def test_a_torn_last_line_ends_the_log(tmp_path):
     _fake_run(tmp_path)
     n = len(read_metrics(tmp_path))

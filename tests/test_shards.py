@@ -77,6 +77,20 @@ def test_a_finished_build_of_files_edited_since_is_rebuilt_not_reused(tmp_path):
     assert _files(tmp_path / "prep") == _files(fresh / "prep") != before
 
 
+def test_a_folder_prepared_from_other_text_is_never_replaced_without_being_asked(tmp_path):
+    """`prepare --data MINE` without --out writes to the preset's folder: the built-in corpus (or other text)
+    there stays, and the error says how to proceed."""
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURE, other)
+    cfg = _cfg(tmp_path)
+    prepare(cfg, VOCAB, source=FIXTURE)
+    before = _files(tmp_path / "prep")
+    with pytest.raises(UserError, match=rf"holds data prepared from {FIXTURE.resolve()}; preparing {other} there "
+                                        r"would replace it .*pass --out NEW_FOLDER for it, or delete"):
+        prepare(cfg, VOCAB, source=other)
+    assert _files(tmp_path / "prep") == before
+
+
 def test_unchanged_text_with_files_beside_domain_folders_is_reused(tmp_path, monkeypatch):
     """The folder's own files are a domain named after it, listed first by `user_domains`; the fingerprint
     compares domains by name, so a folder whose name sorts after a sub-folder's is reused, not rebuilt."""

@@ -99,12 +99,24 @@ def render(text: str, results: dict[str, dict[str, Any]], results_dir: Path = RE
 def write_report(results_dir: Path = RESULTS_DIR, targets: tuple[Path, ...] = TARGETS) -> list[str]:
     """Re-render every target file in place; returns the names of the blocks rewritten.
 
-    A missing or empty results folder, or a damaged record, is a UserError and no target is touched (a mistyped
-    --results would otherwise turn every block into "Not measured yet")."""
+    A missing or empty results folder, one other than docs/results that lacks a record a target now shows
+    measured, or a damaged record, is a UserError and no target is touched (a mistyped --results, or a folder of a few trial
+    records, would otherwise turn every other block into "Not measured yet")."""
     results = load_results(results_dir)
     if not results:
         raise UserError(f"{results_dir}: holds no benchmark results (*.json); pass the folder the benchmarks "
                         f"wrote, e.g. --results {RESULTS_DIR}")
+    if Path(results_dir).resolve() != RESULTS_DIR.resolve():  # a folder of a few trial records, say
+        computed = _computed(results_dir)
+        shown = {m.group("name").removesuffix("-brief") for t in targets
+                 for m in _BLOCK.finditer(Path(t).read_text(encoding="utf-8"))
+                 if m.group("name") not in computed and m.group("body").strip()
+                 and not m.group("body").startswith("*Not measured yet")}
+        lacking = sorted(shown - set(results))
+        if lacking:
+            raise UserError(f"{results_dir} lacks records the docs now show measured ({', '.join(lacking[:4])}"
+                            f"{', ...' if len(lacking) > 4 else ''}): the report would mark them not measured; "
+                            f"copy them in first (cp -n {RESULTS_DIR}/*.json {results_dir}/) and report again")
     check_results(results, results_dir)
     rendered, names = {}, []
     for target in targets:

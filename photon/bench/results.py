@@ -89,9 +89,24 @@ def command_line() -> str:
         shlex.join(sys.argv)
 
 
+_STORE = {"dir": RESULTS_DIR}  # `photon bench --results DIR`: where this process's benchmarks store records
+
+
+def store_results_in(results_dir: Path) -> None:
+    """Where `save_result` writes when not told (`photon bench --results`: a trial run leaves the published
+    records in docs/results as they are)."""
+    _STORE["dir"] = Path(results_dir)
+
+
+def chosen_results_dir() -> Path:
+    return _STORE["dir"]
+
+
 def save_result(name: str, data: dict[str, Any], load: LoadSampler | None = None, command: str | None = None,
-                results_dir: Path = RESULTS_DIR, started: float | None = None) -> Path:
-    """Write `results_dir/<name>.json`: the numbers plus how, when and where they were measured."""
+                results_dir: Path | None = None, started: float | None = None) -> Path:
+    """Write `results_dir/<name>.json` (default: `store_results_in`'s folder, docs/results unless changed): the
+    numbers plus how, when and where they were measured."""
+    results_dir = _STORE["dir"] if results_dir is None else results_dir
     record = {"name": name, "command": command or command_line(),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
               "wall_seconds": round(time.time() - started, 1) if started else None,
@@ -135,8 +150,7 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
 def publish(name: str, data: dict[str, Any], render, load: LoadSampler, started: float, console,
             note: str = "", results_dir: Path | None = None) -> Path:
     """Store a benchmark's numbers (`save_result`), show them as the report will, and say where they went."""
-    kwargs = {"results_dir": results_dir} if results_dir is not None else {}
-    path = save_result(name, data, load, started=started, **kwargs)
+    path = save_result(name, data, load, started=started, results_dir=results_dir)
     console.print(render(data))
     console.print(f"stored in {path}{note}")
     return path

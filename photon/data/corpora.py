@@ -444,7 +444,12 @@ def _read_parquet(path: Path) -> Iterator[str]:
                         "rename the column holding the documents to 'text'")
     if pf.metadata.num_rows == 0:
         raise UserError(f"{path}: file is empty (0 rows); add rows or remove the file")
+    kind = pf.schema_arrow.field("text").type
+    as_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or as_bytes):
+        raise UserError(f"{path}: the 'text' column holds {kind}, not text; write the documents as strings")
     pool = pa.default_memory_pool()
+    row = 0
     try:
         # Row group by row group, a page at a time, so even a file that is one huge row group streams.
         for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
@@ -452,8 +457,15 @@ def _read_parquet(path: Path) -> Iterator[str]:
             del batch
             pool.release_unused()  # Arrow's allocator keeps freed pages otherwise: RSS would grow with the file
             for value in texts:
+                if as_bytes and value is not None:  # bytes of text: UTF-8, as a .txt file must be
+                    try:
+                        value = value.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise UserError(f"{path}: row {row} of 'text' is not valid UTF-8 at byte offset "
+                                        f"{e.start}; write the documents as UTF-8 strings") from None
+                row += 1
                 if value is not None:
-                    yield value if isinstance(value, str) else str(value)
+                    yield value
     except (pa.ArrowException, OSError) as e:
         raise _arrow_error(path, e) from None
 

@@ -300,6 +300,14 @@ def _reusable(prep_dir: Path, recipe: dict[str, Any], source: Path | None, max_m
     return True
 
 
+def _prepared_from(prep_dir: Path) -> str | None:
+    """The source (`_recipe`'s) a prepared folder was built from; None if it holds no readable manifest."""
+    try:
+        return json.loads((prep_dir / "manifest.json").read_text())["recipe"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     """Write-then-rename, fsynced: a crash leaves the old file or the new one."""
     part = path.with_name(path.name + ".part")
@@ -413,6 +421,14 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
     if _reusable(prep_dir, recipe, source, cfg.max_mb_per_domain):
         console.log(f"reusing prepared data in {prep_dir} (same vocab_size, source, files and seed)")
         return prep_dir
+    was = _prepared_from(prep_dir)
+    if was is not None and was != recipe["source"]:  # another corpus: never replaced without being asked
+        def name(source: str) -> str:
+            return "the built-in corpus" if source == "default" else source.removeprefix("user:")
+
+        raise UserError(f"data.prep_dir={prep_dir} holds data prepared from {name(was)}; preparing "
+                        f"{name(recipe['source'])} there would replace it (and runs trained on it would refuse the "
+                        f"new data): pass --out NEW_FOLDER for it, or delete {prep_dir} first")
     if (prep_dir / "manifest.json").exists():
         console.log(f"[yellow]rebuilding[/] {prep_dir}: it was prepared from other text or with another recipe; "
                     "the old data is replaced once the new is complete (runs trained on it will refuse the new "

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.checkpoint import atomic_write_text, hold_run_dir, list_checkpoints
+from photon.checkpoint import atomic_write_text, hold_run_dir, list_checkpoints, refuse_a_taken_run_dir
 from photon.config import RunConfig, build_config, config_to_dict
 from photon.data.partition import client_seed, client_stream, make_partition
 from photon.data.shards import Prepared
@@ -48,13 +48,6 @@ def check_same_partition(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
     if changed:
         raise UserError(f"{run_dir} was trained with {changed}: the clients' cursors and kept state belong to "
                         "that partition; resume with the saved config, or start a new run with another --out")
-
-
-def refuse_a_taken_run_dir(run_dir: Path) -> None:
-    """A new run may not start in a folder that holds another's checkpoints (`photon run` asks first, before
-    data is prepared or Ray is started)."""
-    if list_checkpoints(Path(run_dir) / "checkpoints"):
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
 
 def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,

@@ -14,8 +14,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from photon.checkpoint import (hold_run_dir, list_checkpoints, load_latest, prune_checkpoints, require_kind,
-                               save_checkpoint)
+from photon.checkpoint import (hold_run_dir, list_checkpoints, load_latest, prune_checkpoints,
+                               refuse_a_taken_run_dir, require_kind, save_checkpoint)
 from photon.config import RunConfig, config_to_dict
 from photon.data.shards import Prepared, TokenStream, open_prepared
 from photon.errors import UserError
@@ -87,13 +87,16 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
     optimizer = make_optimizer(model, tcfg)
     stream = TokenStream([prepared.tokens(d, "train") for d in prepared.domains], tcfg.seq_len,
                          tcfg.batch_size, tcfg.seed)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if resume and not list_checkpoints(ckpt_dir):  # said before the lock makes a folder of a mistyped name
+        raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
     with hold_run_dir(Path(run_dir), say=console.print):  # one writer per run folder
-        ckpt_dir = Path(run_dir) / "checkpoints"
         step, cursor = 0, 0
         if resume:
             found = load_latest(ckpt_dir)
             if found is None:
-                raise UserError(f"no checkpoint under {ckpt_dir} to resume from; run without --resume")
+                raise UserError(f"every checkpoint in {ckpt_dir} failed verification (see the warnings above); "
+                                "restore one from a backup or start a new run with another --out")
             path, tensors, meta = found
             require_kind(meta, "central", path)
             check_same_model(cfg, meta, path)
@@ -105,8 +108,8 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
                 raise UserError(f"{path} is at step {step} and the run's schedule ends at train.steps={tcfg.steps}: "
                                 f"nothing left to train; pass --steps larger than {step} to train on")
             console.print(f"resumed from {path} at step {step}")
-        elif list_checkpoints(ckpt_dir):
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        else:
+            refuse_a_taken_run_dir(run_dir)
 
         runlog = RunLog(run_dir, resume_step=step if resume else None)
         (Path(run_dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
