@@ -206,13 +206,15 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run directory (its newest checkpoint that verifies)."""
+    """A checkpoint folder, or a run directory or its `checkpoints` folder (the newest checkpoint that
+    verifies)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a checkpoint folder or a run directory")
     if (path / META).exists():
         return path
-    found = load_latest(path / "checkpoints")
+    holds = any((p / META).exists() for p in list_checkpoints(path))  # RUN_DIR/checkpoints itself
+    found = load_latest(path if holds else path / "checkpoints")
     if found is None:
         raise UserError(f"{path} holds no checkpoint; pass RUN_DIR or RUN_DIR/checkpoints/<name>")
     return found[0]

@@ -58,10 +58,13 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 
 
 def _config(preset: str, overrides: list[str] | None, data: Path | None = None, saved: Path | None = None,
-            **extra: object) -> RunConfig:
-    """The preset (or, with `saved`, that run directory's config.json) plus --set, --data and other flags."""
+            data_flag: str = "--data", **extra: object) -> RunConfig:
+    """The preset (or, with `saved`, that run directory's config.json) plus --set, --data (`data_flag`: the flag
+    that gave it) and other flags."""
     sets = list(overrides or [])
     if data is not None:
+        if any(s.split("=", 1)[0].strip() == "data.prep_dir" for s in sets):
+            raise UserError(f"{data_flag} and --set data.prep_dir both name the prepared data; give one of them")
         sets.append(f"data.prep_dir={data}")
     sets += [f"{k}={v}" for k, v in extra.items() if v is not None]
     return load_saved_config(saved, sets) if saved is not None else load_config(preset, sets)
@@ -85,7 +88,7 @@ def prepare(
     """Build the tokenizer and token shards (per domain, train/val) once, offline."""
     from photon.data.shards import prepare as do_prepare
 
-    cfg = _config(preset, overrides, out)
+    cfg = _config(preset, overrides, out, data_flag="--out")
     path = do_prepare(cfg.data, cfg.model.vocab_size, source=data, cache_dir=cache)
     console.print(f"prepared data in {path}")
 
@@ -126,12 +129,13 @@ def eval_cmd(
                                                    "run's train.eval_batches).")] = None,
 ) -> None:
     """Print validation loss and perplexity per domain and overall."""
-    from photon.checkpoint import load_model_checkpoint
+    from photon.checkpoint import load_model_checkpoint, resolve_checkpoint
     from photon.config import with_overrides
     from photon.report import eval_table
     from photon.train.centralized import check_same_data, open_data
     from photon.train.evaluate import evaluable_domains, evaluate
 
+    ckpt = resolve_checkpoint(ckpt)  # the checkpoint the table names: the newest that verifies
     model, cfg, meta, _ = load_model_checkpoint(ckpt)
     if data is not None:
         cfg = with_overrides(cfg, [f"data.prep_dir={data}"])

@@ -334,11 +334,19 @@ class FederationConfig(_Frozen):
 class RunConfig(_Frozen):
     """A whole run: a preset plus overrides."""
 
-    name: str = Field("tiny", description="Preset name, for logs.")
+    name: str = Field("tiny", description="Preset name, for logs and default run folder names "
+                      "(runs/<name>-federated).")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, v: str) -> str:
+        if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
+            raise ValueError(f"{v!r} is used in folder names (runs/<name>-federated): give a name without '/'")
+        return v
 
     @model_validator(mode="after")
     def _check_cross(self) -> RunConfig:
@@ -391,9 +399,23 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 -- a safe loader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -426,8 +448,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     verbatim: a folder named `010` or `no` is that folder, not the number 8 or False."""
     key, sep, raw = text.partition("=")
     key = key.strip()
-    if not sep or not key:
-        raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    if not sep or not key or "" in key.split("."):
+        raise UserError(f"override {text!r}: expected KEY=VALUE with a dotted KEY, e.g. train.lr=3e-4")
     if "#" in raw or _is_text_field(key):
         return key, raw.strip()
     try:

@@ -65,7 +65,8 @@ def plot_run(run_dir: Path, out: Path | str | None = None) -> Path:
     if not rows:
         metrics = Path(run_dir) / METRICS
         if not Path(run_dir).is_dir():
-            raise UserError(f"{run_dir} does not exist; pass a run directory made by photon train-central/run")
+            what = "is a file" if Path(run_dir).exists() else "does not exist"
+            raise UserError(f"{run_dir} {what}; pass a run directory made by photon train-central/run")
         if metrics.is_file():
             raise UserError(f"{metrics} is empty (no complete row logged yet); plot once the run has logged a step")
         raise UserError(f"{run_dir} has no {METRICS}; pass a run directory made by photon train-central/run")

@@ -167,6 +167,7 @@ def test_resolve_checkpoint(tmp_path):
     save_checkpoint(ck / "step_00000002", _tensors(), {"step": 2})
     assert resolve_checkpoint(ck / "step_00000001") == ck / "step_00000001"  # a folder is taken as is
     assert resolve_checkpoint(run) == ck / "step_00000002"  # a run dir: its newest
+    assert resolve_checkpoint(ck) == ck / "step_00000002"  # and its checkpoints folder the same
     _truncate(ck / "step_00000002" / "model.safetensors")
     assert resolve_checkpoint(run) == ck / "step_00000001"  # ... that verifies
     with pytest.raises(UserError):

@@ -238,6 +238,22 @@ def test_a_new_run_is_refused_in_a_folder_of_other_files_and_a_resume_of_a_non_r
     assert code == 2 and "nowhere holds no run to resume" in err and not (tmp_path / "nowhere").exists()
 
 
+def test_options_that_name_the_data_twice_or_prepare_into_the_text_are_refused(photon, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = photon("train-central", "-p", "tiny", "--data", "a", "--set", "data.prep_dir=b")
+    assert code == 2 and "--data and --set data.prep_dir both name the prepared data" in err
+    code, _, err = photon("prepare", "-p", "tiny", "--out", "a", "--set", "data.prep_dir=b")
+    assert code == 2 and "--out and --set data.prep_dir both name" in err
+    shutil.copytree(FIXTURE_CORPUS, tmp_path / "text")
+    code, _, err = photon("prepare", "-p", "tiny", "--data", "text", "--out", "text/prepared")
+    assert code == 2 and "lies inside the text folder text" in err and not (tmp_path / "text" / "prepared").exists()
+    code, _, err = photon("prepare", "-p", "tiny", "--data", "text/literature/sonnets.txt", "--out", "p")
+    assert code == 2 and "is a file, not a folder" in err
+    (tmp_path / "afile").write_text("")
+    code, _, err = photon("plot", "afile")
+    assert code == 2 and "afile is a file; pass a run directory" in err
+
+
 def test_full_disks_read_only_places_and_out_of_memory_are_one_line_with_the_fix():
     import errno
 

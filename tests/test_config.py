@@ -166,7 +166,24 @@ def test_yaml_file_with_a_numeric_name(tmp_path):
 def test_path_override_is_taken_verbatim(path):
     """YAML would read 010 as 8, 0x10 as 16, no as False, a date as a date: a folder's name is its name."""
     assert str(load_config("tiny", [f"data.prep_dir={path}"]).data.prep_dir) == path
-    assert load_config("tiny", [f"name={path}"]).name == path
+    if "/" not in path:
+        assert load_config("tiny", [f"name={path}"]).name == path
+    else:  # a name is part of the default run folder's name
+        with pytest.raises(UserError, match="name: .* is used in folder names"):
+            load_config("tiny", [f"name={path}"])
+
+
+def test_a_yaml_preset_with_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 0.001\nfederation:\n  rounds: 2\ntrain:\n  steps: 5\n")
+    with pytest.raises(UserError, match=r"dup.yaml line 5: .*key 'train' is given twice"):
+        load_config(path)
+
+
+def test_an_override_with_an_empty_key_part_is_refused():
+    for bad in (".lr=3", "train..lr=3", "train.=3"):
+        with pytest.raises(UserError, match="dotted KEY"):
+            parse_override(bad)
 
 
 @pytest.mark.parametrize("override", ["model.init_std=.inf", "federation.outer.lr=.inf", "train.eps=-.inf",

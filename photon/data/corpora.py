@@ -505,7 +505,8 @@ def user_domains(path: Path, max_mb_per_domain: float | None = None) -> list[Dom
     """
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path}: no such directory; pass a folder with one subfolder per domain holding "
+        what = "is a file, not a folder" if path.exists() else "no such directory"
+        raise UserError(f"{path}: {what}; pass a folder with one subfolder per domain holding "
                         ".txt/.jsonl/.parquet files")
     folders = {p.name: p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")}
     direct = _user_files(path, recursive=False)

@@ -417,6 +417,9 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
 
     ``timings``, if given, receives the seconds spent per phase (for `photon bench prepare`)."""
     prep_dir = Path(cfg.prep_dir)
+    if source is not None and Path(source).resolve() in (prep_dir.resolve(), *prep_dir.resolve().parents):
+        raise UserError(f"data.prep_dir={prep_dir} lies inside the text folder {source}: its files would be read as "
+                        "text by the next prepare; choose a folder outside it (--out)")
     recipe = _recipe(cfg, vocab_size, source)
     if _reusable(prep_dir, recipe, source, cfg.max_mb_per_domain):
         console.log(f"reusing prepared data in {prep_dir} (same vocab_size, source, files and seed)")

@@ -110,6 +110,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     run_dir = Path(run_dir)
     fed = cfg.federation
     cfg.check_federated_schedule()
+    resolve_device(cfg.train.device)  # a device this machine lacks: refused before the run folder is written
     prepared = open_data(cfg)
     evaluable_domains(prepared, cfg.train.seq_len)  # before any round: a run that cannot be evaluated is refused
     partition = make_partition(prepared.manifest, cfg.data.partition)
