@@ -117,6 +117,7 @@ def train_central(
         refuse_a_taken_run_dir(out)  # before the data is opened: the folder is the likelier mistake
     cfg = with_absolute_prep_dir(_config(preset, overrides, data, saved=out if resume else None,
                                          **{"train.steps": steps}))
+    _check_fits(cfg)
     run(cfg, out, resume=resume, console=console)
     console.print(f"run directory: {out}")
 
@@ -232,7 +233,8 @@ def run(
         from photon.checkpoint import refuse_a_taken_run_dir
 
         refuse_a_taken_run_dir(run_dir)  # before data is prepared and Ray started (seconds to minutes)
-    cfg.check_federated_schedule()  # so is a warmup longer than the schedule
+    cfg.check_federated_schedule()  # so is a warmup longer than the schedule, and a client too big to fit
+    _check_fits(cfg)
     ensure_prepared(cfg, cache, built_in=resume is None and is_built_in_folder(cfg.data.prep_dir))
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
@@ -243,6 +245,13 @@ def run(
                           f"{run_dir}", highlight=False, soft_wrap=True)
         exit_after_interrupt(130)
     console.print(f"run directory: {summary['run_dir']}")
+
+
+def _check_fits(cfg: RunConfig) -> None:
+    from photon.bench.sizing import check_fits
+    from photon.train.device import resolve_device
+
+    check_fits(cfg, resolve_device(cfg.train.device).type)
 
 
 def is_built_in_folder(prep_dir: Path) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 from photon.bench.trainer import DATASHEET_BF16, flops_per_token
 from photon.config import RunConfig, load_config, preset_names
+from photon.errors import UserError
 from photon.model.transformer import count_params
 from photon.train.local import LEAN, lean_config
 
@@ -57,6 +58,31 @@ def client_memory(cfg: RunConfig, procs: int | None = None) -> dict[str, float]:
     return {"params": n, "procs": procs, "sharding": "fsdp" if sharded else ("ddp" if procs > 1 else "none"),
             "micro_batch": micro, "model_states": model_states, "bf16_casts": casts, "activations": acts,
             "logits": logits, "total": model_states + casts + acts + logits}
+
+
+def device_memory(device_type: str) -> int | None:
+    """Bytes of memory the device has in all: this machine's RAM for the CPU, the first GPU's for CUDA."""
+    import os
+
+    import torch
+
+    if device_type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return None
+
+
+def check_fits(cfg: RunConfig, device_type: str) -> None:
+    """Refuse a config whose client rank needs more memory, by the estimate above, than the device has in all:
+    it would be killed by the kernel without a word, or fail deep inside an allocator, after minutes of
+    set-up. Borderline configs are left to run (the estimate is rough)."""
+    need, have = client_memory(cfg)["total"], device_memory(device_type)
+    if have is not None and need > have:
+        raise UserError(f"a client of this config needs about {need / GIB:,.1f} GiB ({device_type}; model, "
+                        f"optimizer and activations, estimated), more than the {have / GIB:,.1f} GiB this machine "
+                        "has: lower train.batch_size (or set train.micro_batch_size), or use a smaller preset "
+                        "(README's presets table gives the memory each needs)")
 
 
 def round_seconds(cfg: RunConfig, procs: int | None = None, mfu: float = MFU_ASSUMED) -> float:
