@@ -188,6 +188,14 @@ def test_piped_output_has_no_colour_codes():
     assert "\x1b[92m" in out.getvalue()
 
 
+def test_the_serverapps_own_error_line_is_kept_for_the_submits_last_line():
+    log = (b"\x1b[91mERROR \x1b[0m:     Exit Code: 300\nerror: runs/x already holds a run; pass --resume\n"
+           b"Exit due to an exception ...\nINFO : grpc error: not ours\n")
+    errors: list[str] = []
+    deploy.copy_lines(io.BytesIO(log), io.StringIO(), plain=True, errors=errors)
+    assert errors == ["runs/x already holds a run; pass --resume"]
+
+
 def test_our_processes_take_no_secret_on_their_command_line(tmp_path, monkeypatch):
     """The operator token, the SuperExec secret and the blob secret reach the SuperLink as file paths; the files
     are private."""

@@ -646,23 +646,32 @@ def wait_run(home: Path, run_id: int, name: str = CONNECTION, poll_s: float = 2.
         time.sleep(poll_s)
 
 
-def stream_logs(home: Path, run_id: int, name: str = CONNECTION, out: IO[str] | None = None
-                ) -> tuple[subprocess.Popen, threading.Thread]:
+def stream_logs(home: Path, run_id: int, name: str = CONNECTION, out: IO[str] | None = None,
+                errors: list[str] | None = None) -> tuple[subprocess.Popen, threading.Thread]:
     """`flwr log --stream` in the background: the ServerApp's output, until the run ends, copied to `out`
-    (default stdout) by a thread, without colour codes unless `out` is a terminal."""
+    (default stdout) by a thread, without colour codes unless `out` is a terminal; the ServerApp's own error
+    lines are collected in `errors` (see `copy_lines`)."""
     proc = spawn([executable("flwr"), "log", str(run_id), name, "--stream"], home, pipe=True)
     out = out or sys.stdout
-    relay = threading.Thread(target=copy_lines, args=(proc.stdout, out, not out.isatty()), daemon=True)
+    relay = threading.Thread(target=copy_lines, args=(proc.stdout, out, not out.isatty(), errors), daemon=True)
     relay.start()
     return proc, relay
 
 
-def copy_lines(src: IO[bytes], out: IO[str], plain: bool) -> None:
-    """Copy `src` to `out` line by line; `plain` drops ANSI colour codes (output piped to a file or a program)."""
+_SERVERAPP_ERROR = re.compile(r"^error: (.+)")  # server_app.main's one line for a UserError
+
+
+def copy_lines(src: IO[bytes], out: IO[str], plain: bool, errors: list[str] | None = None) -> None:
+    """Copy `src` to `out` line by line; `plain` drops ANSI colour codes (output piped to a file or a program).
+    The reason of each `error: ...` line (the ServerApp refusing the run, say) is appended to `errors`, so
+    the submit's last line can say why the run failed."""
     for raw in iter(src.readline, b""):
         line = raw.decode(errors="replace")
-        out.write(ANSI.sub("", line) if plain else line)
+        clean = ANSI.sub("", line)
+        out.write(clean if plain else line)
         out.flush()
+        if errors is not None and (found := _SERVERAPP_ERROR.search(clean)):
+            errors.append(found.group(1).strip())
 
 
 def explain_exit(log_file: Path, what: str = "flower-supernode") -> str:
@@ -722,7 +731,8 @@ def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume:
         raise UserError(f"{e}{_why_unreachable(superlink, certs, insecure, str(e))}") from None
     say = (lambda text: console.print(text, soft_wrap=True)) if console is not None else print
     say(f"started run {run_id} on {superlink}; its log follows (Ctrl-C detaches, the run goes on)")
-    streamer, relay = stream_logs(home, run_id) if console is not None else (None, None)
+    errors: list[str] = []
+    streamer, relay = stream_logs(home, run_id, errors=errors) if console is not None else (None, None)
     watch = f"FLWR_HOME={home} flwr log {run_id} {CONNECTION}"
     try:
         status = wait_run(home, run_id, poll_s=poll_s)
@@ -742,8 +752,9 @@ def run_to_end(home: Path, superlink: str, cfg: RunConfig, run_dir: str, resume:
         if streamer is not None:
             stop(streamer)
     if status["status"] != "finished:completed":
-        raise UserError(f"run {run_id} ended {status['status']} ({status.get('status-details')}); the server's "
-                        f"log: `FLWR_HOME={home} flwr log {run_id} {CONNECTION} --show`")
+        why = f": {errors[-1]}" if errors else f" ({status.get('status-details')})"
+        raise UserError(f"run {run_id} ended {status['status']}{why}; the server's log: "
+                        f"`FLWR_HOME={home} flwr log {run_id} {CONNECTION} --show`")
     return status
 
 
