@@ -2,6 +2,7 @@
 killed mid-round; what a holder of ca.crt alone cannot do (register nodes, submit runs, take the ServerApp's task),
 run directories confined to the runs root, and `photon node` stopping with a reason or with its SuperNode."""
 
+import io
 import json
 import os
 import shutil
@@ -347,6 +348,9 @@ def test_a_user_mistake_in_the_deployed_serverapp_is_one_line(link, tiny_prep, t
     text = deploy.flwr(link.home, "log", str(run_id), deploy.CONNECTION, "--show").stdout
     assert "error:" in text and "no prepared data" in text, text[-2000:]
     assert "Traceback" not in text, text[-3000:]
+    errors: list[str] = []  # what photon submit's last line then says
+    deploy.copy_lines(io.BytesIO(text.encode()), io.StringIO(), plain=True, errors=errors)
+    assert errors and "no prepared data" in errors[-1], text[-2000:]
 
 
 def test_compressed_updates_shrink_the_bytes_on_the_wire(link, procs, tiny_prep):
