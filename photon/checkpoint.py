@@ -158,8 +158,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         raise UserError(f"{meta_path} is corrupted (not JSON); use an earlier checkpoint") from None
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path} is corrupted (not a JSON object); use an earlier checkpoint")
+    files = meta.get("files")
+    unlisted = sorted(p.name for p in path.glob("*.safetensors") if not isinstance(files, dict) or p.name not in files)
+    if not isinstance(files, dict) or not files or unlisted:  # every checkpoint writes and lists its tensor files
+        what = f"no checksum for {', '.join(unlisted)}" if unlisted else "no files"
+        raise UserError(f"{meta_path} is corrupted (it lists {what}); use an earlier checkpoint")
     tensors = {}
-    for fname, digest in meta.get("files", {}).items():
+    for fname, digest in files.items():
         fpath = path / fname
         if not fpath.exists() or sha256_file(fpath) != digest:
             raise UserError(f"{fpath} is missing or corrupted (checksum mismatch); use an earlier checkpoint")

@@ -222,6 +222,16 @@ def test_a_checkpoint_is_resumed_only_by_the_kind_of_run_that_wrote_it(tmp_path)
         require_kind({"kind": "central"}, "federated", tmp_path)
 
 
+@pytest.mark.parametrize("meta", ["{}", '{"step": 2, "files": {}}', '{"step": 2, "files": []}'])
+def test_a_meta_json_that_lists_no_files_is_damaged_and_the_previous_checkpoint_is_used(tmp_path, meta):
+    save_checkpoint(tmp_path / "step_00000001", _tensors(), {"step": 1})
+    save_checkpoint(tmp_path / "step_00000002", _tensors(), {"step": 2})
+    (tmp_path / "step_00000002" / META).write_text(meta)
+    with pytest.raises(UserError, match=r"meta.json is corrupted \(it lists (no files|no checksum for model)"):
+        load_checkpoint(tmp_path / "step_00000002")
+    assert load_latest(tmp_path)[0] == tmp_path / "step_00000001"
+
+
 def test_a_meta_json_that_is_not_an_object_is_a_damaged_checkpoint(tmp_path):
     from photon.checkpoint import load_checkpoint
     from photon.errors import UserError
