@@ -11,6 +11,7 @@ Tensors only: nothing here is pickled.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -64,26 +65,40 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 RUN_LOCK = ".lock"
-# Everything Photon writes into a run folder (runs, train-central, the benchmarks' arms): a new run may start in
-# a folder holding only these (an empty one, or one a run left in its first round), never in another's files
+# Everything Photon writes into a run folder (runs, train-central, the benchmarks' arms and their --out marker),
+# beside which a new run may start: an empty folder, one a run left in its first round, or one with dot-files and
+# logs a user or a scheduler put there (`tee RUN/run.log`, Slurm's `--output`). Anything else (an export, a
+# corpus) would be written over.
 RUN_FOLDER_NAMES = frozenset({
     RUN_LOCK, "config.json", "partition.json", "metrics.jsonl", "tensorboard", "curves.png", "checkpoints",
-    "client_state", "node-cache", "blobs", ".spill", "node", "node-state", "done.json", "failed.json"})
+    "client_state", "node-cache", "blobs", ".spill", "node", "node-state", "done.json", "failed.json",
+    ".photon-bench"})
+LOG_SUFFIXES = (".log", ".out", ".err")
 
 
 def refuse_a_taken_run_dir(run_dir: Path) -> None:
-    """A new run may not start in a folder that holds another run's checkpoints, or files Photon did not write
-    there (an export, a corpus: the run would write over them)."""
+    """A new run may not start in a folder that holds another run's checkpoints, or things Photon did not write
+    there (an export, a corpus: the run would write over them); dot-files and log files are left alone."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file; choose a folder for --out")
     if list_checkpoints(run_dir / "checkpoints"):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FOLDER_NAMES) if run_dir.is_dir() else []
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FOLDER_NAMES
+                     and not p.name.startswith(".") and not (p.is_file() and p.suffix in LOG_SUFFIXES)) \
+        if run_dir.is_dir() else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise UserError(f"{run_dir} holds files that are not a photon run's ({shown}); a run would write among "
                         "them: choose a new or empty folder for --out")
+
+
+def refuse_a_resume_of_no_run(run_dir: Path) -> None:
+    """`--resume` of a folder without the run's `config.json`: a mistyped name must not start a new run (nor be
+    made by the run-folder lock)."""
+    if not (Path(run_dir) / "config.json").is_file():
+        raise UserError(f"{run_dir} holds no run to resume (no config.json); check the run folder's name, or "
+                        "start a new run without --resume")
 
 
 @contextlib.contextmanager
@@ -100,7 +115,13 @@ def hold_run_dir(run_dir: Path, wait_s: float = 0.0, say: Callable[[str], None] 
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as e:
+                if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):  # a file system without locks
+                    log.warning("cannot lock %s on this file system (%s): make sure only one process trains "
+                                "into it", run_dir, e.strerror)
+                    break
+                if not isinstance(e, BlockingIOError):
+                    raise
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 if time.monotonic() >= deadline:
                     raise UserError(f"{run_dir} is in use by process {holder} (a photon run or server training "

@@ -108,12 +108,11 @@ def train_central(
 
     from photon.config import with_absolute_prep_dir
 
-    if resume and not (out / "config.json").is_file():  # a mistyped --out must not fall back to the preset
-        raise UserError(f"{out} holds no run to resume (no config.json); check --out, or start a new run "
-                        "without --resume")
-    if not resume:
-        from photon.checkpoint import refuse_a_taken_run_dir
+    from photon.checkpoint import refuse_a_resume_of_no_run, refuse_a_taken_run_dir
 
+    if resume:
+        refuse_a_resume_of_no_run(out)  # a mistyped --out must not fall back to the preset
+    else:
         refuse_a_taken_run_dir(out)  # before the data is opened: the folder is the likelier mistake
     cfg = with_absolute_prep_dir(_config(preset, overrides, data, saved=out if resume else None,
                                          **{"train.steps": steps}))
@@ -508,7 +507,8 @@ def _numbers(text: str, kind: type, flag: str, example: str) -> tuple:
 def _bench(results: Annotated[Optional[Path], typer.Option(
         "--results", help="Where the benchmarks store their records (default docs/results, which `photon bench "
         "report` renders into the docs): another folder for a trial run, e.g. `photon bench --results "
-        "/tmp/trial trainer --steps 2`; the compression and stragglers plots still go to docs/img.")] = None
+        "/tmp/trial trainer --steps 2`; the plots of compression, stragglers and claims still go to docs/img.")]
+        = None
         ) -> None:
     if results is not None:
         from photon.bench.results import store_results_in
@@ -785,7 +785,8 @@ def _environment_error(e: Exception) -> str | None:
         code = next((c for c in _DISK_HINTS if f"os error {c})" in text), None)
         if code is not None:
             return f"writing a checkpoint: {os.strerror(code)}; {_DISK_HINTS[code]}{_WHERE}"
-    if type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+            isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)):
         return f"{_OUT_OF_MEMORY}{_WHERE}"
     return None
 

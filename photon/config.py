@@ -450,8 +450,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or "" in key.split("."):
         raise UserError(f"override {text!r}: expected KEY=VALUE with a dotted KEY, e.g. train.lr=3e-4")
-    if "#" in raw or _is_text_field(key):
+    if "#" in raw:
         return key, raw.strip()
+    if _is_text_field(key):  # YAML's quotes are honoured ("my run" is my run); its numbers, dates, bools are not
+        try:
+            quoted = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            quoted = None
+        return key, quoted if isinstance(quoted, str) else (raw.strip() or None)
     try:
         return key, yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

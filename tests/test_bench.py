@@ -54,9 +54,15 @@ def test_each_setting_is_stored_as_it_ends_and_a_failed_one_does_not_lose_the_ot
     stored = json.loads((tmp_path / "docs/results/trainer-cpu.json").read_text())["data"]
     assert list(stored["rows"]) == ["fp32"] and stored["failed"] == {"bf16": "RuntimeError: out of memory"}
     assert stored["complete"] and "**bf16 failed**: RuntimeError: out of memory" in trainer.render(stored)
-    with pytest.raises(KeyboardInterrupt):
-        run_trainer_bench(load_config("tiny"), steps=1, repeats=1, warmup=1, settings=("fp32", "bf16+compile"),
-                          console=quiet, calibrate_s=0.05)
+    record = tmp_path / "docs/results/trainer-cpu.json"
+    finished = record.read_text()
+    for left in (True, False):  # a finished run's record stays; without one, the interrupted run's part is stored
+        with pytest.raises(KeyboardInterrupt):
+            run_trainer_bench(load_config("tiny"), steps=1, repeats=1, warmup=1, settings=("fp32", "bf16+compile"),
+                              console=quiet, calibrate_s=0.05)
+        if left:
+            assert record.read_text() == finished
+            record.unlink()
     stored = json.loads((tmp_path / "docs/results/trainer-cpu.json").read_text())["data"]
     assert list(stored["rows"]) == ["fp32"] and not stored.get("complete")
     assert "**Incomplete run**: it stopped before bf16+compile" in trainer.render(stored)

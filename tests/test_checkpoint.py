@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from photon.checkpoint import (META, hold_run_dir, list_checkpoints, load_checkpoint, load_latest,
-                               prune_checkpoints, resolve_checkpoint, save_checkpoint)
+                               prune_checkpoints, refuse_a_taken_run_dir, resolve_checkpoint, save_checkpoint)
 from photon.errors import UserError
 
 PHOTON = Path(__file__).parent.parent / "photon"
@@ -267,3 +267,18 @@ def test_a_writer_may_wait_for_the_holder_to_let_go(tmp_path):
         assert not holder.is_alive()
     holder.join()
     assert len(said) == 1 and "waiting up to 30 s" in said[0]
+
+
+def test_a_new_run_may_start_beside_photons_own_files_dot_files_and_logs_but_not_among_others(tmp_path):
+    from photon.bench.outdir import fresh_out_dir
+
+    run = fresh_out_dir(tmp_path / "bench-out")  # a benchmark's --out, which it then trains into
+    for name in ("config.json", "metrics.jsonl", ".lock", ".DS_Store", "run.log", "slurm-1234.out"):
+        (run / name).write_text("")
+    (run / "tensorboard").mkdir()
+    refuse_a_taken_run_dir(run)
+    for other in ("model.safetensors", "literature"):
+        (run / other).mkdir() if other == "literature" else (run / other).write_text("")
+        with pytest.raises(UserError, match=f"holds files that are not a photon run's \\({other}\\)"):
+            refuse_a_taken_run_dir(run)
+        (run / other).rmdir() if other == "literature" else (run / other).unlink()

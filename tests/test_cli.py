@@ -268,6 +268,8 @@ def test_full_disks_read_only_places_and_out_of_memory_are_one_line_with_the_fix
     alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:124] data. DefaultCPUAllocator: can't allocate memory: "
                          "you tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
     assert line(alloc).startswith("out of memory: ") and "train.batch_size" in line(alloc)
+    for oom in (MemoryError(), RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")):
+        assert line(oom).startswith("out of memory: ")
     assert "x: No such file" in line(FileNotFoundError(errno.ENOENT, "No such file or directory", "x"))
     for bug in (ValueError("max() arg is an empty sequence"), FileNotFoundError("no path"), RuntimeError("x"),
                 SafetensorError("header too large")):

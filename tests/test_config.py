@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -184,6 +185,14 @@ def test_an_override_with_an_empty_key_part_is_refused():
     for bad in (".lr=3", "train..lr=3", "train.=3"):
         with pytest.raises(UserError, match="dotted KEY"):
             parse_override(bad)
+
+
+def test_a_quoted_text_value_loses_its_quotes_and_an_empty_one_is_refused():
+    assert load_config("tiny", ['data.prep_dir="/my data"']).data.prep_dir == Path("/my data")
+    assert load_config("tiny", ["name='my run'"]).name == "my run"
+    for empty in ("data.prep_dir=", "name="):
+        with pytest.raises(UserError, match=empty.removesuffix("=")):
+            load_config("tiny", [empty])
 
 
 @pytest.mark.parametrize("override", ["model.init_std=.inf", "federation.outer.lr=.inf", "train.eps=-.inf",

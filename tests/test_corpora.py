@@ -134,6 +134,10 @@ def test_a_parquet_text_column_of_bytes_is_read_as_utf8_and_of_numbers_refused(t
     root, f = _corpus_with(tmp_path / "b", "a.parquet", table=pa.table({"text": pa.array([b"ok", b"bad \xff"])}))
     with pytest.raises(UserError, match=r"row 1 of 'text' is not valid UTF-8 at byte offset 4"):
         load_user_corpus(root)
+    for i, arr in enumerate((pa.array(docs, pa.string_view()), pa.array(docs).dictionary_encode(),
+                             pa.array([d.encode() for d in docs], pa.binary_view()))):  # pandas' category, say
+        root, _ = _corpus_with(tmp_path / f"kind{i}", "a.parquet", table=pa.table({"text": arr}))
+        assert load_user_corpus(root)["dom"] == docs
     root, f = _corpus_with(tmp_path / "c", "a.parquet", table=pa.table({"text": [1, 2]}))
     with pytest.raises(UserError, match="the 'text' column holds int64, not text") as e:
         load_user_corpus(root)

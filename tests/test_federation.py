@@ -297,3 +297,18 @@ def test_a_run_folder_another_process_trains_into_is_refused_before_anything_is_
             run(cfg, tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
     assert run(cfg, tmp_path / "run")["rounds"] == 1
+    with pytest.raises(UserError, match="typo holds no run to resume"):  # deployed: no stray folder made
+        run(cfg, tmp_path / "typo", resume=True)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_simulation_on_a_live_run_folder_is_refused_before_it_touches_the_blob_store(tiny_prep, tmp_path):
+    from photon.federation.launch import run_simulated
+
+    live = tmp_path / "live"
+    (live / "blobs").mkdir(parents=True)
+    (live / "blobs" / "secret").write_text("the live run's")
+    with hold_run_dir(live):
+        with pytest.raises(UserError, match="in use by process"):
+            run_simulated(fed_cfg(tiny_prep, "federation.rounds=1"), live)
+    assert (live / "blobs" / "secret").read_text() == "the live run's"

@@ -16,16 +16,18 @@ batch), each timed alone. Stored in docs/results/trainer-<device>.json.
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, save_result
+from photon.bench.results import LoadSampler, chosen_results_dir, save_result
 from photon.config import RunConfig, with_overrides
 from photon.data.shards import TokenStream
 from photon.model.transformer import Transformer
@@ -207,7 +209,8 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
                       calibrate_s: float = 3.0) -> dict[str, Any]:
     """`calibrate_s`: seconds for each measurement of a peak or a shape ceiling (tests pass less). The result is
     stored after each setting (a GPU's time is scarce: a later setting that fails or runs out of time keeps the
-    earlier ones), then once more with the peaks measured again at the end. A setting that fails is recorded
+    earlier ones; a finished run's record there is only replaced by another finished one), then once more with
+    the peaks measured again at the end. A setting that fails is recorded
     with its error and the others still run; the call then raises, after storing."""
     console = console or Console()
     device = resolve_device(cfg.train.device)
@@ -229,8 +232,11 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
             row["of_bf16_peak"] = row["model_flops"] / peaks["bf16"]
         data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def store() -> Path | None:
-        return save_result(f"trainer-{device.type}", data, load, started=started) if save else None
+    def store(final: bool = True) -> Path | None:
+        name = f"trainer-{device.type}"
+        if not save or (not final and _complete_record(chosen_results_dir() / f"{name}.json")):
+            return None  # mid-run, a finished run's record stays until this one has finished too
+        return save_result(name, data, load, started=started)
 
     with LoadSampler() as load:
         peaks, ceilings = _peaks_and_ceilings(cfg, device, console, calibrate_s)
@@ -249,7 +255,7 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
             row["model_flops"] = row["photon_tok_s"] * data["flops_per_token"]
             data["rows"][setting] = row
             rate(peaks)
-            store()  # so far: the peaks measured before the settings
+            store(final=False)  # so far: the peaks measured before the settings
         # measured again after the settings (here the same bf16 matmul ran at rates 2× apart within minutes):
         # the best of each, and the peak is the highest matmul rate seen in the run, the model's own shapes'
         # included, so no ratio below is against a peak measured in a slow moment
@@ -265,6 +271,15 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
     if data["failed"]:
         raise RuntimeError("bench trainer: " + "; ".join(f"{k} failed ({v})" for k, v in data["failed"].items()))
     return data
+
+
+def _complete_record(path: Path) -> bool:
+    """Whether `path` holds the record of a trainer benchmark that ran to its end (older records all did)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+        return "settings" not in data or bool(data.get("complete"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def release_cuda_memory(device: torch.device) -> None:

@@ -445,8 +445,13 @@ def _read_parquet(path: Path) -> Iterator[str]:
     if pf.metadata.num_rows == 0:
         raise UserError(f"{path}: file is empty (0 rows); add rows or remove the file")
     kind = pf.schema_arrow.field("text").type
-    as_bytes = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or as_bytes):
+    plain = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category columns, say
+    t = pa.types
+    as_bytes = t.is_binary(plain) or t.is_large_binary(plain) or t.is_fixed_size_binary(plain) or (
+        hasattr(t, "is_binary_view") and t.is_binary_view(plain))
+    as_text = t.is_string(plain) or t.is_large_string(plain) or (
+        hasattr(t, "is_string_view") and t.is_string_view(plain))
+    if not (as_text or as_bytes):
         raise UserError(f"{path}: the 'text' column holds {kind}, not text; write the documents as strings")
     pool = pa.default_memory_pool()
     row = 0

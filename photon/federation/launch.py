@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
+from photon.checkpoint import hold_run_dir, refuse_a_resume_of_no_run
 from photon.config import RunConfig, with_overrides
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,13 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     cfg = with_threads(cfg, workers)
     result: dict[str, Any] = {}
     stop, started, done = threading.Event(), threading.Event(), threading.Event()
-    with loopback_blobs(cfg, Path(run_dir)) as blobs:
+    if resume:
+        refuse_a_resume_of_no_run(run_dir)
+    # one writer per run folder, held from before the blob server's folder is made (a second run on a live
+    # folder would replace its blob store) until the simulation has ended
+    with hold_run_dir(Path(run_dir), say=(console or Console()).print), loopback_blobs(cfg, Path(run_dir)) as blobs:
         server_app = make_server_app(cfg, Path(run_dir), resume, result, blobs=blobs, stop=stop, started=started,
-                                     done=done, console=console, **kwargs)
+                                     done=done, console=console, lock_held=True, **kwargs)
         client_app = make_client_app(str(Path(run_dir).resolve() / "node-cache"))
         try:
             _simulate(cfg, server_app, client_app, nodes, resources)

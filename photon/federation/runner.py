@@ -7,6 +7,7 @@ and ends with the same parameters as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.checkpoint import atomic_write_text, hold_run_dir, list_checkpoints, refuse_a_taken_run_dir
+from photon.checkpoint import (atomic_write_text, hold_run_dir, list_checkpoints, refuse_a_resume_of_no_run,
+                               refuse_a_taken_run_dir)
 from photon.config import RunConfig, build_config, config_to_dict
 from photon.data.partition import client_seed, client_stream, make_partition
 from photon.data.shards import Prepared
@@ -54,9 +56,6 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,
                 console: Console) -> tuple[ServerState, bool]:
     """The state to start from, and whether it came from a checkpoint."""
     ckpt_dir = run_dir / "checkpoints"
-    if resume and not (run_dir / "config.json").exists():  # a mistyped folder must not start a new run
-        raise UserError(f"{run_dir} holds no run to resume (no config.json); check the run folder's name, or "
-                        "start a new run without --resume")
     found = ServerState.load_latest(ckpt_dir) if resume else None
     if resume and found is None:
         if list_checkpoints(ckpt_dir):
@@ -74,7 +73,8 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,
                             f"{cfg.data.partition.num_clients}; resume with the same config")
         console.print(f"resumed {run_dir} after round {state.round} (global step {state.global_step})")
         return state, True
-    refuse_a_taken_run_dir(run_dir)
+    if not resume:  # (a resume killed in its first round starts from round 0 in its own folder)
+        refuse_a_taken_run_dir(run_dir)
     params = {k: v.detach() for k, v in unique_state_dict(build_model(cfg)).items()}  # the model's own tensors
     return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed), False
 
@@ -102,13 +102,17 @@ def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
 
 def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: bool = False,
                    console: Console | None = None, stop_after: int | None = None,
-                   token_budget: int | None = None, lock_wait_s: float = 0.0) -> dict[str, Any]:
+                   token_budget: int | None = None, lock_wait_s: float = 0.0,
+                   lock_held: bool = False) -> dict[str, Any]:
     """Run rounds until `federation.rounds` (or `stop_after` rounds in this call, or until `token_budget`
     training tokens have been folded, for benchmarks that compare arms at equal tokens); returns a summary.
-    Another process training into `run_dir` is waited for up to `lock_wait_s` seconds, then refused."""
+    Another process training into `run_dir` is waited for up to `lock_wait_s` seconds, then refused;
+    `lock_held`: the caller holds `run_dir`'s lock already (`launch.run_simulated`, around its blob server)."""
     console = console or Console()
     run_dir = Path(run_dir)
     fed = cfg.federation
+    if resume:
+        refuse_a_resume_of_no_run(run_dir)  # before the lock would make a folder of a mistyped name
     cfg.check_federated_schedule()
     resolve_device(cfg.train.device)  # a device this machine lacks: refused before the run folder is written
     prepared = open_data(cfg)
@@ -116,7 +120,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     partition = make_partition(prepared.manifest, cfg.data.partition)
     for c in partition["clients"]:  # every client can fill a batch: say so now, with the fix, not mid-round
         client_stream(prepared, partition, c["id"], cfg.train.seq_len, cfg.train.batch_size, client_seed(cfg, c["id"]))
-    with hold_run_dir(run_dir, lock_wait_s, say=console.print):  # one writer per run folder
+    with contextlib.nullcontext() if lock_held else hold_run_dir(run_dir, lock_wait_s, say=console.print):
         state, found = _open_state(cfg, run_dir, resume, prepared, console)
         atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))  # once the config is vetted
         atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
