@@ -80,13 +80,14 @@ def refuse_a_taken_run_dir(run_dir: Path) -> None:
     """A new run may not start in a folder that holds another run's checkpoints, or things Photon did not write
     there (an export, a corpus: the run would write over them); dot-files and log files are left alone."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file; choose a folder for --out")
     if list_checkpoints(run_dir / "checkpoints"):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FOLDER_NAMES
-                     and not p.name.startswith(".") and not (p.is_file() and p.suffix in LOG_SUFFIXES)) \
-        if run_dir.is_dir() else []
+                     and not p.name.startswith(".") and not (p.is_file() and p.suffix in LOG_SUFFIXES))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise UserError(f"{run_dir} holds files that are not a photon run's ({shown}); a run would write among "
@@ -179,11 +180,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         raise UserError(f"{meta_path} is corrupted (not JSON); use an earlier checkpoint") from None
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path} is corrupted (not a JSON object); use an earlier checkpoint")
-    files = meta.get("files")
-    unlisted = sorted(p.name for p in path.glob("*.safetensors") if not isinstance(files, dict) or p.name not in files)
-    if not isinstance(files, dict) or not files or unlisted:  # every checkpoint writes and lists its tensor files
-        what = f"no checksum for {', '.join(unlisted)}" if unlisted else "no files"
-        raise UserError(f"{meta_path} is corrupted (it lists {what}); use an earlier checkpoint")
+    files = meta.get("files")  # every checkpoint writes and lists its tensor files
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{meta_path} is corrupted (it lists no files); use an earlier checkpoint")
+    unlisted = sorted(p.name for p in path.glob("*.safetensors") if p.name not in files)
+    if unlisted:
+        raise UserError(f"{meta_path} is corrupted (it lists no checksum for {', '.join(unlisted)}); use an "
+                        "earlier checkpoint")
     tensors = {}
     for fname, digest in files.items():
         fpath = path / fname

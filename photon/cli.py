@@ -171,8 +171,6 @@ def generate(
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1)] = 0,
 ) -> None:
     """Sample a continuation of PROMPT."""
-    import math
-
     import torch
 
     if not math.isfinite(temperature):  # click's range check lets nan through

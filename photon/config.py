@@ -444,8 +444,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``'train.lr=3e-4'`` -> ``('train.lr', '3e-4')``: the value is read as YAML (numbers, bools, lists, null);
-    pydantic then converts it to the field's type. A value with `#`, or for a path or text field, is taken
-    verbatim: a folder named `010` or `no` is that folder, not the number 8 or False."""
+    pydantic then converts it to the field's type. A value with `#` is taken verbatim (not a YAML comment). A
+    path or text field keeps the text as typed (a folder named `010` or `no` is that folder, not the number 8
+    or False), but without YAML's quotes; an empty one is None."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or "" in key.split("."):
@@ -464,28 +465,29 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, raw.strip()
 
 
+def _section(path: tuple | list) -> type[BaseModel] | None:
+    """The config section (a model class) that the keys `path` lead to from the top; None if they lead
+    elsewhere (a value, or no field)."""
+    model: Any = RunConfig
+    for part in path:
+        model = getattr(model.model_fields.get(part), "annotation", None)
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            return None
+    return model
+
+
 def _is_text_field(key: str) -> bool:
     """Whether the config field at dotted `key` holds a path or a string (and nothing else)."""
-    model: Any = RunConfig
     *sections, name = key.split(".")
-    for part in sections:
-        field = getattr(model, "model_fields", {}).get(part)
-        model = getattr(field, "annotation", None)
-        if not isinstance(model, type) or not issubclass(model, BaseModel):
-            return False
-    field = model.model_fields.get(name)
+    section = _section(sections)
+    field = section.model_fields.get(name) if section is not None else None
     return field is not None and field.annotation in (str, Path)
 
 
 def _fields_at(loc: tuple) -> list[str]:
     """The valid keys of the config section that `loc` (a pydantic error location) points into."""
-    model: Any = RunConfig
-    for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        model = getattr(field, "annotation", None)
-        if not isinstance(model, type) or not issubclass(model, BaseModel):
-            return []
-    return sorted(getattr(model, "model_fields", {}))
+    section = _section(loc[:-1])
+    return sorted(section.model_fields) if section is not None else []
 
 
 def _format_validation(e: ValidationError) -> str:

@@ -310,7 +310,7 @@ def test_format_1_folders_still_open(prepared, tmp_path):
     m = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps(m | {"format": 1}))
     assert open_prepared(copy).manifest["format"] == 1
-    assert not shards._reusable(copy, m["recipe"], None, None)  # but `photon prepare` rebuilds it
+    assert not shards._reusable(shards._old_manifest(copy), m["recipe"], None, None)  # but `photon prepare` rebuilds it
     (copy / "manifest.json").write_text(json.dumps(m | {"format": 99}))
     with pytest.raises(UserError, match="format 99"):
         open_prepared(copy)

@@ -100,8 +100,8 @@ def write_report(results_dir: Path = RESULTS_DIR, targets: tuple[Path, ...] = TA
     """Re-render every target file in place; returns the names of the blocks rewritten.
 
     A missing or empty results folder, one other than docs/results that lacks a record a target now shows
-    measured, or a damaged record, is a UserError and no target is touched (a mistyped --results, or a folder of a few trial
-    records, would otherwise turn every other block into "Not measured yet")."""
+    measured, or a damaged record, is a UserError and no target is touched (a mistyped --results, or a folder
+    of a few trial records, would otherwise turn every other block into "Not measured yet")."""
     results = load_results(results_dir)
     if not results:
         raise UserError(f"{results_dir}: holds no benchmark results (*.json); pass the folder the benchmarks "

@@ -106,7 +106,7 @@ def save_result(name: str, data: dict[str, Any], load: LoadSampler | None = None
                 results_dir: Path | None = None, started: float | None = None) -> Path:
     """Write `results_dir/<name>.json` (default: `store_results_in`'s folder, docs/results unless changed): the
     numbers plus how, when and where they were measured."""
-    results_dir = _STORE["dir"] if results_dir is None else results_dir
+    results_dir = chosen_results_dir() if results_dir is None else results_dir
     record = {"name": name, "command": command or command_line(),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
               "wall_seconds": round(time.time() - started, 1) if started else None,

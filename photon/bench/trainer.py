@@ -210,8 +210,8 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
     """`calibrate_s`: seconds for each measurement of a peak or a shape ceiling (tests pass less). The result is
     stored after each setting (a GPU's time is scarce: a later setting that fails or runs out of time keeps the
     earlier ones; a finished run's record there is only replaced by another finished one), then once more with
-    the peaks measured again at the end. A setting that fails is recorded
-    with its error and the others still run; the call then raises, after storing."""
+    the peaks measured again at the end. A setting that fails is recorded with its error and the others still
+    run; the call then raises, after storing."""
     console = console or Console()
     device = resolve_device(cfg.train.device)
     setup_backend(device)
@@ -233,10 +233,10 @@ def run_trainer_bench(cfg: RunConfig, steps: int = 20, repeats: int = 5, warmup:
         data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def store(final: bool = True) -> Path | None:
-        name = f"trainer-{device.type}"
-        if not save or (not final and _complete_record(chosen_results_dir() / f"{name}.json")):
+        record = f"trainer-{device.type}"
+        if not save or (not final and _complete_record(chosen_results_dir() / f"{record}.json")):
             return None  # mid-run, a finished run's record stays until this one has finished too
-        return save_result(name, data, load, started=started)
+        return save_result(record, data, load, started=started)
 
     with LoadSampler() as load:
         peaks, ceilings = _peaks_and_ceilings(cfg, device, console, calibrate_s)

@@ -286,26 +286,29 @@ def _fingerprint(domains: list[Domain]) -> str:
     return h.hexdigest()
 
 
-def _reusable(prep_dir: Path, recipe: dict[str, Any], source: Path | None, max_mb: float | None) -> bool:
-    """`prep_dir` was built by this recipe and, for the user's own text, from the files as they are now
-    (names, sizes, mtimes: a file edited since is rebuilt, not served stale)."""
+def _old_manifest(prep_dir: Path) -> dict[str, Any] | None:
+    """The manifest of what `prep_dir` holds now; None if it holds none that reads as one."""
     try:
         manifest = json.loads((prep_dir / "manifest.json").read_text())
     except (OSError, ValueError):
-        return False
-    if manifest.get("format") != FORMAT_VERSION or manifest.get("recipe") != recipe:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _reusable(manifest: dict[str, Any] | None, recipe: dict[str, Any], source: Path | None,
+              max_mb: float | None) -> bool:
+    """The folder of `manifest` was built by this recipe and, for the user's own text, from the files as they
+    are now (names, sizes, mtimes: a file edited since is rebuilt, not served stale)."""
+    if manifest is None or manifest.get("format") != FORMAT_VERSION or manifest.get("recipe") != recipe:
         return False
     if source is not None and "sources" in manifest:  # listing files is cheap; the built-in corpus is pinned
         return manifest["sources"] == _fingerprint(user_domains(Path(source), max_mb))
     return True
 
 
-def _prepared_from(prep_dir: Path) -> str | None:
-    """The source (`_recipe`'s) a prepared folder was built from; None if it holds no readable manifest."""
-    try:
-        return json.loads((prep_dir / "manifest.json").read_text())["recipe"]["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _source_name(source: str) -> str:
+    """A recipe's `source` as a person names it."""
+    return "the built-in corpus" if source == "default" else source.removeprefix("user:")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -421,17 +424,16 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
         raise UserError(f"data.prep_dir={prep_dir} lies inside the text folder {source}: its files would be read as "
                         "text by the next prepare; choose a folder outside it (--out)")
     recipe = _recipe(cfg, vocab_size, source)
-    if _reusable(prep_dir, recipe, source, cfg.max_mb_per_domain):
+    old = _old_manifest(prep_dir)
+    if _reusable(old, recipe, source, cfg.max_mb_per_domain):
         console.log(f"reusing prepared data in {prep_dir} (same vocab_size, source, files and seed)")
         return prep_dir
-    was = _prepared_from(prep_dir)
+    was = old.get("recipe") if old is not None else None
+    was = was.get("source") if isinstance(was, dict) else None
     if was is not None and was != recipe["source"]:  # another corpus: never replaced without being asked
-        def name(source: str) -> str:
-            return "the built-in corpus" if source == "default" else source.removeprefix("user:")
-
-        raise UserError(f"data.prep_dir={prep_dir} holds data prepared from {name(was)}; preparing "
-                        f"{name(recipe['source'])} there would replace it (and runs trained on it would refuse the "
-                        f"new data): pass --out NEW_FOLDER for it, or delete {prep_dir} first")
+        raise UserError(f"data.prep_dir={prep_dir} holds data prepared from {_source_name(was)}; preparing "
+                        f"{_source_name(recipe['source'])} there would replace it (and runs trained on it would "
+                        f"refuse the new data): pass --out NEW_FOLDER for it, or delete {prep_dir} first")
     if (prep_dir / "manifest.json").exists():
         console.log(f"[yellow]rebuilding[/] {prep_dir}: it was prepared from other text or with another recipe; "
                     "the old data is replaced once the new is complete (runs trained on it will refuse the new "

@@ -114,7 +114,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     if resume:
         refuse_a_resume_of_no_run(run_dir)  # before the lock would make a folder of a mistyped name
     cfg.check_federated_schedule()
-    resolve_device(cfg.train.device)  # a device this machine lacks: refused before the run folder is written
+    device = resolve_device(cfg.train.device)  # a device this machine lacks: refused before the folder is written
     prepared = open_data(cfg)
     evaluable_domains(prepared, cfg.train.seq_len)  # before any round: a run that cannot be evaluated is refused
     partition = make_partition(prepared.manifest, cfg.data.partition)
@@ -137,7 +137,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
             next_round, keep = agg.run_round, fed.keep_checkpoints
         runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
         try:
-            eval_model = build_model(cfg).to(resolve_device(cfg.train.device))
+            eval_model = build_model(cfg).to(device)
             t = cfg.train
 
             def run_eval() -> dict[str, float]:
