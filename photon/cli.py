@@ -230,8 +230,8 @@ def run(
         from photon.checkpoint import refuse_a_taken_run_dir
 
         refuse_a_taken_run_dir(run_dir)  # before data is prepared and Ray started (seconds to minutes)
-    cfg.check_federated_schedule()  # so is a warmup longer than the schedule, and a client too big to fit
-    _check_fits(cfg)
+    cfg.check_federated_schedule()  # so is a warmup longer than the schedule, and a run too big to fit
+    _check_fits(cfg, engine)
     ensure_prepared(cfg, cache, built_in=resume is None and is_built_in_folder(cfg.data.prep_dir))
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
@@ -244,11 +244,22 @@ def run(
     console.print(f"run directory: {summary['run_dir']}")
 
 
-def _check_fits(cfg: RunConfig) -> None:
+def _check_fits(cfg: RunConfig, engine: str | None = None) -> None:
+    """Refuse a run that cannot fit this machine (`sizing.check_fits`): a centralized one (`engine` None), or a
+    federation with its server, whose simulation trains as many clients at once as it has workers."""
     from photon.bench.sizing import check_fits
     from photon.train.device import resolve_device
 
-    check_fits(cfg, resolve_device(cfg.train.device).type)
+    device = resolve_device(cfg.train.device).type
+    if engine is None:
+        check_fits(cfg, device)
+        return
+    at_once = 1
+    if engine == "simulation" and device == "cpu":
+        from photon.federation.launch import simulation_resources
+
+        at_once = simulation_resources(cfg, os.cpu_count() or 1, 0)[0]
+    check_fits(cfg, device, clients_at_once=at_once, server=True)
 
 
 def is_built_in_folder(prep_dir: Path) -> bool:
@@ -505,7 +516,8 @@ def _numbers(text: str, kind: type, flag: str, example: str) -> tuple:
 def _bench(results: Annotated[Optional[Path], typer.Option(
         "--results", help="Where the benchmarks store their records (default docs/results, which `photon bench "
         "report` renders into the docs): another folder for a trial run, e.g. `photon bench --results "
-        "/tmp/trial trainer --steps 2`; the plots of compression, stragglers and claims still go to docs/img.")]
+        "/tmp/trial trainer --steps 2`; the plots of compression, stragglers and claims then go to DIR/img, not "
+        "docs/img.")]
         = None
         ) -> None:
     if results is not None:
@@ -595,7 +607,8 @@ def bench_stragglers(
     = Path("runs/bench-stragglers"),
 ) -> None:
     """Clean sync vs sync with a fixed or adaptive deadline vs async under slow clients and lost replies, on
-    the in-process engine's virtual clock; stores docs/results/stragglers.json and docs/img/stragglers.png."""
+    the in-process engine's virtual clock; stores docs/results/stragglers.json and docs/img/stragglers.png (with
+    --results DIR: DIR and DIR/img)."""
     from photon.bench.stragglers import run_stragglers_bench
 
     cfg = _config(preset, overrides)
@@ -649,7 +662,8 @@ def bench_compression(
     = Path("runs/bench-compression"),
 ) -> None:
     """Every codec up-link only and both ways at equal tokens: bytes per token against data-parallel, perplexity
-    cost against fp32 Photon, codec time; stores docs/results/compression.json and docs/img/compression.png."""
+    cost against fp32 Photon, codec time; stores docs/results/compression.json and docs/img/compression.png
+    (with --results DIR: DIR and DIR/img)."""
     from photon.bench.compression import run_compression_bench
 
     values = _numbers(hs, int, "--hs", "16,64")
@@ -714,8 +728,8 @@ def bench_claims(
     data: DataOpt = None,
 ) -> None:
     """The paper's claims as experiments (federated vs centralized in both regimes, LR sweeps, K, H, network,
-    heterogeneity, DiLoCo, torchft, ablation), stored in RESULTS/claims-SCALE.json with plots in docs/img;
-    `photon bench report` renders them into docs/RESULTS.md and the README."""
+    heterogeneity, DiLoCo, torchft, ablation), stored in RESULTS/claims-SCALE.json with plots in docs/img
+    (RESULTS/img with --results); `photon bench report` renders them into docs/RESULTS.md and the README."""
     import dataclasses
     import shlex
 

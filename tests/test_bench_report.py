@@ -123,6 +123,10 @@ def test_benchmarks_store_their_records_where_photon_bench_results_says(tmp_path
     code, _, err = photon("bench", "--results", tmp_path / "trial", "report")
     assert code == 2 and f"{tmp_path / 'trial'}: no such results folder" in err
     assert stored.save_result("x", {}, results_dir=None) == tmp_path / "trial" / "x.json"
+    assert stored.plots_dir() == tmp_path / "trial" / "img"  # a trial's plots leave docs/img alone too
+    monkeypatch.setitem(stored._STORE, "dir", stored.RESULTS_DIR)
+    assert stored.plots_dir() == stored.IMG_DIR
+    assert stored.plots_dir(tmp_path / "other") == tmp_path / "other" / "img"
 
 
 def test_cli_bench_report_with_a_mistyped_folder_exits_with_one_line(tmp_path, monkeypatch):

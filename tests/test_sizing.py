@@ -34,3 +34,43 @@ def test_model_states_are_the_bytes_a_step_holds(tiny_prepared, in_backward):
     moments = [v for state in opt.state.values() for k, v in state.items() if k != "step"]
     held = _nbytes(params) + _nbytes(moments) + max(grads)
     assert client_memory(cfg)["model_states"] == held
+
+
+def test_a_run_counts_every_client_training_at_once_and_its_server(monkeypatch):
+    """On the CPU, simulated workers training side by side and the server share the machine's RAM; on a GPU each
+    rank has a device of its own."""
+    from photon.bench import sizing
+    from photon.config import load_config
+    from photon.errors import UserError
+    from photon.model.transformer import count_params
+
+    cfg = load_config("small")
+    one = sizing.run_memory(cfg, "cpu")["total"]
+    two = sizing.run_memory(cfg, "cpu", clients_at_once=2, server=True)
+    server = sizing.SERVER_MODELS * 4 * count_params(cfg.model) + sizing.RUNTIME_BYTES
+    assert one == client_memory(cfg)["total"] + sizing.RUNTIME_BYTES
+    assert two["total"] == 2 * one + server
+    assert sizing.run_memory(cfg, "cuda", clients_at_once=2, server=True)["total"] == client_memory(cfg)["total"]
+    monkeypatch.setattr(sizing, "device_memory", lambda _: int(1.5 * one))
+    sizing.check_fits(cfg, "cpu")  # one client alone fits
+    with pytest.raises(UserError, match=r"this run needs about .* 2 training processes at once .* plus .* for "
+                                        r"the server.*lower federation.num_nodes"):
+        sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
+
+
+def test_photon_run_refuses_a_simulation_whose_workers_together_do_not_fit(monkeypatch, tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from photon.bench import sizing
+    from photon.cli import app
+    from photon.config import load_config
+
+    one = sizing.run_memory(load_config("tiny"), "cpu")["total"]
+    monkeypatch.setattr(sizing, "device_memory", lambda _: int(1.5 * one))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "-p", "tiny", "--set", "federation.num_nodes=2", "--set", "train.device=cpu"])
+    assert res.exit_code != 0 and "lower federation.num_nodes" in str(res.exception)
+    assert not (tmp_path / "runs").exists()  # refused before any set-up

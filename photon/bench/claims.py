@@ -32,7 +32,6 @@ from photon.config import RunConfig, build_config, config_to_dict, with_override
 log = logging.getLogger(__name__)
 
 SWEPT = ("central", "photon", "diloco")  # the arms whose LR is tuned (issue #12 item 4), one grid rule for all
-IMG_DIR = Path("docs/img")
 JOB_OVERHEAD_S = 10.0  # per arm: a fresh process imports torch, opens the data, builds the model (estimate)
 
 
@@ -414,11 +413,11 @@ def final_ppl(run_dir: Path) -> float:
 
 def run_claims(base: RunConfig, out: Path, plan: ClaimsPlan, console: Console | None = None,
                command: str = "photon bench claims", scale: str | None = None, results_dir: Path | None = None,
-               img_dir: Path = IMG_DIR, dry_run: bool = False) -> dict[str, Any]:
+               img_dir: Path | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Run (or finish) every arm of `plan`, store docs/results/claims-SCALE.json and the plots; returns the data.
 
     `dry_run`: print the plan and its estimated duration (from a throughput measured now) and stop."""
-    from photon.bench.results import LoadSampler, save_result
+    from photon.bench.results import LoadSampler, plots_dir, save_result
 
     console = console or Console()
     out, scale = Path(out), scale or plan.preset
@@ -448,7 +447,8 @@ def run_claims(base: RunConfig, out: Path, plan: ClaimsPlan, console: Console | 
         data = collect(base, plan, rec, arms, sweeps, ddp, out, scale, speed, est)
     from photon.bench.claims_report import plot, render
 
-    data["plots"] = [str(p) for p in plot(data, Path(img_dir))]
+    img_dir = Path(img_dir) if img_dir is not None else plots_dir(results_dir)
+    data["plots"] = [str(p) for p in plot(data, img_dir)]
     kwargs = {"results_dir": results_dir} if results_dir is not None else {}
     # The machine's load while the runs trained, over every invocation that trained some; the wall time of
     # this invocation is the benchmark's only when it trained every run itself.

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, finished_arm, publish
+from photon.bench.results import LoadSampler, finished_arm, plots_dir, publish
 from photon.config import RunConfig, build_config, config_to_dict, with_overrides
 from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
@@ -174,8 +174,9 @@ def run_compression_bench(cfg: RunConfig, out: Path, hs: tuple[int, ...] = (16, 
             "model_bytes": model_bytes, "dp_bytes_per_token": data_parallel_bytes_per_token(model_bytes, k,
                                                                                              t.batch_size, t.seq_len),
             "rows": rows, "codec_seconds": timings}
-    plot(data, PLOT)
-    publish("compression", data, render, load, started, console, f"; plot {PLOT}")
+    drawn = plots_dir() / PLOT.name
+    plot(data, drawn)
+    publish("compression", data, render, load, started, console, f"; plot {drawn}")
     return data
 
 

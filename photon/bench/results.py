@@ -21,6 +21,7 @@ from typing import Any
 from photon.errors import UserError
 
 RESULTS_DIR = Path("docs/results")
+IMG_DIR = Path("docs/img")  # the published plots, beside the published records
 
 
 def cpu_model() -> str:
@@ -100,6 +101,14 @@ def store_results_in(results_dir: Path) -> None:
 
 def chosen_results_dir() -> Path:
     return _STORE["dir"]
+
+
+def plots_dir(results_dir: Path | None = None) -> Path:
+    """Where a benchmark storing its record in `results_dir` (default: the chosen folder) draws its plots:
+    docs/img beside the published records, DIR/img beside a trial run's (`photon bench --results DIR`), so a
+    trial leaves the published plots as they are too."""
+    chosen = Path(chosen_results_dir() if results_dir is None else results_dir)
+    return IMG_DIR if chosen.resolve() == RESULTS_DIR.resolve() else chosen / "img"
 
 
 def save_result(name: str, data: dict[str, Any], load: LoadSampler | None = None, command: str | None = None,

@@ -73,16 +73,43 @@ def device_memory(device_type: str) -> int | None:
     return None
 
 
-def check_fits(cfg: RunConfig, device_type: str) -> None:
-    """Refuse a config whose client rank needs more memory, by the estimate above, than the device has in all:
-    it would be killed by the kernel without a word, or fail deep inside an allocator, after minutes of
-    set-up. Borderline configs are left to run (the estimate is rough)."""
-    need, have = client_memory(cfg)["total"], device_memory(device_type)
-    if have is not None and need > have:
-        raise UserError(f"a client of this config needs about {need / GIB:,.1f} GiB ({device_type}; model, "
-                        f"optimizer and activations, estimated), more than the {have / GIB:,.1f} GiB this machine "
-                        "has: lower train.batch_size (or set train.micro_batch_size), or use a smaller preset "
-                        "(README's presets table gives the memory each needs)")
+RUNTIME_BYTES = 300 * 2**20  # a process that has imported what a node runs (the wire benchmark measured 263 MB)
+SERVER_MODELS = 3  # the server's peak over the fp32 model: its goal (the wire benchmark measured ≈ 2.4×)
+
+
+def run_memory(cfg: RunConfig, device_type: str, clients_at_once: int = 1, server: bool = False) -> dict[str, float]:
+    """Bytes a run needs of the memory its clients train in (estimated). On a GPU: one rank's, since each rank
+    has a GPU of its own. On the CPU every process shares the machine's RAM: `clients_at_once` clients
+    (simulated workers training side by side) of `federation.procs_per_node` processes each, every process
+    with its runtime, plus the server's share when it runs on the same machine (`server`)."""
+    rank = client_memory(cfg)
+    if device_type != "cpu":
+        return {"ranks": 1, "rank": rank["total"], "server": 0.0, "total": rank["total"]}
+    ranks = clients_at_once * int(rank["procs"])
+    serving = SERVER_MODELS * 4 * count_params(cfg.model) + RUNTIME_BYTES if server else 0.0
+    return {"ranks": ranks, "rank": rank["total"] + RUNTIME_BYTES, "server": serving,
+            "total": ranks * (rank["total"] + RUNTIME_BYTES) + serving}
+
+
+def check_fits(cfg: RunConfig, device_type: str, clients_at_once: int = 1, server: bool = False) -> None:
+    """Refuse a run that needs more memory, by the estimate of `run_memory`, than the device has in all: it
+    would be killed by the kernel without a word, or fail deep inside an allocator, after minutes of set-up.
+    Borderline configs are left to run (the estimate is rough)."""
+    need, have = run_memory(cfg, device_type, clients_at_once, server), device_memory(device_type)
+    if have is None or need["total"] <= have:
+        return
+    parts = "model, optimizer and activations"
+    if need["ranks"] > 1 or need["server"]:
+        ranks = int(need["ranks"])
+        parts = f"{ranks} training {'process' if ranks == 1 else 'processes at once'} × {need['rank'] / GIB:,.1f} GiB"
+        if need["server"]:
+            parts += f", plus {need['server'] / GIB:,.1f} GiB for the server"
+    fixes = "lower train.batch_size (or set train.micro_batch_size), or use a smaller preset"
+    if clients_at_once > 1:
+        fixes = f"lower federation.num_nodes (clients training at once), {fixes}"
+    raise UserError(f"this {'run' if server else 'client'} needs about {need['total'] / GIB:,.1f} GiB ({device_type}; "
+                    f"{parts}, estimated), more than the {have / GIB:,.1f} GiB this machine has: {fixes} (README's "
+                    "presets table gives the memory a client needs)")
 
 
 def round_seconds(cfg: RunConfig, procs: int | None = None, mfu: float = MFU_ASSUMED) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.bench.results import LoadSampler, finished_arm, publish
+from photon.bench.results import LoadSampler, finished_arm, plots_dir, publish
 from photon.config import RunConfig, config_to_dict, with_overrides
 from photon.federation.runner import run_federation
 from photon.federation.virtual_clock import VirtualClockTransport
@@ -117,8 +117,9 @@ def run_stragglers_bench(cfg: RunConfig, out: Path, seeds: int = 2, console: Con
             "rounds": fed.rounds, "batch": t.batch_size, "seq_len": t.seq_len, "budget_tokens": budget,
             "seeds": seeds, "step_seconds": fed.virtual_clock.step_seconds, "runs": runs}
     data["summary"] = summarize(data)
-    plot(data, PLOT)
-    publish("stragglers", data, render, load, started, console, f"; plot {PLOT}", results_dir=results_dir)
+    drawn = plots_dir(results_dir) / PLOT.name
+    plot(data, drawn)
+    publish("stragglers", data, render, load, started, console, f"; plot {drawn}", results_dir=results_dir)
     return data
 
 
