@@ -3,10 +3,12 @@ each end as a logged rejection of that one reply, the run completes, and nothing
 state follows the client across nodes and resumes exactly; a node that keeps failing is excluded; the LR
 schedule cannot be bent by a resume."""
 
+import io
 import logging
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from photon.checkpoint import list_checkpoints
 from photon.errors import UserError
@@ -232,7 +234,15 @@ def test_resume_refuses_to_restretch_the_schedule_and_can_extend_on_the_floor(ti
     run(fed_cfg(tiny_prep, "federation.rounds=2"), tmp_path)
     with pytest.raises(UserError, match="federation.schedule_rounds=2"):
         run(fed_cfg(tiny_prep, "federation.rounds=4"), tmp_path, resume=True)
+    with pytest.raises(UserError, match="trained 2 rounds already, so federation.rounds=1 asks for no more: to train "
+                                        "on, set federation.rounds above 2 and add --set federation.schedule_rounds=2"):
+        run(fed_cfg(tiny_prep, "federation.rounds=1"), tmp_path, resume=True)
     longer = run(fed_cfg(tiny_prep, "federation.rounds=4", "federation.schedule_rounds=2"), tmp_path, resume=True)
     assert longer["rounds"] == 4
+    out = io.StringIO()  # a shorter --set rounds on an extended run: it says how many it ran, not the setting
+    run(fed_cfg(tiny_prep, "federation.rounds=1", "federation.schedule_rounds=2"), tmp_path, resume=True,
+        console=Console(file=out, width=300))
+    assert "already ran 4 rounds, past federation.rounds=1" in out.getvalue()
+    assert "federation.rounds=<more than 4>" in out.getvalue()
     lrs = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
     assert len(lrs) == 4

@@ -67,7 +67,7 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,
         check_same_model(cfg, meta, ckpt_dir)
         check_same_data(cfg, meta, prepared, ckpt_dir)
         check_same_partition(cfg, meta, run_dir)
-        check_same_schedule(cfg, meta, run_dir)
+        check_same_schedule(cfg, meta, run_dir, done=state.round)
         if len(state.clients) != cfg.data.partition.num_clients:
             raise UserError(f"{run_dir} has {len(state.clients)} clients but data.partition.num_clients="
                             f"{cfg.data.partition.num_clients}; resume with the same config")
@@ -79,9 +79,10 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,
     return ServerState.fresh(params, cfg.data.partition.num_clients, cfg.train.seed), False
 
 
-def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
+def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path, done: int = 0) -> None:
     """Refuse a resume that would bend the LR schedule mid-run (e.g. --set federation.rounds=20 re-stretches
-    the cosine over 20 rounds from wherever the run is): say how to extend a run on purpose instead."""
+    the cosine over 20 rounds from wherever the run is): say how to extend a run on purpose instead. `done`:
+    the rounds the run has trained."""
     try:
         saved = build_config(meta["config"])
     except Exception:  # an old or foreign checkpoint: the model check has already vetted what matters
@@ -89,10 +90,14 @@ def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
     was, now = saved.federated_steps, cfg.federated_steps
     if was != now:
         rounds = saved.federation.schedule_rounds or saved.federation.rounds
+        fewer = cfg.federation.rounds <= done
+        advice = (f"It has trained {done} rounds already, so federation.rounds={cfg.federation.rounds} asks for no "
+                  f"more: to train on, set federation.rounds above {done} and add" if fewer else
+                  "To train longer on the LR floor add")
         raise UserError(f"{run_dir} was started with an LR schedule of {was} global steps ({rounds} rounds × "
                         f"H={saved.federation.local_steps}); this config makes it {now}, which would re-stretch the "
-                        f"cosine mid-run. To train longer on the LR floor add --set federation.schedule_rounds="
-                        f"{rounds}; to change the schedule start a new run")
+                        f"cosine mid-run. {advice} --set federation.schedule_rounds={rounds}; to change the schedule "
+                        "start a new run")
     for key in ("lr", "warmup_steps", "min_lr_ratio"):
         if getattr(saved.train, key) != getattr(cfg.train, key):
             raise UserError(f"{run_dir} was started with train.{key}={getattr(saved.train, key)}, not "
@@ -157,8 +162,10 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
             release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
             last = first or {}
             if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
-                console.print(f"the run already ran its {fed.rounds} rounds: nothing to train. To train on: --resume "
-                              f"with --set federation.rounds=<more> --set federation.schedule_rounds="
+                ran = (f"its {fed.rounds} rounds" if state.round == fed.rounds else
+                       f"{state.round} rounds, past federation.rounds={fed.rounds}")  # a shortened --set rounds
+                console.print(f"the run already ran {ran}: nothing to train. To train on: --resume with --set "
+                              f"federation.rounds=<more than {state.round}> --set federation.schedule_rounds="
                               f"{fed.schedule_rounds or fed.rounds}", highlight=False)
                 evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
                 last = eval_losses(evals[-1]) if evals else {}
