@@ -56,6 +56,11 @@ def test_a_run_counts_every_client_training_at_once_and_its_server(monkeypatch):
     with pytest.raises(UserError, match=r"this run needs about .* 2 training processes at once .* plus .* for "
                                         r"the server.*lower federation.num_nodes"):
         sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
+    lean_two = sizing.run_memory(sizing.lean_config(cfg), "cpu", clients_at_once=2, server=True)["total"]
+    assert lean_two < two["total"]
+    monkeypatch.setattr(sizing, "device_memory", lambda _: int((lean_two + two["total"]) / 2))
+    with pytest.raises(UserError, match=r"train lean \(the same updates, more compute: --set train.step_in_backward"):
+        sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
 
 
 def test_photon_run_refuses_a_simulation_whose_workers_together_do_not_fit(monkeypatch, tmp_path):

@@ -92,3 +92,41 @@ def test_photon_node_lean_reaches_the_worker(tmp_path, monkeypatch):
         context = SimpleNamespace(run_id=len(config), node_config={"state-dir": str(tmp_path / "w"), **config})
         assert client_app._worker(context, str(tmp_path)).lean is lean
     client_app._workers.clear()
+
+
+def test_a_node_short_of_memory_trains_lean_by_itself_with_the_same_update(tiny_prep, tmp_path, monkeypatch, caplog):
+    """A node whose free memory is less than a client's estimate, but more than the lean estimate, trains
+    lean without being told (`photon node --lean`'s recipe: the same update), and says so once per run."""
+    from photon.bench import sizing
+    from photon.config import build_config
+
+    task, wire, layouts = _task(tiny_prep)
+    cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
+    need = sizing.client_memory(cfg, procs=1)["total"]
+    lean_need = sizing.client_memory(sizing.lean_config(cfg), procs=1)["total"]
+    assert lean_need < need
+    plain = decode_reply(ClientWorker(tmp_path / "plain").handle(wire), task, *layouts)
+
+    monkeypatch.setattr(sizing, "free_memory", lambda _: int((need + lean_need) / 2))
+    worker = ClientWorker(tmp_path / "short")
+    with caplog.at_level("WARNING", logger="photon.federation.worker"):
+        for _ in range(2):
+            task, wire, layouts = _task(tiny_prep)
+            reply = decode_reply(worker.handle(wire), task, *layouts)
+    assert worker._model[1].checkpoint_blocks  # trained lean
+    assert all(torch.equal(reply.update[k], v) for k, v in plain.update.items())
+    said = [r.getMessage() for r in caplog.records if "trains it lean" in r.getMessage()]
+    assert len(said) == 1 and "photon node --lean" in said[0]
+
+    monkeypatch.setattr(sizing, "free_memory", lambda _: int(2 * need))  # room enough: the run's own way
+    worker = ClientWorker(tmp_path / "roomy")
+    task, wire, layouts = _task(tiny_prep)
+    worker.handle(wire)
+    assert not worker._model[1].checkpoint_blocks
+
+
+def test_free_memory_reads_this_machine():
+    from photon.bench.sizing import device_memory, free_memory
+
+    free = free_memory("cpu")
+    assert free is not None and 0 < free <= device_memory("cpu") * 1.01

@@ -73,6 +73,45 @@ def device_memory(device_type: str) -> int | None:
     return None
 
 
+def free_memory(device_type: str) -> int | None:
+    """Bytes this process could use on the device now: the machine's available RAM plus what this process
+    holds already (a warm node's kept model), or the GPU's free memory plus what torch holds there. None where
+    unknown."""
+    import os
+
+    import torch
+
+    if device_type == "cpu":
+        try:
+            available = [line for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:")]
+            resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+        return int(available[0].split()[1]) * 1024 + resident if available else None
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
+    return None
+
+
+def lean_if_short(cfg: RunConfig, device_type: str) -> tuple[RunConfig, str | None]:
+    """The config a node of one process per client trains a task with: the run's, or, when a client of it
+    needs more memory than the node has free (estimated) and the lean way (`photon node --lean`: the same
+    updates, less memory, more compute) needs less, the lean one, with a line saying why."""
+    have = free_memory(device_type)
+    need = client_memory(cfg, procs=1)["total"]
+    if have is None or need <= have:
+        return cfg, None
+    lean = lean_config(cfg)
+    lean_need = client_memory(lean, procs=1)["total"]
+    if lean_need >= need:
+        return cfg, None
+    fits = "" if lean_need <= have else " (still more than it has: expect it to run out)"
+    return lean, (f"a client of this run needs about {need / GIB:,.1f} GiB ({device_type}, estimated), more than the "
+                  f"{have / GIB:,.1f} GiB free here: this node trains it lean, as `photon node --lean` does (about "
+                  f"{lean_need / GIB:,.1f} GiB{fits}; the same updates, more compute)")
+
+
 RUNTIME_BYTES = 300 * 2**20  # a process that has imported what a node runs (the wire benchmark measured 263 MB)
 SERVER_MODELS = 3  # the server's peak over the fp32 model: its goal (the wire benchmark measured ≈ 2.4×)
 
@@ -94,7 +133,8 @@ def run_memory(cfg: RunConfig, device_type: str, clients_at_once: int = 1, serve
 def check_fits(cfg: RunConfig, device_type: str, clients_at_once: int = 1, server: bool = False) -> None:
     """Refuse a run that needs more memory, by the estimate of `run_memory`, than the device has in all: it
     would be killed by the kernel without a word, or fail deep inside an allocator, after minutes of set-up.
-    Borderline configs are left to run (the estimate is rough)."""
+    Borderline configs are left to run (the estimate is rough). Where training lean would fit (one process
+    per client), the refusal says how."""
     need, have = run_memory(cfg, device_type, clients_at_once, server), device_memory(device_type)
     if have is None or need["total"] <= have:
         return
@@ -105,6 +145,10 @@ def check_fits(cfg: RunConfig, device_type: str, clients_at_once: int = 1, serve
         if need["server"]:
             parts += f", plus {need['server'] / GIB:,.1f} GiB for the server"
     fixes = "lower train.batch_size (or set train.micro_batch_size), or use a smaller preset"
+    if cfg.federation.procs_per_node == 1 and not cfg.train.step_in_backward:
+        if run_memory(lean_config(cfg), device_type, clients_at_once, server)["total"] <= have:
+            sets = " ".join(f"--set {o}" for o in LEAN)
+            fixes = f"train lean (the same updates, more compute: {sets}), {fixes}"
     if clients_at_once > 1:
         fixes = f"lower federation.num_nodes (clients training at once), {fixes}"
     raise UserError(f"this {'run' if server else 'client'} needs about {need['total'] / GIB:,.1f} GiB ({device_type}; "

@@ -123,7 +123,8 @@ class ClientWorker:
         `reply_in_model`: a CPU model's reply may be built in the model's own memory (no model-sized copy), for
         an engine that has sent it before it hands this worker another task (Flower's ClientApp); elsewhere
         the reply gets its own buffer. `lean`: this node trades compute for memory (`photon node --lean`,
-        `local.lean_config`), whatever the run's config says; its updates are the same."""
+        `local.lean_config`), whatever the run's config says; its updates are the same. Without it, a node of
+        one process per client does so for a run whose client would not fit its free memory otherwise."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
         self.data_dir = data_dir
         self.real_time_faults = real_time_faults
@@ -135,6 +136,7 @@ class ClientWorker:
         # key, module, what to call, the parameters laid out as a payload (CPU fp32) or None
         self._model: tuple[str, Transformer, torch.nn.Module, Tensors | None] | None = None
         self._parked: ParkedModel | None = None
+        self._said: set[str] = set()  # the run configs whose lean switch was logged
 
     def prepared(self, prep_dir: str, tokenizer_sha: str | None) -> Prepared:
         """This node's data for the run; `NodeUnfit` when it has none, or data tokenized otherwise than the
@@ -167,6 +169,18 @@ class ClientWorker:
             release_freed_memory()  # the parameters' first home
             self._model = (key, model, place(model, cfg.train, device), flat)
         return self._model[1], self._model[2], self._model[3]
+
+    def _lean_if_short(self, cfg: RunConfig) -> RunConfig:
+        """The run's config, or the lean one (`photon node --lean`) when a client would not fit this node's
+        free memory otherwise (`sizing.lean_if_short`); said once per run config."""
+        from photon.bench.sizing import lean_if_short
+
+        chosen, why = lean_if_short(cfg, resolve_device(cfg.train.device).type)
+        key = cfg.model_dump_json()
+        if why is not None and key not in self._said:
+            self._said.add(key)
+            log.warning("%s", why)
+        return chosen
 
     def handle(self, wire: Wire, fetch: Fetch = _in_message) -> Wire:
         """Train the client a task message names and return the reply message. `fetch` brings a payload that
@@ -218,6 +232,8 @@ class ClientWorker:
         procs = self.procs or cfg.federation.procs_per_node
         if self.lean:
             cfg = lean_config(cfg, procs)
+        elif procs == 1:
+            cfg = self._lean_if_short(cfg)
         model, trainable, flat = self.model(cfg if procs == 1 else distributed.host_config(cfg))
         layout = codec.layout_of(unique_state_dict(model))
         start: Tensors | None = self.global_model(task, wire, layout, fetch, flat)
