@@ -232,7 +232,7 @@ def run(
         refuse_a_taken_run_dir(run_dir)  # before data is prepared and Ray started (seconds to minutes)
     cfg.check_federated_schedule()  # so is a warmup longer than the schedule, and a run too big to fit
     _check_fits(cfg, engine)
-    ensure_prepared(cfg, cache, built_in=resume is None and is_built_in_folder(cfg.data.prep_dir))
+    ensure_prepared(cfg, cache, built_in=False if resume is not None else None)
     try:
         summary = run_federated(cfg, run_dir, resume=resume is not None, engine=engine)
     except KeyboardInterrupt:
@@ -267,16 +267,16 @@ def is_built_in_folder(prep_dir: Path) -> bool:
     return Path(prep_dir).absolute() in {load_config(name).data.prep_dir.absolute() for name in preset_names()}
 
 
-def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources"), built_in: bool = True) -> None:
+def ensure_prepared(cfg: RunConfig, cache: Path = Path("data/sources"), built_in: bool | None = None) -> None:
     """First use: prepare the built-in offline corpus; afterwards whatever is in data.prep_dir is used.
-    `built_in=False` (a resume, or a folder other than a shipped preset's): missing data is an error, never
-    silently replaced by the built-in corpus."""
+    `built_in` False (a resume), or None and a folder other than a shipped preset's (a mistyped `--data`):
+    missing data is an error, never silently replaced by the built-in corpus."""
     from photon.data.shards import prepare as do_prepare
 
     prep_dir = cfg.data.prep_dir
     if (prep_dir / "manifest.json").exists():
         return
-    if built_in:
+    if built_in if built_in is not None else is_built_in_folder(prep_dir):
         do_prepare(cfg.data, cfg.model.vocab_size, source=None, cache_dir=cache)
         return
     raise UserError(f"data.prep_dir={prep_dir} holds no prepared data (no manifest.json); point at the run's data "
@@ -329,15 +329,20 @@ def certs(
         "always added).")] = None,
     nodes: Annotated[int, typer.Option(min=0, help="Node key pairs to make (node-0.key ...).")] = 2,
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+    days: Annotated[int, typer.Option(min=1, max=36500, help="Days the CA and the server certificate stay valid; "
+                                      "make new ones with --force before then.")] = 365,
 ) -> None:
     """Make a CA, a server TLS certificate, the operator token and per-node keys (run on the server)."""
+    import datetime
+
     from photon.federation.certs import make_certs
 
     hosts = tuple(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
-    make_certs(out, hosts=hosts, nodes=nodes, force=force)
+    make_certs(out, hosts=hosts, nodes=nodes, force=force, days=days)
+    until = (datetime.date.today() + datetime.timedelta(days=days)).isoformat()
     console.print(f"wrote {out}: keep ca.key, server.key and operator.token on the server (operator.token also "
                   f"on machines that submit runs); give node i ca.crt and node-<i>.key (server certificate valid "
-                  f"for {', '.join(hosts)})", soft_wrap=True)
+                  f"for {', '.join(hosts)}, until {until})", soft_wrap=True)
 
 
 def _warn_insecure(insecure: bool) -> None:
@@ -725,7 +730,8 @@ def bench_claims(
     results: Annotated[Optional[Path], typer.Option(help="Where the record claims-SCALE.json is stored (default: "
                                                     "`photon bench --results`, docs/results).")] = None,
     overrides: SetOpt = None,
-    data: DataOpt = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Prepared data every arm trains and is evaluated "
+                                                 "on (default: the scale's preset's data.prep_dir).")] = None,
 ) -> None:
     """The paper's claims as experiments (federated vs centralized in both regimes, LR sweeps, K, H, network,
     heterogeneity, DiLoCo, torchft, ablation), stored in RESULTS/claims-SCALE.json with plots in docs/img

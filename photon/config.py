@@ -103,9 +103,9 @@ class TrainConfig(_Frozen):
     warmup_steps: int = Field(100, ge=0, description="Linear warmup, in global steps.")
     steps: int = Field(2000, ge=1, description="Schedule length in global steps (centralized run length).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0).")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay β1 (the paper's 0.9).")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay β2 (the paper's 0.95).")
+    eps: float = Field(1e-8, gt=0, description="AdamW's ε (the paper's 1e-8).")
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
     bf16: bool = Field(False, description="bf16 autocast for forward/backward (weights stay fp32).")
     compile: bool = Field(False, description="torch.compile the model (slow first steps, faster after; the "

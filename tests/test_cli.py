@@ -314,6 +314,8 @@ def test_data_the_user_named_is_never_replaced_by_the_built_in_corpus(photon, tm
     code, _, err = photon("run", "--preset", preset)
     assert code == 2 and "not_prepared_yet holds no prepared data" in err
     assert not (tmp_path / "not_prepared_yet").exists()
+    code, _, err = photon("bench", "robust", "--preset", "tiny", "--set", "data.prep_dir=bench_typo")  # benchmarks too
+    assert code == 2 and "bench_typo holds no prepared data" in err and not (tmp_path / "bench_typo").exists()
 
 
 def test_ports_out_of_range_or_shared_are_refused(photon):

@@ -82,6 +82,19 @@ def test_certs_refuse_to_overwrite_and_keys_load(tmp_path):
         assert (tmp_path / secret).stat().st_mode & 0o077 == 0, secret
 
 
+def test_photon_certs_days_sets_how_long_the_ca_and_server_certificate_last(tmp_path, photon):
+    import datetime
+
+    from cryptography.x509 import load_pem_x509_certificate
+
+    code, out, _ = photon("certs", "--out", tmp_path, "--nodes", "0", "--days", "30")
+    until = datetime.date.today() + datetime.timedelta(days=30)
+    assert code == 0 and f"until {until.isoformat()}" in out.replace("\n", "")
+    for name in ("ca.crt", "server.pem"):
+        cert = load_pem_x509_certificate((tmp_path / name).read_bytes())
+        assert abs((cert.not_valid_after_utc.date() - until).days) <= 1, name
+
+
 def test_app_bundle_holds_only_code_and_config(tmp_path):
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.constant import FAB_MAX_SIZE

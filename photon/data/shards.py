@@ -301,7 +301,9 @@ def _reusable(manifest: dict[str, Any] | None, recipe: dict[str, Any], source: P
     are now (names, sizes, mtimes: a file edited since is rebuilt, not served stale)."""
     if manifest is None or manifest.get("format") != FORMAT_VERSION or manifest.get("recipe") != recipe:
         return False
-    if source is not None and "sources" in manifest:  # listing files is cheap; the built-in corpus is pinned
+    # listing files is cheap; the built-in corpus's packages are pinned (its Python source is the interpreter's
+    # standard library: a folder prepared under another Python version is kept, consistent with itself)
+    if source is not None and "sources" in manifest:
         return manifest["sources"] == _fingerprint(user_domains(Path(source), max_mb))
     return True
 

@@ -150,8 +150,10 @@ class ClientWorker:
         prepared = self._prepared[key]
         if tokenizer_sha and prepared.manifest.get("tokenizer_sha256") != tokenizer_sha:
             raise NodeUnfit(f"the data at {key} was tokenized with another tokenizer than the server's (prepared "
-                            "from other text, with another recipe, or by another Photon version); prepare it again "
-                            "with `photon prepare`, from the same text and preset as the server's data")
+                            "from other text, with another recipe, or by another Photon or Python version: the "
+                            "built-in corpus reads Python source from the interpreter's standard library); prepare "
+                            "it again with `photon prepare`, from the same text and preset as the server's data and "
+                            "the same Python version, or copy the server's prepared folder")
         return prepared
 
     def model(self, cfg: RunConfig) -> tuple[Transformer, torch.nn.Module, Tensors | None]:
