@@ -149,3 +149,6 @@ def test_demo_names_its_failed_replies_and_renders_older_records_without_them():
     assert "Failed replies" not in render(data)  # stored before failures were recorded
     text = render({**data, "replies": 8, "failures": ["round 2: client 1 attempt 1: update disagrees"]})
     assert "Failed replies: 1 of 8." in text and "- round 2: client 1 attempt 1: update disagrees" in text
+    assert "known limit" not in text
+    text = render({**data, "replies": 8, "failures": ["round 2: client 1: update disagrees with the round's majority"]})
+    assert "honest clients rejected by the default direction screen" in text and "federation.min_cosine=null" in text

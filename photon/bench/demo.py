@@ -57,6 +57,11 @@ def render(data: dict[str, Any]) -> str:
     if "failures" in data:  # recorded since the round log names its failures
         lines += ["", f"Failed replies: {len(data['failures'])} of {data['replies']}."]
         lines += [f"- {why}" for why in data["failures"]]
+        if any("disagrees with the round's majority" in why for why in data["failures"]):
+            lines += ["", "These are honest clients rejected by the default direction screen: late in a by-domain run "
+                      "the clients' updates drift towards orthogonal, and a cosine just below 0 with most of the "
+                      "others reads as disagreement (the screen's known limit, docs/RELIABILITY.md; "
+                      "`--set federation.min_cosine=null` turns it off for sites that trust each other)."]
     return "\n".join(lines)
 
 
