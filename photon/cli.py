@@ -10,6 +10,7 @@ import errno
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -255,10 +256,12 @@ def _check_fits(cfg: RunConfig, engine: str | None = None) -> None:
         check_fits(cfg, device)
         return
     at_once = 1
-    if engine == "simulation" and device == "cpu":
+    if engine == "simulation" and device == "cpu":  # workers train side by side, as many as have a client
         from photon.federation.launch import simulation_resources
 
-        at_once = simulation_resources(cfg, os.cpu_count() or 1, 0)[0]
+        fed = cfg.federation
+        in_flight = fed.clients_per_round if fed.mode == "sync" else (fed.asynchronous.concurrency or fed.num_nodes)
+        at_once = min(simulation_resources(cfg, os.cpu_count() or 1, 0)[0], in_flight)
     check_fits(cfg, device, clients_at_once=at_once, server=True)
 
 
@@ -333,13 +336,14 @@ def certs(
                                       "make new ones with --force before then.")] = 365,
 ) -> None:
     """Make a CA, a server TLS certificate, the operator token and per-node keys (run on the server)."""
-    import datetime
+    from cryptography.x509 import load_pem_x509_certificate
 
     from photon.federation.certs import make_certs
 
     hosts = tuple(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
     make_certs(out, hosts=hosts, nodes=nodes, force=force, days=days)
-    until = (datetime.date.today() + datetime.timedelta(days=days)).isoformat()
+    until = load_pem_x509_certificate((out / "server.pem").read_bytes()).not_valid_after_utc.strftime(
+        "%Y-%m-%d %H:%M UTC")
     console.print(f"wrote {out}: keep ca.key, server.key and operator.token on the server (operator.token also "
                   f"on machines that submit runs); give node i ca.crt and node-<i>.key (server certificate valid "
                   f"for {', '.join(hosts)}, until {until})", soft_wrap=True)
@@ -703,14 +707,22 @@ def bench_report(
     """Rewrite the measured blocks of docs/RESULTS.md (and the computed tables of README.md and docs/DEPLOY.md)
     from the stored benchmark outputs (docs/results/*.json) and the presets."""
     from photon.bench.report import TARGETS, write_report
-    from photon.bench.results import chosen_results_dir
+    from photon.bench.results import chosen_results_dir, plots_dir
 
     targets = tuple(target) if target else TARGETS
     for t in targets:
         if not t.is_file():
             raise UserError(f"{t} does not exist; run from the repository root or pass --target")
-    names = write_report(results or chosen_results_dir(), targets)
+    chosen = results or chosen_results_dir()
+    names = write_report(chosen, targets)
     console.print(f"rewrote {len(names)} block(s) in {', '.join(map(str, targets))}: {', '.join(names) or 'none'}")
+    drawn, shown = plots_dir(chosen), [t.parent / "img" for t in targets if t.name == "RESULTS.md"]
+    if shown and drawn.is_dir() and drawn.resolve() != shown[0].resolve():  # a trial's plots, beside its numbers
+        plots = sorted(drawn.glob("*.png"))
+        shown[0].mkdir(exist_ok=True)
+        for png in plots:
+            shutil.copyfile(png, shown[0] / png.name)
+        console.print(f"copied {len(plots)} plot(s) from {drawn} into {shown[0]}")
 
 
 @bench_app.command("claims")

@@ -152,3 +152,19 @@ def test_demo_names_its_failed_replies_and_renders_older_records_without_them():
     assert "known limit" not in text
     text = render({**data, "replies": 8, "failures": ["round 2: client 1: update disagrees with the round's majority"]})
     assert "honest clients rejected by the default direction screen" in text and "federation.min_cosine=null" in text
+
+
+def test_rendering_a_trial_folder_brings_its_plots_beside_its_numbers(tmp_path, monkeypatch):
+    """`photon bench --results DIR` draws plots into DIR/img; `bench report --results DIR` renders DIR's numbers
+    into RESULTS.md and copies those plots into the img folder beside it, so numbers and plots match."""
+    from typer.testing import CliRunner
+
+    from photon.cli import app
+
+    results, md = _results_and_target(tmp_path)
+    (results / "img").mkdir()
+    (results / "img" / "compression.png").write_bytes(b"trial plot")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["bench", "report", "--results", str(results), "--target", str(md)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "img" / "compression.png").read_bytes() == b"trial plot"

@@ -51,16 +51,23 @@ def test_a_run_counts_every_client_training_at_once_and_its_server(monkeypatch):
     assert one == client_memory(cfg)["total"] + sizing.RUNTIME_BYTES
     assert two["total"] == 2 * one + server
     assert sizing.run_memory(cfg, "cuda", clients_at_once=2, server=True)["total"] == client_memory(cfg)["total"]
-    monkeypatch.setattr(sizing, "device_memory", lambda _: int(1.5 * one))
-    sizing.check_fits(cfg, "cpu")  # one client alone fits
-    with pytest.raises(UserError, match=r"this run needs about .* 2 training processes at once .* plus .* for "
-                                        r"the server.*lower federation.num_nodes"):
+    alone = sizing.run_memory(cfg, "cpu", clients_at_once=1, server=True)["total"]
+    monkeypatch.setattr(sizing, "device_memory", lambda _: int(alone))  # one client and the server fit
+    sizing.check_fits(cfg, "cpu", server=True)
+    with pytest.raises(UserError, match=r"this run needs about .* 2 training processes at once .* plus .* for the "
+                                        r"server.*: train at most 1 client\(s\) at once \(federation.num_nodes=1\)"):
         sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
     lean_two = sizing.run_memory(sizing.lean_config(cfg), "cpu", clients_at_once=2, server=True)["total"]
-    assert lean_two < two["total"]
+    assert alone < lean_two < two["total"]
     monkeypatch.setattr(sizing, "device_memory", lambda _: int((lean_two + two["total"]) / 2))
     with pytest.raises(UserError, match=r"train lean \(the same updates, more compute: --set train.step_in_backward"):
         sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
+    monkeypatch.setattr(sizing, "device_memory", lambda _: int(0.5 * one))  # not even one client: fewer cannot help
+    with pytest.raises(UserError) as refused:
+        sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
+    assert "num_nodes" not in str(refused.value) and "lower train.batch_size" in str(refused.value)
+    with pytest.raises(UserError, match=r"this run needs .*model, optimizer, activations and the process's runtime"):
+        sizing.check_fits(cfg, "cpu")  # a centralized run
 
 
 def test_photon_run_refuses_a_simulation_whose_workers_together_do_not_fit(monkeypatch, tmp_path):
@@ -72,10 +79,14 @@ def test_photon_run_refuses_a_simulation_whose_workers_together_do_not_fit(monke
     from photon.cli import app
     from photon.config import load_config
 
-    one = sizing.run_memory(load_config("tiny"), "cpu")["total"]
-    monkeypatch.setattr(sizing, "device_memory", lambda _: int(1.5 * one))
+    alone = sizing.run_memory(load_config("tiny"), "cpu", clients_at_once=1, server=True)["total"]
+    monkeypatch.setattr(sizing, "device_memory", lambda _: int(alone))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, ["run", "-p", "tiny", "--set", "federation.num_nodes=2", "--set", "train.device=cpu"])
-    assert res.exit_code != 0 and "lower federation.num_nodes" in str(res.exception)
+    args = ["run", "-p", "tiny", "--set", "federation.num_nodes=2", "--set", "train.device=cpu"]
+    res = CliRunner().invoke(app, args)  # tiny: K = 2 clients a round, on 2 workers
+    assert res.exit_code != 0 and "(federation.num_nodes=1)" in str(res.exception)
     assert not (tmp_path / "runs").exists()  # refused before any set-up
+    res = CliRunner().invoke(app, [*args, "--set", "federation.clients_per_round=1",
+                                   "--set", "data.prep_dir=not_prepared"])  # one client a round: it fits
+    assert "not_prepared holds no prepared data" in str(res.exception)  # got past the memory check

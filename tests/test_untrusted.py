@@ -237,6 +237,9 @@ def test_resume_refuses_to_restretch_the_schedule_and_can_extend_on_the_floor(ti
     with pytest.raises(UserError, match="trained 2 rounds already, so federation.rounds=1 asks for no more: to train "
                                         "on, set federation.rounds above 2 and add --set federation.schedule_rounds=2"):
         run(fed_cfg(tiny_prep, "federation.rounds=1"), tmp_path, resume=True)
+    with pytest.raises(UserError, match="Resume with its H: --set federation.local_steps=4"):
+        run(fed_cfg(tiny_prep, "federation.rounds=4", "federation.schedule_rounds=2", "federation.local_steps=8"),
+            tmp_path, resume=True)
     longer = run(fed_cfg(tiny_prep, "federation.rounds=4", "federation.schedule_rounds=2"), tmp_path, resume=True)
     assert longer["rounds"] == 4
     out = io.StringIO()  # a shorter --set rounds on an extended run: it says how many it ran, not the setting

@@ -74,24 +74,50 @@ def device_memory(device_type: str) -> int | None:
 
 
 def free_memory(device_type: str) -> int | None:
-    """Bytes this process could use on the device now: the machine's available RAM plus what this process
-    holds already (a warm node's kept model), or the GPU's free memory plus what torch holds there. None where
-    unknown."""
-    import os
-
+    """Bytes this process could use on the device now (Linux, CUDA; None where unknown): the RAM available
+    (the machine's, or its cgroup's where a container or a job scheduler caps it) plus this process's own
+    anonymous memory (a warm node's kept model; not its mapped files, which the available RAM counts already),
+    or the GPU's free memory plus what torch holds there."""
     import torch
 
     if device_type == "cpu":
         try:
-            available = [line for line in Path("/proc/meminfo").read_text().splitlines()
-                         if line.startswith("MemAvailable:")]
-            resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
+            meminfo = _kib_fields(Path("/proc/meminfo").read_text())
+            own = _kib_fields(Path("/proc/self/status").read_text()).get("RssAnon", 0)
+        except OSError:
             return None
-        return int(available[0].split()[1]) * 1024 + resident if available else None
+        if "MemAvailable" not in meminfo:
+            return None
+        available = meminfo["MemAvailable"]
+        capped = _cgroup_room()
+        return min(available, capped) + own if capped is not None else available + own
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
     return None
+
+
+def _kib_fields(text: str) -> dict[str, int]:
+    """`Name:   123 kB` lines of /proc files, in bytes."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            out[name] = int(parts[0]) * 1024
+    return out
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup v2 memory limit, None without one."""
+    try:
+        group = Path("/proc/self/cgroup").read_text().strip().split("\n")[0].rpartition(":")[2]
+        folder = Path("/sys/fs/cgroup") / group.lstrip("/")
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((folder / "memory.current").read_text()))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def lean_if_short(cfg: RunConfig, device_type: str) -> tuple[RunConfig, str | None]:
@@ -107,9 +133,12 @@ def lean_if_short(cfg: RunConfig, device_type: str) -> tuple[RunConfig, str | No
     if lean_need >= need:
         return cfg, None
     fits = "" if lean_need <= have else " (still more than it has: expect it to run out)"
+    t = cfg.train
+    exact = device_type == "cpu" and not t.compile and t.micro_batch_size in (None, t.batch_size)
     return lean, (f"a client of this run needs about {need / GIB:,.1f} GiB ({device_type}, estimated), more than the "
-                  f"{have / GIB:,.1f} GiB free here: this node trains it lean, as `photon node --lean` does (about "
-                  f"{lean_need / GIB:,.1f} GiB{fits}; the same updates, more compute)")
+                  f"{have / GIB:,.1f} GiB free here: this node trains the run lean from now on, as `photon node "
+                  f"--lean` does (about {lean_need / GIB:,.1f} GiB{fits}; more compute, and the same updates, "
+                  f"{'bitwise' if exact else 'within rounding (micro-batches, compile or a GPU)'})")
 
 
 RUNTIME_BYTES = 300 * 2**20  # a process that has imported what a node runs (the wire benchmark measured 263 MB)
@@ -133,27 +162,28 @@ def run_memory(cfg: RunConfig, device_type: str, clients_at_once: int = 1, serve
 def check_fits(cfg: RunConfig, device_type: str, clients_at_once: int = 1, server: bool = False) -> None:
     """Refuse a run that needs more memory, by the estimate of `run_memory`, than the device has in all: it
     would be killed by the kernel without a word, or fail deep inside an allocator, after minutes of set-up.
-    Borderline configs are left to run (the estimate is rough). Where training lean would fit (one process
-    per client), the refusal says how."""
+    Borderline configs are left to run (the estimate is rough). The refusal names the fixes that would make
+    it fit: fewer clients training at once, training lean (one process per client), or a smaller batch."""
     need, have = run_memory(cfg, device_type, clients_at_once, server), device_memory(device_type)
     if have is None or need["total"] <= have:
         return
-    parts = "model, optimizer and activations"
-    if need["ranks"] > 1 or need["server"]:
-        ranks = int(need["ranks"])
+    ranks = int(need["ranks"])
+    if ranks > 1 or need["server"]:
         parts = f"{ranks} training {'process' if ranks == 1 else 'processes at once'} × {need['rank'] / GIB:,.1f} GiB"
         if need["server"]:
             parts += f", plus {need['server'] / GIB:,.1f} GiB for the server"
-    fixes = "lower train.batch_size (or set train.micro_batch_size), or use a smaller preset"
+    else:
+        parts = "model, optimizer, activations and the process's runtime"
+    fixes = ["lower train.batch_size (or set train.micro_batch_size), or use a smaller preset"]
     if cfg.federation.procs_per_node == 1 and not cfg.train.step_in_backward:
         if run_memory(lean_config(cfg), device_type, clients_at_once, server)["total"] <= have:
-            sets = " ".join(f"--set {o}" for o in LEAN)
-            fixes = f"train lean (the same updates, more compute: {sets}), {fixes}"
-    if clients_at_once > 1:
-        fixes = f"lower federation.num_nodes (clients training at once), {fixes}"
-    raise UserError(f"this {'run' if server else 'client'} needs about {need['total'] / GIB:,.1f} GiB ({device_type}; "
-                    f"{parts}, estimated), more than the {have / GIB:,.1f} GiB this machine has: {fixes} (README's "
-                    "presets table gives the memory a client needs)")
+            fixes.insert(0, f"train lean (the same updates, more compute: {' '.join(f'--set {o}' for o in LEAN)})")
+    fitting = [n for n in range(clients_at_once - 1, 0, -1) if run_memory(cfg, device_type, n, server)["total"] <= have]
+    if fitting:
+        fixes.insert(0, f"train at most {fitting[0]} client(s) at once (federation.num_nodes={fitting[0]})")
+    raise UserError(f"this run needs about {need['total'] / GIB:,.1f} GiB ({device_type}; {parts}, estimated), more "
+                    f"than the {have / GIB:,.1f} GiB this machine has: {', or '.join(fixes)} (README's presets "
+                    "table gives the memory a client needs)")
 
 
 def round_seconds(cfg: RunConfig, procs: int | None = None, mfu: float = MFU_ASSUMED) -> float:

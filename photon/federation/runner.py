@@ -89,15 +89,18 @@ def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path, done: int = 0
         return
     was, now = saved.federated_steps, cfg.federated_steps
     if was != now:
-        rounds = saved.federation.schedule_rounds or saved.federation.rounds
-        fewer = cfg.federation.rounds <= done
-        advice = (f"It has trained {done} rounds already, so federation.rounds={cfg.federation.rounds} asks for no "
-                  f"more: to train on, set federation.rounds above {done} and add" if fewer else
-                  "To train longer on the LR floor add")
+        rounds, h = saved.federation.schedule_rounds or saved.federation.rounds, saved.federation.local_steps
+        if cfg.federation.local_steps != h:
+            advice = f"Resume with its H: --set federation.local_steps={h}"
+        elif cfg.federation.rounds <= done:
+            advice = (f"It has trained {done} rounds already, so federation.rounds={cfg.federation.rounds} asks for "
+                      f"no more: to train on, set federation.rounds above {done} and add --set "
+                      f"federation.schedule_rounds={rounds}")
+        else:
+            advice = f"To train longer on the LR floor add --set federation.schedule_rounds={rounds}"
         raise UserError(f"{run_dir} was started with an LR schedule of {was} global steps ({rounds} rounds × "
-                        f"H={saved.federation.local_steps}); this config makes it {now}, which would re-stretch the "
-                        f"cosine mid-run. {advice} --set federation.schedule_rounds={rounds}; to change the schedule "
-                        "start a new run")
+                        f"H={h}); this config makes it {now}, which would re-stretch the cosine mid-run. {advice}; "
+                        "to change the schedule start a new run")
     for key in ("lr", "warmup_steps", "min_lr_ratio"):
         if getattr(saved.train, key) != getattr(cfg.train, key):
             raise UserError(f"{run_dir} was started with train.{key}={getattr(saved.train, key)}, not "

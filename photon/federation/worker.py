@@ -136,7 +136,7 @@ class ClientWorker:
         # key, module, what to call, the parameters laid out as a payload (CPU fp32) or None
         self._model: tuple[str, Transformer, torch.nn.Module, Tensors | None] | None = None
         self._parked: ParkedModel | None = None
-        self._said: set[str] = set()  # the run configs whose lean switch was logged
+        self._lean_runs: set[str] = set()  # the run configs this node went lean for
 
     def prepared(self, prep_dir: str, tokenizer_sha: str | None) -> Prepared:
         """This node's data for the run; `NodeUnfit` when it has none, or data tokenized otherwise than the
@@ -174,13 +174,16 @@ class ClientWorker:
 
     def _lean_if_short(self, cfg: RunConfig) -> RunConfig:
         """The run's config, or the lean one (`photon node --lean`) when a client would not fit this node's
-        free memory otherwise (`sizing.lean_if_short`); said once per run config."""
+        free memory otherwise (`sizing.lean_if_short`). Once a run goes lean on this node it stays lean (its
+        tasks do not flip between recipes with the free memory of the moment); said once."""
         from photon.bench.sizing import lean_if_short
 
-        chosen, why = lean_if_short(cfg, resolve_device(cfg.train.device).type)
         key = cfg.model_dump_json()
-        if why is not None and key not in self._said:
-            self._said.add(key)
+        if key in self._lean_runs:
+            return lean_config(cfg)
+        chosen, why = lean_if_short(cfg, resolve_device(cfg.train.device).type)
+        if why is not None:
+            self._lean_runs.add(key)
             log.warning("%s", why)
         return chosen
 
