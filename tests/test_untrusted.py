@@ -218,6 +218,13 @@ def test_a_run_that_lost_clients_says_so_at_the_end(tiny_prep, tmp_path, capsys)
     run_federation(cfg, tmp_path, InProcessTransport(ClientWorker(tmp_path / "n")), console=Console(width=200))
     out = capsys.readouterr().out
     assert "2 of the rounds run here committed without some of their sampled clients" in out
+    assert "direction screen" not in out  # truncated replies: nothing to say about the screen
+
+    cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=4",
+                  "federation.rounds=1", "federation.faults.reply={2: flip}")
+    run_federation(cfg, tmp_path / "flip", InProcessTransport(ClientWorker(tmp_path / "m")), console=Console(width=300))
+    out = capsys.readouterr().out
+    assert "An update the direction screen turned away can be an honest client's" in out
 
 
 # ---------------------------------------------------------------------------------------------------------

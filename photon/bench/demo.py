@@ -16,6 +16,7 @@ from rich.console import Console
 from photon.bench.outdir import fresh_out_dir
 from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig
+from photon.federation.fold import DISAGREES
 from photon.runlog import eval_losses, read_metrics
 from photon.train.evaluate import perplexity
 
@@ -57,7 +58,7 @@ def render(data: dict[str, Any]) -> str:
     if "failures" in data:  # recorded since the round log names its failures
         lines += ["", f"Failed replies: {len(data['failures'])} of {data['replies']}."]
         lines += [f"- {why}" for why in data["failures"]]
-        if any("disagrees with the round's majority" in why for why in data["failures"]):
+        if any(DISAGREES in why for why in data["failures"]):
             lines += ["", "These are honest clients rejected by the default direction screen: late in a by-domain run "
                       "the clients' updates drift towards orthogonal, and a cosine just below 0 with most of the "
                       "others reads as disagreement (the screen's known limit, docs/RELIABILITY.md; "

@@ -137,6 +137,7 @@ class Screened:
 
 
 MIN_FOR_CONSENSUS = 3  # with fewer replies there is no majority to tell an outlier from the rest
+DISAGREES = "update disagrees with the round's majority"  # how a direction-screen rejection begins
 
 
 def screen(buffer: ReplyBuffer, max_norm_ratio: float | None, min_cosine: float | None,
@@ -170,7 +171,7 @@ def screen(buffer: ReplyBuffer, max_norm_ratio: float | None, min_cosine: float 
             cosines[p.client] = float(others.median())
             agree = int((others >= min_cosine).sum())
             if agree < need and p.client not in rejected:
-                rejected[p.client] = (f"update disagrees with the round's majority: cosine >= {min_cosine:g} with "
+                rejected[p.client] = (f"{DISAGREES}: cosine >= {min_cosine:g} with "
                                       f"only {agree} of the {len(others)} other updates (median cosine "
                                       f"{cosines[p.client]:.3f})")
     accepted = [p.client for p in parked if p.client not in rejected]

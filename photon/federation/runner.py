@@ -24,6 +24,7 @@ from photon.digest import tensors_digest
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator, RoundResult, Transport
 from photon.federation.client_state import StateFiles
+from photon.federation.fold import DISAGREES
 from photon.federation.server_state import ServerState, referenced_state_digests
 from photon.model.transformer import load_unique_state_dict, unique_state_dict
 from photon.report import eval_table, plot_run
@@ -177,6 +178,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
             end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
             retries = 0
             short_rounds: list[int] = []
+            screened_out = False  # a drop was the direction screen's
             def budget_left() -> bool:
                 return token_budget is None or state.totals.get("tokens", 0) < token_budget
 
@@ -199,6 +201,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
                 state.clock = result.clock
                 if result.dropped:
                     short_rounds.append(state.round)
+                    screened_out |= any(DISAGREES in reason for reason in result.dropped.values())
                 if state.round % fed.eval_every == 0 or state.round == fed.rounds or not budget_left():
                     last = run_eval()
                 _log_round(runlog, state, result, last, console)
@@ -212,7 +215,10 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
             console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
                           f"their sampled clients (rounds {', '.join(map(str, short_rounds[:10]))}"
                           f"{' ...' if len(short_rounds) > 10 else ''}); see the 'dropped' lines above and "
-                          f"{run_dir / 'metrics.jsonl'}", highlight=False)
+                          f"{run_dir / 'metrics.jsonl'}" + (
+                              ". An update the direction screen turned away can be an honest client's whose domain "
+                              "has drifted from the others' (`federation.min_cosine`; docs/RELIABILITY.md)"
+                              if screened_out else ""), highlight=False)
         summary = _summary(run_dir, state, last)
         summary["short_rounds"] = short_rounds
         if state.round >= fed.rounds or not budget_left():
