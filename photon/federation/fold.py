@@ -3,8 +3,9 @@
 Every accepted reply's update Δ_k = θ − θ_k waits on disk (raw fp32 in the model's name order) as soon as it
 is decoded, so the server's RAM holds the global model and one reply, whatever K is. Once the round's
 replies are in, the server decides on all of them at once (`screen`): an update whose norm is far above the
-round's median, or that points away from most of the others (pairwise cosines), is rejected. Then the accepted updates are combined (`combine`) a chunk of coordinates at a time,
-in a canonical order, into one fp32 Δ (the weighted mean, or a coordinate-wise median / trimmed mean). The
+round's median, or that points away from most of the others (pairwise cosines), is rejected. Then the
+accepted updates are combined (`combine`) a chunk of coordinates at a time, in a canonical order, into one
+fp32 Δ (the weighted mean, or a coordinate-wise median / trimmed mean). The
 decision and the sum never depend on the order replies arrived in, so a killed and resumed run lands on
 exactly the parameters of an uninterrupted one. Files are read with plain reads, not memory maps, so pages of
 K parked replies never count against the server's resident memory.
