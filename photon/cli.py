@@ -349,11 +349,14 @@ def certs(
                   f"for {', '.join(hosts)}, until {until})", soft_wrap=True)
 
 
-def _warn_insecure(insecure: bool) -> None:
+def _warn_insecure(insecure: bool, carries_token: bool = True) -> None:
+    """The warning for --insecure; `carries_token`: this command sends the operator token (a server reads it, a
+    submit sends it; a node never holds it)."""
     if insecure:
+        token = ", and read the operator token on the wire" if carries_token else ""
         err_console.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; anyone who can "
-                          "reach the port can join the federation and read the model, and read the operator "
-                          "token on the wire", highlight=False, soft_wrap=True)
+                          f"reach the port can join the federation and read the model{token}", highlight=False,
+                          soft_wrap=True)
 
 
 def _stop_on_sigterm() -> None:
@@ -366,10 +369,10 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def _wait_foreground(proc, what: str, log_file: Path) -> None:
+def _wait_foreground(proc, what: str, log_file: Path, since: int = 0) -> None:
     """Block until the child ends; Ctrl-C or SIGTERM stops it. A child that ends by itself, even with code 0,
-    is a UserError with the reason from its log (it should run until stopped; a service manager's
-    Restart=on-failure then restarts it)."""
+    is a UserError with the reason from its log past byte `since` (it should run until stopped; a service
+    manager's Restart=on-failure then restarts it)."""
     from photon.federation.deploy import explain_exit, stop
 
     try:
@@ -378,7 +381,8 @@ def _wait_foreground(proc, what: str, log_file: Path) -> None:
         stop(proc)
         console.print(f"stopped {what}")
         return
-    raise UserError(f"{what} stopped by itself (exit code {code}): {explain_exit(log_file, what)} (log: {log_file})")
+    raise UserError(f"{what} stopped by itself (exit code {code}): {explain_exit(log_file, what, since)} "
+                    f"(log: {log_file})")
 
 
 @app.command()
@@ -410,6 +414,7 @@ def server(
     _warn_insecure(insecure)
     _stop_on_sigterm()
     log_file = state / "superlink.log"
+    since = log_file.stat().st_size if log_file.exists() else 0  # the log is appended across starts
     runs = (runs or state / "runs").resolve()
     proc = deploy.start_superlink(port, state, certs=certs, insecure=insecure, host=host, log_file=log_file,
                                   blob_port=blob_port,
@@ -423,11 +428,13 @@ def server(
             for pub in sorted(certs.glob("node-*.key.pub")):
                 console.print(f"{pub.name}: {deploy.register_key(home, pub)}")
         mode = "insecure" if insecure else "TLS, registered nodes only"
-        console.print(f"SuperLink on {host}:{port} ({mode}); runs under {runs}; log {log_file}. Runs and node "
+        side = port + 1 if blob_port is None else blob_port
+        blobs = f", its blob side channel on {host}:{side} (open it to the nodes too)" if side else ""
+        console.print(f"SuperLink on {host}:{port} ({mode}){blobs}; runs under {runs}; log {log_file}. Runs and node "
                       f"registrations need the operator token {token_file}. Nodes: photon node --superlink "
                       f"SERVER:{port} {'--insecure' if insecure else '--certs DIR --key node-<i>.key'}. Ctrl-C stops.",
                       soft_wrap=True)
-        _wait_foreground(proc, "flower-superlink", log_file)
+        _wait_foreground(proc, "flower-superlink", log_file, since)
     finally:
         deploy.stop(proc)
 
@@ -456,7 +463,7 @@ def node(
     """Start a SuperNode that trains for the server at --superlink. Runs until Ctrl-C."""
     from photon.federation import deploy
 
-    _warn_insecure(insecure)
+    _warn_insecure(insecure, carries_token=False)
     _stop_on_sigterm()
     state = state or Path(f".photon/node-{port}")
     log_file = state / "supernode.log"
@@ -466,7 +473,7 @@ def node(
     try:
         deploy.wait_connected(proc, log_file, superlink, certs=certs, insecure=insecure, since=since)
         console.print(f"SuperNode for {superlink} connected; log {log_file}. Ctrl-C stops.", soft_wrap=True)
-        _wait_foreground(proc, "flower-supernode", log_file)
+        _wait_foreground(proc, "flower-supernode", log_file, since)
     finally:
         deploy.stop(proc)
 
@@ -493,6 +500,7 @@ def submit(
     deploy.tls_args(certs, insecure, "photon submit")  # before the token: its default place depends on these
     _warn_insecure(insecure)
     cfg = _config(preset, overrides)
+    cfg.check_federated_schedule()  # here, not on the server after the run was created
     run_dir = out or f"{cfg.name}-deployed"
     deploy.check_out(run_dir)
     token = token or (certs / OPERATOR_TOKEN if certs is not None else Path(".photon/server") / OPERATOR_TOKEN)

@@ -284,6 +284,8 @@ def test_full_disks_read_only_places_and_out_of_memory_are_one_line_with_the_fix
     (("generate", "nowhere", "--temperature", "nan"), "--temperature nan"),
     (("generate", "nowhere", "--seed", "99999999999999999999"), "--seed"),
     (("run", "-p", "tiny", "--set", "train.warmup_steps=100000"), "exceeds the federated schedule"),
+    (("submit", "--superlink", "127.0.0.1:1", "--insecure", "-p", "tiny", "--set", "federation.rounds=2"),
+     "exceeds the federated schedule"),
     (("run", "-p", "tiny", "--set", "train.batch_size=1000000"), "GiB this machine has: lower "),
     (("train-central", "-p", "tiny", "--set", "model.d_model=1048576", "--set", "model.n_head=1"),
      "GiB this machine has")])

@@ -455,6 +455,22 @@ def test_a_node_or_server_that_stops_by_itself_is_an_error_with_the_reason(tmp_p
         _wait_foreground(subprocess.Popen(["true"]), "flower-superlink", log)
     assert "does not know this node" not in str(e.value)
 
+    # the log is appended across starts: an earlier start's error is not this one's reason, and the 401 is
+    # followed by the SuperNode's own exit lines
+    log.write_text("ERROR :     An unhandled exception occurred in a task process.\n")
+    since = log.stat().st_size
+    with log.open("a") as f:
+        f.write("INFO :      Starting Flower SuperNode\nhttpx.HTTPStatusError: Client error '401 Unauthorized' for "
+                "url 'https://127.0.0.1:9092/v1/fleet/send-node-heartbeat'\nINFO :      SuperExec terminated "
+                "gracefully.\n")
+    with pytest.raises(UserError, match=r"401 Unauthorized.*does not know this node any more") as e:
+        _wait_foreground(subprocess.Popen(["true"]), "flower-supernode", log, since)
+    assert "task process" not in str(e.value)
+    log.write_text(log.read_text().replace("'401 Unauthorized'", "'500'"))
+    with pytest.raises(UserError) as e:  # nothing of this start's: its last line, not the earlier start's ERROR
+        _wait_foreground(subprocess.Popen(["true"]), "flower-supernode", log, since)
+    assert "task process" not in str(e.value) and "terminated gracefully" in str(e.value)
+
 
 def test_a_key_in_use_names_the_photon_node_using_it_or_the_orphan(tmp_path):
     key = tmp_path / "node-0.key"

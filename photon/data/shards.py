@@ -308,6 +308,19 @@ def _reusable(manifest: dict[str, Any] | None, recipe: dict[str, Any], source: P
     return True
 
 
+def _why_rebuilt(old: dict[str, Any] | None, recipe: dict[str, Any]) -> str:
+    """Why a prepared folder is not reused, as a person would want it said."""
+    if old is None:
+        return "its manifest is unreadable"
+    if old.get("format") != FORMAT_VERSION:
+        return f"it was prepared by an older Photon (data format {old.get('format')}; this one writes {FORMAT_VERSION})"
+    was = old.get("recipe") if isinstance(old.get("recipe"), dict) else {}
+    changed = sorted(k for k in set(was) | set(recipe) if was.get(k) != recipe.get(k))
+    if changed:
+        return f"it was prepared with another {', '.join(changed)}"
+    return "its text files changed since it was prepared"
+
+
 def _source_name(source: str) -> str:
     """A recipe's `source` as a person names it."""
     return "the built-in corpus" if source == "default" else source.removeprefix("user:")
@@ -437,8 +450,8 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
                         f"{_source_name(recipe['source'])} there would replace it (and runs trained on it would "
                         f"refuse the new data): pass --out NEW_FOLDER for it, or delete {prep_dir} first")
     if (prep_dir / "manifest.json").exists():
-        console.log(f"[yellow]rebuilding[/] {prep_dir}: it was prepared from other text or with another recipe; "
-                    "the old data is replaced once the new is complete (runs trained on it will refuse the new "
+        console.log(f"[yellow]rebuilding[/] {prep_dir}: {_why_rebuilt(old, recipe)}; the old data is replaced once "
+                    "the new is complete (runs trained on it, and a server whose data it copied, will refuse the new "
                     "data if its tokenizer differs)")
     if prep_dir.exists() and not (prep_dir / "manifest.json").exists() and any(prep_dir.iterdir()):
         # Never delete a folder we did not write: it might be the user's own data.

@@ -230,7 +230,8 @@ def check_address(superlink: str) -> None:
 
 def tls_args(certs: Path | None, insecure: bool, what: str) -> tuple[Path | None, bool]:
     if insecure == (certs is not None):
-        raise UserError(f"{what}: pass exactly one of --certs DIR (TLS, the default) or --insecure")
+        raise UserError(f"{what}: pass exactly one of --certs DIR (TLS; make it with photon certs) or --insecure "
+                        "(no TLS, loopback and tests)")
     return (Path(certs).resolve() if certs else None), insecure
 
 
@@ -403,7 +404,8 @@ def wait_connected(proc: subprocess.Popen, log_file: Path, superlink: str, certs
     ca = None if certs is None else Path(certs) / "ca.crt"
     while True:
         if proc.poll() is not None:
-            raise UserError(f"flower-supernode exited with code {proc.returncode}: {explain_exit(log_file)} "
+            why = explain_exit(log_file, since=since)
+            raise UserError(f"flower-supernode exited with code {proc.returncode}: {why} "
                             f"(log: {log_file})")
         text = _read_from(log_file, since)
         if CONNECTED in text:
@@ -674,15 +676,15 @@ def copy_lines(src: IO[bytes], out: IO[str], plain: bool, errors: list[str] | No
             errors.append(found.group(1).strip())
 
 
-def explain_exit(log_file: Path, what: str = "flower-supernode") -> str:
-    """Why a Flower process (`what`) stopped, from its log: the lines after its last ERROR, else the last
-    line."""
-    text = Path(log_file).read_text(errors="replace") if Path(log_file).exists() else ""
-    lines = [l.strip() for l in ANSI.sub("", text).splitlines()]
+def explain_exit(log_file: Path, what: str = "flower-supernode", since: int = 0) -> str:
+    """Why a Flower process (`what`) stopped, from its log past byte `since` (where this start of it began
+    writing: the log is appended across starts): the lines after its last ERROR, else the last line."""
+    lines = [l.strip() for l in ANSI.sub("", _read_from(Path(log_file), since)).splitlines()]
     errors = [i for i, l in enumerate(lines) if l.startswith("ERROR")]
     last = next((l for l in reversed(lines) if l), "no log")
-    if what == "flower-supernode" and "401 Unauthorized" in last:
-        return (f"{last}. The server does not know this node any more: it was restarted with another --state, "
+    unknown = next((l for l in reversed(lines) if "401 Unauthorized" in l), None)
+    if what == "flower-supernode" and unknown is not None:  # its heartbeat refused; the last line is its exit
+        return (f"{unknown}. The server does not know this node any more: it was restarted with another --state, "
                 "or its state was lost. Start the node again: a server started with --certs registers the "
                 "node-*.key.pub there anew (or register this node's key by hand, docs/DEPLOY.md)")
     if not errors:
