@@ -225,3 +225,26 @@ def test_a_certificate_host_must_be_a_name_or_an_address(tmp_path, host):
     with pytest.raises(UserError, match="not a host name or IP address"):
         make_certs(tmp_path / "certs", hosts=(host, "127.0.0.1"))
     assert not (tmp_path / "certs").exists()
+
+
+def test_a_probe_of_the_blob_side_channel_port_says_so(tmp_path):
+    """`--superlink` given the blob side channel's port (photon server's --port + 1): the probe recognises it,
+    over TLS and plain, and says which port to use."""
+    import threading
+
+    from photon.federation.blobs import BlobServer
+
+    certs = tmp_path / "certs"
+    make_certs(certs, nodes=0)
+    for tls in (True, False):
+        port = deploy.free_port()
+        srv = BlobServer(tmp_path / f"blobs{tls}", b"s" * 32, "127.0.0.1", port,
+                         certs / "server.pem" if tls else None, certs / "server.key" if tls else None)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            sure, reason = deploy.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt" if tls else None,
+                                                  insecure=not tls)
+            assert sure and "blob side channel, not its SuperLink" in reason, reason
+        finally:
+            srv.shutdown()
+            srv.server_close()

@@ -446,13 +446,17 @@ def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: fl
             try:
                 ctx.wrap_socket(sock, server_hostname=host).close()
             except (ssl.SSLError, OSError):
+                if _blob_channel_at(host, int(port), timeout):
+                    return True, BLOB_PORT_GIVEN
                 return False, "it answers, but not as a photon server does: is this the port of `photon server`?"
             return True, (f"the server speaks TLS but {who} was started with --insecure; pass --certs DIR"
                           + (" --key node-<i>.key" if node else " (the folder with the server's ca.crt)")
                           + " instead")
         try:
             ctx = ssl.create_default_context(cafile=str(ca))
-            ctx.wrap_socket(sock, server_hostname=host).close()
+            with ctx.wrap_socket(sock, server_hostname=host) as tls:
+                if _answers_as_blob_channel(tls):
+                    return True, BLOB_PORT_GIVEN
         except ssl.SSLCertVerificationError as e:
             return True, (f"the server's certificate fails the check against {ca} ({e.verify_message}): copy the "
                           "server's ca.crt, and use an address that `photon certs --host` named")
@@ -460,6 +464,29 @@ def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: fl
             return True, (f"the server does not speak TLS: it was started with --insecure (start {who} with "
                           "--insecure too), or this is not the port of `photon server`")
         return False, "TLS works, but Flower's connection keeps failing" + (": see the node's log" if node else "")
+
+
+BLOB_PORT_GIVEN = ("this is photon server's blob side channel, not its SuperLink: give --superlink the port "
+                   "`photon server` printed for the SuperLink (its --port; the side channel is the next one)")
+
+
+def _answers_as_blob_channel(sock: socket.socket) -> bool:
+    """`sock` reaches photon server's blob side channel, which answers a line of JSON with one (a SuperLink
+    speaks gRPC, and closes on a line longer than HTTP/2's preface)."""
+    try:
+        sock.sendall(b'{"op": "probe", "from": "photon node or submit"}\n')
+        return json.loads(sock.recv(512).decode()).get("ok") is False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _blob_channel_at(host: str, port: int, timeout: float) -> bool:
+    """A plain-TCP blob side channel listens at host:port (an --insecure server's)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            return _answers_as_blob_channel(sock)
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------
