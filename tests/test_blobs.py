@@ -148,3 +148,22 @@ def test_an_upload_cut_off_midway_leaves_nothing(server):
             break
         threading.Event().wait(0.05)
     assert not [f for f in (channel.root / "up").iterdir() if f.is_file()]
+
+
+def test_a_silent_connection_does_not_stall_other_transfers(server):
+    """A client that connects and sends nothing (a port scanner, a connection dropped halfway) waits in its
+    own thread: the TLS handshake is not done in the accept loop, so other nodes' transfers go on."""
+    import socket
+
+    _, endpoint, channel = server
+    silent = socket.create_connection(("127.0.0.1", endpoint.port))
+    try:
+        data = np.arange(1000, dtype=np.uint8)
+        ref = channel.offload(Payload({"codec": "fp32", "tensors": []}, data))
+        done = []
+        worker = threading.Thread(target=lambda: done.append(blobs.materialize(ref, "127.0.0.1", endpoint.ca)))
+        worker.start()
+        worker.join(10)
+        assert done and np.array_equal(done[0].data, data)
+    finally:
+        silent.close()

@@ -229,7 +229,7 @@ def test_a_certificate_host_must_be_a_name_or_an_address(tmp_path, host):
 
 def test_a_probe_of_the_blob_side_channel_port_says_so(tmp_path):
     """`--superlink` given the blob side channel's port (photon server's --port + 1): the probe recognises it,
-    over TLS and plain, and says which port to use."""
+    over TLS and plain, whichever TLS choice the node made, and says which port to use."""
     import threading
 
     from photon.federation.blobs import BlobServer
@@ -242,9 +242,30 @@ def test_a_probe_of_the_blob_side_channel_port_says_so(tmp_path):
                          certs / "server.pem" if tls else None, certs / "server.key" if tls else None)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         try:
-            sure, reason = deploy.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt" if tls else None,
-                                                  insecure=not tls)
-            assert sure and "blob side channel, not its SuperLink" in reason, reason
+            for insecure in (False, True):  # the node's TLS choice right for the server, or not
+                sure, reason = deploy.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=insecure)
+                assert sure and "blob side channel, not its SuperLink" in reason, (tls, insecure, reason)
+            sure, reason = deploy.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=not tls,
+                                                  identify=False)  # asked once by a caller that probes again
+            assert "blob side channel" not in reason
         finally:
             srv.shutdown()
             srv.server_close()
+
+
+def test_a_probe_of_a_silent_listener_keeps_to_its_timeout(tmp_path):
+    """A listener that accepts and never speaks: the probe (handshake, then the side channel's question)
+    ends within about its timeout, not one timeout per step."""
+    make_certs(tmp_path, nodes=0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        for insecure in (True, False):
+            started = time.monotonic()
+            sure, reason = deploy.probe_superlink(address, tmp_path / "ca.crt", insecure=insecure, timeout=1.0)
+            assert not sure and "not as a photon server does" in reason
+            assert time.monotonic() - started < 2.0
+    finally:
+        listener.close()

@@ -311,7 +311,7 @@ def test_format_1_folders_still_open(prepared, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(m | {"format": 1}))
     assert open_prepared(copy).manifest["format"] == 1
     assert not shards._reusable(shards._old_manifest(copy), m["recipe"], None, None)  # but `photon prepare` rebuilds it
-    assert "prepared by an older Photon (data format 1" in shards._why_rebuilt(shards._old_manifest(copy), m["recipe"])
+    assert "by another Photon version (data format 1" in shards._why_rebuilt(shards._old_manifest(copy), m["recipe"])
     assert shards._why_rebuilt(m, m["recipe"] | {"seed": -1}) == "it was prepared with another seed"
     (copy / "manifest.json").write_text(json.dumps(m | {"format": 99}))
     with pytest.raises(UserError, match="format 99"):

@@ -313,7 +313,8 @@ def _why_rebuilt(old: dict[str, Any] | None, recipe: dict[str, Any]) -> str:
     if old is None:
         return "its manifest is unreadable"
     if old.get("format") != FORMAT_VERSION:
-        return f"it was prepared by an older Photon (data format {old.get('format')}; this one writes {FORMAT_VERSION})"
+        return (f"it was prepared by another Photon version (data format {old.get('format')}; this one writes "
+                f"{FORMAT_VERSION})")
     was = old.get("recipe") if isinstance(old.get("recipe"), dict) else {}
     changed = sorted(k for k in set(was) | set(recipe) if was.get(k) != recipe.get(k))
     if changed:

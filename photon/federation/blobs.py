@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 BLOB = "blob"                 # layout key of a payload that travels as a blob
 CHUNK = 4 << 20
 MAX_LINE = 4096
+IDLE_S = 60.0  # seconds a blob connection may stay silent before its handshake and request are in
 TOKEN_TTL_S = 3 * 3600.0
 SPARES = 2                    # consumed upload files kept to receive the next uploads into (see `_take_spare`)
 PIPE_BYTES = 1 << 20          # the pipe an upload is spliced through (Linux's default pipe-max-size)
@@ -107,10 +108,26 @@ def check(secret: bytes, token: str, op: str, subject: str) -> None:
 
 
 class _Handler(socketserver.StreamRequestHandler):
+    def setup(self) -> None:
+        """The TLS handshake, here in the connection's own thread (in the accept loop, one client that
+        connects and stays silent would stall every transfer), within `IDLE_S`."""
+        self.handshake_failed = False
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(IDLE_S)
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError):
+                self.handshake_failed = True
+        super().setup()
+
     def handle(self) -> None:
+        if self.handshake_failed:
+            return
         server: BlobServer = self.server  # type: ignore[assignment]
         try:
+            self.connection.settimeout(IDLE_S)  # the request line; the transfer itself blocks (it splices)
             line = self.rfile.readline(MAX_LINE)
+            self.connection.settimeout(None)
             req = json.loads(line)
             if not isinstance(req, dict):
                 raise BlobError("bad request")
@@ -294,8 +311,8 @@ class BlobServer(socketserver.ThreadingTCPServer):
 
     def get_request(self):
         sock, addr = super().get_request()
-        if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_side=True)
+        if self.tls is not None:  # the handshake runs in the connection's thread (`_Handler.setup`)
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
 

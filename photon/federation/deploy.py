@@ -402,6 +402,7 @@ def wait_connected(proc: subprocess.Popen, log_file: Path, superlink: str, certs
     shows a mismatch (TLS vs --insecure, an untrusted certificate), else after `timeout` s. Raises UserError."""
     start = time.monotonic()
     ca = None if certs is None else Path(certs) / "ca.crt"
+    probes = 0
     while True:
         if proc.poll() is not None:
             why = explain_exit(log_file, since=since)
@@ -411,7 +412,8 @@ def wait_connected(proc: subprocess.Popen, log_file: Path, superlink: str, certs
         if CONNECTED in text:
             return
         if FAILED_ATTEMPT in text:
-            mismatch, reason = probe_superlink(superlink, ca, insecure)
+            mismatch, reason = probe_superlink(superlink, ca, insecure, identify=probes == 0)
+            probes += 1
             if mismatch or time.monotonic() - start > timeout:
                 stop(proc)
                 raise UserError(f"the node cannot connect to {superlink}: {reason} (log: {log_file})")
@@ -429,50 +431,61 @@ def _read_from(path: Path, offset: int) -> str:
 
 
 def probe_superlink(superlink: str, ca: Path | None, insecure: bool, timeout: float = 3.0,
-                    node: bool = True) -> tuple[bool, str]:
+                    node: bool = True, identify: bool = True) -> tuple[bool, str]:
     """Why a node's (or, `node=False`, `photon submit`'s) connections to `superlink` fail, from a TCP connect
-    and a TLS handshake of our own: (True, reason) for a sure mismatch, (False, best guess) otherwise."""
+    and a TLS handshake of our own: (True, reason) for a sure mismatch, (False, best guess) otherwise. With
+    `identify`, one line is also sent to recognise photon server's blob side channel (a SuperLink logs it as an
+    invalid request: a caller that probes again and again asks once). All of it within about `timeout` s."""
     who = "this node" if node else "photon submit"
     host, _, port = superlink.rpartition(":")
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(0.05, deadline - time.monotonic())
+
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
         return False, (f"nothing answers there ({e.strerror or e}): is `photon server` running on that machine, "
                        "with this --port, and does the firewall let the port through?")
+    unlike = "it answers, but not as a photon server does: is this the port of `photon server`?"
     with sock:
+        ctx = ssl.create_default_context(cafile=None if insecure else str(ca))
         if insecure:
-            ctx = ssl.create_default_context()
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            try:
-                ctx.wrap_socket(sock, server_hostname=host).close()
-            except (ssl.SSLError, OSError):
-                if _blob_channel_at(host, int(port), timeout):
-                    return True, BLOB_PORT_GIVEN
-                return False, "it answers, but not as a photon server does: is this the port of `photon server`?"
-            return True, (f"the server speaks TLS but {who} was started with --insecure; pass --certs DIR"
-                          + (" --key node-<i>.key" if node else " (the folder with the server's ca.crt)")
-                          + " instead")
         try:
-            ctx = ssl.create_default_context(cafile=str(ca))
-            with ctx.wrap_socket(sock, server_hostname=host) as tls:
-                if _answers_as_blob_channel(tls):
-                    return True, BLOB_PORT_GIVEN
+            sock.settimeout(left())
+            tls = ctx.wrap_socket(sock, server_hostname=host)
         except ssl.SSLCertVerificationError as e:
             return True, (f"the server's certificate fails the check against {ca} ({e.verify_message}): copy the "
                           "server's ca.crt, and use an address that `photon certs --host` named")
-        except (ssl.SSLError, OSError):
+        except TimeoutError:  # silent: a blob side channel or a SuperLink answers a handshake at once
+            return False, unlike
+        except (ssl.SSLError, OSError):  # no TLS there: an --insecure server, its blob side channel, or else
+            if identify and _blob_channel_at(host, int(port), left()):
+                return True, BLOB_PORT_GIVEN
+            if insecure:
+                return False, unlike
             return True, (f"the server does not speak TLS: it was started with --insecure (start {who} with "
                           "--insecure too), or this is not the port of `photon server`")
-        return False, "TLS works, but Flower's connection keeps failing" + (": see the node's log" if node else "")
+        with tls:
+            tls.settimeout(left())
+            if identify and _answers_as_blob_channel(tls):
+                return True, BLOB_PORT_GIVEN
+    if insecure:
+        return True, (f"the server speaks TLS but {who} was started with --insecure; pass --certs DIR"
+                      + (" --key node-<i>.key" if node else " (the folder with the server's ca.crt)") + " instead")
+    return False, "TLS works, but Flower's connection keeps failing" + (": see the node's log" if node else "")
 
 
 BLOB_PORT_GIVEN = ("this is photon server's blob side channel, not its SuperLink: give --superlink the port "
-                   "`photon server` printed for the SuperLink (its --port; the side channel is the next one)")
+                   "`photon server` printed for the SuperLink (its --port; the side channel is --port + 1 unless "
+                   "the server was given --blob-port)")
 
 
 def _answers_as_blob_channel(sock: socket.socket) -> bool:
-    """`sock` reaches photon server's blob side channel, which answers a line of JSON with one (a SuperLink
-    speaks gRPC, and closes on a line longer than HTTP/2's preface)."""
+    """`sock` reaches photon server's blob side channel, which answers a line of JSON with one (a SuperLink's
+    HTTP server answers it with `400 Bad Request`)."""
     try:
         sock.sendall(b'{"op": "probe", "from": "photon node or submit"}\n')
         return json.loads(sock.recv(512).decode()).get("ok") is False
