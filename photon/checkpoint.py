@@ -234,6 +234,12 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def none_verified(ckpt_dir: Path) -> UserError:
+    """The refusal of a resume whose checkpoints all failed verification (each one's warning was logged)."""
+    return UserError(f"every checkpoint in {ckpt_dir} failed verification (see the warnings above); restore one "
+                     "from a backup or start a new run with another --out")
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run directory or its `checkpoints` folder (the newest checkpoint that
     verifies)."""

@@ -428,7 +428,7 @@ def server(
             for pub in sorted(certs.glob("node-*.key.pub")):
                 console.print(f"{pub.name}: {deploy.register_key(home, pub)}")
         mode = "insecure" if insecure else "TLS, registered nodes only"
-        side = port + 1 if blob_port is None else blob_port
+        side = deploy.blob_port_of(port, blob_port)
         blobs = f", its blob side channel on {host}:{side} (open it to the nodes too)" if side else ""
         console.print(f"SuperLink on {host}:{port} ({mode}){blobs}; runs under {runs}; log {log_file}. Runs and node "
                       f"registrations need the operator token {token_file}. Nodes: photon node --superlink "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from photon.bench import claims_report
-from photon.bench.results import RESULTS_DIR, load_results
+from photon.bench.results import RESULTS_DIR, is_published, load_results
 from photon.errors import UserError
 
 RESULTS_MD = Path("docs/RESULTS.md")
@@ -106,7 +106,7 @@ def write_report(results_dir: Path = RESULTS_DIR, targets: tuple[Path, ...] = TA
     if not results:
         raise UserError(f"{results_dir}: holds no benchmark results (*.json); pass the folder the benchmarks "
                         f"wrote, e.g. --results {RESULTS_DIR}")
-    if Path(results_dir).resolve() != RESULTS_DIR.resolve():  # a folder of a few trial records, say
+    if not is_published(results_dir):  # a folder of a few trial records, say
         computed = _computed(results_dir)
         shown = {m.group("name").removesuffix("-brief") for t in targets
                  for m in _BLOCK.finditer(Path(t).read_text(encoding="utf-8"))

@@ -103,12 +103,17 @@ def chosen_results_dir() -> Path:
     return _STORE["dir"]
 
 
+def is_published(results_dir: Path) -> bool:
+    """Whether `results_dir` is docs/results, the folder `photon bench report` renders into the docs."""
+    return Path(results_dir).resolve() == RESULTS_DIR.resolve()
+
+
 def plots_dir(results_dir: Path | None = None) -> Path:
     """Where a benchmark storing its record in `results_dir` (default: the chosen folder) draws its plots:
     docs/img beside the published records, DIR/img beside a trial run's (`photon bench --results DIR`), so a
     trial leaves the published plots as they are too."""
     chosen = Path(chosen_results_dir() if results_dir is None else results_dir)
-    return IMG_DIR if chosen.resolve() == RESULTS_DIR.resolve() else chosen / "img"
+    return IMG_DIR if is_published(chosen) else chosen / "img"
 
 
 def save_result(name: str, data: dict[str, Any], load: LoadSampler | None = None, command: str | None = None,

@@ -18,8 +18,11 @@ the presets. Estimates, stated as such:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from photon.bench.trainer import DATASHEET_BF16, flops_per_token
 from photon.config import RunConfig, load_config, preset_names
@@ -62,10 +65,6 @@ def client_memory(cfg: RunConfig, procs: int | None = None) -> dict[str, float]:
 
 def device_memory(device_type: str) -> int | None:
     """Bytes of memory the device has in all: this machine's RAM for the CPU, the first GPU's for CUDA."""
-    import os
-
-    import torch
-
     if device_type == "cpu" and hasattr(os, "sysconf"):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if device_type == "cuda" and torch.cuda.is_available():
@@ -78,8 +77,6 @@ def free_memory(device_type: str) -> int | None:
     (the machine's, or its cgroup's where a container or a job scheduler caps it) plus this process's own
     anonymous memory (a warm node's kept model; not its mapped files, which the available RAM counts already),
     or the GPU's free memory plus what torch holds there."""
-    import torch
-
     if device_type == "cpu":
         try:
             meminfo = _kib_fields(Path("/proc/meminfo").read_text())

@@ -308,6 +308,12 @@ def _reusable(manifest: dict[str, Any] | None, recipe: dict[str, Any], source: P
     return True
 
 
+def _recipe_of(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The recipe a manifest records ({} for none, or one that is not a mapping)."""
+    recipe = manifest.get("recipe") if manifest is not None else None
+    return recipe if isinstance(recipe, dict) else {}
+
+
 def _why_rebuilt(old: dict[str, Any] | None, recipe: dict[str, Any]) -> str:
     """Why a prepared folder is not reused, as a person would want it said."""
     if old is None:
@@ -315,7 +321,7 @@ def _why_rebuilt(old: dict[str, Any] | None, recipe: dict[str, Any]) -> str:
     if old.get("format") != FORMAT_VERSION:
         return (f"it was prepared by another Photon version (data format {old.get('format')}; this one writes "
                 f"{FORMAT_VERSION})")
-    was = old.get("recipe") if isinstance(old.get("recipe"), dict) else {}
+    was = _recipe_of(old)
     changed = sorted(k for k in set(was) | set(recipe) if was.get(k) != recipe.get(k))
     if changed:
         return f"it was prepared with another {', '.join(changed)}"
@@ -444,8 +450,7 @@ def prepare(cfg: DataConfig, vocab_size: int, source: Path | None = None, cache_
     if _reusable(old, recipe, source, cfg.max_mb_per_domain):
         console.log(f"reusing prepared data in {prep_dir} (same vocab_size, source, files and seed)")
         return prep_dir
-    was = old.get("recipe") if old is not None else None
-    was = was.get("source") if isinstance(was, dict) else None
+    was = _recipe_of(old).get("source")
     if was is not None and was != recipe["source"]:  # another corpus: never replaced without being asked
         raise UserError(f"data.prep_dir={prep_dir} holds data prepared from {_source_name(was)}; preparing "
                         f"{_source_name(recipe['source'])} there would replace it (and runs trained on it would "

@@ -249,6 +249,11 @@ def operator_token_file(state: Path, certs: Path | None) -> Path:
     return path
 
 
+def blob_port_of(port: int, blob_port: int | None) -> int:
+    """The blob side channel's port for a server on `port`: `--blob-port` if given (0: none), else port + 1."""
+    return port + 1 if blob_port is None else blob_port
+
+
 def start_superlink(port: int, state: Path, certs: Path | None = None, insecure: bool = False,
                     host: str = "127.0.0.1", log_file: Path | None = None,
                     runs: Path | None = None, blob_port: int | None = None) -> subprocess.Popen:
@@ -262,7 +267,7 @@ def start_superlink(port: int, state: Path, certs: Path | None = None, insecure:
     certs, insecure = tls_args(certs, insecure, "photon server")
     if not insecure:  # before anything is written into --certs (a mistyped one would be made)
         ca, cert, key = _need_files(certs, SERVER_FILES, "photon server")
-    blob_port = port + 1 if blob_port is None else blob_port
+    blob_port = blob_port_of(port, blob_port)
     check_port_free(host, port, "--port")  # before anything is written into --state
     if blob_port:
         check_port_free(host, blob_port, "--blob-port")

@@ -15,8 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.checkpoint import (atomic_write_text, hold_run_dir, list_checkpoints, refuse_a_resume_of_no_run,
-                               refuse_a_taken_run_dir)
+from photon.checkpoint import (atomic_write_text, hold_run_dir, list_checkpoints, none_verified,
+                               refuse_a_resume_of_no_run, refuse_a_taken_run_dir)
 from photon.config import RunConfig, build_config, config_to_dict
 from photon.data.partition import client_seed, client_stream, make_partition
 from photon.data.shards import Prepared
@@ -60,8 +60,7 @@ def _open_state(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared,
     found = ServerState.load_latest(ckpt_dir) if resume else None
     if resume and found is None:
         if list_checkpoints(ckpt_dir):
-            raise UserError(f"every checkpoint in {ckpt_dir} failed verification (see the warnings above); "
-                            "restore one from a backup or start a new run with another --out")
+            raise none_verified(ckpt_dir)
         console.print(f"no checkpoint in {ckpt_dir} yet (killed during the first round?): starting from round 0")
     if found is not None:
         state, meta = found

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from photon.checkpoint import (hold_run_dir, list_checkpoints, load_latest, prune_checkpoints,
+from photon.checkpoint import (hold_run_dir, list_checkpoints, load_latest, none_verified, prune_checkpoints,
                                refuse_a_taken_run_dir, require_kind, save_checkpoint)
 from photon.config import RunConfig, config_to_dict
 from photon.data.shards import Prepared, TokenStream, open_prepared
@@ -95,8 +95,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
         if resume:
             found = load_latest(ckpt_dir)
             if found is None:
-                raise UserError(f"every checkpoint in {ckpt_dir} failed verification (see the warnings above); "
-                                "restore one from a backup or start a new run with another --out")
+                raise none_verified(ckpt_dir)
             path, tensors, meta = found
             require_kind(meta, "central", path)
             check_same_model(cfg, meta, path)
