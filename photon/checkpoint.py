@@ -135,7 +135,12 @@ def hold_run_dir(run_dir: Path, wait_s: float = 0.0, say: Callable[[str], None] 
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        # Unlock before closing: a child forked while the lock was held (a process started between its fork and
+        # its exec, on a busy machine) shares the lock through its copy of the descriptor, so a close alone could
+        # leave the folder locked for a moment after the run returned, and a resume in this process refused.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def save_checkpoint(path: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],

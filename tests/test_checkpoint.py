@@ -4,7 +4,9 @@ no pickle anywhere."""
 import json
 import os
 import re
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -250,6 +252,24 @@ def test_a_run_folder_has_one_writer_and_a_second_is_refused_with_the_holders_pi
                 pass
     with hold_run_dir(run):  # released when its holder is done
         pass
+
+
+def test_a_run_folder_is_free_when_its_writer_returns_even_if_a_child_forked_meanwhile(tmp_path):
+    """A process forked while the lock was held (one caught between its fork and its exec on a busy machine)
+    shares the lock through its copy of the descriptor: the folder must still be free once the writer is done,
+    so a caller that stops and resumes in one process is not refused by itself."""
+    run = tmp_path / "run"
+    with hold_run_dir(run):
+        child = os.fork()
+        if child == 0:  # the child keeps its inherited descriptor open for a while, then leaves without clean-up
+            time.sleep(10)
+            os._exit(0)
+    try:
+        with hold_run_dir(run):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
 
 
 def test_a_writer_may_wait_for_the_holder_to_let_go(tmp_path):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_cfg
+from helpers import assert_close_by_norm
 
 from photon.data.shards import TokenStream
 from photon.model.transformer import Transformer
@@ -178,7 +179,7 @@ def test_compile_really_compiles_and_trains_like_eager(tiny_prepared):
                          unique_state_dict(trainable))
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
     for k, v in out[False][1].items():
-        torch.testing.assert_close(out[True][1][k], v, rtol=1e-4, atol=1e-5)
+        assert_close_by_norm(out[True][1][k], v, rel=1e-4, what=k)  # Inductor's kernels sum in another order
 
 
 @pytest.mark.parametrize("micro", [1, 2, 4])
@@ -189,7 +190,7 @@ def test_micro_batches_add_up_to_one_full_batch(tiny_prepared, micro):
     acc = train_local(model2, opt2, stream2, 0, 0, 3, cfg2.train, 100)
     assert acc.losses == pytest.approx(full.losses, rel=1e-5) and acc.cursor == full.cursor
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+        assert_close_by_norm(a, b, rel=1e-5, what=k)  # the gradient summed in another order
 
 
 def test_micro_batch_must_divide_the_batch():
