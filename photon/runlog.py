@@ -34,7 +34,9 @@ class RunLog:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when logging for real
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # slow import: only when logging for real
+            )
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 

@@ -55,11 +55,12 @@ def photon(monkeypatch, capsys):
     import sys
 
     from photon import cli
+    from photon.cli import common
 
     def call(*args):
         monkeypatch.setattr(sys, "argv", ["photon", *map(str, args)])
         monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # main() sets it; undo that after the test
-        monkeypatch.setitem(cli._state, "debug", False)
+        monkeypatch.setitem(common.STATE, "debug", False)
         try:
             cli.main()
             code = 0

@@ -5,15 +5,15 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from conftest import ServerCrash, crash_when
+from test_federation import fed_cfg
 
 from photon.federation.async_rounds import AsyncRounds, staleness_weight
 from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
-from photon.federation.virtual_clock import VirtualClockTransport
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
-from conftest import ServerCrash, crash_when
-from test_federation import fed_cfg
+from photon.transport.virtual_clock import VirtualClockTransport
 
 
 def _cfg(prep, *extra):

@@ -6,7 +6,7 @@ import io
 import pytest
 from rich.console import Console
 
-from photon.bench.trainer import flops_per_token, run_trainer_bench
+from photon.bench.throughput import flops_per_token, run_trainer_bench
 from photon.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box
@@ -34,10 +34,10 @@ def test_each_setting_is_stored_as_it_ends_and_a_failed_one_does_not_lose_the_ot
     time limit) leaves the settings before it stored."""
     import json
 
-    from photon.bench import trainer
+    from photon.bench import throughput
 
     monkeypatch.chdir(tmp_path)  # results go to ./docs/results
-    real = trainer.measure_setting
+    real = throughput.measure_setting
 
     def measure(cfg, *args, **kwargs):
         if cfg.train.bf16 and cfg.train.compile:
@@ -46,16 +46,16 @@ def test_each_setting_is_stored_as_it_ends_and_a_failed_one_does_not_lose_the_ot
             raise RuntimeError("out of memory\nmore lines")
         return real(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "measure_setting", measure)
+    monkeypatch.setattr(throughput, "measure_setting", measure)
     peaks = {"fp32": 1e11, "bf16": 2e11}  # measured elsewhere: not what this test is about
-    monkeypatch.setattr(trainer, "_peaks_and_ceilings", lambda *a: (dict(peaks), dict(peaks)))
+    monkeypatch.setattr(throughput, "_peaks_and_ceilings", lambda *a: (dict(peaks), dict(peaks)))
     quiet = Console(file=io.StringIO(), width=200)
     with pytest.raises(RuntimeError, match=r"bf16 failed \(RuntimeError: out of memory\)"):
         run_trainer_bench(load_config("tiny"), steps=1, repeats=1, warmup=1, settings=("fp32", "bf16"),
                           console=quiet, calibrate_s=0.05)
     stored = json.loads((tmp_path / "docs/results/trainer-cpu.json").read_text())["data"]
     assert list(stored["rows"]) == ["fp32"] and stored["failed"] == {"bf16": "RuntimeError: out of memory"}
-    assert stored["complete"] and "**bf16 failed**: RuntimeError: out of memory" in trainer.render(stored)
+    assert stored["complete"] and "**bf16 failed**: RuntimeError: out of memory" in throughput.render(stored)
     record = tmp_path / "docs/results/trainer-cpu.json"
     finished = record.read_text()
     for left in (True, False):  # a finished run's record stays; without one, the interrupted run's part is stored
@@ -67,7 +67,7 @@ def test_each_setting_is_stored_as_it_ends_and_a_failed_one_does_not_lose_the_ot
             record.unlink()
     stored = json.loads((tmp_path / "docs/results/trainer-cpu.json").read_text())["data"]
     assert list(stored["rows"]) == ["fp32"] and not stored.get("complete")
-    assert "**Incomplete run**: it stopped before bf16+compile" in trainer.render(stored)
+    assert "**Incomplete run**: it stopped before bf16+compile" in throughput.render(stored)
 
 
 @pytest.mark.parametrize("name, part", [
@@ -76,13 +76,13 @@ def test_each_setting_is_stored_as_it_ends_and_a_failed_one_does_not_lose_the_ot
     ("NVIDIA L40S", "L40S"), ("NVIDIA L40", "L40"), ("NVIDIA GeForce RTX 4090", "RTX 4090"),
     ("NVIDIA GH200 480GB", None), ("Tesla T4", None), (None, None)])
 def test_a_gpu_is_found_in_the_datasheet_table_by_the_name_cuda_gives_it(name, part):
-    from photon.bench.trainer import DATASHEET_BF16, datasheet_bf16
+    from photon.bench.throughput import DATASHEET_BF16, datasheet_bf16
 
     assert datasheet_bf16(name) == (DATASHEET_BF16[part] if part else None)
 
 
 def test_the_gpu_mfu_goal_is_judged_against_the_datasheet():
-    from photon.bench.trainer import render
+    from photon.bench.throughput import render
 
     row = {"bare_tok_s": 1.0, "photon_tok_s": 1.0, "ratio": 1.0, "paired_ratio": 1.0, "model_flops": 400e12,
            "of_peak": 0.5, "of_bf16_peak": 0.5}
@@ -95,7 +95,7 @@ def test_the_gpu_mfu_goal_is_judged_against_the_datasheet():
 
 
 def test_the_shape_ceiling_times_every_linear_matmul_of_a_step():
-    from photon.bench.trainer import linear_matmuls
+    from photon.bench.throughput import linear_matmuls
 
     cfg = load_config("small")
     tokens = cfg.train.batch_size * cfg.train.seq_len

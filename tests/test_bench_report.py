@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from photon.bench.report import render, write_report
+from photon.bench.publish import render, write_report
 from photon.bench.results import load_results, save_result
 from photon.errors import UserError
 

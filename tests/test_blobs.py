@@ -6,10 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from photon.federation import blobs
-from photon.federation.blobs import BlobError, BlobServer, Channel, Endpoint
 from photon.federation.codec import Payload
-from photon.federation.deploy import free_port
+from photon.launch.processes import free_port
+from photon.transport import blobs
+from photon.transport.blobs import BlobError, BlobServer, Channel, Endpoint
 
 SECRET = b"s" * 32
 
@@ -18,7 +18,7 @@ SECRET = b"s" * 32
 def server(request, tmp_path):
     cert = key = ca = None
     if request.param == "tls":
-        from photon.federation.certs import make_certs
+        from photon.launch.certs import make_certs
 
         make_certs(tmp_path / "certs", nodes=0)
         cert, key, ca = tmp_path / "certs/server.pem", tmp_path / "certs/server.key", str(tmp_path / "certs/ca.crt")

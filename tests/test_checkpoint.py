@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from photon.checkpoint import (META, hold_run_dir, list_checkpoints, load_checkpoint, load_latest,
-                               prune_checkpoints, refuse_a_taken_run_dir, resolve_checkpoint, save_checkpoint)
+from photon.checkpoint import (
+    META,
+    hold_run_dir,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    prune_checkpoints,
+    refuse_a_taken_run_dir,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from photon.errors import UserError
 
 PHOTON = Path(__file__).parent.parent / "photon"

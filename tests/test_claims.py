@@ -8,11 +8,30 @@ import math
 import pytest
 from conftest import tiny_cfg
 
-from photon.bench.claims import ClaimsPlan, Recipes, base_lrs, next_grid, run_claims, run_peer
-from photon.bench.claims_report import dp_times, render, render_findings, to_target, verdicts
+from photon.bench.claims import (
+    ClaimsPlan,
+    Recipes,
+    base_lrs,
+    next_grid,
+    run_claims,
+    run_peer,
+)
+from photon.bench.claims_report import (
+    dp_times,
+    render,
+    render_findings,
+    to_target,
+    verdicts,
+)
 from photon.bench.federation import data_parallel_bytes_per_token
-from photon.bench.network import (Network, crossovers, data_parallel_step_seconds, photon_round_seconds,
-                                  ring_allreduce_bytes, ring_allreduce_seconds)
+from photon.bench.network import (
+    Network,
+    crossovers,
+    data_parallel_step_seconds,
+    photon_round_seconds,
+    ring_allreduce_bytes,
+    ring_allreduce_seconds,
+)
 from photon.bench.results import load_results
 
 # 2 rounds × 2 local steps, K=2: every arm is a few seconds; one seed, a 3-step DDP calibration, no torchft.

@@ -259,7 +259,7 @@ def test_full_disks_read_only_places_and_out_of_memory_are_one_line_with_the_fix
 
     from safetensors import SafetensorError
 
-    line = cli._environment_error
+    from photon.cli.main import environment_error as line
     assert "x/y: No space left on device; the disk is full" in line(OSError(errno.ENOSPC, "No space left on device",
                                                                              "x/y"))
     assert "that file system is read-only" in line(OSError(errno.EROFS, "Read-only file system", "/ro/.prep"))
@@ -311,7 +311,7 @@ def test_data_the_user_named_is_never_replaced_by_the_built_in_corpus(photon, tm
     code, _, err = photon("run", "--resume", "old", "--out", "new")
     assert code == 2 and "--out does not go with --resume" in err
     preset = tmp_path / "mine.yaml"  # a preset of one's own naming a folder not prepared yet
-    preset.write_text((Path(cli.__file__).parent / "presets" / "tiny.yaml").read_text().replace(
+    preset.write_text((Path(cli.__file__).parent.parent / "presets" / "tiny.yaml").read_text().replace(
         "prep_dir: data/prepared-v1024", "prep_dir: not_prepared_yet"))
     code, _, err = photon("run", "--preset", preset)
     assert code == 2 and "not_prepared_yet holds no prepared data" in err

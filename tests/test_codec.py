@@ -12,7 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from photon.federation import codec
-from photon.federation.codec import CodecError, CodecSpec, Payload, decode, encode, encoded_nbytes, layout_of
+from photon.federation.codec import (
+    CodecError,
+    CodecSpec,
+    Payload,
+    decode,
+    encode,
+    encoded_nbytes,
+    layout_of,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # The numpy reference: written from the module's layout comment, not from its code
@@ -446,7 +454,14 @@ def test_a_payload_claiming_an_enormous_tensor_is_refused_without_allocating_it(
 
 
 def test_a_compressed_reply_with_bad_bytes_is_rejected_by_the_server():
-    from photon.federation.protocol import UPDATE, ClientReply, ClientTask, Rejected, decode_reply, encode_reply
+    from photon.federation.protocol import (
+        UPDATE,
+        ClientReply,
+        ClientTask,
+        Rejected,
+        decode_reply,
+        encode_reply,
+    )
 
     task = ClientTask(task_id="t", run_id="r", client_id=0, round=0, global_step=0, cursor=0, local_steps=1,
                       schedule_steps=1, batch_size=1, spans=[], config={})

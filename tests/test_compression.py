@@ -6,17 +6,21 @@ import logging
 
 import pytest
 import torch
+from conftest import ServerCrash, crash_when
+from test_federation import fed_cfg, run
 
 from photon.federation import codec
-from photon.federation.compression import client_message, reconstruct, server_broadcast
-from photon.federation.inprocess import InProcessTransport
+from photon.federation.compressed_updates import (
+    client_message,
+    reconstruct,
+    server_broadcast,
+)
 from photon.federation.protocol import decode_task
 from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
-from conftest import ServerCrash, crash_when
-from test_federation import fed_cfg, run
+from photon.transport.inprocess import InProcessTransport
 
 TOPK_EF = ["codec=topk", "density=0.05", "values=2bit", "error_feedback=true"]
 

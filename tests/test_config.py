@@ -9,8 +9,17 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from photon.config import (PRESET_DIR, RunConfig, _is_text_field, _set_path, build_config, config_to_dict,
-                           load_config, parse_override, preset_names)
+from photon.config import (
+    PRESET_DIR,
+    RunConfig,
+    _is_text_field,
+    _set_path,
+    build_config,
+    config_to_dict,
+    load_config,
+    parse_override,
+    preset_names,
+)
 from photon.errors import UserError
 
 

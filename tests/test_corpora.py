@@ -10,8 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from photon.data import corpora
-from photon.data.corpora import (brown_detag, fetch_sources, load_default_corpus, load_user_corpus, mail_text,
-                                 split_blocks, strip_gutenberg)
+from photon.data.corpora import (
+    brown_detag,
+    fetch_sources,
+    load_default_corpus,
+    load_user_corpus,
+    mail_text,
+    split_blocks,
+    strip_gutenberg,
+)
 from photon.errors import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "corpus"

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import time
 
+from test_federation import fed_cfg, run
+
 from photon.checkpoint import list_checkpoints
 from photon.digest import tensors_digest
 from photon.federation.server_state import ServerState
 from photon.runlog import read_metrics
-
-from test_federation import fed_cfg, run
 
 
 def _photon(*args):

@@ -2,7 +2,7 @@
 
 from conftest import tiny_cfg
 
-from photon.train.ddp import run_ddp
+from photon.bench.baselines.ddp import run_ddp
 
 
 def test_two_rank_gloo_ddp_ends_with_identical_parameters(tiny_prep, tmp_path):
@@ -11,8 +11,8 @@ def test_two_rank_gloo_ddp_ends_with_identical_parameters(tiny_prep, tmp_path):
     assert len(report["digests"]) == 2 and report["digests"][0] == report["digests"][1]
     assert report["steps"] == 4 and report["world"] == 2
     # Every step all-reduces every gradient once: the unique fp32 parameters (tied embedding counted once).
-    from photon.model.transformer import Transformer, unique_state_dict
     from photon.federation.protocol import tensor_bytes
+    from photon.model.transformer import Transformer, unique_state_dict
 
     assert report["allreduce_bytes_per_step"] == tensor_bytes(unique_state_dict(Transformer(cfg.model)))
     assert report["comm_seconds"] > 0 and report["compute_seconds"] > 0

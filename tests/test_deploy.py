@@ -14,11 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import tiny_cfg
+
 from photon.errors import UserError
-from photon.federation import deploy
-from photon.federation.certs import OPERATOR_TOKEN, make_certs, read_token
+from photon.launch import processes, submit, superlink, supernode
+from photon.launch.certs import OPERATOR_TOKEN, make_certs, read_token
 from photon.runlog import read_metrics
 
 
@@ -29,21 +29,21 @@ def link(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     certs = root / "certs"
     make_certs(certs, nodes=3)
-    port = deploy.free_port()
-    proc = deploy.start_superlink(port, root / "server", certs=certs, log_file=root / "superlink.log")
+    port = processes.free_port()
+    proc = superlink.start_superlink(port, root / "server", certs=certs, log_file=root / "superlink.log")
     try:
         home, address = root / "client", f"127.0.0.1:{port}"
-        deploy.write_connection(home, address, certs=certs, token=read_token(certs / OPERATOR_TOKEN))
-        ids = [deploy.register_node(home, certs / f"node-{i}.key.pub") for i in range(2)]
+        submit.write_connection(home, address, certs=certs, token=read_token(certs / OPERATOR_TOKEN))
+        ids = [submit.register_node(home, certs / f"node-{i}.key.pub") for i in range(2)]
         only_ca = root / "only-ca"
         only_ca.mkdir()
         shutil.copy(certs / "ca.crt", only_ca)
         rogue = root / "rogue"
-        deploy.write_connection(rogue, address, certs=only_ca)
+        submit.write_connection(rogue, address, certs=only_ca)
         yield SimpleNamespace(root=root, certs=certs, address=address, home=home, ids=ids, rogue=rogue,
                               runs=root / "server" / "runs", only_ca=only_ca)
     finally:
-        deploy.stop(proc)
+        processes.stop(proc)
 
 
 @pytest.fixture
@@ -52,19 +52,22 @@ def procs():
     started: list[subprocess.Popen] = []
     yield started
     for p in started:
-        deploy.stop(p)
+        processes.stop(p)
 
 
 def _node(link, i, key, certs, procs, data=None, warm=False):
     log = link.root / f"node-{i}.log"
-    p = deploy.start_supernode(link.address, deploy.free_port(), link.root / f"node-{i}", data=data, certs=certs,
+    p = supernode.start_supernode(link.address, processes.free_port(), link.root / f"node-{i}", data=data, certs=certs,
                                key=key, log_file=log, warm=warm)
     procs.append(p)
     return p, log
 
 
 def test_certs_refuse_to_overwrite_and_keys_load(tmp_path):
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
     from cryptography.x509 import load_pem_x509_certificate
 
     make_certs(tmp_path, nodes=1)
@@ -99,14 +102,14 @@ def test_app_bundle_holds_only_code_and_config(tmp_path):
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.constant import FAB_MAX_SIZE
 
-    app = deploy.stage_app(tmp_path)
+    app = submit.stage_app(tmp_path)
     fab = build_fab_from_disk(app)
     assert len(fab) < FAB_MAX_SIZE
     import io
     import zipfile
 
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
-    assert "photon/federation/server_app.py" in names and "photon/presets/tiny.yaml" in names
+    assert "photon/transport/server_app.py" in names and "photon/presets/tiny.yaml" in names
     assert all(n.startswith(("photon/", ".info/")) or n == "pyproject.toml" for n in names), names
 
 
@@ -115,16 +118,16 @@ def test_unregistered_or_untrusted_nodes_are_refused(link, procs, tmp_path):
     make_certs(other, nodes=0)
     unregistered, log_a = _node(link, "a", link.certs / "node-2.key", link.certs, procs)
     wrong_ca, log_b = _node(link, "b", link.certs / "node-0.key", other, procs)
-    no_ca = deploy.spawn([deploy.executable("flower-supernode"), "--superlink", link.address, "--port",
-                          str(deploy.free_port()), "--auth-supernode-private-key", str(link.certs / "node-1.key")],
+    no_ca = processes.spawn([processes.executable("flower-supernode"), "--superlink", link.address, "--port",
+                          str(processes.free_port()), "--auth-supernode-private-key", str(link.certs / "node-1.key")],
                          link.root / "node-c", link.root / "node-c.log")
     procs.append(no_ca)
     for p in (unregistered, wrong_ca, no_ca):
         assert p.wait(timeout=60) != 0
-    assert "registered" in deploy.explain_exit(log_a)
-    assert "CERTIFICATE_VERIFY_FAILED" in deploy.explain_exit(log_b)
-    assert "CERTIFICATE_VERIFY_FAILED" in deploy.explain_exit(link.root / "node-c.log")
-    nodes = deploy.list_nodes(link.home)
+    assert "registered" in processes.explain_exit(log_a)
+    assert "CERTIFICATE_VERIFY_FAILED" in processes.explain_exit(log_b)
+    assert "CERTIFICATE_VERIFY_FAILED" in processes.explain_exit(link.root / "node-c.log")
+    nodes = submit.list_nodes(link.home)
     assert sorted(int(n["node-id"]) for n in nodes) == sorted(link.ids)
     assert all(n["status"] != "online" for n in nodes)  # the registered keys were only used by refused nodes
 
@@ -149,22 +152,22 @@ def test_deployed_run_completes_two_rounds_on_two_nodes(link, procs, tiny_prep):
         _node(link, i, link.certs / f"node-{i}.key", link.certs, procs, data=tiny_prep)
     cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=3", "train.threads=1",
                    "train.warmup_steps=4")  # within the 2 x 8 steps of the schedule
-    run_id = deploy.submit_run(link.home, cfg, "run")
+    run_id = submit.submit_run(link.home, cfg, "run")
     run_dir = link.runs / "run"
     seen: list[list[str]] = []
     end = time.monotonic() + 60
-    while not seen and time.monotonic() < end and deploy.run_status(link.home, run_id)["status"] not in deploy.FINAL:
+    while not seen and time.monotonic() < end and submit.run_status(link.home, run_id)["status"] not in processes.FINAL:
         seen = _serverapp_argv()
         time.sleep(0.2)
     assert seen, "no flwr-serverapp process seen"
     assert all("--token" not in argv and "--token-file" in argv for argv in seen), seen
-    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
+    status = submit.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
     assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
     assert (run_dir / "checkpoints" / "round_000002").is_dir()
     rounds = [r for r in read_metrics(run_dir) if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert json.loads((run_dir / "config.json").read_text())["federation"]["rounds"] == 2
-    online = [n for n in deploy.list_nodes(link.home) if n["status"] == "online"]
+    online = [n for n in submit.list_nodes(link.home) if n["status"] == "online"]
     assert sorted(int(n["node-id"]) for n in online) == sorted(link.ids)
     for r in rounds:
         print(f"round {r['round']}: wall {r['wall_seconds']:.1f} s, train {r['train_seconds']:.1f} s")
@@ -183,14 +186,14 @@ def test_a_holder_of_ca_crt_alone_cannot_register_a_node(link, tmp_path):
     pub.write_bytes(ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     with pytest.raises(UserError, match="refused this machine's operator token"):
-        deploy.register_node(link.rogue, pub)
+        submit.register_node(link.rogue, pub)
     wrong = tmp_path / "guess"
-    deploy.write_connection(wrong, link.address, certs=link.only_ca, token="0" * 64)
+    submit.write_connection(wrong, link.address, certs=link.only_ca, token="0" * 64)
     with pytest.raises(UserError, match="refused this machine's operator token"):
-        deploy.register_node(wrong, pub)
+        submit.register_node(wrong, pub)
     with pytest.raises(UserError, match="operator token"):
-        deploy.list_nodes(link.rogue)
-    assert sorted(int(n["node-id"]) for n in deploy.list_nodes(link.home)) == sorted(link.ids)
+        submit.list_nodes(link.rogue)
+    assert sorted(int(n["node-id"]) for n in submit.list_nodes(link.home)) == sorted(link.ids)
 
 
 def test_a_holder_of_ca_crt_alone_cannot_submit_a_run_or_take_the_serverapps_task(link, tiny_prep):
@@ -201,10 +204,10 @@ def test_a_holder_of_ca_crt_alone_cannot_submit_a_run_or_take_the_serverapps_tas
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    before = deploy.flwr(link.home, "list", deploy.CONNECTION, "--format", "json").stdout
+    before = submit.flwr(link.home, "list", processes.CONNECTION, "--format", "json").stdout
     with pytest.raises(UserError, match="operator token"):
-        deploy.submit_run(link.rogue, tiny_cfg(tiny_prep), "rogue-run")
-    assert deploy.flwr(link.home, "list", deploy.CONNECTION, "--format", "json").stdout.count('"run-id"') == \
+        submit.submit_run(link.rogue, tiny_cfg(tiny_prep), "rogue-run")
+    assert submit.flwr(link.home, "list", processes.CONNECTION, "--format", "json").stdout.count('"run-id"') == \
         before.count('"run-id"')
     client = RuntimeHttpClient.from_server_address(
         server_address=link.address, insecure=False, root_certificates=(link.only_ca / "ca.crt").read_bytes(),
@@ -225,12 +228,12 @@ def test_a_failed_submit_says_why_and_keeps_the_connection_that_works(link, tiny
     make_certs(other, nodes=1)
     cfg = tiny_cfg(tiny_prep)
     with pytest.raises(UserError, match="unavailable.*certificate fails the check against .*other-certs"):
-        deploy.run_to_end(home, link.address, cfg, "never", certs=other, token=read_token(other / OPERATOR_TOKEN))
+        submit.run_to_end(home, link.address, cfg, "never", certs=other, token=read_token(other / OPERATOR_TOKEN))
     with pytest.raises(UserError, match="unavailable.*nothing answers there"):
-        deploy.run_to_end(home, f"127.0.0.1:{deploy.free_port()}", cfg, "never", certs=link.certs,
+        submit.run_to_end(home, f"127.0.0.1:{processes.free_port()}", cfg, "never", certs=link.certs,
                           token=read_token(link.certs / OPERATOR_TOKEN))
     assert files() == before
-    assert sorted(int(n["node-id"]) for n in deploy.list_nodes(home)) == sorted(link.ids)  # it still works
+    assert sorted(int(n["node-id"]) for n in submit.list_nodes(home)) == sorted(link.ids)  # it still works
 
 
 def test_a_run_dir_outside_the_runs_root_is_refused_by_the_server(link, tiny_prep):
@@ -238,7 +241,7 @@ def test_a_run_dir_outside_the_runs_root_is_refused_by_the_server(link, tiny_pre
     cfg = tiny_cfg(tiny_prep)
     for out in (str(link.root / "elsewhere"), "../escape"):
         with pytest.raises(UserError, match="outside this server's runs root"):
-            deploy.submit_run(link.home, cfg, out)
+            submit.submit_run(link.home, cfg, out)
     assert not (link.root / "elsewhere").exists() and not (link.root / "server" / "escape").exists()
 
 
@@ -251,7 +254,7 @@ def _photon(*args: str) -> list[str]:
 
 
 def test_an_insecure_node_against_a_tls_server_stops_with_the_reason(link, tmp_path):
-    res = subprocess.run(_photon("node", "--superlink", link.address, "--insecure", "--port", str(deploy.free_port()),
+    res = subprocess.run(_photon("node", "--superlink", link.address, "--insecure", "--port", str(processes.free_port()),
                                  "--state", str(tmp_path / "node")), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stdout + res.stderr
     error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -266,31 +269,31 @@ def test_killing_photon_node_kills_its_supernode_and_frees_the_key(link, procs, 
     key = link.certs / "node-1.key"
     log = tmp_path / "node" / "supernode.log"
     wrapper = subprocess.Popen(_photon("node", "--superlink", link.address, "--certs", str(link.certs), "--key",
-                                       str(key), "--port", str(deploy.free_port()), "--state", str(tmp_path / "node")),
+                                       str(key), "--port", str(processes.free_port()), "--state", str(tmp_path / "node")),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     procs.append(wrapper)
     end = time.monotonic() + 60
     while "SuperNode ID:" not in (log.read_text(errors="replace") if log.exists() else ""):
         assert wrapper.poll() is None and time.monotonic() < end, log.read_text() if log.exists() else "no log"
         time.sleep(0.2)
-    below = deploy.descendants(wrapper.pid)
+    below = processes.descendants(wrapper.pid)
     assert below
     with pytest.raises(UserError, match=rf"a running `photon node` \(pid {wrapper.pid}\) uses the key .*one node per "
                                         "key"):
-        deploy.start_supernode(link.address, deploy.free_port(), tmp_path / "second", certs=link.certs, key=key)
+        supernode.start_supernode(link.address, processes.free_port(), tmp_path / "second", certs=link.certs, key=key)
     wrapper.kill()
     wrapper.wait()
     end = time.monotonic() + 15
-    while any(Path(f"/proc/{pid}").exists() and not deploy._zombie(pid) for pid in below):
+    while any(Path(f"/proc/{pid}").exists() and not processes._zombie(pid) for pid in below):
         assert time.monotonic() < end, "the SuperNode outlived photon node"
         time.sleep(0.2)
     again, again_log = _node(link, "again", key, link.certs, procs)
-    deploy.wait_connected(again, again_log, link.address, certs=link.certs)
+    supernode.wait_connected(again, again_log, link.address, certs=link.certs)
 
 
 def _wait_online(link, n, timeout=60.0):
     end = time.monotonic() + timeout
-    while sum(node["status"] == "online" for node in deploy.list_nodes(link.home)) < n:
+    while sum(node["status"] == "online" for node in submit.list_nodes(link.home)) < n:
         assert time.monotonic() < end, f"fewer than {n} nodes online after {timeout} s"
         time.sleep(0.5)
 
@@ -304,14 +307,14 @@ def test_node_killed_mid_round_is_replaced_and_the_run_finishes(link, procs, tin
     victim, victim_log = _node(link, 0, link.certs / "node-0.key", link.certs, procs, data=tiny_prep, warm=True)
     _node(link, 1, link.certs / "node-1.key", link.certs, procs, data=tiny_prep, warm=True)
     _wait_online(link, 2)
-    group = [victim.pid, *deploy.descendants(victim.pid)]
+    group = [victim.pid, *processes.descendants(victim.pid)]
     assert len(group) >= 2  # the SuperNode and its ClientApp runtime
     # long enough that the kill lands mid-task; round 2 runs both clients on one node
     cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=2", "federation.clients_per_round=2",
                    "federation.local_steps=100", "train.threads=1")
     run_dir = link.runs / "run-kill"
     start = time.monotonic()
-    run_id = deploy.submit_run(link.home, cfg, "run-kill")
+    run_id = submit.submit_run(link.home, cfg, "run-kill")
     while "Received successfully" not in victim_log.read_text(errors="replace"):
         assert victim.poll() is None and time.monotonic() - start < 60, victim_log.read_text()[-2000:]
         time.sleep(0.1)
@@ -319,14 +322,14 @@ def test_node_killed_mid_round_is_replaced_and_the_run_finishes(link, procs, tin
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=10)
     killed = time.monotonic()
-    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=240)
+    status = submit.wait_run(link.home, run_id, poll_s=1.0, timeout_s=240)
     assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
     rounds = [r for r in read_metrics(run_dir) if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["failed"] >= 1 and rounds[0]["ok"] == 2, rounds[0]
     assert rounds[1]["ok"] == 2, rounds[1]
     assert (run_dir / "checkpoints" / "round_000002").is_dir()
-    assert all(not Path(f"/proc/{pid}").exists() or deploy._zombie(pid) for pid in group)  # the runtime died too
+    assert all(not Path(f"/proc/{pid}").exists() or processes._zombie(pid) for pid in group)  # the runtime died too
     print(f"kill at {killed - start:.1f} s; round 1 wall {rounds[0]['wall_seconds']:.1f} s; run elapsed "
           f"{status['elapsed']:.1f} s")
 
@@ -334,10 +337,10 @@ def test_node_killed_mid_round_is_replaced_and_the_run_finishes(link, procs, tin
 def test_async_rounds_on_the_deployed_runtime_with_one_slowed_node(link, procs, tiny_prep):
     """federation.mode=async on real SuperNodes: node 0 takes 4× as long per task; the fast node keeps
     training while the slow one works, so the slow node's updates come back stale and are still folded."""
-    from photon.federation import deploy as d
+    from photon.launch import processes, supernode
 
     for i, slow in ((0, 4.0), (1, 1.0)):
-        p = d.start_supernode(link.address, d.free_port(), link.root / f"anode-{i}", data=tiny_prep, certs=link.certs,
+        p = supernode.start_supernode(link.address, processes.free_port(), link.root / f"anode-{i}", data=tiny_prep, certs=link.certs,
                               key=link.certs / f"node-{i}.key", log_file=link.root / f"anode-{i}.log", warm=True,
                               slowdown=slow)
         procs.append(p)
@@ -345,8 +348,8 @@ def test_async_rounds_on_the_deployed_runtime_with_one_slowed_node(link, procs, 
     cfg = tiny_cfg(tiny_prep, "federation.rounds=4", "data.partition.num_clients=3", "federation.clients_per_round=2",
                    "federation.mode=async", "federation.asynchronous.quorum=1", "federation.local_steps=30",
                    "train.threads=1", "train.warmup_steps=4")
-    run_id = deploy.submit_run(link.home, cfg, "run-async")
-    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
+    run_id = submit.submit_run(link.home, cfg, "run-async")
+    status = submit.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
     assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
     rounds = [r for r in read_metrics(link.runs / "run-async") if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
@@ -355,14 +358,14 @@ def test_async_rounds_on_the_deployed_runtime_with_one_slowed_node(link, procs, 
 
 def test_a_user_mistake_in_the_deployed_serverapp_is_one_line(link, tiny_prep, tmp_path):
     cfg = tiny_cfg(tmp_path / "no-such-data", "federation.rounds=1", "train.warmup_steps=4")
-    run_id = deploy.submit_run(link.home, cfg, "run-mistake")
-    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=120)
+    run_id = submit.submit_run(link.home, cfg, "run-mistake")
+    status = submit.wait_run(link.home, run_id, poll_s=1.0, timeout_s=120)
     assert status["status"] != "finished:completed"
-    text = deploy.flwr(link.home, "log", str(run_id), deploy.CONNECTION, "--show").stdout
+    text = submit.flwr(link.home, "log", str(run_id), processes.CONNECTION, "--show").stdout
     assert "error:" in text and "no prepared data" in text, text[-2000:]
     assert "Traceback" not in text, text[-3000:]
     errors: list[str] = []  # what photon submit's last line then says
-    deploy.copy_lines(io.BytesIO(text.encode()), io.StringIO(), plain=True, errors=errors)
+    submit.copy_lines(io.BytesIO(text.encode()), io.StringIO(), plain=True, errors=errors)
     assert errors and "no prepared data" in errors[-1], text[-2000:]
 
 
@@ -381,8 +384,8 @@ def test_compressed_updates_shrink_the_bytes_on_the_wire(link, procs, tiny_prep)
         cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=2", "train.threads=1",
                        "train.warmup_steps=4", "federation.state_backup=false",
                        f"federation.compression.up.codec={codec}")
-        run_id = deploy.submit_run(link.home, cfg, f"run-wire-{codec}")
-        status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
+        run_id = submit.submit_run(link.home, cfg, f"run-wire-{codec}")
+        status = submit.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
         assert status["status"] == "finished:completed"
         inbound[codec] = status["network-traffic"]["inbound-bytes"]
         rounds = [r for r in read_metrics(link.runs / f"run-wire-{codec}") if r["kind"] == "round"]
@@ -405,8 +408,8 @@ def test_large_payloads_travel_by_the_blob_side_channel(link, procs, tiny_prep):
     _wait_online(link, 2)
     cfg = tiny_cfg(tiny_prep, "federation.rounds=2", "data.partition.num_clients=2", "train.threads=1",
                    "train.warmup_steps=4", "model.d_model=160", "model.n_head=4")  # ≈2 MB of fp32 parameters
-    run_id = deploy.submit_run(link.home, cfg, "run-blobs")
-    status = deploy.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
+    run_id = submit.submit_run(link.home, cfg, "run-blobs")
+    status = submit.wait_run(link.home, run_id, poll_s=1.0, timeout_s=300)
     assert status["status"] == "finished:completed", (link.root / "superlink.log").read_text()[-3000:]
     rounds = [r for r in read_metrics(link.runs / "run-blobs") if r["kind"] == "round"]
     moved = sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
@@ -423,26 +426,26 @@ def test_a_port_that_cannot_be_listened_on_says_why(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use.*with --blob-port"):
-            deploy.check_port_free("127.0.0.1", port, "--blob-port")
+            processes.check_port_free("127.0.0.1", port, "--blob-port")
         with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use"):  # before --state is made
-            deploy.start_superlink(port, tmp_path / "state", insecure=True, log_file=tmp_path / "superlink.log")
+            superlink.start_superlink(port, tmp_path / "state", insecure=True, log_file=tmp_path / "superlink.log")
         assert not (tmp_path / "state").exists()
     with pytest.raises(UserError, match="not an address or a name"):
-        deploy.check_port_free("not a host", port)
+        processes.check_port_free("not a host", port)
     with pytest.raises(UserError, match="not an address of this machine"):
-        deploy.check_port_free("192.0.2.1", port)  # TEST-NET-1: never this machine's
+        processes.check_port_free("192.0.2.1", port)  # TEST-NET-1: never this machine's
 
 
 def test_a_server_with_a_mistyped_certs_folder_writes_nothing_into_it(tmp_path):
     with pytest.raises(UserError, match="lacks ca.crt"):
-        deploy.start_superlink(deploy.free_port(), tmp_path / "state", certs=tmp_path / "certz")
+        superlink.start_superlink(processes.free_port(), tmp_path / "state", certs=tmp_path / "certz")
     assert not (tmp_path / "certz").exists()
 
 
 def test_a_node_or_server_that_stops_by_itself_is_an_error_with_the_reason(tmp_path):
     """Even with exit code 0 (Flower's SuperNode ends so when the SuperLink has forgotten it): it should run
     until stopped, and a service manager restarts only a failure."""
-    from photon.cli import _wait_foreground
+    from photon.cli.deploy import _wait_foreground
 
     log = tmp_path / "supernode.log"
     log.write_text("INFO :      SuperNode ID: 7\nTraceback (most recent call last):\n  ...\n"
@@ -482,12 +485,12 @@ def test_a_key_in_use_names_the_photon_node_using_it_or_the_orphan(tmp_path):
     child = int(node.stdout.readline())
     try:
         with pytest.raises(UserError, match=rf"a running `photon node` \(pid {node.pid}\) uses the key"):
-            deploy.check_key_unused(key)
+            supernode.check_key_unused(key)
     finally:
         node.kill()
         node.wait()
     try:  # its SuperNode outlived it (a SIGKILLed `photon node` before the parent-death signal): an orphan
         with pytest.raises(UserError, match=rf"pid {child}, perhaps left by a killed `photon node`"):
-            deploy.check_key_unused(key)
+            supernode.check_key_unused(key)
     finally:
         os.kill(child, signal.SIGKILL)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from photon.errors import UserError
-from photon.federation import deploy
-from photon.federation.certs import OPERATOR_TOKEN, make_certs, read_token
+from photon.launch import processes, submit, superlink, supernode
+from photon.launch.certs import OPERATOR_TOKEN, make_certs, read_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,21 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 def test_run_dirs_stay_under_the_runs_root(tmp_path):
     root = tmp_path / "runs"
     root.mkdir()
-    assert deploy.confine_run_dir(root, "small-deployed") == root.resolve() / "small-deployed"
-    assert deploy.confine_run_dir(root, "a/../b") == root.resolve() / "b"
-    assert deploy.confine_run_dir(root, str(root / "x" / "y")) == root.resolve() / "x" / "y"
+    assert superlink.confine_run_dir(root, "small-deployed") == root.resolve() / "small-deployed"
+    assert superlink.confine_run_dir(root, "a/../b") == root.resolve() / "b"
+    assert superlink.confine_run_dir(root, str(root / "x" / "y")) == root.resolve() / "x" / "y"
     (root / "link").symlink_to(tmp_path)  # a symlink inside the root that leads out of it
     for out in ("../x", "a/../../x", str(tmp_path / "x"), "/etc/cron.d/x", "", ".", "link/x"):
         with pytest.raises(UserError, match="outside this server's runs root"):
-            deploy.confine_run_dir(root, out)
+            superlink.confine_run_dir(root, out)
 
 
 def test_submit_refuses_an_out_that_leaves_the_runs_root_before_sending_anything():
     for out in ("..", "../x", "a/../../x", "", "."):
         with pytest.raises(UserError, match="inside the server's runs root"):
-            deploy.check_out(out)
-    deploy.check_out("small-deployed")
-    deploy.check_out("/an/absolute/path")  # only the server knows its root: it decides
+            submit.check_out(out)
+    submit.check_out("small-deployed")
+    submit.check_out("/an/absolute/path")  # only the server knows its root: it decides
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,15 +60,15 @@ def test_the_operator_token_is_private_random_and_checked(tmp_path):
         read_token(tmp_path / "a" / "ca.crt")
     with pytest.raises(UserError, match="cannot read the operator token"):
         read_token(tmp_path / "missing.token")
-    made = deploy.operator_token_file(tmp_path / "state", None)  # --insecure: made in the state dir on first start
+    made = superlink.operator_token_file(tmp_path / "state", None)  # --insecure: made in the state dir on first start
     assert made == tmp_path / "state" / OPERATOR_TOKEN and read_token(made)
-    assert deploy.operator_token_file(tmp_path / "state", None) == made and read_token(made) == read_token(made)
+    assert superlink.operator_token_file(tmp_path / "state", None) == made and read_token(made) == read_token(made)
 
 
 def test_the_superlink_admits_only_the_operator_token():
     from flwr.common.constant import ACCESS_TOKEN_KEY
 
-    authn = deploy.operator_authn("a" * 64)
+    authn = superlink.operator_authn("a" * 64)
     ok, account = authn.validate_tokens_in_metadata([(ACCESS_TOKEN_KEY, "a" * 64)])
     assert ok and account is not None
     for metadata in ([], [(ACCESS_TOKEN_KEY, "b" * 64)], [(ACCESS_TOKEN_KEY, "a" * 63)], [("other", "a" * 64)]):
@@ -78,10 +78,12 @@ def test_the_superlink_admits_only_the_operator_token():
 
 def test_the_token_is_stored_where_the_flwr_cli_sends_it_from(tmp_path):
     from flwr.cli.constant import ACCESS_TOKEN_STORE_KEY, AUTHN_TYPE_STORE_KEY
-    from flwr.supercore.credential_store.file_credential_store import FileCredentialStore
+    from flwr.supercore.credential_store.file_credential_store import (
+        FileCredentialStore,
+    )
 
     make_certs(tmp_path / "certs", nodes=0)
-    deploy.write_connection(tmp_path / "home", "10.0.0.5:9092", certs=tmp_path / "certs", token="t0ken")
+    submit.write_connection(tmp_path / "home", "10.0.0.5:9092", certs=tmp_path / "certs", token="t0ken")
     store = FileCredentialStore(tmp_path / "home" / "credentials.yaml")
     assert store.get(AUTHN_TYPE_STORE_KEY % "10.0.0.5:9092") == b"oidc"
     assert store.get(ACCESS_TOKEN_STORE_KEY % "10.0.0.5:9092") == b"t0ken"
@@ -133,17 +135,17 @@ def test_a_probe_names_the_mismatch(tmp_path):
     tls_address, tls_done = _serve(tls)
     plain_address, plain_done = _serve(None)
     try:
-        assert deploy.probe_superlink(tls_address, None, insecure=True)[0]
-        assert "speaks TLS" in deploy.probe_superlink(tls_address, None, insecure=True)[1]
-        sure, reason = deploy.probe_superlink(tls_address, other / "ca.crt", insecure=False)
+        assert supernode.probe_superlink(tls_address, None, insecure=True)[0]
+        assert "speaks TLS" in supernode.probe_superlink(tls_address, None, insecure=True)[1]
+        sure, reason = supernode.probe_superlink(tls_address, other / "ca.crt", insecure=False)
         assert sure and "certificate" in reason
-        sure, reason = deploy.probe_superlink(plain_address, certs / "ca.crt", insecure=False)
+        sure, reason = supernode.probe_superlink(plain_address, certs / "ca.crt", insecure=False)
         assert sure and "does not speak TLS" in reason
-        assert not deploy.probe_superlink(tls_address, certs / "ca.crt", insecure=False)[0]  # all is well
+        assert not supernode.probe_superlink(tls_address, certs / "ca.crt", insecure=False)[0]  # all is well
     finally:
         tls_done.set()
         plain_done.set()
-    sure, reason = deploy.probe_superlink(f"127.0.0.1:{deploy.free_port()}", None, insecure=True)
+    sure, reason = supernode.probe_superlink(f"127.0.0.1:{processes.free_port()}", None, insecure=True)
     assert not sure and "nothing answers" in reason  # the server may still be starting: not sure, wait
 
 
@@ -151,10 +153,10 @@ def test_a_tls_node_against_an_insecure_server_is_explained(tmp_path):
     log = tmp_path / "supernode.log"
     log.write_text("\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the connection to the "
                    "SuperLink.\n[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)\n")
-    assert "does not speak TLS" in deploy.explain_exit(log)
+    assert "does not speak TLS" in processes.explain_exit(log)
     log.write_text("ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
                    "[code: 2004] Failed to activate SuperNode.\n")
-    reason = deploy.explain_exit(log)
+    reason = processes.explain_exit(log)
     assert "registered" in reason and "same key" in reason
 
 
@@ -165,14 +167,14 @@ def test_a_tls_node_against_an_insecure_server_is_explained(tmp_path):
 def test_a_child_dies_with_its_parent_even_on_sigkill(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", (
         "import os, signal, sys\n"
-        "from photon.federation import deploy\n"
-        f"child = deploy.spawn(['sleep', '60'], {str(tmp_path)!r})\n"
+        "from photon.launch import processes\n"
+        f"child = processes.spawn(['sleep', '60'], {str(tmp_path)!r})\n"
         "print(child.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     assert parent.wait(timeout=30) == -signal.SIGKILL
     end = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and not deploy._zombie(child):
+    while Path(f"/proc/{child}").exists() and not processes._zombie(child):
         assert time.monotonic() < end, "the child outlived its SIGKILLed parent"
         time.sleep(0.1)
 
@@ -180,11 +182,11 @@ def test_a_child_dies_with_its_parent_even_on_sigkill(tmp_path):
 def test_piped_output_has_no_colour_codes():
     src = io.BytesIO(b"\x1b[92mINFO \x1b[0m:      round 1\nplain\n")
     out = io.StringIO()
-    deploy.copy_lines(src, out, plain=True)
+    submit.copy_lines(src, out, plain=True)
     assert out.getvalue() == "INFO :      round 1\nplain\n"
     src.seek(0)
     out = io.StringIO()
-    deploy.copy_lines(src, out, plain=False)  # a terminal keeps its colours
+    submit.copy_lines(src, out, plain=False)  # a terminal keeps its colours
     assert "\x1b[92m" in out.getvalue()
 
 
@@ -192,7 +194,7 @@ def test_the_serverapps_own_error_line_is_kept_for_the_submits_last_line():
     log = (b"\x1b[91mERROR \x1b[0m:     Exit Code: 300\nerror: runs/x already holds a run; pass --resume\n"
            b"Exit due to an exception ...\nINFO : grpc error: not ours\n")
     errors: list[str] = []
-    deploy.copy_lines(io.BytesIO(log), io.StringIO(), plain=True, errors=errors)
+    submit.copy_lines(io.BytesIO(log), io.StringIO(), plain=True, errors=errors)
     assert errors == ["runs/x already holds a run; pass --resume"]
 
 
@@ -207,9 +209,9 @@ def test_our_processes_take_no_secret_on_their_command_line(tmp_path, monkeypatc
         raise UserError("stop here")
 
     token = read_token(tmp_path / "certs" / OPERATOR_TOKEN)
-    monkeypatch.setattr(deploy, "spawn", fake_spawn)
+    monkeypatch.setattr(superlink, "spawn", fake_spawn)
     with pytest.raises(UserError, match="stop here"):
-        deploy.start_superlink(deploy.free_port(), tmp_path / "state", certs=tmp_path / "certs")
+        superlink.start_superlink(processes.free_port(), tmp_path / "state", certs=tmp_path / "certs")
     secret = (tmp_path / "state" / "superexec.secret").read_bytes()
     blob_secret = (tmp_path / "state" / "blobs.secret").read_bytes().decode()
     exposed = " ".join(seen["args"]) + " ".join(seen["env"].values())
@@ -220,7 +222,7 @@ def test_our_processes_take_no_secret_on_their_command_line(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("host", ["server.example.org:9092", "https://server.example.org", "bad host!"])
 def test_a_certificate_host_must_be_a_name_or_an_address(tmp_path, host):
-    from photon.federation.certs import make_certs
+    from photon.launch.certs import make_certs
 
     with pytest.raises(UserError, match="not a host name or IP address"):
         make_certs(tmp_path / "certs", hosts=(host, "127.0.0.1"))
@@ -232,20 +234,20 @@ def test_a_probe_of_the_blob_side_channel_port_says_so(tmp_path):
     over TLS and plain, whichever TLS choice the node made, and says which port to use."""
     import threading
 
-    from photon.federation.blobs import BlobServer
+    from photon.transport.blobs import BlobServer
 
     certs = tmp_path / "certs"
     make_certs(certs, nodes=0)
     for tls in (True, False):
-        port = deploy.free_port()
+        port = processes.free_port()
         srv = BlobServer(tmp_path / f"blobs{tls}", b"s" * 32, "127.0.0.1", port,
                          certs / "server.pem" if tls else None, certs / "server.key" if tls else None)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         try:
             for insecure in (False, True):  # the node's TLS choice right for the server, or not
-                sure, reason = deploy.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=insecure)
+                sure, reason = supernode.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=insecure)
                 assert sure and "blob side channel, not its SuperLink" in reason, (tls, insecure, reason)
-            sure, reason = deploy.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=not tls,
+            sure, reason = supernode.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=not tls,
                                                   identify=False)  # asked once by a caller that probes again
             assert "blob side channel" not in reason
         finally:
@@ -264,7 +266,7 @@ def test_a_probe_of_a_silent_listener_keeps_to_its_timeout(tmp_path):
     try:
         for insecure in (True, False):
             started = time.monotonic()
-            sure, reason = deploy.probe_superlink(address, tmp_path / "ca.crt", insecure=insecure, timeout=1.0)
+            sure, reason = supernode.probe_superlink(address, tmp_path / "ca.crt", insecure=insecure, timeout=1.0)
             assert not sure and "not as a photon server does" in reason
             assert time.monotonic() - started < 2.0
     finally:

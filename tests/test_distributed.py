@@ -17,25 +17,30 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_cfg, torch_threads
+from safetensors.torch import load_file
+from test_federation import fed_cfg
+
 from photon.config import config_to_dict
 from photon.data.partition import make_partition, spans_stream
 from photon.data.shards import open_prepared
 from photon.errors import UserError
 from photon.federation import codec
-from photon.federation.inprocess import InProcessTransport
+from photon.federation.client_state import optimizer_state_layout
 from photon.federation.protocol import MODEL, ClientTask, decode_reply, encode_task
 from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
-from photon.federation.worker import ClientWorker, optimizer_state_layout
-from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
+from photon.federation.worker import ClientWorker
+from photon.model.transformer import (
+    Transformer,
+    load_unique_state_dict,
+    unique_state_dict,
+)
 from photon.runlog import read_metrics
 from photon.train.device import place, resolve_device
 from photon.train.distributed import StreamSpec, train_ranks
 from photon.train.local import make_optimizer, optimizer_state_tensors, train_local
-from test_federation import fed_cfg
+from photon.transport.inprocess import InProcessTransport
 
 RTOL = 1e-4
 

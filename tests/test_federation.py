@@ -5,18 +5,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ServerCrash, crash_when
 from rich.console import Console
 
 from photon.checkpoint import hold_run_dir, list_checkpoints
 from photon.config import load_config
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator
-from photon.federation.inprocess import InProcessTransport
 from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
-from conftest import ServerCrash, crash_when
+from photon.transport.inprocess import InProcessTransport
 
 
 def fed_cfg(prep: Path, *overrides: str):
@@ -303,7 +303,7 @@ def test_a_run_folder_another_process_trains_into_is_refused_before_anything_is_
 
 
 def test_a_simulation_on_a_live_run_folder_is_refused_before_it_touches_the_blob_store(tiny_prep, tmp_path):
-    from photon.federation.launch import run_simulated
+    from photon.launch.simulation import run_simulated
 
     live = tmp_path / "live"
     (live / "blobs").mkdir(parents=True)

@@ -3,7 +3,7 @@
 import pytest
 
 from photon.config import load_config
-from photon.federation.launch import simulation_resources
+from photon.launch.simulation import simulation_resources
 
 
 @pytest.mark.parametrize("nodes,procs,cpus,gpus,workers,res", [

@@ -7,8 +7,12 @@ from helpers import assert_close_by_norm
 
 from photon.data.shards import TokenStream
 from photon.model.transformer import Transformer
-from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
-                                train_local)
+from photon.train.local import (
+    load_optimizer_state_tensors,
+    make_optimizer,
+    optimizer_state_tensors,
+    train_local,
+)
 from photon.train.schedule import get_lr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box

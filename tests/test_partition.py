@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from photon.config import DataConfig, PartitionConfig
-from photon.data.partition import client_stream, load_partition, make_partition, save_partition
+from photon.data.partition import (
+    client_stream,
+    load_partition,
+    make_partition,
+    save_partition,
+)
 from photon.data.shards import open_prepared, prepare
 from photon.errors import UserError
 

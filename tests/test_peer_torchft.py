@@ -20,7 +20,7 @@ DILOCO = ("data.partition.num_clients=2", "federation.clients_per_round=2", "fed
     ("federation.aggregation=median", "federation.aggregation"),
 ])
 def test_refuses_a_recipe_it_cannot_match(tmp_path, override, key):
-    from photon.bench.peer_torchft import run_torchft_diloco
+    from photon.bench.baselines.torchft import run_torchft_diloco
 
     cfg = tiny_cfg(tmp_path / "no-data", *DILOCO, override)
     with pytest.raises(UserError, match=key) as err:
@@ -33,10 +33,10 @@ def test_matches_our_diloco_on_a_tiny_run(tiny_prep, tmp_path):
     pytest.importorskip("torchft", reason="torchft not installed (the optional extra: pip install -e '.[peers]')")
     from rich.console import Console
 
-    from photon.bench.peer_torchft import run_torchft_diloco
-    from photon.federation.inprocess import InProcessTransport
+    from photon.bench.baselines.torchft import run_torchft_diloco
     from photon.federation.runner import run_federation
     from photon.federation.worker import ClientWorker
+    from photon.transport.inprocess import InProcessTransport
 
     cfg = tiny_cfg(tiny_prep, *DILOCO)
     rec = run_torchft_diloco(cfg, tmp_path / "torchft", seed=0)

@@ -11,9 +11,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from photon.digest import tensors_digest
 from photon.federation import codec
 from photon.federation.codec import CodecError, Payload
-from photon.federation.protocol import (STATE, UPDATE, ClientReply, ClientTask, Rejected, Wire, decode_reply,
-                                        decode_task, encode_reply, encode_task)
-from photon.federation.records import content_to_wire, wire_to_content
+from photon.federation.protocol import (
+    STATE,
+    UPDATE,
+    ClientReply,
+    ClientTask,
+    Rejected,
+    Wire,
+    decode_reply,
+    decode_task,
+    encode_reply,
+    encode_task,
+)
+from photon.transport.records import content_to_wire, wire_to_content
 
 
 def _params():

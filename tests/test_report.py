@@ -6,8 +6,8 @@ import math
 import pytest
 from rich.console import Console
 
+from photon.display import eval_table, plot_run
 from photon.errors import UserError
-from photon.report import eval_table, plot_run
 from photon.runlog import METRICS, RunLog, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,8 @@
 """Robust aggregation and update screening in a run with a noisy client (the statistics: test_fold.py)."""
 
-from photon.runlog import read_metrics
 from test_federation import fed_cfg, run
+
+from photon.runlog import read_metrics
 
 
 def _noisy(prep, *extra):

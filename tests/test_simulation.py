@@ -1,11 +1,12 @@
 """Flower's simulation runtime end to end: the same numbers as the engine-free loop, faults, resume."""
 
-from photon.federation.inprocess import InProcessTransport
-from photon.federation.launch import run_simulated
+from test_federation import fed_cfg
+
 from photon.federation.runner import run_federation
 from photon.federation.worker import ClientWorker
+from photon.launch.simulation import run_simulated
 from photon.runlog import read_metrics
-from test_federation import fed_cfg
+from photon.transport.inprocess import InProcessTransport
 
 
 def test_simulation_resumed_matches_the_engine_free_run_bitwise(tiny_prep, tmp_path):
@@ -21,8 +22,8 @@ def test_simulation_resumed_matches_the_engine_free_run_bitwise(tiny_prep, tmp_p
 
 def test_a_model_over_1mb_takes_the_blob_channel_in_simulation_with_the_same_numbers(tiny_prep, tmp_path,
                                                                                     monkeypatch):
-    from photon.federation import blobs
     from photon.model.transformer import count_params
+    from photon.transport import blobs
 
     cfg = fed_cfg(tiny_prep, "model.d_model=96", "federation.rounds=2", "federation.num_nodes=2",
                   "train.threads=1")

@@ -1,13 +1,12 @@
-"""The sizing tables' memory model (`photon/bench/sizing.py`) against the tensors a real step holds."""
+"""The sizing tables' memory model (`photon/train/memory.py`) against the tensors a real step holds."""
 
 import pytest
-import torch
 from conftest import tiny_cfg
 
-from photon.bench.sizing import client_memory
 from photon.data.shards import TokenStream
 from photon.model.transformer import Transformer
 from photon.train.local import make_optimizer, train_local
+from photon.train.memory import client_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,35 +38,35 @@ def test_model_states_are_the_bytes_a_step_holds(tiny_prepared, in_backward):
 def test_a_run_counts_every_client_training_at_once_and_its_server(monkeypatch):
     """On the CPU, simulated workers training side by side and the server share the machine's RAM; on a GPU each
     rank has a device of its own."""
-    from photon.bench import sizing
     from photon.config import load_config
     from photon.errors import UserError
     from photon.model.transformer import count_params
+    from photon.train import memory
 
     cfg = load_config("small")
-    one = sizing.run_memory(cfg, "cpu")["total"]
-    two = sizing.run_memory(cfg, "cpu", clients_at_once=2, server=True)
-    server = sizing.SERVER_MODELS * 4 * count_params(cfg.model) + sizing.RUNTIME_BYTES
-    assert one == client_memory(cfg)["total"] + sizing.RUNTIME_BYTES
+    one = memory.run_memory(cfg, "cpu")["total"]
+    two = memory.run_memory(cfg, "cpu", clients_at_once=2, server=True)
+    server = memory.SERVER_MODELS * 4 * count_params(cfg.model) + memory.RUNTIME_BYTES
+    assert one == client_memory(cfg)["total"] + memory.RUNTIME_BYTES
     assert two["total"] == 2 * one + server
-    assert sizing.run_memory(cfg, "cuda", clients_at_once=2, server=True)["total"] == client_memory(cfg)["total"]
-    alone = sizing.run_memory(cfg, "cpu", clients_at_once=1, server=True)["total"]
-    monkeypatch.setattr(sizing, "device_memory", lambda _: int(alone))  # one client and the server fit
-    sizing.check_fits(cfg, "cpu", server=True)
+    assert memory.run_memory(cfg, "cuda", clients_at_once=2, server=True)["total"] == client_memory(cfg)["total"]
+    alone = memory.run_memory(cfg, "cpu", clients_at_once=1, server=True)["total"]
+    monkeypatch.setattr(memory, "device_memory", lambda _: int(alone))  # one client and the server fit
+    memory.check_fits(cfg, "cpu", server=True)
     with pytest.raises(UserError, match=r"this run needs about .* 2 training processes at once .* plus .* for the "
                                         r"server.*: train at most 1 client\(s\) at once \(federation.num_nodes=1\)"):
-        sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
-    lean_two = sizing.run_memory(sizing.lean_config(cfg), "cpu", clients_at_once=2, server=True)["total"]
+        memory.check_fits(cfg, "cpu", clients_at_once=2, server=True)
+    lean_two = memory.run_memory(memory.lean_config(cfg), "cpu", clients_at_once=2, server=True)["total"]
     assert alone < lean_two < two["total"]
-    monkeypatch.setattr(sizing, "device_memory", lambda _: int((lean_two + two["total"]) / 2))
+    monkeypatch.setattr(memory, "device_memory", lambda _: int((lean_two + two["total"]) / 2))
     with pytest.raises(UserError, match=r"train lean \(the same updates, more compute: --set train.step_in_backward"):
-        sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
-    monkeypatch.setattr(sizing, "device_memory", lambda _: int(0.5 * one))  # not even one client: fewer cannot help
+        memory.check_fits(cfg, "cpu", clients_at_once=2, server=True)
+    monkeypatch.setattr(memory, "device_memory", lambda _: int(0.5 * one))  # not even one client: fewer cannot help
     with pytest.raises(UserError) as refused:
-        sizing.check_fits(cfg, "cpu", clients_at_once=2, server=True)
+        memory.check_fits(cfg, "cpu", clients_at_once=2, server=True)
     assert "num_nodes" not in str(refused.value) and "lower train.batch_size" in str(refused.value)
     with pytest.raises(UserError, match=r"this run needs .*model, optimizer, activations and the process's runtime"):
-        sizing.check_fits(cfg, "cpu")  # a centralized run
+        memory.check_fits(cfg, "cpu")  # a centralized run
 
 
 def test_photon_run_refuses_a_simulation_whose_workers_together_do_not_fit(monkeypatch, tmp_path):
@@ -75,12 +74,12 @@ def test_photon_run_refuses_a_simulation_whose_workers_together_do_not_fit(monke
 
     from typer.testing import CliRunner
 
-    from photon.bench import sizing
     from photon.cli import app
     from photon.config import load_config
+    from photon.train import memory
 
-    alone = sizing.run_memory(load_config("tiny"), "cpu", clients_at_once=1, server=True)["total"]
-    monkeypatch.setattr(sizing, "device_memory", lambda _: int(alone))
+    alone = memory.run_memory(load_config("tiny"), "cpu", clients_at_once=1, server=True)["total"]
+    monkeypatch.setattr(memory, "device_memory", lambda _: int(alone))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.chdir(tmp_path)
     args = ["run", "-p", "tiny", "--set", "federation.num_nodes=2", "--set", "train.device=cpu"]

@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 
 from photon.data.corpora import load_user_corpus
-from photon.data.tokenizer import EOT, load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer
+from photon.data.tokenizer import (
+    EOT,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_sha256,
+    train_tokenizer,
+)
 from photon.errors import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "corpus"

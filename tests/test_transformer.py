@@ -8,7 +8,11 @@ import torch
 from photon.config import ModelConfig
 from photon.errors import UserError
 from photon.model.transformer import (
-    Transformer, count_params, describe, load_unique_state_dict, unique_state_dict,
+    Transformer,
+    count_params,
+    describe,
+    load_unique_state_dict,
+    unique_state_dict,
 )
 
 TINY = dict(vocab_size=257, n_layer=2, d_model=32, n_head=4, max_seq_len=32)

@@ -5,21 +5,20 @@ schedule cannot be bent by a resume."""
 
 import io
 import logging
-from pathlib import Path
 
 import pytest
+from conftest import ServerCrash, crash_when
 from rich.console import Console
+from test_federation import fed_cfg, run
 
 from photon.checkpoint import list_checkpoints
 from photon.errors import UserError
-from photon.federation.inprocess import InProcessTransport
 from photon.federation.protocol import decode_task
 from photon.federation.runner import run_federation
 from photon.federation.server_state import ServerState
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
-from conftest import ServerCrash, crash_when
-from test_federation import fed_cfg, run
+from photon.transport.inprocess import InProcessTransport
 
 
 def _rounds(run_dir):

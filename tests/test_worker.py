@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_cfg
 from helpers import assert_close_by_norm
+from test_distributed import _task
+
 from photon.federation import codec
 from photon.federation.codec import Payload
 from photon.federation.protocol import UPDATE, decode_reply
 from photon.federation.worker import ClientWorker, ParkedModel, lay_out_parameters
 from photon.model.transformer import Transformer
-from test_distributed import _task
 
 
 def test_the_model_is_received_into_and_the_reply_built_in_its_own_memory(tiny_prep, tmp_path):
@@ -86,11 +86,12 @@ def test_photon_node_lean_reaches_the_worker(tmp_path, monkeypatch):
     from it (Flower parses the node config's values; an int here)."""
     from types import SimpleNamespace
 
-    from photon.federation import client_app, deploy
+    from photon.launch import processes, supernode
+    from photon.transport import client_app
 
     started = []
-    monkeypatch.setattr(deploy, "spawn", lambda args, *a, **k: started.append(args))
-    deploy.start_supernode("127.0.0.1:9092", deploy.free_port(), tmp_path / "node", insecure=True, lean=True)
+    monkeypatch.setattr(supernode, "spawn", lambda args, *a, **k: started.append(args))
+    supernode.start_supernode("127.0.0.1:9092", processes.free_port(), tmp_path / "node", insecure=True, lean=True)
     node_config = started[0][started[0].index("--node-config") + 1]
     assert " lean=1" in node_config
     client_app._workers.clear()
@@ -103,17 +104,17 @@ def test_photon_node_lean_reaches_the_worker(tmp_path, monkeypatch):
 def test_a_node_short_of_memory_trains_lean_by_itself_with_the_same_update(tiny_prep, tmp_path, monkeypatch, caplog):
     """A node whose free memory is less than a client's estimate, but more than the lean estimate, trains
     lean without being told (`photon node --lean`'s recipe: the same update), and says so once per run."""
-    from photon.bench import sizing
     from photon.config import build_config
+    from photon.train import memory
 
     task, wire, layouts = _task(tiny_prep)
     cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
-    need = sizing.client_memory(cfg, procs=1)["total"]
-    lean_need = sizing.client_memory(sizing.lean_config(cfg), procs=1)["total"]
+    need = memory.client_memory(cfg, procs=1)["total"]
+    lean_need = memory.client_memory(memory.lean_config(cfg), procs=1)["total"]
     assert lean_need < need
     plain = decode_reply(ClientWorker(tmp_path / "plain").handle(wire), task, *layouts)
 
-    monkeypatch.setattr(sizing, "free_memory", lambda _: int((need + lean_need) / 2))
+    monkeypatch.setattr(memory, "free_memory", lambda _: int((need + lean_need) / 2))
     worker = ClientWorker(tmp_path / "short")
     with caplog.at_level("WARNING", logger="photon.federation.worker"):
         for _ in range(2):
@@ -124,7 +125,7 @@ def test_a_node_short_of_memory_trains_lean_by_itself_with_the_same_update(tiny_
     said = [r.getMessage() for r in caplog.records if "trains the run lean" in r.getMessage()]
     assert len(said) == 1 and "photon node --lean" in said[0] and "the same updates, bitwise" in said[0]
 
-    monkeypatch.setattr(sizing, "free_memory", lambda _: int(2 * need))  # room again: the run stays lean here
+    monkeypatch.setattr(memory, "free_memory", lambda _: int(2 * need))  # room again: the run stays lean here
     task, wire, layouts = _task(tiny_prep)
     worker.handle(wire)
     assert worker._model[1].checkpoint_blocks
@@ -136,7 +137,7 @@ def test_a_node_short_of_memory_trains_lean_by_itself_with_the_same_update(tiny_
 
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="free memory is read from Linux's /proc")
 def test_free_memory_reads_this_machine():
-    from photon.bench.sizing import device_memory, free_memory
+    from photon.train.memory import device_memory, free_memory
 
     free = free_memory("cpu")
     assert free is not None and 0 < free <= device_memory("cpu") * 1.01

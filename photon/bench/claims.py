@@ -229,9 +229,9 @@ def run_arm(base: RunConfig, arm: Arm, seed: int, run_dir: Path) -> dict[str, An
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     if arm.kind == "federated":
-        from photon.federation.inprocess import InProcessTransport
         from photon.federation.runner import run_federation
         from photon.federation.worker import ClientWorker
+        from photon.transport.inprocess import InProcessTransport
 
         transport = InProcessTransport(ClientWorker(run_dir / "node-state"), cfg.federation.num_nodes)
         run_federation(cfg, run_dir, transport, console=quiet)
@@ -248,15 +248,15 @@ def run_arm(base: RunConfig, arm: Arm, seed: int, run_dir: Path) -> dict[str, An
 
 
 def run_peer(cfg: RunConfig, run_dir: Path, seed: int) -> dict[str, Any]:
-    """torchft's DiLoCo side by side (photon/bench/peer_torchft.py), or why it did not run."""
+    """torchft's DiLoCo side by side (photon/bench/baselines/torchft.py), or why it did not run."""
     import importlib.util
 
     if importlib.util.find_spec("torchft") is None:
         return {"status": "not run: torchft is not installed (pip install -e '.[peers]')"}
     try:
-        from photon.bench.peer_torchft import run_torchft_diloco
+        from photon.bench.baselines.torchft import run_torchft_diloco
     except ImportError as e:
-        return {"status": f"not run: photon.bench.peer_torchft is not available ({e})"}
+        return {"status": f"not run: photon.bench.baselines.torchft is not available ({e})"}
     try:
         rec = run_torchft_diloco(cfg, run_dir, seed)
     except Exception as e:  # the peer is a reference, not ours: its failure is reported, not fatal
@@ -273,7 +273,7 @@ def arm_config(base: RunConfig, arm: Arm, seed: int) -> RunConfig:
 
 
 def run_ddp_calibration(base: RunConfig, plan: ClaimsPlan, out: Path) -> dict[str, Any]:
-    from photon.train.ddp import run_ddp
+    from photon.bench.baselines.ddp import run_ddp
 
     done = out / "done.json"
     steps = plan.ddp_steps

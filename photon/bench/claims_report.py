@@ -15,8 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from photon.bench.network import (NETWORKS, Network, crossovers, data_parallel_step_seconds, photon_round_seconds,
-                                  ring_allreduce_bytes, ring_allreduce_seconds)
+from photon.bench.network import (
+    NETWORKS,
+    Network,
+    crossovers,
+    data_parallel_step_seconds,
+    photon_round_seconds,
+    ring_allreduce_bytes,
+    ring_allreduce_seconds,
+)
 
 OVERALL = "overall"
 SCALES = ("tiny", "small", "medium")
@@ -612,7 +619,7 @@ def _claim3_time(v: View) -> str:
         x = d["ddp"]
         share = x["comm_seconds"] / x["step_seconds"]
         bw = 8 * ring_allreduce_bytes(x["allreduce_bytes_per_step"], x["world"]) / max(x["comm_seconds"], 1e-9)
-        out += [f"Real data-parallel calibration (`photon/train/ddp.py`): torch DDP, gloo, {x['world']} processes "
+        out += [f"Real data-parallel calibration (`photon/bench/baselines/ddp.py`): torch DDP, gloo, {x['world']} processes "
                 f"over loopback, {x['threads']} thread each, {x['steps']} steps of local batch "
                 f"{x['batch_size']}×{x['seq_len']}, each rank on a disjoint IID shard; a comm hook all-reduces each "
                 "bucket synchronously and times it (the first 2 steps excluded).",
@@ -687,11 +694,11 @@ def _peer(v: View) -> str:
     run = arm["runs"].get("0")
     peer = run["peer"] if run else {"status": "not run: the arm did not finish"}
     if peer.get("status") != "ran":
-        return f"**torchft peer** (`photon/bench/peer_torchft.py`): {peer.get('status', 'not run')}."
+        return f"**torchft peer** (`photon/bench/baselines/torchft.py`): {peer.get('status', 'not run')}."
     ppl = _ppl(peer["losses"][OVERALL])
     ours = f"; our `diloco` at seed 0: {v.final('diloco', '0'):,.1f}" if v.has("diloco") and "0" in v.seeds(
         "diloco") else ""
-    return (f"**torchft peer** (`photon/bench/peer_torchft.py`, torchft {peer.get('torchft_version', '?')}): "
+    return (f"**torchft peer** (`photon/bench/baselines/torchft.py`, torchft {peer.get('torchft_version', '?')}): "
             f"torchft's DiLoCo on the same model, data, seed 0 and recipe as `diloco` (LR {arm['lr']:g}, client "
             f"optimizer {peer.get('client_optimizer', '?')}), one process per client on loopback: final perplexity "
             f"{ppl:,.1f}{ours}. Synchronisation per round (the last replica to arrive: quorum + all-reduce + outer "

@@ -79,9 +79,9 @@ def arm_dir(out: Path, arm: dict[str, Any]) -> Path:
 
 def run_arm(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """One arm in this process (the CLI runs each in its own process, two at a time)."""
-    from photon.federation.inprocess import InProcessTransport
     from photon.federation.runner import run_federation
     from photon.federation.worker import ClientWorker
+    from photon.transport.inprocess import InProcessTransport
 
     if not finished(cfg, run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -114,7 +114,7 @@ def arm_result(run_dir: Path) -> dict[str, Any]:
 def codec_seconds(cfg: RunConfig, settings: tuple[str, ...], repeats: int = 3) -> dict[str, float]:
     """Encode and decode seconds of one update of the model's shape with these settings (best of `repeats`)."""
     from photon.federation import codec
-    from photon.federation.compression import client_message
+    from photon.federation.compressed_updates import client_message
     from photon.model.transformer import Transformer, unique_state_dict
 
     ccfg = with_overrides(cfg, [f"federation.compression.up.{s}" for s in settings]).federation.compression.up

@@ -22,7 +22,7 @@ from photon.train.evaluate import perplexity
 
 
 def run_demo_bench(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
-    from photon.federation.launch import run_simulated
+    from photon.launch.simulation import run_simulated
 
     fresh_out_dir(out)
     started = time.time()

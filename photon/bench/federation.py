@@ -21,14 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from photon.config import RunConfig, build_config, config_to_dict, with_overrides
 from photon.runlog import read_metrics
 
 
 def overhead(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
-    from photon.federation.launch import run_simulated
+    from photon.launch.simulation import run_simulated
 
     run_simulated(cfg, run_dir, console=console)
     rounds = [r for r in read_metrics(run_dir) if r["kind"] == "round"]
@@ -72,8 +71,13 @@ class LoopbackGrid:
         from types import SimpleNamespace
 
         from photon.federation.codec import Payload
-        from photon.federation.protocol import ClientReply, ClientTask, Wire, encode_reply
-        from photon.federation.records import wire_to_content
+        from photon.federation.protocol import (
+            ClientReply,
+            ClientTask,
+            Wire,
+            encode_reply,
+        )
+        from photon.transport.records import wire_to_content
 
         out = []
         for msg_id in message_ids:
@@ -96,14 +100,14 @@ def memory_probe(config_json: str, k: int, spill: str) -> None:
     """Run in a fresh process: one real round of `Aggregator.run_round` over `GridTransport` (the decode path
     of a deployed server) with K replies of the config's model shape; print {"multiple": peak RAM over the
     baseline / model bytes} as JSON. K nodes reply at once, so every reply is pending when the server pulls."""
+    from flwr.supercore.task_identity import TaskIdentity
+
     from photon.federation.aggregator import Aggregator
     from photon.federation.codec import layout_of
     from photon.federation.protocol import tensor_bytes
-    from photon.federation.server_app import GridTransport
     from photon.federation.server_state import ServerState
     from photon.model.transformer import Transformer, unique_state_dict
-
-    from flwr.supercore.task_identity import TaskIdentity
+    from photon.transport.server_app import GridTransport
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp process
     cfg = build_config(json.loads(config_json))
@@ -220,48 +224,48 @@ def overhead_from_run(run_dir: Path) -> dict[str, Any]:
 def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None, nodes: int = 2,
                       timeout_s: float = 1800.0, warm: bool = False) -> dict[str, Any]:
     """The same overhead measure on Flower's deployment runtime: a SuperLink and `nodes` SuperNodes started
-    by `photon.federation.deploy` on 127.0.0.1, the run submitted with `flwr run` as `photon submit` does.
+    by `photon.launch.superlink` on 127.0.0.1, the run submitted with `flwr run` as `photon submit` does.
 
     INSECURE on purpose (no TLS, no node authentication): everything binds to 127.0.0.1 and lives only for the
     benchmark. TLS would add a little per-message cost; the process, polling and transfer costs are the same.
     Each node trains with cores / nodes threads (as the simulation gives its workers)."""
-    from photon.federation import deploy
-    from photon.federation.certs import read_token
-    from photon.federation.launch import with_threads
+    from photon.launch import processes, submit, superlink, supernode
+    from photon.launch.certs import read_token
+    from photon.launch.simulation import with_threads
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # The ServerApp's working directory is not ours: give it an absolute data path.
     cfg = with_overrides(with_threads(cfg, nodes), [f"data.prep_dir={Path(cfg.data.prep_dir).resolve()}"])
     say = console.print if console is not None else print
-    address = f"127.0.0.1:{deploy.free_port()}"
+    address = f"127.0.0.1:{processes.free_port()}"
     procs = []
     start = time.monotonic()
     try:
-        procs.append(deploy.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
+        procs.append(superlink.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
                                             log_file=out / "superlink.log"))
         for i in range(nodes):
-            procs.append(deploy.start_supernode(address, deploy.free_port(), out / f"node-{i}", data=cfg.data.prep_dir,
+            procs.append(supernode.start_supernode(address, processes.free_port(), out / f"node-{i}", data=cfg.data.prep_dir,
                                                 insecure=True, log_file=out / f"node-{i}.log", warm=warm))
         home = out / "submit"
-        token = read_token(deploy.operator_token_file(out / "server", None))
-        deploy.write_connection(home, address, insecure=True, token=token)
+        token = read_token(superlink.operator_token_file(out / "server", None))
+        submit.write_connection(home, address, insecure=True, token=token)
         end = time.monotonic() + 60
-        while sum(n["status"] == "online" for n in deploy.list_nodes(home)) < nodes:  # all nodes in round 1
+        while sum(n["status"] == "online" for n in submit.list_nodes(home)) < nodes:  # all nodes in round 1
             if time.monotonic() > end:
                 raise RuntimeError(f"fewer than {nodes} nodes online after 60 s; see {out}/node-*.log")
             time.sleep(0.5)
         ready = time.monotonic() - start
         run_dir = out / "server" / "runs" / "run"  # the SuperLink confines runs under its runs root
-        run_id = deploy.submit_run(home, cfg, "run")
+        run_id = submit.submit_run(home, cfg, "run")
         say(f"deployed benchmark: run {run_id} on {address} (insecure, loopback), {nodes} nodes; logs in {out}")
-        status = deploy.wait_run(home, run_id, poll_s=1.0, timeout_s=timeout_s)
+        status = submit.wait_run(home, run_id, poll_s=1.0, timeout_s=timeout_s)
     finally:
         for p in reversed(procs):
-            deploy.stop(p)
+            processes.stop(p)
     if status["status"] != "finished:completed":
         raise RuntimeError(f"deployed benchmark run ended {status['status']}: {status.get('status-details')}; "
-                           f"see `FLWR_HOME={home} flwr log {run_id} {deploy.CONNECTION}` and {out}")
+                           f"see `FLWR_HOME={home} flwr log {run_id} {processes.CONNECTION}` and {out}")
     result = overhead_from_run(run_dir)
     result.update(startup_seconds=ready, run_seconds=float(status.get("elapsed") or 0.0), nodes=nodes)
     return result

@@ -2,7 +2,7 @@
 
 Each file holds the numbers, the exact command that produced them, the date, and the machine (cores, CPU,
 torch version, and the load average sampled while the benchmark ran, since this 2-core machine is often
-shared). `photon bench report` renders docs/RESULTS.md from these files and nothing else (`report.py`).
+shared). `photon bench report` renders docs/RESULTS.md from these files and nothing else (`publish.py`).
 """
 
 from __future__ import annotations

@@ -21,11 +21,11 @@ from rich.console import Console
 
 from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig, with_overrides
-from photon.federation.inprocess import InProcessTransport
 from photon.federation.runner import run_federation
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
+from photon.transport.inprocess import InProcessTransport
 
 NO_SCREEN = ["federation.max_norm_ratio=null", "federation.min_cosine=null"]
 CLEAN_ARMS: dict[str, list[str]] = {

@@ -30,10 +30,10 @@ from rich.console import Console
 from photon.bench.results import LoadSampler, finished_arm, plots_dir, publish
 from photon.config import RunConfig, config_to_dict, with_overrides
 from photon.federation.runner import run_federation
-from photon.federation.virtual_clock import VirtualClockTransport
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
+from photon.transport.virtual_clock import VirtualClockTransport
 
 ARMS = ("clean sync", "sync, fixed deadline", "sync, adaptive deadline", "async")
 PLOT = Path("docs/img/stragglers.png")

@@ -71,7 +71,7 @@ def loopback_mb_s(nbytes: int, chunk: int = 4 * MB, keep: bool = False) -> float
 def runtime_mb() -> float:
     """Peak RSS of a process that has only imported what a node runs (Python, torch, Flower, photon): the
     floor under any node's peak, whatever the model."""
-    code = ("import re, torch, flwr, photon.federation.client_app, photon.federation.worker; "
+    code = ("import re, torch, flwr, photon.transport.client_app, photon.federation.worker; "
             "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(out.split()[-1]) / 1024
@@ -125,29 +125,29 @@ def wire_config(cfg: RunConfig) -> RunConfig:
 
 
 def deployed(cfg: RunConfig, out: Path, console: Console, lean: bool = False) -> dict[str, Any]:
-    from photon.federation import deploy
-    from photon.federation.certs import read_token
+    from photon.launch import processes, submit, superlink, supernode
+    from photon.launch.certs import read_token
 
     out = Path(out).resolve()
     cfg = with_overrides(cfg, [f"data.prep_dir={Path(cfg.data.prep_dir).resolve()}"])
-    address = f"127.0.0.1:{deploy.free_port()}"
+    address = f"127.0.0.1:{processes.free_port()}"
     procs = []
     with PeakWatcher({"server": "flwr-serverapp", "node": "clientapp-runtime", "superlink": "superlink",
-                      "blob server": "photon.federation.blobs"}) as w:
+                      "blob server": "photon.transport.blobs"}) as w:
         try:
-            procs.append(deploy.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
+            procs.append(superlink.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
                                                 log_file=out / "superlink.log"))
-            procs.append(deploy.start_supernode(address, deploy.free_port(), out / "node", data=cfg.data.prep_dir,
+            procs.append(supernode.start_supernode(address, processes.free_port(), out / "node", data=cfg.data.prep_dir,
                                                 insecure=True, log_file=out / "node.log", warm=True, lean=lean))
             home = out / "submit"
-            deploy.write_connection(home, address, insecure=True,
-                                    token=read_token(deploy.operator_token_file(out / "server", None)))
-            run_id = deploy.submit_run(home, cfg, "wire")
+            submit.write_connection(home, address, insecure=True,
+                                    token=read_token(superlink.operator_token_file(out / "server", None)))
+            run_id = submit.submit_run(home, cfg, "wire")
             console.print(f"deployed: run {run_id} on {address}")
-            status = deploy.wait_run(home, run_id, poll_s=1.0, timeout_s=3600)
+            status = submit.wait_run(home, run_id, poll_s=1.0, timeout_s=3600)
         finally:
             for p in reversed(procs):
-                deploy.stop(p)
+                processes.stop(p)
     if status["status"] != "finished:completed":
         raise RuntimeError(f"the deployed wire run ended {status['status']}; see {out}")
     text = (out / "node.log").read_text(errors="replace")
@@ -162,11 +162,11 @@ def deployed(cfg: RunConfig, out: Path, console: Console, lean: bool = False) ->
 def simulated(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
     """Flower's simulation in a fresh process (so its peak is this run's alone)."""
     code = ("import json,sys,resource; from pathlib import Path; from photon.config import build_config; "
-            "from photon.federation.launch import run_simulated; "
+            "from photon.launch.simulation import run_simulated; "
             "run_simulated(build_config(json.loads(sys.argv[1])), Path(sys.argv[2])); "
             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    with PeakWatcher({"node": "ray::", "driver": "photon.federation.launch",
-                      "blob server": "photon.federation.blobs"}) as w:
+    with PeakWatcher({"node": "ray::", "driver": "photon.launch.simulation",
+                      "blob server": "photon.transport.blobs"}) as w:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(config_to_dict(cfg)), str(out / "run")],
                               capture_output=True, text=True)
     if proc.returncode != 0:

@@ -29,12 +29,25 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from photon.config import DataConfig
 from photon.data.corpora import Domain, default_domains, fetch_sources, user_domains
-from photon.data.tokenizer import EOT, load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer
+from photon.data.tokenizer import (
+    EOT,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_sha256,
+    train_tokenizer,
+)
 from photon.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import tempfile
 import time
 from collections import Counter, deque
-import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +29,30 @@ import numpy as np
 import torch
 
 from photon.config import RunConfig
-from photon.errors import UserError
-from photon.federation import codec
 from photon.digest import tensors_digest
-from photon.federation import compression
-from photon.federation.client_state import MISSING, MISSING_BASE, StateFiles
+from photon.errors import UserError
+from photon.federation import codec, compressed_updates
+from photon.federation.client_state import (
+    MISSING,
+    MISSING_BASE,
+    StateFiles,
+    client_state_layout,
+)
 from photon.federation.fold import ReplyBuffer, combine, screen
 from photon.federation.outer import make_outer
-from photon.federation.protocol import MODEL, STATE, UPDATE, ClientReply, ClientTask, Rejected, Wire, \
-    decode_reply, encode_task, unfit_reason
+from photon.federation.protocol import (
+    MODEL,
+    STATE,
+    UPDATE,
+    ClientReply,
+    ClientTask,
+    Rejected,
+    Wire,
+    decode_reply,
+    encode_task,
+    unfit_reason,
+)
 from photon.federation.server_state import ServerState
-from photon.federation.worker import client_state_layout
 
 log = logging.getLogger(__name__)
 SAME_MODEL = codec.Payload({"codec": "fp32", "tensors": []}, np.zeros(0, np.uint8))  # "use the model you hold"
@@ -185,7 +198,7 @@ class Aggregator:
 
     def model_digest(self) -> str | None:
         """Digest of the current global model, when the down-link is compressed (nodes check their rebuild)."""
-        if compression.is_identity(self.down):
+        if compressed_updates.is_identity(self.down):
             return None
         key = (self.state.round, self.state.global_step)
         if self._digest is None or self._digest[0] != key:
@@ -470,13 +483,13 @@ class Aggregator:
 
     def _commit(self, delta: dict[str, torch.Tensor], replies: dict[int, ClientReply], node_of: dict[int, int],
                 result: RoundResult) -> None:
-        old = None if compression.is_identity(self.down) else \
+        old = None if compressed_updates.is_identity(self.down) else \
             {k: v.clone() for k, v in self.state.params.items()}
         base = self.model_digest()
         self.outer.step(self.state.params, delta)
         del delta
         if old is not None:  # the new model is what nodes rebuild from the compressed outer update
-            payload, residual = compression.server_broadcast(
+            payload, residual = compressed_updates.server_broadcast(
                 self.state.params, old, self.state.down_residual or None, self.down, seed=self.state.round)
             self.state.down_residual = residual or {}
             del old

@@ -22,16 +22,29 @@ Who trains what, and when, lives here; checking, parking, screening, folding and
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from photon.checkpoint import load_checkpoint
 from photon.federation import codec
-from photon.federation.aggregator import Aggregator, InFlight, RoundResult, Transport, clock_of, is_virtual
+from photon.federation.aggregator import (
+    Aggregator,
+    InFlight,
+    RoundResult,
+    Transport,
+    clock_of,
+    is_virtual,
+)
 from photon.federation.client_state import MISSING
 from photon.federation.fold import ReplyBuffer
-from photon.federation.protocol import ClientReply, ClientTask, Rejected, Wire, encode_task, unfit_reason
+from photon.federation.protocol import (
+    ClientReply,
+    ClientTask,
+    Rejected,
+    Wire,
+    encode_task,
+    unfit_reason,
+)
 
 log = logging.getLogger(__name__)
 

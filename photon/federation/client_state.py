@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from photon.config import RunConfig
 from photon.digest import tensors_digest
+from photon.federation import codec, compressed_updates
 
 Tensors = dict[str, torch.Tensor]
 MISSING = "photon:missing-client-state"  # marks a node's error reply: "I do not hold the state you named"
@@ -126,3 +128,21 @@ class NodeStateCache:
 
     def clear_run(self, run_id: str) -> None:
         shutil.rmtree(self.state_dir / run_id, ignore_errors=True)
+
+
+def client_state_layout(cfg: RunConfig, layout: codec.Layout) -> codec.Layout:
+    """The names and shapes of a client's kept state: AdamW moments (persist), error-feedback residuals."""
+    out = []
+    if cfg.federation.client_optimizer == "persist":
+        out += optimizer_state_layout(layout)
+    if cfg.federation.compression.up.error_feedback:
+        out += compressed_updates.residual_layout(layout)
+    return sorted(out)
+
+
+def optimizer_state_layout(layout: codec.Layout) -> codec.Layout:
+    """The names and shapes of a client's kept AdamW state for a model of this layout."""
+    out = []
+    for name, shape in layout:
+        out += [(f"{name}.exp_avg", tuple(shape)), (f"{name}.exp_avg_sq", tuple(shape)), (f"{name}.step", ())]
+    return sorted(out)

@@ -15,21 +15,32 @@ from typing import Any
 
 from rich.console import Console
 
-from photon.checkpoint import (atomic_write_text, hold_run_dir, list_checkpoints, none_verified,
-                               refuse_a_resume_of_no_run, refuse_a_taken_run_dir)
+from photon.checkpoint import (
+    atomic_write_text,
+    hold_run_dir,
+    list_checkpoints,
+    none_verified,
+    refuse_a_resume_of_no_run,
+    refuse_a_taken_run_dir,
+)
 from photon.config import RunConfig, build_config, config_to_dict
 from photon.data.partition import client_seed, client_stream, make_partition
 from photon.data.shards import Prepared
 from photon.digest import tensors_digest
+from photon.display import eval_table, plot_run
 from photon.errors import UserError
 from photon.federation.aggregator import Aggregator, RoundResult, Transport
 from photon.federation.client_state import StateFiles
 from photon.federation.fold import DISAGREES
 from photon.federation.server_state import ServerState, referenced_state_digests
 from photon.model.transformer import load_unique_state_dict, unique_state_dict
-from photon.report import eval_table, plot_run
 from photon.runlog import LOSS, RunLog, eval_losses, read_metrics
-from photon.train.centralized import build_model, check_same_data, check_same_model, open_data
+from photon.train.centralized import (
+    build_model,
+    check_same_data,
+    check_same_model,
+    open_data,
+)
 from photon.train.device import release_freed_memory, resolve_device
 from photon.train.evaluate import OVERALL, evaluable_domains, evaluate, perplexity
 

@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from photon.checkpoint import load_latest, prune_checkpoints, require_kind, save_checkpoint
+from photon.checkpoint import (
+    load_latest,
+    prune_checkpoints,
+    require_kind,
+    save_checkpoint,
+)
 
 Tensors = dict[str, torch.Tensor]
 

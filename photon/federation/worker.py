@@ -22,19 +22,50 @@ import torch
 from photon.config import RunConfig, build_config
 from photon.data.partition import client_seed, spans_stream
 from photon.data.shards import Prepared, open_prepared
-from photon.errors import UserError
 from photon.digest import tensors_digest
-from photon.federation import codec, compression
-from photon.federation.client_state import MissingBaseModel, NodeStateCache
+from photon.errors import UserError
+from photon.federation import codec, compressed_updates
+from photon.federation.client_state import (
+    MissingBaseModel,
+    NodeStateCache,
+    client_state_layout,
+)
 from photon.federation.codec import CodecError
-from photon.federation.faults import corrupt_reply, corrupt_wire, maybe_fail, task_timing
-from photon.federation.protocol import (MODEL, STATE, ClientReply, ClientTask, NodeUnfit, Wire, decode_task,
-                                       encode_reply)
-from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
+from photon.federation.faults import (
+    corrupt_reply,
+    corrupt_wire,
+    maybe_fail,
+    task_timing,
+)
+from photon.federation.protocol import (
+    MODEL,
+    STATE,
+    ClientReply,
+    ClientTask,
+    NodeUnfit,
+    Wire,
+    decode_task,
+    encode_reply,
+)
+from photon.model.transformer import (
+    Transformer,
+    load_unique_state_dict,
+    unique_state_dict,
+)
 from photon.train import distributed
-from photon.train.device import place, release_freed_memory, resolve_device, setup_backend
-from photon.train.local import (lean_config, load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
-                                train_local)
+from photon.train.device import (
+    place,
+    release_freed_memory,
+    resolve_device,
+    setup_backend,
+)
+from photon.train.local import (
+    lean_config,
+    load_optimizer_state_tensors,
+    make_optimizer,
+    optimizer_state_tensors,
+    train_local,
+)
 
 log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
@@ -93,22 +124,8 @@ class ParkedModel:
             torch.sub(slab[:b - a], out[a:b], out=out[a:b])
 
 
-def client_state_layout(cfg: RunConfig, layout: codec.Layout) -> codec.Layout:
-    """The names and shapes of a client's kept state: AdamW moments (persist), error-feedback residuals."""
-    out = []
-    if cfg.federation.client_optimizer == "persist":
-        out += optimizer_state_layout(layout)
-    if cfg.federation.compression.up.error_feedback:
-        out += compression.residual_layout(layout)
-    return sorted(out)
 
 
-def optimizer_state_layout(layout: codec.Layout) -> codec.Layout:
-    """The names and shapes of a client's kept AdamW state for a model of this layout."""
-    out = []
-    for name, shape in layout:
-        out += [(f"{name}.exp_avg", tuple(shape)), (f"{name}.exp_avg_sq", tuple(shape)), (f"{name}.step", ())]
-    return sorted(out)
 
 
 class ClientWorker:
@@ -174,9 +191,9 @@ class ClientWorker:
 
     def _lean_if_short(self, cfg: RunConfig) -> RunConfig:
         """The run's config, or the lean one (`photon node --lean`) when a client would not fit this node's
-        free memory otherwise (`sizing.lean_if_short`). Once a run goes lean on this node it stays lean (its
+        free memory otherwise (`memory.lean_if_short`). Once a run goes lean on this node it stays lean (its
         tasks do not flip between recipes with the free memory of the moment); said once."""
-        from photon.bench.sizing import lean_if_short
+        from photon.train.memory import lean_if_short
 
         key = cfg.model_dump_json()
         if key in self._lean_runs:
@@ -214,7 +231,7 @@ class ClientWorker:
                         raise UserError("the server sent a model update for the model this node already holds")
                     start = base
                 else:
-                    start = compression.reconstruct(base, fetch(MODEL, wire.payloads[MODEL], None), layout)
+                    start = compressed_updates.reconstruct(base, fetch(MODEL, wire.payloads[MODEL], None), layout)
         except (KeyError, CodecError) as e:
             raise UserError(f"the server's model does not fit this node's model ({e}); same photon version?") from None
         if task.model_digest is not None:
@@ -301,9 +318,9 @@ class ClientWorker:
                             samples=result.samples, steps=result.steps, cursor=result.cursor, loss=result.loss,
                             train_seconds=result.seconds, update=update)
         corrupt_reply(task, reply, cfg.federation.faults)  # a hostile site corrupts what it would send
-        if not compression.is_identity(up):
-            residual = {k: v for k, v in state.items() if k.startswith(compression.EF)} if state else None
-            reply.payload, new_residual = compression.client_message(
+        if not compressed_updates.is_identity(up):
+            residual = {k: v for k, v in state.items() if k.startswith(compressed_updates.EF)} if state else None
+            reply.payload, new_residual = compressed_updates.client_message(
                 reply.update, residual, up, seed=task.dispatch * 1_000_003 + task.client_id)
             reply.update = {}
             new_state.update(new_residual or {})

@@ -21,7 +21,12 @@ from tokenizers import Tokenizer
 
 from photon.config import ModelConfig
 from photon.errors import UserError
-from photon.model.transformer import HEAD_KEY, Transformer, load_unique_state_dict, unique_state_dict
+from photon.model.transformer import (
+    HEAD_KEY,
+    Transformer,
+    load_unique_state_dict,
+    unique_state_dict,
+)
 
 
 def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:

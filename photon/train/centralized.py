@@ -12,20 +12,42 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
-from photon.checkpoint import (hold_run_dir, list_checkpoints, load_latest, none_verified, prune_checkpoints,
-                               refuse_a_taken_run_dir, require_kind, save_checkpoint)
+from photon.checkpoint import (
+    hold_run_dir,
+    list_checkpoints,
+    load_latest,
+    none_verified,
+    prune_checkpoints,
+    refuse_a_taken_run_dir,
+    require_kind,
+    save_checkpoint,
+)
 from photon.config import RunConfig, config_to_dict
 from photon.data.shards import Prepared, TokenStream, open_prepared
+from photon.display import eval_table
 from photon.errors import UserError
-from photon.report import eval_table
-from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
+from photon.model.transformer import (
+    Transformer,
+    load_unique_state_dict,
+    unique_state_dict,
+)
 from photon.runlog import LOSS, RunLog
 from photon.train.device import place, resolve_device, setup_backend
 from photon.train.evaluate import OVERALL, evaluable_domains, evaluate
-from photon.train.local import (load_optimizer_state_tensors, make_optimizer, optimizer_state_tensors,
-                                train_local)
+from photon.train.local import (
+    load_optimizer_state_tensors,
+    make_optimizer,
+    optimizer_state_tensors,
+    train_local,
+)
 
 log = logging.getLogger(__name__)
 

@@ -32,14 +32,29 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from photon.config import RunConfig, TrainConfig, build_config, config_to_dict, with_overrides
+from photon.config import (
+    RunConfig,
+    TrainConfig,
+    build_config,
+    config_to_dict,
+    with_overrides,
+)
 from photon.data.partition import spans_stream
 from photon.data.shards import open_prepared
 from photon.errors import UserError
-from photon.model.transformer import Transformer, load_unique_state_dict, unique_state_dict
+from photon.model.transformer import (
+    Transformer,
+    load_unique_state_dict,
+    unique_state_dict,
+)
 from photon.train.device import place, resolve_device, setup_backend
-from photon.train.local import (LocalResult, load_optimizer_state_tensors, make_optimizer,
-                                optimizer_state_tensors, train_local)
+from photon.train.local import (
+    LocalResult,
+    load_optimizer_state_tensors,
+    make_optimizer,
+    optimizer_state_tensors,
+    train_local,
+)
 
 log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]

@@ -116,7 +116,7 @@ def run_ddp(cfg: RunConfig, out_dir: Path, steps: int, world: int = 2, timeout_s
         old.unlink()
     port = free_port()
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "photon.train.ddp", str(cfg_path), str(rank), str(world),
+    procs = [subprocess.Popen([sys.executable, "-m", "photon.bench.baselines.ddp", str(cfg_path), str(rank), str(world),
                                str(port), str(out_dir), str(steps)], env=env,
                               stdout=open(out_dir / f"rank{rank}.log", "w"), stderr=subprocess.STDOUT)
              for rank in range(world)]
@@ -137,7 +137,7 @@ def run_ddp(cfg: RunConfig, out_dir: Path, steps: int, world: int = 2, timeout_s
 
 
 if __name__ == "__main__":
-    # One rank: python -m photon.train.ddp CONFIG_JSON RANK WORLD PORT OUT_DIR STEPS (started by run_ddp).
+    # One rank: python -m photon.bench.baselines.ddp CONFIG_JSON RANK WORLD PORT OUT_DIR STEPS (started by run_ddp).
     path, rank_, world_, port_, out_, steps_ = sys.argv[1:7]
     _rank_main(build_config(json.loads(Path(path).read_text())), int(rank_), int(world_), int(port_),
                Path(out_), int(steps_))

@@ -1,7 +1,7 @@
 """A warm node. Flower 1.41's SuperNode runs every message in a new `flwr-clientapp` process (importing torch and
 Flower, installing the app bundle, building the model and optimizer: seconds per message) and polls the
 SuperLink every 3 s when idle. `photon node --warm` instead runs the SuperNode with `--isolation process` (Flower's
-mode for an executor started independently) from `python -m photon.federation.warm_node supernode`, which
+mode for an executor started independently) from `python -m photon.launch.warm_node supernode`, which
   - shortens the SuperNode's idle polling of the SuperLink (and its 0.5 s waits for a reply) to IDLE_POLL_S,
     its retries for message parts not yet uploaded (1, 2, 4 s ...) to 20..200 ms, and its heartbeat interval to
     HEARTBEAT_S; these patch Flower 1.41's module globals (pyproject pins flwr 1.41),
@@ -58,13 +58,11 @@ def supernode_main(argv: list[str]) -> None:
     runtime on the Runtime API at 127.0.0.1:--port."""
     import threading
 
-    import flwr.supernode.start_client_internal as sci
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
     import flwr.supercore.heartbeat as hb
     import flwr.supernode.fleet_http_connection as fleet
-
+    import flwr.supernode.start_client_internal as sci
     from flwr.supercore.logger import update_console_handler
+    from flwr.supernode.cli.flower_supernode import flower_supernode
 
     update_console_handler(timestamps=True, colored=False)  # a log file: when each message came and went
     sci.time = _ShortSleeps(IDLE_POLL_S)  # type: ignore[attr-defined]
@@ -90,7 +88,7 @@ def _supervise_runtime(port: int) -> None:
                 break
         time.sleep(0.1)
     while True:
-        proc = subprocess.Popen([sys.executable, "-m", "photon.federation.warm_node", "clientapp-runtime", address,
+        proc = subprocess.Popen([sys.executable, "-m", "photon.launch.warm_node", "clientapp-runtime", address,
                                  str(os.getpid())], stdin=subprocess.DEVNULL)
         code = proc.wait()
         if code == -signal.SIGTERM:
@@ -165,8 +163,14 @@ class ClientAppRuntime:
         from flwr.app.error import Error
         from flwr.clientapp.client_app import LoadClientAppError
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.heartbeat import (
+            HeartbeatSender,
+            make_task_heartbeat_fn_http,
+        )
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+        )
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -219,9 +223,13 @@ def pull_task_input(client):
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
-                                                                     make_pull_object_fn_protobuf)
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        pull_and_inflate_object_from_tree,
+    )
     from flwr.supercore.task_identity import TaskIdentity
 
     res = client.PullTaskInput(PullTaskInputRequest())
@@ -256,5 +264,5 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["clientapp-runtime"]:
         clientapp_runtime_main(sys.argv[2], int(sys.argv[3]))
     else:
-        sys.exit("usage: python -m photon.federation.warm_node supernode FLOWER-SUPERNODE-ARGS... | "
+        sys.exit("usage: python -m photon.launch.warm_node supernode FLOWER-SUPERNODE-ARGS... | "
                  "clientapp-runtime HOST:PORT PARENT_PID")

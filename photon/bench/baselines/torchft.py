@@ -26,7 +26,13 @@ from typing import Any
 import torch
 
 from photon.checkpoint import atomic_write_text
-from photon.config import FaultConfig, RunConfig, build_config, config_to_dict, with_overrides
+from photon.config import (
+    FaultConfig,
+    RunConfig,
+    build_config,
+    config_to_dict,
+    with_overrides,
+)
 from photon.errors import UserError
 
 RECORD = "torchft.json"  # in OUT: the run's record
@@ -150,7 +156,7 @@ def run_torchft_diloco(cfg: RunConfig, out: Path, seed: int) -> dict[str, Any]:
     cfg_path = out / "config.json"
     atomic_write_text(cfg_path, json.dumps(config_to_dict(cfg), indent=1))
     k = cfg.data.partition.num_clients
-    me = [sys.executable, "-m", "photon.bench.peer_torchft"]
+    me = [sys.executable, "-m", "photon.bench.baselines.torchft"]
     pid = str(os.getpid())  # children exit when this process is gone (_exit_with_parent)
     lighthouse_cmd = [*me, "--lighthouse", pid, str(out), str(k)]
     replica_cmds = [[*me, "--replica", pid, str(out), str(cid)] for cid in range(k)]
@@ -359,7 +365,7 @@ def _load_config(text: str) -> RunConfig:
 
 
 if __name__ == "__main__":
-    # python -m photon.bench.peer_torchft CONFIG_JSON OUT SEED   (CONFIG_JSON: JSON text or a .json file)
+    # python -m photon.bench.baselines.torchft CONFIG_JSON OUT SEED   (CONFIG_JSON: JSON text or a .json file)
     # The launcher starts itself as --lighthouse PID OUT K and --replica PID OUT CLIENT_ID LIGHTHOUSE_ADDR.
     logging.basicConfig(level=logging.WARNING)
     args = sys.argv[1:]
@@ -369,7 +375,7 @@ if __name__ == "__main__":
         _replica_main(int(args[1]), Path(args[2]), int(args[3]), args[4])
     else:
         if len(args) != 3:
-            sys.exit("usage: python -m photon.bench.peer_torchft CONFIG_JSON OUT SEED")
+            sys.exit("usage: python -m photon.bench.baselines.torchft CONFIG_JSON OUT SEED")
         try:
             rec = run_torchft_diloco(_load_config(args[0]), Path(args[1]), int(args[2]))
         except UserError as e:

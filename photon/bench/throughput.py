@@ -30,6 +30,7 @@ from rich.console import Console
 from photon.bench.results import LoadSampler, chosen_results_dir, save_result
 from photon.config import RunConfig, with_overrides
 from photon.data.shards import TokenStream
+from photon.model.flops import flops_per_token
 from photon.model.transformer import Transformer
 from photon.train.device import autocast, place, resolve_device, setup_backend
 from photon.train.local import adamw_kernel, make_optimizer, train_local
@@ -56,16 +57,6 @@ def datasheet_bf16(device_name: str | None) -> float | None:
         if device_name and re.search(rf"(?<!\w){re.escape(pattern)}(?!\w)", device_name, re.IGNORECASE):
             return DATASHEET_BF16[part]
     return None
-
-
-def flops_per_token(cfg: RunConfig) -> float:
-    """Training FLOPs per token: 6 × the parameters of every matmul (the output layer included, the embedding
-    lookup not) + 12 × layers × d_model × seq_len for attention scores and values (PaLM's accounting)."""
-    m = cfg.model
-    d, hd = m.d_model, m.head_dim
-    per_layer = d * m.n_head * hd * 2 + d * m.kv_heads * hd * 2 + 3 * d * m.hidden
-    matmul = m.n_layer * per_layer + m.vocab_size * d
-    return 6 * matmul + 12 * m.n_layer * d * cfg.train.seq_len
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) -> float:

@@ -1,5 +1,5 @@
 """Starting a federation: Flower's simulation runtime on this machine (the default), or the deployment
-runtime across machines (see `deploy.py`). Flower's environment variables are set here, at the edge.
+runtime across machines (`superlink.py`, `supernode.py`, `submit.py`). Flower's environment variables are set here, at the edge.
 """
 
 from __future__ import annotations
@@ -20,18 +20,12 @@ from rich.console import Console
 
 from photon.checkpoint import hold_run_dir, refuse_a_resume_of_no_run
 from photon.config import RunConfig, with_overrides
+from photon.launch.processes import flower_env
 
 log = logging.getLogger(__name__)
 SERVER_STOP_S = 60  # how long an interrupted simulation waits for its server thread to stop
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """Variables every Flower process of ours needs on an offline machine: no telemetry, no update check, no
-    runtime installs."""
-    return {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DEDUP_LOGS": "0",
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def with_threads(cfg: RunConfig, workers: int) -> RunConfig:
@@ -70,11 +64,11 @@ def loopback_blobs(cfg: RunConfig, run_dir: Path) -> Iterator[Any]:
     capabilities with. Flower's simulation keeps every message in the driver's memory until it is pulled; with
     the channel, messages carry references and the payloads move as deployed. None for smaller models (every
     payload would stay in the message anyway). The blobs folder is removed when the simulation ends."""
-    from photon.federation.blobs import Channel, serve_command
-    from photon.federation.certs import write_private
-    from photon.federation.client_app import BLOB_THRESHOLD
-    from photon.federation.deploy import die_with_parent, free_port, stop, wait_listening
+    from photon.launch.certs import write_private
+    from photon.launch.processes import die_with_parent, free_port, stop, wait_listening
     from photon.model.transformer import count_params
+    from photon.transport.blobs import Channel, serve_command
+    from photon.transport.client_app import BLOB_THRESHOLD
 
     if count_params(cfg.model) * 4 < BLOB_THRESHOLD:
         yield None
@@ -100,8 +94,8 @@ def run_simulated(cfg: RunConfig, run_dir: Path, resume: bool = False, console: 
     as many Ray workers as there are cores (at most one per node), each with its share of threads. Payloads
     over 1 MB take the blob side channel on loopback (`loopback_blobs`), as they do deployed."""
     os.environ.update(flower_env(Path(run_dir).resolve().parent / ".flwr"))
-    from photon.federation.client_app import make_client_app
-    from photon.federation.server_app import make_server_app
+    from photon.transport.client_app import make_client_app
+    from photon.transport.server_app import make_server_app
 
     nodes = cfg.federation.num_nodes
     workers, resources = simulation_resources(cfg, os.cpu_count() or 1, visible_gpus(cfg))

@@ -19,15 +19,14 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from photon.config import RunConfig, build_config
+from photon.config import ModelConfig, RunConfig, build_config
 from photon.errors import UserError
 from photon.federation.codec import CodecError
-from photon.config import ModelConfig
-from photon.federation.blobs import BLOB, BlobError, Channel
 from photon.federation.protocol import ClientTask, Rejected, Wire
-from photon.model.transformer import count_params
-from photon.federation.records import content_to_wire, wire_to_content
 from photon.federation.runner import run_federation
+from photon.model.transformer import count_params
+from photon.transport.blobs import BLOB, BlobError, Channel
+from photon.transport.records import content_to_wire, wire_to_content
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from photon.federation import blobs
-from photon.federation.records import content_to_wire, wire_to_content
 from photon.federation.worker import ClientWorker
+from photon.transport import blobs
+from photon.transport.records import content_to_wire, wire_to_content
 
 _workers: dict[tuple[int, str, str], ClientWorker] = {}
 BLOB_THRESHOLD = 1 << 20  # replies smaller than this stay in the Flower message

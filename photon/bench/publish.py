@@ -24,10 +24,19 @@ _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /
 
 
 def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
-    from photon.bench import compression, demo, federation, prepare, robust, stragglers, trainer, wire
+    from photon.bench import (
+        compression,
+        demo,
+        federation,
+        prepare,
+        robust,
+        stragglers,
+        throughput,
+        wire,
+    )
 
     return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
-            "trainer-cpu": trainer.render, "trainer-cuda": trainer.render, "wire": wire.render,
+            "trainer-cpu": throughput.render, "trainer-cuda": throughput.render, "wire": wire.render,
             "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render,
             "federation": federation.render,
             "demo": demo.render, "demo-brief": demo.render_brief,

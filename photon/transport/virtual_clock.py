@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from photon.config import RunConfig, build_config
 from photon.federation.faults import task_timing
-from photon.federation.inprocess import InProcessTransport
 from photon.federation.protocol import ClientTask, Rejected, Wire, decode_task
 from photon.federation.worker import ClientWorker
+from photon.transport.inprocess import InProcessTransport
 
 
 @dataclass

@@ -522,11 +522,11 @@ def serve_command(root: str | Path, host: str, port: int, secret_file: str | Pat
     """The command line that runs a blob server (`serve_main`) in a process of its own: `photon server` beside
     the SuperLink, and a simulation on loopback (`launch.loopback_blobs`)."""
     tls = [str(cert), str(key)] if cert is not None else []
-    return [sys.executable, "-m", "photon.federation.blobs", str(root), host, str(port), str(secret_file), *tls]
+    return [sys.executable, "-m", "photon.transport.blobs", str(root), host, str(port), str(secret_file), *tls]
 
 
 def serve_main(argv: list[str]) -> None:
-    """`python -m photon.federation.blobs ROOT HOST PORT SECRET_FILE [CERT KEY]`: run the blob server (started
+    """`python -m photon.transport.blobs ROOT HOST PORT SECRET_FILE [CERT KEY]`: run the blob server (started
     by `photon server` beside the SuperLink; it dies with its parent)."""
     import ctypes
     import signal

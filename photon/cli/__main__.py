@@ -1,0 +1,5 @@
+"""`python -m photon.cli`: the `photon` command."""
+
+from photon.cli.main import main
+
+main()
