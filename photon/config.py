@@ -247,24 +247,14 @@ class CodecConfig(_Frozen):
     values: Literal["fp32", "bf16", "fp16", "int8", "int4", "2bit"] = Field(
         "fp32", description="topk: codec of the kept values.")
     chunk: int = Field(4096, ge=1, le=65536, description="topk: elements per chunk (indices are uint16).")
-    block_size: int = Field(256, ge=1, description="int8/int4/2bit: elements sharing one scale.")
+    # the bounds are the codec's own (federation/codec.py: MAX_CHUNK, MAX_BLOCK; a test keeps them equal)
+    block_size: int = Field(256, ge=1, le=1 << 20, description="int8/int4/2bit: elements sharing one scale.")
     stochastic: bool = Field(False, description="Unbiased stochastic rounding (seeded per task) instead of "
                              "nearest.")
     two_bit: Literal["sign", "codebook"] = Field("sign", description="2bit: ±scale or 0 (sign), or 4 levels "
                                                  "per block (codebook).")
     error_feedback: bool = Field(False, description="Carry what compression left out into the next round's "
                                  "message (up: per client, kept with the client's state; down: on the server).")
-
-    def spec(self):
-        from photon.federation.codec import CodecSpec
-
-        return CodecSpec(name=self.codec, density=self.density, values=self.values, chunk=self.chunk,
-                         block_size=self.block_size, stochastic=self.stochastic, two_bit=self.two_bit)
-
-    @model_validator(mode="after")
-    def _check_spec(self) -> CodecConfig:
-        self.spec().validate()
-        return self
 
 
 class CompressionConfig(_Frozen):

@@ -280,3 +280,19 @@ def test_any_number_on_a_numeric_field_validates_or_is_a_user_error(field, value
         got = got[k]
     if isinstance(value, float) and math.isfinite(value) and not isinstance(got, bool) and got is not None:
         assert got == pytest.approx(value)
+
+
+def test_the_codec_configs_choices_and_bounds_are_the_codecs_own():
+    """The config checks a codec's settings with the codec's own choices and bounds (federation/codec.py), so a
+    config that loads always encodes."""
+    import typing
+
+    from photon.config import CodecConfig
+    from photon.federation import codec
+
+    fields = CodecConfig.model_fields
+    assert typing.get_args(fields["codec"].annotation) == codec.CODECS
+    assert typing.get_args(fields["values"].annotation) == codec.CODECS[:-1]
+    assert next(m.le for m in fields["block_size"].metadata if hasattr(m, "le")) == codec.MAX_BLOCK
+    assert next(m.le for m in fields["chunk"].metadata if hasattr(m, "le")) == codec.MAX_CHUNK
+    assert typing.get_args(fields["two_bit"].annotation) == ("sign", "codebook")

@@ -100,16 +100,14 @@ def memory_probe(config_json: str, k: int, spill: str) -> None:
     """Run in a fresh process: one real round of `Aggregator.run_round` over `GridTransport` (the decode path
     of a deployed server) with K replies of the config's model shape; print {"multiple": peak RAM over the
     baseline / model bytes} as JSON. K nodes reply at once, so every reply is pending when the server pulls."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from photon.federation.aggregator import Aggregator
     from photon.federation.codec import layout_of
     from photon.federation.protocol import tensor_bytes
     from photon.federation.server_state import ServerState
     from photon.model.transformer import Transformer, unique_state_dict
-    from photon.transport.server_app import GridTransport
+    from photon.transport.server_app import GridTransport, act_as_a_serverapp_process
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp process
+    act_as_a_serverapp_process()
     cfg = build_config(json.loads(config_json))
     with torch.device("meta"):
         shapes = {n: (t.shape, t.dtype) for n, t in unique_state_dict(Transformer(cfg.model)).items()}

@@ -154,7 +154,7 @@ class Aggregator:
         self.outer.load_state_dict(state.outer_state)
         self.layout = codec.layout_of(state.params)
         self.state_layout = client_state_layout(cfg, self.layout)
-        self.up_spec = cfg.federation.compression.up.spec()
+        self.up_spec = codec.CodecSpec.of(cfg.federation.compression.up)
         self.node_failures: dict[int, list[int]] = {}  # consecutive failed tasks per node: their clients
         self.excluded: dict[int, str] = {}
         self._expired: dict[str, ClientTask] = {}

@@ -81,6 +81,12 @@ class CodecSpec:
     stochastic: bool = False   # int8/int4/2bit: unbiased stochastic rounding seeded by `encode`'s seed
     two_bit: str = "sign"      # 2bit: "sign" (0 or ±hi) or "codebook" (±lo, ±hi)
 
+    @classmethod
+    def of(cls, config: Any) -> CodecSpec:
+        """The spec a `config.CodecConfig` describes (the config's fields are already checked)."""
+        return cls(name=config.codec, density=config.density, values=config.values, chunk=config.chunk,
+                   block_size=config.block_size, stochastic=config.stochastic, two_bit=config.two_bit)
+
     def validate(self) -> CodecSpec:
         """Self, or ValueError naming the first bad field, its value and what it may be."""
         def is_int(v: Any) -> bool:

@@ -37,7 +37,7 @@ def residual_layout(layout: codec.Layout) -> codec.Layout:
 def client_message(update: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor] | None,
                    cfg: CodecConfig, seed: int) -> tuple[Payload, Tensors | None]:
     """C(Δ + e) and, with error feedback, the new residual (named `ef/<param>`, fp32, CPU)."""
-    spec = cfg.spec()
+    spec = codec.CodecSpec.of(cfg)
     if not cfg.error_feedback:
         return codec.encode(update, spec, seed=seed), None
     target = {k: (v + residual[EF + k]) if residual is not None else v.clone() for k, v in update.items()}
@@ -52,7 +52,7 @@ def server_broadcast(params: Tensors, old: Mapping[str, torch.Tensor], residual:
     """Compress the outer update U = params − old (+ residual) and set `params` to old + D(C(U)) in place;
     returns the payload every node holding `old` applies, and the new residual (error feedback on)."""
     target = {k: params[k] - old[k] + (residual[k] if residual is not None else 0) for k in sorted(params)}
-    payload = codec.encode(target, cfg.spec(), seed=seed)
+    payload = codec.encode(target, codec.CodecSpec.of(cfg), seed=seed)
     decoded = codec.decode(payload, codec.layout_of(target))
     for k in params:
         params[k].copy_(apply_update(old[k], decoded[k]))

@@ -141,6 +141,14 @@ def short_reason(reason: str | None) -> str:
     return line.strip()[:300]
 
 
+def act_as_a_serverapp_process(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
+    """Give this process the task identity Flower gives a ServerApp process, so that Grid calls made outside
+    Flower's runtime (a benchmark's memory probe of a round) pass Flower's checks as they would deployed."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+
+
 def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool, result: dict, blobs: Channel | None = None,
                     stop: threading.Event | None = None, started: threading.Event | None = None,
                     done: threading.Event | None = None, **kwargs) -> ServerApp:
