@@ -13,3 +13,11 @@ def assert_close_by_norm(actual: torch.Tensor, expected: torch.Tensor, rel: floa
     diff = float((actual.double() - expected.double()).norm())
     scale = float(expected.double().norm())
     assert diff <= rel * scale or diff == 0.0, f"{what}: |difference| {diff:.3g} > {rel:g} x |expected| {scale:.3g}"
+
+
+def encoded_size(layout, spec) -> int:
+    """Bytes a payload of `layout` (name, shape pairs) takes under the codec `spec`: every codec's size depends
+    only on the shapes, so encoding zeros tells."""
+    from photon.federation import codec
+
+    return codec.encode({name: torch.zeros(shape) for name, shape in layout}, spec).nbytes

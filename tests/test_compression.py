@@ -3,10 +3,12 @@
 stays bitwise exact."""
 
 import logging
+import shutil
 
 import pytest
 import torch
 from conftest import ServerCrash, crash_when
+from helpers import encoded_size
 from test_federation import fed_cfg, run
 
 from photon.federation import codec
@@ -70,14 +72,14 @@ def test_the_server_defines_the_new_model_as_what_nodes_rebuild():
 
 
 def test_compressed_runs_train_and_count_the_bytes_they_send(tiny_prep, tmp_path):
-    from photon.federation.codec import CodecSpec, encoded_nbytes
+    from photon.federation.codec import CodecSpec
     from photon.model.transformer import Transformer, unique_state_dict
 
     base = run(_cfg(tiny_prep), tmp_path / "fp32")
     int8 = run(_cfg(tiny_prep, ["codec=int8"], ["codec=int8"]), tmp_path / "int8")
     assert int8["losses"]["overall"] < base["losses"]["overall"] + 0.05  # int8 both ways costs little
     layout = codec.layout_of(unique_state_dict(Transformer(_cfg(tiny_prep).model)))
-    per_update = encoded_nbytes(layout, CodecSpec("int8"))
+    per_update = encoded_size(layout, CodecSpec("int8"))
     rounds = _rounds(tmp_path / "int8")
     assert all(r["bytes_up"] == 3 * per_update for r in rounds)
     full = _rounds(tmp_path / "fp32")[0]["bytes_down"] // 3  # fp32 sends the whole model with every task
@@ -108,7 +110,7 @@ def test_a_node_without_the_previous_model_gets_the_full_model(tiny_prep, tmp_pa
         def run(self, node, wire):
             out = super().run(node, wire)
             if node == 1:
-                self.workers[1].cache.clear_run(decode_task(wire).run_id)
+                shutil.rmtree(self.workers[1].cache.state_dir / decode_task(wire).run_id)  # the node's cache, gone
             return out
 
     transport = Forgetful([ClientWorker(tmp_path / "a"), ClientWorker(tmp_path / "b")])

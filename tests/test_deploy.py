@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import tiny_cfg
+from helpers import encoded_size
 
 from photon.errors import UserError
 from photon.launch import processes, submit, superlink, supernode
@@ -373,7 +374,7 @@ def test_compressed_updates_shrink_the_bytes_on_the_wire(link, procs, tiny_prep)
     """The same run with fp32 and with int8 up-link updates; the SuperLink counts the bytes each run moved
     (Flower's own `network-traffic`): replies shrink by the codec's ratio, plus a per-message record overhead
     that is measured here, not assumed."""
-    from photon.federation.codec import CodecSpec, encoded_nbytes, layout_of
+    from photon.federation.codec import CodecSpec, layout_of
     from photon.model.transformer import Transformer, unique_state_dict
 
     for i in range(2):
@@ -391,7 +392,7 @@ def test_compressed_updates_shrink_the_bytes_on_the_wire(link, procs, tiny_prep)
         rounds = [r for r in read_metrics(link.runs / f"run-wire-{codec}") if r["kind"] == "round"]
         payload[codec] = sum(r["bytes_up"] for r in rounds)
     layout = layout_of(unique_state_dict(Transformer(tiny_cfg(tiny_prep).model)))
-    ratio = encoded_nbytes(layout, CodecSpec("fp32")) / encoded_nbytes(layout, CodecSpec("int8"))
+    ratio = encoded_size(layout, CodecSpec("fp32")) / encoded_size(layout, CodecSpec("int8"))
     assert payload["fp32"] / payload["int8"] == pytest.approx(ratio)  # what photon counts is what it encoded
     overhead = {c: inbound[c] - payload[c] for c in inbound}  # records, headers, HTTP framing, heartbeats
     print(f"inbound bytes fp32 {inbound['fp32']}, int8 {inbound['int8']}; update payloads {payload}; overhead "

@@ -6,9 +6,7 @@ import pytest
 from photon.config import DataConfig, PartitionConfig
 from photon.data.partition import (
     client_stream,
-    load_partition,
     make_partition,
-    save_partition,
 )
 from photon.data.shards import open_prepared, prepare
 from photon.errors import UserError
@@ -72,18 +70,6 @@ def test_dirichlet_is_deterministic_and_skewed():
     part = make_partition(_manifest(), cfg)
     top = [max(s["end"] - s["start"] for s in c["spans"]) / max(c["tokens"], 1) for c in part["clients"]]
     assert np.median(top) > 0.6
-
-
-def test_save_load_round_trip(tmp_path):
-    part = make_partition(_manifest(), PartitionConfig(kind="dirichlet", num_clients=3))
-    save_partition(part, tmp_path / "p" / "partition.json")
-    assert load_partition(tmp_path / "p" / "partition.json") == part
-    assert [p.name for p in (tmp_path / "p").iterdir()] == ["partition.json"]
-    with pytest.raises(UserError, match="not found"):
-        load_partition(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text('{"clients": [{"id": 0}]}')
-    with pytest.raises(UserError, match="corrupt"):
-        load_partition(tmp_path / "bad.json")
 
 
 @pytest.fixture(scope="module")

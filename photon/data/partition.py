@@ -7,10 +7,6 @@ belongs to exactly one client. It never copies tokens: ``client_stream`` reads t
 from __future__ import annotations
 
 import heapq
-import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,40 +103,10 @@ def make_partition(prepared_manifest: dict[str, Any], cfg: PartitionConfig) -> d
     }
 
 
-def save_partition(part: dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(part, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _check_shape(part: dict[str, Any]) -> None:
-    """Raise KeyError/TypeError/ValueError unless every field client_stream reads is there."""
-    for key in ("kind", "num_clients", "alpha", "seed"):
-        part[key]
-    for c in part["clients"]:
-        int(c["id"]), int(c["tokens"])
-        for s in c["spans"]:
-            str(s["domain"]), int(s["start"]), int(s["end"])
 
 
-def load_partition(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: partition not found; run `photon prepare` (or `photon partition`) to create it")
-    try:
-        part = json.loads(path.read_text())
-        _check_shape(part)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: partition file is corrupt; delete it and create it again") from None
-    return part
 
 
 def _span_rows(spans: list[dict[str, Any]], seq_len: int) -> int:

@@ -17,7 +17,6 @@ The contract:
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -125,9 +124,6 @@ class NodeStateCache:
         if not run_id.isalnum():
             raise ValueError(f"bad run id {run_id!r}")
         return StateFiles(self.state_dir / run_id / "global")
-
-    def clear_run(self, run_id: str) -> None:
-        shutil.rmtree(self.state_dir / run_id, ignore_errors=True)
 
 
 def client_state_layout(cfg: RunConfig, layout: codec.Layout) -> codec.Layout:

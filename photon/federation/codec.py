@@ -462,9 +462,6 @@ def _stream_sizes(codec: _Cast | _Blockwise | _TopK, layout: Layout) -> list[lis
     return [codec.sizes(_numel(shape)) for _, shape in layout]
 
 
-def encoded_nbytes(layout: Layout, codec: str | CodecSpec = "fp32") -> int:
-    """The exact payload size `encode` gives for tensors of this layout (what the module header documents)."""
-    return sum(_pad4(b) for sizes in _stream_sizes(_codec(_spec(codec)), layout) for b in sizes)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The federated run from the server's side: set up or resume state, loop rounds, evaluate, checkpoint, report.
+"""The federated run from the server's side: open it (set up or resume state), run its rounds (evaluate,
+checkpoint), finish it (the summary and report).
 
 Engine-free: the Flower ServerApp passes a Grid-backed transport, tests pass an in-process one. The server
 checkpoints after every committed round, so `photon run --resume RUN_DIR` loses at most the round in flight
@@ -10,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from photon.checkpoint import (
@@ -126,10 +130,10 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     """Run rounds until `federation.rounds` (or `stop_after` rounds in this call, or until `token_budget`
     training tokens have been folded, for benchmarks that compare arms at equal tokens); returns a summary.
     Another process training into `run_dir` is waited for up to `lock_wait_s` seconds, then refused;
-    `lock_held`: the caller holds `run_dir`'s lock already (`launch.run_simulated`, around its blob server)."""
+    `lock_held`: the caller holds `run_dir`'s lock already (`launch.simulation.run_simulated`, around its blob
+    server). Three steps: `open_run` (vet, set up or resume), `run_rounds`, `finish_run` (the summary)."""
     console = console or Console()
     run_dir = Path(run_dir)
-    fed = cfg.federation
     if resume:
         refuse_a_resume_of_no_run(run_dir)  # before the lock would make a folder of a mistyped name
     cfg.check_federated_schedule()
@@ -140,104 +144,152 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     for c in partition["clients"]:  # every client can fill a batch: say so now, with the fix, not mid-round
         client_stream(prepared, partition, c["id"], cfg.train.seq_len, cfg.train.batch_size, client_seed(cfg, c["id"]))
     with contextlib.nullcontext() if lock_held else hold_run_dir(run_dir, lock_wait_s, say=console.print):
-        state, found = _open_state(cfg, run_dir, resume, prepared, console)
-        atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))  # once the config is vetted
-        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
-        task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
-        agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
-                         spill_dir=run_dir / ".spill", state_dir=run_dir / "client_state")
-        ckpt_dir = run_dir / "checkpoints"
-        if fed.mode == "async":
-            from photon.federation.async_rounds import AsyncRounds
-
-            driver = AsyncRounds(agg, run_dir / ".spill", ckpt_dir)
-            next_round, keep = driver.step, max(fed.keep_checkpoints, fed.asynchronous.max_staleness + 2)  # in flight
-        else:
-            next_round, keep = agg.run_round, fed.keep_checkpoints
-        runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
+        run = open_run(cfg, run_dir, resume, prepared, partition, device, console)
         try:
-            eval_model = build_model(cfg).to(device)
-            t = cfg.train
-
-            def run_eval() -> dict[str, float]:
-                # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
-                on_cpu = next(eval_model.parameters()).device.type == "cpu"
-                load_unique_state_dict(eval_model, state.params, share=on_cpu)
-                losses = evaluate(eval_model, prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
-                runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
-                           clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()})
-                return losses
-
-            mode = "" if fed.mode == "sync" else f"async (quorum {driver.quorum}), "
-            console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
-                          f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
-                          f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
-            first = run_eval() if state.round == 0 else None
-            release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
-            last = first or {}
-            if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
-                ran = (f"its {fed.rounds} rounds" if state.round == fed.rounds else
-                       f"{state.round} rounds, past federation.rounds={fed.rounds}")  # a shortened --set rounds
-                console.print(f"the run already ran {ran}: nothing to train. To train on: --resume with --set "
-                              f"federation.rounds=<more than {state.round}> --set federation.schedule_rounds="
-                              f"{fed.schedule_rounds or fed.rounds}", highlight=False)
-                evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
-                last = eval_losses(evals[-1]) if evals else {}
-            else:
-                console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
-            end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
-            retries = 0
-            short_rounds: list[int] = []
-            screened_out = False  # a drop was the direction screen's
-            def budget_left() -> bool:
-                return token_budget is None or state.totals.get("tokens", 0) < token_budget
-
-            while state.round < end and budget_left():
-                result = next_round(transport)
-                for node, reason in result.excluded.items():
-                    console.print(f"  [yellow]excluded node {node}[/] from the run (last error: {reason})",
-                                  highlight=False)
-                if not result.committed:
-                    retries += 1
-                    console.print(f"round {result.round + 1}: only {len(result.ok)} good replies "
-                                  f"(< {fed.min_replies}); retry {retries}/{fed.max_round_retries}")
-                    for cid, reason in sorted(result.dropped.items()):
-                        console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
-                    if retries > fed.max_round_retries:
-                        raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
-                                        f"{'; '.join(result.failed[-2:])}")
-                    continue
-                retries = 0
-                state.clock = result.clock
-                if result.dropped:
-                    short_rounds.append(state.round)
-                    screened_out |= any(DISAGREES in reason for reason in result.dropped.values())
-                if state.round % fed.eval_every == 0 or state.round == fed.rounds or not budget_left():
-                    last = run_eval()
-                _log_round(runlog, state, result, last, console)
-                state.save(ckpt_dir, config_to_dict(cfg), extra_files=(prepared.tokenizer_path,), keep=keep)
-                kept = referenced_state_digests(ckpt_dir) | state.state_digests()
-                StateFiles(run_dir / "client_state").keep_only(kept)
-                release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
+            run_rounds(run, transport, stop_after, token_budget)
         finally:  # an interrupt too: TensorBoard's buffered events are written
-            runlog.close()
-        if short_rounds:
-            console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
-                          f"their sampled clients (rounds {', '.join(map(str, short_rounds[:10]))}"
-                          f"{' ...' if len(short_rounds) > 10 else ''}); see the 'dropped' lines above and "
-                          f"{run_dir / 'metrics.jsonl'}" + (
-                              ". An update the direction screen turned away can be an honest client's whose domain "
-                              "has drifted from the others' (`federation.min_cosine`; docs/RELIABILITY.md)"
-                              if screened_out else ""), highlight=False)
-        summary = _summary(run_dir, state, last)
-        summary["short_rounds"] = short_rounds
-        if state.round >= fed.rounds or not budget_left():
-            before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
-            before_losses = eval_losses(before or {})
-            console.print(eval_table(last, title=f"validation after {state.round} rounds", before=before_losses))
-            summary["plot"] = str(plot_run(run_dir))
-            console.print(f"curves: {summary['plot']}")
-        return summary
+            run.runlog.close()
+        return finish_run(run, token_budget)
+
+
+@dataclass
+class OpenRun:
+    """A run being trained: its vetted config and data, its state (new or resumed) and where it writes."""
+
+    cfg: RunConfig
+    run_dir: Path
+    console: Console
+    prepared: Prepared
+    state: ServerState
+    agg: Aggregator
+    next_round: Callable[[Transport], RoundResult]  # a synchronous round, or the async driver's next outer step
+    keep: int  # checkpoints kept
+    runlog: RunLog
+    eval_model: torch.nn.Module
+    quorum: int | None = None  # async: replies per outer step
+    last: dict[str, float] = field(default_factory=dict)  # the latest evaluation's losses
+    short_rounds: list[int] = field(default_factory=list)  # rounds that committed without some sampled clients
+    screened_out: bool = False  # a drop was the direction screen's
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def evaluate(self) -> dict[str, float]:
+        # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
+        t, state = self.cfg.train, self.state
+        on_cpu = next(self.eval_model.parameters()).device.type == "cpu"
+        load_unique_state_dict(self.eval_model, state.params, share=on_cpu)
+        losses = evaluate(self.eval_model, self.prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
+        self.runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
+                        clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()})
+        return losses
+
+    def tokens_left(self, token_budget: int | None) -> bool:
+        return token_budget is None or self.state.totals.get("tokens", 0) < token_budget
+
+
+def open_run(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared, partition: dict[str, Any],
+             device: torch.device, console: Console) -> OpenRun:
+    """Set up a new run's state or resume the last verified checkpoint; write the run's config and partition."""
+    fed = cfg.federation
+    state, found = _open_state(cfg, run_dir, resume, prepared, console)
+    atomic_write_text(run_dir / "partition.json", json.dumps(partition, indent=1))  # once the config is vetted
+    atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+    task_config = {**config_to_dict(cfg), "tokenizer_sha256": prepared.manifest.get("tokenizer_sha256")}
+    agg = Aggregator(cfg, state, [c["spans"] for c in partition["clients"]], task_config,
+                     spill_dir=run_dir / ".spill", state_dir=run_dir / "client_state")
+    quorum = None
+    if fed.mode == "async":
+        from photon.federation.async_rounds import AsyncRounds
+
+        driver = AsyncRounds(agg, run_dir / ".spill", run_dir / "checkpoints")
+        next_round, keep = driver.step, max(fed.keep_checkpoints, fed.asynchronous.max_staleness + 2)  # in flight
+        quorum = driver.quorum
+    else:
+        next_round, keep = agg.run_round, fed.keep_checkpoints
+    runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
+    try:
+        eval_model = build_model(cfg).to(device)
+    except BaseException:
+        runlog.close()
+        raise
+    return OpenRun(cfg, run_dir, console, prepared, state, agg, next_round, keep, runlog, eval_model, quorum)
+
+
+def run_rounds(run: OpenRun, transport: Transport, stop_after: int | None = None,
+               token_budget: int | None = None) -> None:
+    """Train rounds until the run's last (or `stop_after` more, or `token_budget` tokens): each committed round
+    is logged, evaluated every `eval_every` rounds and checkpointed; a round short of `min_replies` is retried."""
+    cfg, state, console, fed = run.cfg, run.state, run.console, run.cfg.federation
+    mode = "" if fed.mode == "sync" else f"async (quorum {run.quorum}), "
+    console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
+                  f"{fed.clients_per_round} per round, H={fed.local_steps}, {fed.rounds} rounds, "
+                  f"outer {fed.outer.name} lr {fed.outer.lr}, {len(transport.nodes())} node(s) now")
+    first = run.evaluate() if state.round == 0 else None
+    release_freed_memory()  # the evaluation model's own parameters, replaced by θ (CPU)
+    run.last = first or {}
+    if state.round >= fed.rounds:  # resumed after its last round: say so, and show its last evaluation
+        ran = (f"its {fed.rounds} rounds" if state.round == fed.rounds else
+               f"{state.round} rounds, past federation.rounds={fed.rounds}")  # a shortened --set rounds
+        console.print(f"the run already ran {ran}: nothing to train. To train on: --resume with --set "
+                      f"federation.rounds=<more than {state.round}> --set federation.schedule_rounds="
+                      f"{fed.schedule_rounds or fed.rounds}", highlight=False)
+        evals = [r for r in read_metrics(run.run_dir) if r["kind"] == "eval"]
+        run.last = eval_losses(evals[-1]) if evals else {}
+    else:
+        console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
+    end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
+    retries = 0
+    while state.round < end and run.tokens_left(token_budget):
+        result = run.next_round(transport)
+        for node, reason in result.excluded.items():
+            console.print(f"  [yellow]excluded node {node}[/] from the run (last error: {reason})", highlight=False)
+        if not result.committed:
+            retries += 1
+            console.print(f"round {result.round + 1}: only {len(result.ok)} good replies "
+                          f"(< {fed.min_replies}); retry {retries}/{fed.max_round_retries}")
+            for cid, reason in sorted(result.dropped.items()):
+                console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
+            if retries > fed.max_round_retries:
+                raise UserError(f"round {result.round + 1} failed {retries} times; last errors: "
+                                f"{'; '.join(result.failed[-2:])}")
+            continue
+        retries = 0
+        state.clock = result.clock
+        if result.dropped:
+            run.short_rounds.append(state.round)
+            run.screened_out |= any(DISAGREES in reason for reason in result.dropped.values())
+        if state.round % fed.eval_every == 0 or state.round == fed.rounds or not run.tokens_left(token_budget):
+            run.last = run.evaluate()
+        _log_round(run.runlog, state, result, run.last, console)
+        state.save(run.ckpt_dir, config_to_dict(cfg), extra_files=(run.prepared.tokenizer_path,), keep=run.keep)
+        kept = referenced_state_digests(run.ckpt_dir) | state.state_digests()
+        StateFiles(run.run_dir / "client_state").keep_only(kept)
+        release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
+
+
+def finish_run(run: OpenRun, token_budget: int | None = None) -> dict[str, Any]:
+    """The run's summary; a warning for rounds that committed short, and at its end the before/after table and
+    the curves."""
+    console, state, run_dir, short_rounds = run.console, run.state, run.run_dir, run.short_rounds
+    if short_rounds:
+        console.print(f"[yellow]warning:[/] {len(short_rounds)} of the rounds run here committed without some of "
+                      f"their sampled clients (rounds {', '.join(map(str, short_rounds[:10]))}"
+                      f"{' ...' if len(short_rounds) > 10 else ''}); see the 'dropped' lines above and "
+                      f"{run_dir / 'metrics.jsonl'}" + (
+                          ". An update the direction screen turned away can be an honest client's whose domain "
+                          "has drifted from the others' (`federation.min_cosine`; docs/RELIABILITY.md)"
+                          if run.screened_out else ""), highlight=False)
+    summary = _summary(run_dir, state, run.last)
+    summary["short_rounds"] = short_rounds
+    if state.round >= run.cfg.federation.rounds or not run.tokens_left(token_budget):
+        before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
+        before_losses = eval_losses(before or {})
+        console.print(eval_table(run.last, title=f"validation after {state.round} rounds", before=before_losses))
+        summary["plot"] = str(plot_run(run_dir))
+        console.print(f"curves: {summary['plot']}")
+    return summary
 
 
 def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[str, float],

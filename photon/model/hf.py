@@ -1,4 +1,4 @@
-"""Export a trained model to a Hugging Face ``LlamaForCausalLM`` folder (weights, config, tokenizer), and back.
+"""Export a trained model to a Hugging Face ``LlamaForCausalLM`` folder (weights, config, tokenizer).
 
 Everything is offline: the folder loads with ``from_pretrained(dir)`` without the Hub. This module does not
 import transformers (it writes the files by hand), so the training path never pays for that import.
@@ -14,17 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from photon.config import ModelConfig
 from photon.errors import UserError
 from photon.model.transformer import (
-    HEAD_KEY,
     Transformer,
-    load_unique_state_dict,
     unique_state_dict,
 )
 
@@ -144,54 +140,5 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _config_from_hf(c: dict[str, Any], where: Path) -> ModelConfig:
-    if c.get("model_type") != "llama":
-        raise UserError(f"{where}: model_type is {c.get('model_type')!r}, not 'llama'; only Llama folders import")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{where}: rope type {rope.get('rope_type')!r} is not supported (only 'default')")
-    if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{where}: biases or a non-SiLU activation are not supported by photon's model")
-    heads, d = c["num_attention_heads"], c["hidden_size"]
-    if c.get("head_dim") not in (None, d // heads):
-        raise UserError(f"{where}: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads")
-    kv = c.get("num_key_value_heads") or heads
-    default = ModelConfig(d_model=d, n_head=heads)
-    try:
-        # Fields equal to their defaults are left None, so an export/import round trip gives the same config.
-        return ModelConfig(
-            vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], d_model=d, n_head=heads,
-            n_kv_head=None if kv == heads else kv,
-            ffn_hidden=None if c["intermediate_size"] == default.hidden else c["intermediate_size"],
-            max_seq_len=c["max_position_embeddings"], tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-            norm_eps=c.get("rms_norm_eps", 1e-6), init_std=c.get("initializer_range", 0.02),
-        )
-    except ValidationError as e:
-        raise UserError(f"{where}: config does not fit photon's model: {e.errors()[0]['msg']}") from None
 
 
-def import_hf(hf_dir: Path) -> tuple[Transformer, ModelConfig]:
-    """Read an HF Llama folder (config.json + model.safetensors) into a Transformer."""
-    hf_dir = Path(hf_dir)
-    cfg_path, weights = hf_dir / "config.json", hf_dir / "model.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise UserError(f"{hf_dir}: no {p.name}; expected a folder written by `export_hf` (Llama, safetensors)")
-    try:
-        c = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-    try:
-        cfg = _config_from_hf(c, cfg_path)
-    except KeyError as e:
-        raise UserError(f"{cfg_path}: missing key {e.args[0]!r}; not a Llama config") from None
-    try:
-        sd = load_file(str(weights))
-    except SafetensorError as e:
-        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
-    if cfg.tie_embeddings:
-        sd.pop(HEAD_KEY, None)  # some writers store the tied head anyway
-    model = Transformer(cfg)
-    load_unique_state_dict(model, sd)
-    return model, cfg
