@@ -1,11 +1,10 @@
 """Shared pytest setup."""
 
-import contextlib
 from pathlib import Path
 
 import pytest
 
-FIXTURE_CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+from tests.helpers import FIXTURE_CORPUS, tiny_cfg, torch_threads
 
 
 def pytest_configure(config):
@@ -26,22 +25,6 @@ def pytest_collection_modifyitems(config, items):
 
 # ---------------------------------------------------------------------------------------------------------
 # A server that dies mid-run, for resume tests
-
-
-class ServerCrash(Exception):
-    """The server process dying, raised from a transport's `fail` hook (see `crash_when`)."""
-
-
-def crash_when(predicate):
-    """A transport `fail` hook: the server dies (ServerCrash) as it hands out the first task `predicate`
-    accepts, e.g. `crash_when(lambda t: t.round == 2)`: nothing of that round is committed."""
-
-    def hook(task):
-        if predicate(task):
-            raise ServerCrash
-        return None
-
-    return hook
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,16 +59,6 @@ def photon(monkeypatch, capsys):
 # The tiny fixture corpus, prepared once per session, and configs that point at it.
 
 
-def tiny_cfg(prep_dir, *overrides: str, preset: str = "tiny"):
-    """The `tiny` preset (or `preset`) reading data from `prep_dir`, plus `key=value` overrides.
-
-    Import it in a test module with `from conftest import tiny_cfg`.
-    """
-    from photon.config import load_config
-
-    return load_config(preset, [f"data.prep_dir={prep_dir}", *overrides])
-
-
 @pytest.fixture(scope="session")
 def tiny_prep(tmp_path_factory) -> Path:
     """The tiny fixture corpus (3 domains), prepared once per session with the tiny preset's data recipe
@@ -103,20 +76,6 @@ def tiny_prepared(tiny_prep):
     from photon.data.shards import open_prepared
 
     return open_prepared(tiny_prep)
-
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch on `n` intra-op threads inside the block, restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture

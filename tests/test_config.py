@@ -159,11 +159,6 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
         load_config(path)
 
 
-def test_config_is_frozen():
-    cfg = load_config("tiny")
-    with pytest.raises(Exception):
-        cfg.train.lr = 1.0  # type: ignore[misc]
-
 
 def test_yaml_file_with_a_numeric_name(tmp_path):
     path = tmp_path / "2024.yaml"

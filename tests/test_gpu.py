@@ -5,7 +5,8 @@ import gc
 
 import pytest
 import torch
-from conftest import tiny_cfg
+
+from tests.helpers import tiny_cfg
 
 pytestmark = pytest.mark.gpu
 
@@ -65,11 +66,10 @@ def test_cuda_and_cpu_training_agree_within_tf32_tolerance(tiny_prep):
 
 
 def test_a_federated_worker_trains_on_the_gpu_and_replies_with_cpu_tensors(tiny_prep, tmp_path):
-    from test_federation import fed_cfg
-
     from photon.federation.runner import run_federation
     from photon.federation.worker import ClientWorker
     from photon.transport.inprocess import InProcessTransport
+    from tests.helpers import fed_cfg
 
     cfg = fed_cfg(tiny_prep, "train.device=cuda", "federation.rounds=2", "train.bf16=true")
     summary = run_federation(cfg, tmp_path, InProcessTransport(ClientWorker(tmp_path / "n")))
@@ -90,9 +90,8 @@ def test_chunked_loss_on_the_gpu_matches_the_full_loss():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_a_two_gpu_client_matches_one_gpu(tiny_prep, tmp_path):
     pytest.importorskip("photon.train.distributed")
-    from test_distributed import one_task_update  # noqa: F401  (provided by the multi-process client's tests)
-
     from photon.federation.worker import ClientWorker
+    from tests.train.test_distributed import one_task_update  # noqa: F401  (provided by the multi-process client's tests)
 
     update_1 = one_task_update(tiny_prep, tmp_path / "one", procs=1, device="cuda")
     update_2 = one_task_update(tiny_prep, tmp_path / "two", procs=2, device="cuda")

@@ -252,7 +252,8 @@ def bench_claims(
     import dataclasses
     import shlex
 
-    from photon.bench.claims import PLANS, run_claims
+    from photon.bench.claims.plan import PLANS
+    from photon.bench.claims.run import run_claims
 
     if scale not in PLANS:
         raise UserError(f"--scale {scale!r}: choose one of {', '.join(PLANS)}")

@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 # SuperLink (server) and SuperNodes (nodes)
 
 
-
-
-
-
 def operator_token_file(state: Path, certs: Path | None) -> Path:
     """Where `photon server` keeps the operator token: beside ca.crt with --certs (`photon certs` made it),
     in --state with --insecure. Made here if missing (a certs dir from before tokens, a first insecure start)."""
@@ -249,15 +245,6 @@ def superexec_main(argv: list[str]) -> None:
         shutil.rmtree(tokens, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["superlink"]:
-        superlink_main(sys.argv[2:])
-    elif sys.argv[1:2] == ["superexec"]:
-        superexec_main(sys.argv[2:])
-    else:
-        sys.exit("usage: python -m photon.launch.superlink superlink|superexec ARGS...")
-
-
 def confine_run_dir(root: Path, run_dir: str) -> Path:
     """The absolute run directory for `run_dir` (relative to `root`, or absolute inside it), symlinks resolved;
     a path outside `root` (or `root` itself) is a UserError. The guarded SuperLink applies it to every run."""
@@ -267,3 +254,12 @@ def confine_run_dir(root: Path, run_dir: str) -> Path:
         raise UserError(f"run-dir {run_dir!r} is outside this server's runs root {root}: submit with --out NAME "
                         "(a directory under it)")
     return full
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["superlink"]:
+        superlink_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["superexec"]:
+        superexec_main(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m photon.launch.superlink superlink|superexec ARGS...")

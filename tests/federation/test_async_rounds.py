@@ -1,0 +1,143 @@
+"""Asynchronous rounds and the virtual clock: staleness weights, quorum and grace, bounded staleness, a client
+never in flight twice, deterministic timing, and an async run killed and resumed bitwise equal."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from photon.federation.async_rounds import AsyncRounds, staleness_weight
+from photon.federation.runner import run_federation
+from photon.federation.server_state import ServerState
+from photon.federation.worker import ClientWorker
+from photon.runlog import read_metrics
+from photon.transport.virtual_clock import VirtualClockTransport
+from tests.helpers import ServerCrash, crash_when, fed_cfg
+
+
+def _cfg(prep, *extra):
+    return fed_cfg(prep, "data.partition.num_clients=6", "federation.clients_per_round=3", "federation.rounds=5",
+                   "federation.mode=async", "federation.faults.slow_fraction=0.34", "federation.round_timeout_s=200",
+                   *extra)
+
+
+def _run(cfg, run_dir, nodes=3, **kw):
+    transport = VirtualClockTransport(ClientWorker(run_dir / "node"), nodes, fail=kw.pop("fail", None))
+    return run_federation(cfg, run_dir, transport, **kw), transport
+
+
+def _rounds(run_dir):
+    return [r for r in read_metrics(run_dir) if r["kind"] == "round"]
+
+
+@pytest.mark.parametrize("s,kind,a,expected", [(0, "polynomial", 0.5, 1.0), (3, "polynomial", 0.5, 0.5),
+                                                (8, "polynomial", 1.0, 1 / 9), (5, "constant", 0.5, 1.0)])
+def test_staleness_weight_by_hand(s, kind, a, expected):
+    assert staleness_weight(s, kind, a) == pytest.approx(expected)
+
+
+def test_quorum_and_grace_decide_when_to_step(tiny_prep, tmp_path):
+    cfg = _cfg(tiny_prep, "federation.asynchronous.quorum=3", "federation.asynchronous.grace_s=10",
+               "federation.min_replies=2")
+    agg = SimpleNamespace(cfg=cfg, layout=[("w", (1,))])
+    rounds = AsyncRounds(agg, tmp_path)
+    park = lambda cid, t: rounds.parked.__setitem__(cid, SimpleNamespace(arrived=t))  # noqa: E731
+    assert not rounds._ready(100.0)
+    park(0, 100.0)
+    assert not rounds._ready(200.0)  # one reply: below min_replies, however long it waits
+    park(1, 105.0)
+    assert not rounds._ready(109.9) and rounds._ready(110.0)  # grace from the oldest arrival
+    park(2, 106.0)
+    assert rounds._ready(106.0)  # quorum
+
+
+def test_async_run_keeps_nodes_busy_and_never_trains_a_client_twice_at_once(tiny_prep, tmp_path):
+    summary, transport = _run(_cfg(tiny_prep), tmp_path)
+    assert summary["rounds"] == 5
+    by_client = {}
+    for rec in transport.records.values():
+        by_client.setdefault(rec.client, []).append((rec.start, rec.done))
+    for intervals in by_client.values():
+        intervals.sort()
+        assert all(nxt[0] >= prev[1] for prev, nxt in zip(intervals, intervals[1:]))
+    rounds = _rounds(tmp_path)
+    assert all(len(r["folded"]) == 3 for r in rounds)
+    assert max(s for r in rounds for s in r["folded"].values()) >= 1  # slow clients' updates arrive stale
+    state, _ = ServerState.load_latest(tmp_path / "checkpoints")
+    assert state.global_step == 5 * 4 and sum(c.rounds for c in state.clients) == 15
+
+
+def test_the_virtual_clock_is_deterministic(tiny_prep, tmp_path):
+    a, ta = _run(_cfg(tiny_prep), tmp_path / "a")
+    b, tb = _run(_cfg(tiny_prep), tmp_path / "b")
+    assert a["params_sha"] == b["params_sha"] and ta.now == tb.now
+    assert [r["clock"] for r in _rounds(tmp_path / "a")] == [r["clock"] for r in _rounds(tmp_path / "b")]
+
+
+def test_a_reply_staler_than_the_bound_is_refused(tiny_prep, tmp_path, caplog):
+    cfg = _cfg(tiny_prep, "federation.asynchronous.max_staleness=0", "federation.faults.slow_factor=4")
+    with caplog.at_level(logging.WARNING, logger="photon.federation.aggregator"):
+        summary, _ = _run(cfg, tmp_path)
+    assert summary["rounds"] == 5
+    assert "too stale" in caplog.text
+    assert all(s == 0 for r in _rounds(tmp_path) for s in r["folded"].values())
+
+
+def test_an_async_run_killed_and_resumed_is_bitwise_equal(tiny_prep, tmp_path):
+    cfg = _cfg(tiny_prep, "federation.faults.drop_probability=0.2")
+    reference, _ = _run(cfg, tmp_path / "ref")
+
+    with pytest.raises(ServerCrash):  # the server dies while handing out work for step 4
+        _run(cfg, tmp_path / "b", fail=crash_when(lambda task: task.version == 3))
+    state, _ = ServerState.load_latest(tmp_path / "b" / "checkpoints")
+    assert state.round == 3 and state.outstanding  # tasks were in flight at the checkpoint
+    resumed, _ = _run(cfg, tmp_path / "b", resume=True)
+    assert resumed["params_sha"] == reference["params_sha"]
+    assert [r["clock"] for r in _rounds(tmp_path / "b")] == [r["clock"] for r in _rounds(tmp_path / "ref")]
+
+
+def test_the_adaptive_deadline_follows_recent_task_times(tiny_prep, tmp_path):
+    from photon.federation.aggregator import Aggregator
+
+    cfg = fed_cfg(tiny_prep, "federation.deadline=adaptive", "federation.round_timeout_s=100",
+                  "federation.adaptive.k_mad=3", "federation.adaptive.floor_s=2", "federation.adaptive.margin=1.2")
+    agg = Aggregator(cfg, ServerState.fresh({"w": __import__("torch").zeros(1)}, 3, 0), [[]] * 3, {})
+    assert agg.task_deadline() == 100  # no history yet
+    agg.task_times.extend([10, 11, 12, 10, 30])  # median 11, MAD 1
+    assert agg.task_deadline() == pytest.approx(14)
+    agg.task_times.clear()
+    agg.task_times.extend([1, 1, 1])
+    assert agg.task_deadline() == 2  # the floor
+    agg.task_times.extend([90, 95, 99, 100, 98])
+    assert agg.task_deadline() == 100  # capped by round_timeout_s
+
+
+def test_sync_with_an_adaptive_deadline_drops_stragglers_and_goes_on(tiny_prep, tmp_path):
+    cfg = fed_cfg(tiny_prep, "data.partition.num_clients=6", "federation.clients_per_round=3",
+                  "federation.rounds=5", "federation.faults.slow_fraction=0.34", "federation.faults.slow_factor=4",
+                  "federation.deadline=adaptive", "federation.round_timeout_s=200")
+    summary, transport = _run(cfg, tmp_path)
+    assert summary["rounds"] == 5
+    rounds = _rounds(tmp_path)
+    assert any("missed its deadline" in str(r) or r["dropped"] for r in rounds[3:])
+    fixed, t2 = _run(fed_cfg(tiny_prep, "data.partition.num_clients=6", "federation.clients_per_round=3",
+                             "federation.rounds=5", "federation.faults.slow_fraction=0.34",
+                             "federation.faults.slow_factor=4", "federation.round_timeout_s=200"), tmp_path / "f")
+    assert transport.now < t2.now  # waiting for every straggler takes longer
+
+
+def _most_in_flight(transport) -> int:
+    events = sorted([(r.start, 1) for r in transport.records.values()] +
+                    [(r.done, -1) for r in transport.records.values()], key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.parametrize("concurrency,expected", [(None, 3), (2, 2), (1, 1)])
+def test_concurrency_caps_the_clients_in_flight(tiny_prep, tmp_path, concurrency, expected):
+    extra = [f"federation.asynchronous.concurrency={concurrency}"] if concurrency else []
+    summary, transport = _run(_cfg(tiny_prep, "federation.rounds=2", *extra), tmp_path)
+    assert summary["rounds"] == 2 and _most_in_flight(transport) == expected

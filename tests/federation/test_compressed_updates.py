@@ -1,0 +1,152 @@
+"""Compressed updates both ways: error feedback kept with the client, the down-link rebuilt exactly by every node
+(no drift), nodes without the previous model get it whole, the bytes counted are the bytes sent, and resume
+stays bitwise exact."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from photon.federation import codec
+from photon.federation.compressed_updates import (
+    client_message,
+    reconstruct,
+    server_broadcast,
+)
+from photon.federation.protocol import decode_task
+from photon.federation.runner import run_federation
+from photon.federation.server_state import ServerState
+from photon.federation.worker import ClientWorker
+from photon.runlog import read_metrics
+from photon.transport.inprocess import InProcessTransport
+from tests.helpers import ServerCrash, crash_when, encoded_size, fed_cfg, run
+
+TOPK_EF = ["codec=topk", "density=0.05", "values=2bit", "error_feedback=true"]
+
+
+def _cfg(prep, up=(), down=(), *extra):
+    return fed_cfg(prep, "data.partition.num_clients=3", "federation.clients_per_round=3", "federation.rounds=3",
+                   "federation.state_backup=false", *[f"federation.compression.up.{s}" for s in up],
+                   *[f"federation.compression.down.{s}" for s in down], *extra)
+
+
+def _rounds(run_dir):
+    return [r for r in read_metrics(run_dir) if r["kind"] == "round"]
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(300, generator=g), "b": torch.randn(7, 9, generator=g)}
+
+
+def test_error_feedback_carries_what_compression_left_out():
+    from photon.config import CodecConfig
+
+    cfg = CodecConfig(codec="topk", density=0.1, values="fp32", error_feedback=True)
+    update = _tensors()
+    payload, residual = client_message(update, None, cfg, seed=0)
+    sent = codec.decode(payload, codec.layout_of(update))
+    for k in update:  # what was sent plus what is kept back is exactly the update
+        torch.testing.assert_close(sent[k] + residual["ef/" + k], update[k])
+    payload2, residual2 = client_message(update, residual, cfg, seed=1)
+    sent2 = codec.decode(payload2, codec.layout_of(update))
+    for k in update:  # the next message carries the update plus the old residual
+        torch.testing.assert_close(sent2[k] + residual2["ef/" + k], update[k] + residual["ef/" + k])
+
+
+def test_the_server_defines_the_new_model_as_what_nodes_rebuild():
+    from photon.config import CodecConfig
+
+    cfg = CodecConfig(codec="int4", error_feedback=True)
+    old = _tensors(1)
+    new = {k: v + 0.01 * torch.randn(v.shape) for k, v in old.items()}
+    params = {k: v.clone() for k, v in new.items()}
+    payload, residual = server_broadcast(params, old, None, cfg, seed=0)
+    rebuilt = reconstruct(old, payload, codec.layout_of(old))
+    for k in old:
+        assert torch.equal(rebuilt[k], params[k])  # bitwise: server and nodes never drift
+        torch.testing.assert_close(params[k] + residual[k], new[k])  # what was left out waits on the server
+
+
+def test_compressed_runs_train_and_count_the_bytes_they_send(tiny_prep, tmp_path):
+    from photon.federation.codec import CodecSpec
+    from photon.model.transformer import Transformer, unique_state_dict
+
+    base = run(_cfg(tiny_prep), tmp_path / "fp32")
+    int8 = run(_cfg(tiny_prep, ["codec=int8"], ["codec=int8"]), tmp_path / "int8")
+    assert int8["losses"]["overall"] < base["losses"]["overall"] + 0.05  # int8 both ways costs little
+    layout = codec.layout_of(unique_state_dict(Transformer(_cfg(tiny_prep).model)))
+    per_update = encoded_size(layout, CodecSpec("int8"))
+    rounds = _rounds(tmp_path / "int8")
+    assert all(r["bytes_up"] == 3 * per_update for r in rounds)
+    full = _rounds(tmp_path / "fp32")[0]["bytes_down"] // 3  # fp32 sends the whole model with every task
+    assert rounds[0]["bytes_down"] == full  # round 1: the model once; the node's next tasks: "same model", 0 bytes
+    assert all(r["bytes_down"] == per_update for r in rounds[1:])  # then one int8 update per round
+
+
+def test_topk_with_error_feedback_resumes_bitwise(tiny_prep, tmp_path):
+    cfg = _cfg(tiny_prep, TOPK_EF, TOPK_EF, "federation.rounds=4")
+    reference = run(cfg, tmp_path / "ref")
+
+    with pytest.raises(ServerCrash):
+        run(cfg, tmp_path / "b", fail=crash_when(lambda task: task.round == 2))
+    resumed = run(cfg, tmp_path / "b", resume=True)
+    assert resumed["params_sha"] == reference["params_sha"]
+    state, _ = ServerState.load_latest(tmp_path / "b" / "checkpoints")
+    assert state.down_residual and all(c.state_digest for c in state.clients)  # both residuals were kept
+
+
+def test_a_node_without_the_previous_model_gets_the_full_model(tiny_prep, tmp_path, caplog):
+    """Two nodes with their own caches; node 1's cache is wiped after every task (a restarted node): the
+    server's compressed update cannot apply there, the node says so and the retry carries the whole model (and,
+    from the server's backup, the client's kept state the wipe took too)."""
+    cfg = _cfg(tiny_prep, (), ["codec=int8"], "federation.state_backup=true")
+    reference = run(cfg, tmp_path / "ref")
+
+    class Forgetful(InProcessTransport):
+        def run(self, node, wire):
+            out = super().run(node, wire)
+            if node == 1:
+                shutil.rmtree(self.workers[1].cache.state_dir / decode_task(wire).run_id)  # the node's cache, gone
+            return out
+
+    transport = Forgetful([ClientWorker(tmp_path / "a"), ClientWorker(tmp_path / "b")])
+    got = run_federation(cfg, tmp_path / "forget", transport)
+    assert got["params_sha"] == reference["params_sha"]
+
+
+def test_a_reply_in_another_codec_than_asked_is_rejected(tiny_prep, tmp_path, caplog):
+    cfg = _cfg(tiny_prep, ["codec=int8"], (), "federation.rounds=1")
+
+    class Cheater(ClientWorker):  # sends its update as fp32 although int8 was asked
+        def handle(self, wire):
+            from photon.federation.protocol import Wire
+
+            reply = super().handle(wire)
+            task = decode_task(wire)
+            full = codec.encode({k: torch.zeros(s) for k, s in
+                                 codec.layout_of(self._model[1].state_dict()) if k != "lm_head.weight"})
+            return Wire(reply.header, {**reply.payloads, "update": full}) if task.client_id == 0 else reply
+
+    with caplog.at_level(logging.WARNING, logger="photon.federation.aggregator"):
+        run_federation(cfg, tmp_path, InProcessTransport(Cheater(tmp_path / "n")))
+    assert "other settings than the task asked for (int8)" in caplog.text
+
+
+def test_bench_summary_compares_each_seed_with_fp32_and_leaves_the_initial_download_out():
+    from photon.bench.compression import summarize
+
+    def row(codec, seed, ppl, steady_bytes):
+        return {"h": 16, "codec": codec, "both": False, "seed": seed, "final_ppl": ppl, "tokens": 100,
+                "bytes_up": 500, "bytes_down": 1500, "steady_bytes": steady_bytes, "steady_tokens": 50,
+                "train_seconds_per_round": 2.0}
+
+    data = {"hs": [16], "k": 4, "dp_bytes_per_token": 1000.0,
+            "codec_seconds": {name: {"encode": 0.01, "decode": 0.01} for name in ("fp32", "int8")},
+            "rows": [row("fp32", 0, 100.0, 500), row("fp32", 1, 200.0, 500), row("int8", 0, 101.0, 100)]}
+    by = {r["codec"]: r for r in summarize(data)}
+    assert by["int8"]["cost"] == pytest.approx(0.01)  # against fp32's seed 0 (100), not the mean of both (150)
+    assert by["int8"]["steady_bytes_per_token"] == 2.0 and by["int8"]["vs_dp"] == 500.0
+    assert by["int8"]["bytes_per_token"] == 20.0  # everything sent, the first round's download included
+    assert by["int8"]["codec_share"] == pytest.approx(4 * 0.02 / 2.0)
