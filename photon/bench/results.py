@@ -86,8 +86,9 @@ def finished_arm(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None
 
 def command_line() -> str:
     """The command as the user typed it (`photon ...`)."""
-    return shlex.join(["photon", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("photon", "cli.py") else \
-        shlex.join(sys.argv)
+    argv0 = Path(sys.argv[0])
+    typed_photon = argv0.name == "photon" or argv0.parts[-2:] == ("cli", "__main__.py")  # or python -m photon.cli
+    return shlex.join(["photon", *sys.argv[1:]]) if typed_photon else shlex.join(sys.argv)
 
 
 _STORE = {"dir": RESULTS_DIR}  # `photon bench --results DIR`: where this process's benchmarks store records

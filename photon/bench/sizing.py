@@ -3,14 +3,7 @@
 The tables in docs/DEPLOY.md and the README's presets table are rendered from these functions by
 `photon bench report` (no stored measurement: they are arithmetic on the presets), so they cannot drift from
 the presets. Estimates, stated as such:
-- memory per rank = weights (fp32) + gradients (fp32) + AdamW moments (2 × fp32), divided by the ranks under
-  FSDP (with `train.step_in_backward`, one process, the gradients are only ever the largest parameter's),
-  plus, under bf16 autocast, each weight's bf16 copy that backward keeps (all of them, or one block's with
-  activation checkpointing, which recasts a block's weights as it recomputes it), plus activations of one
-  micro-batch under bf16 autocast with SDPA attention: ≈ 34 × d_model bytes per token per layer stored for
-  backward (Korthikanti et al. 2022, without the attention-score term that SDPA's fused kernels avoid), or
-  ≈ 2 × d_model bytes per token per layer with activation checkpointing (only each block's input) plus one
-  block's full activations, plus one chunk of fp32 logits;
+- memory per rank: `photon.train.memory.client_memory` (its module docstring has the model of each part);
 - time per round = H × batch × seq × (FLOPs per token) / (ranks × MFU × the GPU's bf16 peak), at an assumed
   40% MFU on an H100 SXM (989 TFLOP/s bf16); moving the model both ways at 1 and 10 Gbit/s comes on top.
 """
@@ -50,9 +43,9 @@ def _fmt_time(s: float) -> str:
 
 def render_deploy(_: Any = None) -> str:
     """The table for docs/DEPLOY.md: memory per rank and time per round for every preset."""
-    lines = [f"Computed from the presets by `photon/bench/sizing.py` (estimates: see its docstring; time at an "
-             f"assumed {MFU_ASSUMED:.0%} MFU on {GPU} GPUs, {GPU_MEMORY_GIB} GiB). Lean node: the same preset on "
-             f"a node started as `photon node --lean` (`{' '.join(LEAN)}`: the whole batch in one pass, since "
+    lines = [f"Computed from the presets by `photon/train/memory.py` and `photon/bench/sizing.py` (estimates: see "
+             f"their docstrings; time at an assumed {MFU_ASSUMED:.0%} MFU on {GPU} GPUs, {GPU_MEMORY_GIB} GiB). "
+             f"Lean node: the same preset on a node started as `photon node --lean` (`{' '.join(LEAN)}`: the whole batch in one pass, since "
              "micro-batches cannot be stepped in backward; with the paper's clipping, each step runs backward twice "
              "through one forward).",
              "",

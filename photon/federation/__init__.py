@@ -1,5 +1,1 @@
-"""Federated training: outer optimizers, streaming aggregation, server state, the round loop, Flower apps.
-
-Only `server_app.py`, `client_app.py`, `records.py`, `launch.py`, `deploy.py` and `warm_node.py` import Flower;
-the rest is plain PyTorch.
-"""
+"""The algorithm: messages and their checks, codecs and compression, the round (aggregator, async rounds, fold, clipping, outer), server and client state, a client's task (worker, faults), the run loop. Imports neither Flower nor the benchmarks."""

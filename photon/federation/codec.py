@@ -2,7 +2,7 @@
 
 Engine-free (no Flower): `records.py` only wraps a `Payload` into a record, and the in-process engine hands it
 over as is, so both engines decode the same bytes. The codecs trade precision for bytes (float casts, per-block
-int8/int4/2-bit, chunked top-k; issue #11). Decoding is the first check of an untrusted reply: the layout must
+int8/int4/2-bit, chunked top-k). Decoding is the first check of an untrusted reply: the layout must
 name exactly the tensors and shapes the receiver expects and the byte count must be exactly what it needs, before
 anything is allocated. Nothing is pickled; dtypes and shapes come from the receiver, never from the sender.
 """

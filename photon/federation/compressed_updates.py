@@ -1,4 +1,4 @@
-"""Compressed updates both ways, with error feedback (issue #11); engine-free, on top of `codec.py`.
+"""Compressed updates both ways, with error feedback; engine-free, on top of `codec.py`.
 
 Up: a client sends C(Δ_k + e_k), where Δ_k = θ − θ_k is its update and e_k what earlier compression left out;
 it keeps e_k' = (Δ_k + e_k) − D(C(Δ_k + e_k)) as part of its kept state (`client_state.py`: it follows the

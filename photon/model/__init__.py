@@ -1,1 +1,1 @@
-"""The decoder-only language model and its Hugging Face export."""
+"""The decoder-only language model, its FLOP count and its Hugging Face export."""

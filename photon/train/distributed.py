@@ -341,7 +341,7 @@ def _train_rank(folder: Path, spec: dict[str, Any], cfg: RunConfig, rank: int, d
 
 
 def _die_with(parent: int) -> None:
-    """SIGKILL this rank when the worker that started it dies, however it dies (Linux; as `deploy.spawn`
+    """SIGKILL this rank when the worker that started it dies, however it dies (Linux; as `launch.processes.spawn`
     does for Flower's processes), so a killed node leaves no rank behind holding a GPU."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
