@@ -7,6 +7,7 @@ message that names the key and the fix. Nothing below this module reads environm
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -257,6 +258,29 @@ class CodecConfig(_Frozen):
                                  "message (up: per client, kept with the client's state; down: on the server).")
 
 
+class CenteredClipConfig(_Frozen):
+    """Centered clipping (`aggregation: centered-clip`): each update's pull on the aggregate is capped at the
+    radius, so one update moves it by at most radius × its weight share, while no update is rejected."""
+
+    centre: Literal["median", "previous"] = Field(
+        "median", description="Where clipping starts: the coordinate-wise median of the round's updates, or the "
+        "previous round's aggregate (kept in the checkpoint; zero in the first round).")
+    radius: float | Literal["median"] = Field(
+        "median", description="A fixed L2 radius, or 'median': radius_factor × the median distance of the updates "
+        "to the centre, each iteration.")
+    radius_factor: float = Field(1.0, gt=0, description="Multiple of the median distance (radius: median).")
+    iterations: int = Field(1, ge=1, le=10, description="Clipping iterations (each re-reads the parked updates).")
+    bucket_size: int = Field(1, ge=1, description="Average seeded random buckets of this many updates before "
+                             "clipping (1: no buckets).")
+
+    @field_validator("radius")
+    @classmethod
+    def _positive_radius(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not (v > 0 and math.isfinite(v)):
+            raise ValueError("radius must be a positive number or 'median'")
+        return v
+
+
 class CompressionConfig(_Frozen):
     """Compressed updates: clients send C(Δ_k + e_k) up; the server sends the outer update down."""
 
@@ -311,9 +335,11 @@ class FederationConfig(_Frozen):
         1, ge=1, description="Processes (GPUs, or CPU processes) that train one client together on a node, with "
         "torch.distributed; the client's batch is split across them, so its recipe does not change. A deployed "
         "node sets it with `photon node --procs N`.")
-    aggregation: Literal["mean", "trimmed-mean", "median"] = Field(
+    aggregation: Literal["mean", "trimmed-mean", "median", "centered-clip"] = Field(
         "mean", description="mean: streaming weighted mean (Photon); trimmed-mean / median: coordinate-wise, "
-        "robust to a minority of bad updates.")
+        "robust to a minority of bad updates; centered-clip: each update's influence capped (federation.clipping, "
+        "Karimireddy et al. 2021), none rejected.")
+    clipping: CenteredClipConfig = CenteredClipConfig()
     trim_fraction: float = Field(0.25, ge=0, lt=0.5, description="Share trimmed from each end (trimmed-mean).")
     clip_update_norm: float | None = Field(None, gt=0, description="Clip each update θ_k − θ to this L2 norm.")
     max_norm_ratio: float | None = Field(

@@ -99,20 +99,14 @@ def server(
     from photon.launch import processes, submit, superlink
     from photon.launch.certs import read_token
 
-    if blob_port is not None and blob_port == port:
-        raise UserError(f"--blob-port {blob_port} is --port too: the blob side channel needs a port of its own "
-                        f"(leave --blob-port out for --port + 1)")
-    if blob_port is None and port == 65535:
-        raise UserError("--port 65535 leaves no --port + 1 for the blob side channel; pick a lower --port or pass "
-                        "--blob-port")
+    superlink.check_ports(port, blob_port)
     _warn_insecure(insecure)
     _stop_on_sigterm()
     log_file = state / "superlink.log"
     since = log_file.stat().st_size if log_file.exists() else 0  # the log is appended across starts
     runs = (runs or state / "runs").resolve()
     proc = superlink.start_superlink(port, state, certs=certs, insecure=insecure, host=host, log_file=log_file,
-                                  blob_port=blob_port,
-                                  runs=runs)
+                                     blob_port=blob_port, runs=runs)
     try:
         home = state / "flwr"
         token_file = superlink.operator_token_file(state, certs)

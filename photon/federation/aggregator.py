@@ -38,6 +38,7 @@ from photon.federation.client_state import (
     StateFiles,
     client_state_layout,
 )
+from photon.federation.clipping import ClipRule, centered_clip
 from photon.federation.fold import ReplyBuffer, combine, screen
 from photon.federation.outer import make_outer
 from photon.federation.protocol import (
@@ -91,6 +92,7 @@ class RoundResult:
     excluded: dict[int, str] = field(default_factory=dict)    # nodes excluded during this round
     norms: dict[int, float] = field(default_factory=dict)
     cosines: dict[int, float] = field(default_factory=dict)
+    clip_scales: dict[int, float] = field(default_factory=dict)  # centered clipping: the share of each update kept
     folded: dict[str, int] = field(default_factory=dict)      # task id -> staleness (outer steps) of folded replies
     node_train: dict[int, float] = field(default_factory=dict)  # seconds inside local training per node
     loss: float = float("nan")
@@ -477,7 +479,15 @@ class Aggregator:
         if len(replies) < fed.min_replies:
             return
         self._model_payload = None  # the old model's bytes are not needed past this round
-        delta = combine(buffer, screened.accepted, fed.aggregation, fed.trim_fraction, fed.clip_update_norm)
+        if fed.aggregation == "centered-clip":
+            c = fed.clipping
+            rule = ClipRule(c.centre, c.radius, c.radius_factor, c.iterations, c.bucket_size)
+            delta, result.clip_scales = centered_clip(buffer, screened.accepted, rule, self.state.clip_centre or None,
+                                                      seed=[self.cfg.train.seed, self.state.round])
+            if c.centre == "previous":  # the next round starts from this one's aggregate (checkpointed)
+                self.state.clip_centre = {k: v.clone() for k, v in delta.items()}
+        else:
+            delta = combine(buffer, screened.accepted, fed.aggregation, fed.trim_fraction, fed.clip_update_norm)
         self._commit(delta, replies, node_of, result)
         self.state.last_norms = [screened.norms[c] for c in screened.accepted]
 

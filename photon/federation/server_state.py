@@ -56,6 +56,7 @@ class ServerState:
     clock: float = 0.0  # the transport's clock at the checkpoint (virtual seconds in the in-process engine)
     outstanding: list[dict[str, Any]] = field(default_factory=list)  # async: tasks in flight at the checkpoint
     down_residual: Tensors = field(default_factory=dict)  # error feedback of the compressed down-link
+    clip_centre: Tensors = field(default_factory=dict)  # centered clipping from the previous aggregate: that aggregate
 
     @classmethod
     def fresh(cls, params: Tensors, num_clients: int, seed: int) -> ServerState:
@@ -80,6 +81,8 @@ class ServerState:
         groups = {"model": self.params, "outer": self.outer_state}
         if self.down_residual:
             groups["down"] = self.down_residual
+        if self.clip_centre:
+            groups["clip"] = self.clip_centre
         path = save_checkpoint(Path(ckpt_dir) / f"round_{self.round:06d}", groups, meta, extra_files)
         prune_checkpoints(ckpt_dir, keep)
         return path
@@ -97,7 +100,7 @@ class ServerState:
                     totals=meta.get("totals", {}), last_norms=meta.get("last_norms", []),
                     run_uid=meta.get("run_uid") or uuid.uuid4().hex, task_times=meta.get("task_times", []),
                     clock=meta.get("clock", 0.0), outstanding=meta.get("outstanding", []),
-                    down_residual=tensors.get("down", {}))
+                    down_residual=tensors.get("down", {}), clip_centre=tensors.get("clip", {}))
         return state, meta
 
 

@@ -55,6 +55,16 @@ def operator_token_file(state: Path, certs: Path | None) -> Path:
     return path
 
 
+def check_ports(port: int, blob_port: int | None) -> None:
+    """The SuperLink's port and its blob side channel's (`blob_port`; None: `port` + 1) must differ and exist."""
+    if blob_port is not None and blob_port == port:
+        raise UserError(f"--blob-port {blob_port} is --port too: the blob side channel needs a port of its own "
+                        f"(leave --blob-port out for --port + 1)")
+    if blob_port is None and port == 65535:
+        raise UserError("--port 65535 leaves no --port + 1 for the blob side channel; pick a lower --port or pass "
+                        "--blob-port")
+
+
 def blob_port_of(port: int, blob_port: int | None) -> int:
     """The blob side channel's port for a server on `port`: `--blob-port` if given (0: none), else port + 1."""
     return port + 1 if blob_port is None else blob_port
