@@ -149,21 +149,22 @@ def node(
                                        "(the same updates; see docs/DEPLOY.md).")] = False,
 ) -> None:
     """Start a SuperNode that trains for the server at --superlink. Runs until Ctrl-C."""
-    from photon.launch import processes, superlink, supernode
+    from photon.launch.processes import stop
+    from photon.launch.supernode import start_supernode, wait_connected
 
     _warn_insecure(insecure, carries_token=False)
     _stop_on_sigterm()
     state = state or Path(f".photon/node-{port}")
     log_file = state / "supernode.log"
     since = log_file.stat().st_size if log_file.exists() else 0
-    proc = supernode.start_supernode(superlink, port, state, data=data, certs=certs, key=key, insecure=insecure,
-                                  log_file=log_file, warm=warm, procs=procs, lean=lean)
+    proc = start_supernode(superlink, port, state, data=data, certs=certs, key=key, insecure=insecure,
+                           log_file=log_file, warm=warm, procs=procs, lean=lean)
     try:
-        supernode.wait_connected(proc, log_file, superlink, certs=certs, insecure=insecure, since=since)
+        wait_connected(proc, log_file, superlink, certs=certs, insecure=insecure, since=since)
         console.print(f"SuperNode for {superlink} connected; log {log_file}. Ctrl-C stops.", soft_wrap=True)
         _wait_foreground(proc, "flower-supernode", log_file, since)
     finally:
-        processes.stop(proc)
+        stop(proc)
 
 
 @app.command()
@@ -182,20 +183,21 @@ def submit(
     home: Annotated[Path, typer.Option(help="Flower home for this client (its connection).")] = Path(".photon/submit"),
 ) -> None:
     """Start a federated run on the server's SuperLink, stream its log and wait for it to finish."""
-    from photon.launch import processes, submit, superlink
     from photon.launch.certs import OPERATOR_TOKEN, read_token
+    from photon.launch.processes import tls_args
+    from photon.launch.submit import Detached, check_out, run_to_end
 
-    processes.tls_args(certs, insecure, "photon submit")  # before the token: its default place depends on these
+    tls_args(certs, insecure, "photon submit")  # before the token: its default place depends on these
     _warn_insecure(insecure)
     cfg = flags_config(preset, overrides)
     cfg.check_federated_schedule()  # here, not on the server after the run was created
     run_dir = out or f"{cfg.name}-deployed"
-    submit.check_out(run_dir)
+    check_out(run_dir)
     token = token or (certs / OPERATOR_TOKEN if certs is not None else Path(".photon/server") / OPERATOR_TOKEN)
     try:
-        status = submit.run_to_end(home, superlink, cfg, run_dir, resume=resume, certs=certs, insecure=insecure,
-                                   token=read_token(token), console=console)
-    except submit.Detached as e:  # Ctrl-C: not a failure, the run goes on
+        status = run_to_end(home, superlink, cfg, run_dir, resume=resume, certs=certs, insecure=insecure,
+                            token=read_token(token), console=console)
+    except Detached as e:  # Ctrl-C: not a failure, the run goes on
         err_console.print(str(e), highlight=False, soft_wrap=True)
         sys.exit(130)
     console.print(f"run {status['run-id']}: {status['status']} after {status['elapsed']:.0f} s; run directory: "
