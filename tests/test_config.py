@@ -291,3 +291,10 @@ def test_the_codec_configs_choices_and_bounds_are_the_codecs_own():
     assert next(m.le for m in fields["block_size"].metadata if hasattr(m, "le")) == codec.MAX_BLOCK
     assert next(m.le for m in fields["chunk"].metadata if hasattr(m, "le")) == codec.MAX_CHUNK
     assert typing.get_args(fields["two_bit"].annotation) == ("sign", "codebook")
+
+
+@pytest.mark.parametrize("radius", ["0", "-2", "inf", "mean"])
+def test_a_clipping_radius_must_be_positive_finite_or_median(radius):
+    with pytest.raises(UserError, match="federation.clipping.radius"):
+        load_config("tiny", [f"federation.clipping.radius={radius}"])
+    assert load_config("tiny", ["federation.clipping.radius=2"]).federation.clipping.radius == 2.0

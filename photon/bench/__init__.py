@@ -1,1 +1,2 @@
-"""Benchmarks: each measures Photon against a baseline run in the same invocation and reports the ratio; imported by the CLI alone."""
+"""Benchmarks: each measures Photon against a baseline run in the same invocation and reports the ratio;
+imported by the CLI alone."""

@@ -241,10 +241,11 @@ def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None,
     start = time.monotonic()
     try:
         procs.append(superlink.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
-                                            log_file=out / "superlink.log"))
+                                               log_file=out / "superlink.log"))
         for i in range(nodes):
-            procs.append(supernode.start_supernode(address, processes.free_port(), out / f"node-{i}", data=cfg.data.prep_dir,
-                                                insecure=True, log_file=out / f"node-{i}.log", warm=warm))
+            procs.append(supernode.start_supernode(address, processes.free_port(), out / f"node-{i}",
+                                                   data=cfg.data.prep_dir, insecure=True,
+                                                   log_file=out / f"node-{i}.log", warm=warm))
         home = out / "submit"
         token = read_token(superlink.operator_token_file(out / "server", None))
         submit.write_connection(home, address, insecure=True, token=token)
@@ -263,7 +264,7 @@ def deployed_overhead(cfg: RunConfig, out: Path, console: Console | None = None,
             processes.stop(p)
     if status["status"] != "finished:completed":
         raise RuntimeError(f"deployed benchmark run ended {status['status']}: {status.get('status-details')}; "
-                           f"see `FLWR_HOME={home} flwr log {run_id} {processes.CONNECTION}` and {out}")
+                           f"see `FLWR_HOME={home} flwr log {run_id} {submit.CONNECTION}` and {out}")
     result = overhead_from_run(run_dir)
     result.update(startup_seconds=ready, run_seconds=float(status.get("elapsed") or 0.0), nodes=nodes)
     return result

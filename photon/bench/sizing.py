@@ -45,9 +45,9 @@ def render_deploy(_: Any = None) -> str:
     """The table for docs/DEPLOY.md: memory per rank and time per round for every preset."""
     lines = [f"Computed from the presets by `photon/train/memory.py` and `photon/bench/sizing.py` (estimates: see "
              f"their docstrings; time at an assumed {MFU_ASSUMED:.0%} MFU on {GPU} GPUs, {GPU_MEMORY_GIB} GiB). "
-             f"Lean node: the same preset on a node started as `photon node --lean` (`{' '.join(LEAN)}`: the whole batch in one pass, since "
-             "micro-batches cannot be stepped in backward; with the paper's clipping, each step runs backward twice "
-             "through one forward).",
+             f"Lean node: the same preset on a node started as `photon node --lean` (`{' '.join(LEAN)}`: the whole "
+             "batch in one pass, since micro-batches cannot be stepped in backward; with the paper's clipping, each "
+             "step runs backward twice through one forward).",
              "",
              "| preset | parameters | ranks (GPUs) per client | sharding | micro-batch | memory per rank | fits one "
              f"{GPU_MEMORY_GIB} GiB GPU? | lean node (one process) | compute per round (H × batch) | model down + up "

@@ -136,9 +136,9 @@ def deployed(cfg: RunConfig, out: Path, console: Console, lean: bool = False) ->
                       "blob server": "photon.transport.blobs"}) as w:
         try:
             procs.append(superlink.start_superlink(int(address.rsplit(":", 1)[1]), out / "server", insecure=True,
-                                                log_file=out / "superlink.log"))
+                                                   log_file=out / "superlink.log"))
             procs.append(supernode.start_supernode(address, processes.free_port(), out / "node", data=cfg.data.prep_dir,
-                                                insecure=True, log_file=out / "node.log", warm=True, lean=lean))
+                                                   insecure=True, log_file=out / "node.log", warm=True, lean=lean))
             home = out / "submit"
             submit.write_connection(home, address, insecure=True,
                                     token=read_token(superlink.operator_token_file(out / "server", None)))

@@ -157,6 +157,8 @@ class Aggregator:
         self.layout = codec.layout_of(state.params)
         self.state_layout = client_state_layout(cfg, self.layout)
         self.up_spec = codec.CodecSpec.of(cfg.federation.compression.up)
+        c = cfg.federation.clipping
+        self.clip_rule = ClipRule(c.centre, c.radius, c.radius_factor, c.iterations, c.bucket_size)
         self.node_failures: dict[int, list[int]] = {}  # consecutive failed tasks per node: their clients
         self.excluded: dict[int, str] = {}
         self._expired: dict[str, ClientTask] = {}
@@ -480,12 +482,11 @@ class Aggregator:
             return
         self._model_payload = None  # the old model's bytes are not needed past this round
         if fed.aggregation == "centered-clip":
-            c = fed.clipping
-            rule = ClipRule(c.centre, c.radius, c.radius_factor, c.iterations, c.bucket_size)
-            delta, result.clip_scales = centered_clip(buffer, screened.accepted, rule, self.state.clip_centre or None,
+            delta, result.clip_scales = centered_clip(buffer, screened.accepted, self.clip_rule,
+                                                      self.state.clip_centre or None,
                                                       seed=[self.cfg.train.seed, self.state.round])
-            if c.centre == "previous":  # the next round starts from this one's aggregate (checkpointed)
-                self.state.clip_centre = {k: v.clone() for k, v in delta.items()}
+            if self.clip_rule.centre == "previous":  # the next round starts from this aggregate (checkpointed);
+                self.state.clip_centre = delta  # no copy: Δ is a fresh tensor the outer step only reads
         else:
             delta = combine(buffer, screened.accepted, fed.aggregation, fed.trim_fraction, fed.clip_update_norm)
         self._commit(delta, replies, node_of, result)

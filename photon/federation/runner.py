@@ -208,12 +208,8 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared, pa
         quorum = driver.quorum
     else:
         next_round, keep = agg.run_round, fed.keep_checkpoints
+    eval_model = build_model(cfg).to(device)  # before the log opens: nothing to close if the model cannot be built
     runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
-    try:
-        eval_model = build_model(cfg).to(device)
-    except BaseException:
-        runlog.close()
-        raise
     return OpenRun(cfg, run_dir, console, prepared, state, agg, next_round, keep, runlog, eval_model, quorum)
 
 

@@ -33,10 +33,8 @@ def flower_env(home: Path) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-SERVER_FILES = ("ca.crt", "server.pem", "server.key")
-CONNECTION = "photon"  # the [superlink.<name>] table we write into $FLWR_HOME/config.toml
-FINAL = ("finished:completed", "finished:failed", "finished:stopped")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes Flower's loggers write whether or not to a terminal
+
 
 def _need_files(certs: Path | None, names: tuple[str, ...], what: str) -> list[Path]:
     paths = [Path(certs) / n for n in names]
@@ -45,11 +43,6 @@ def _need_files(certs: Path | None, names: tuple[str, ...], what: str) -> list[P
         raise UserError(f"{certs} lacks {', '.join(missing)} needed by {what}; make them with "
                         f"`photon certs --out {certs}` (on the server) and copy them here")
     return paths
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Processes: every child gets Flower's environment and its own process group, so stopping it stops the
-# ServerApp/ClientApp processes it spawned too.
 
 
 def executable(name: str) -> str:

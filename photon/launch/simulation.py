@@ -1,5 +1,6 @@
 """Starting a federation: Flower's simulation runtime on this machine (the default), or the deployment
-runtime across machines (`superlink.py`, `supernode.py`, `submit.py`). Flower's environment variables are set here, at the edge.
+runtime across machines (`superlink.py`, `supernode.py`, `submit.py`). Flower's environment variables are set
+here, at the edge.
 """
 
 from __future__ import annotations

@@ -24,8 +24,6 @@ from photon.config import RunConfig, config_to_dict
 from photon.errors import UserError
 from photon.launch.processes import (
     ANSI,
-    CONNECTION,
-    FINAL,
     _need_files,
     check_address,
     child_env,
@@ -37,6 +35,8 @@ from photon.launch.processes import (
 from photon.launch.supernode import probe_superlink
 
 log = logging.getLogger(__name__)
+CONNECTION = "photon"  # the [superlink.<name>] table we write into $FLWR_HOME/config.toml
+FINAL = ("finished:completed", "finished:failed", "finished:stopped")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from pathlib import Path
 from photon.errors import UserError
 from photon.launch.certs import OPERATOR_TOKEN, make_token, read_token, write_private
 from photon.launch.processes import (
-    SERVER_FILES,
     _need_files,
     check_port_free,
     die_with_parent,
@@ -35,10 +34,11 @@ from photon.launch.processes import (
 )
 
 log = logging.getLogger(__name__)
+SERVER_FILES = ("ca.crt", "server.pem", "server.key")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SuperLink (server) and SuperNodes (nodes)
+# Starting the SuperLink
 
 
 def operator_token_file(state: Path, certs: Path | None) -> Path:

@@ -58,7 +58,7 @@ def procs():
 def _node(link, i, key, certs, procs, data=None, warm=False):
     log = link.root / f"node-{i}.log"
     p = supernode.start_supernode(link.address, processes.free_port(), link.root / f"node-{i}", data=data, certs=certs,
-                               key=key, log_file=log, warm=warm)
+                                  key=key, log_file=log, warm=warm)
     procs.append(p)
     return p, log
 
@@ -119,8 +119,9 @@ def test_unregistered_or_untrusted_nodes_are_refused(link, procs, tmp_path):
     unregistered, log_a = _node(link, "a", link.certs / "node-2.key", link.certs, procs)
     wrong_ca, log_b = _node(link, "b", link.certs / "node-0.key", other, procs)
     no_ca = processes.spawn([processes.executable("flower-supernode"), "--superlink", link.address, "--port",
-                          str(processes.free_port()), "--auth-supernode-private-key", str(link.certs / "node-1.key")],
-                         link.root / "node-c", link.root / "node-c.log")
+                             str(processes.free_port()), "--auth-supernode-private-key",
+                             str(link.certs / "node-1.key")],
+                            link.root / "node-c", link.root / "node-c.log")
     procs.append(no_ca)
     for p in (unregistered, wrong_ca, no_ca):
         assert p.wait(timeout=60) != 0
@@ -156,7 +157,7 @@ def test_deployed_run_completes_two_rounds_on_two_nodes(link, procs, tiny_prep):
     run_dir = link.runs / "run"
     seen: list[list[str]] = []
     end = time.monotonic() + 60
-    while not seen and time.monotonic() < end and submit.run_status(link.home, run_id)["status"] not in processes.FINAL:
+    while not seen and time.monotonic() < end and submit.run_status(link.home, run_id)["status"] not in submit.FINAL:
         seen = _serverapp_argv()
         time.sleep(0.2)
     assert seen, "no flwr-serverapp process seen"
@@ -204,10 +205,10 @@ def test_a_holder_of_ca_crt_alone_cannot_submit_a_run_or_take_the_serverapps_tas
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    before = submit.flwr(link.home, "list", processes.CONNECTION, "--format", "json").stdout
+    before = submit.flwr(link.home, "list", submit.CONNECTION, "--format", "json").stdout
     with pytest.raises(UserError, match="operator token"):
         submit.submit_run(link.rogue, tiny_cfg(tiny_prep), "rogue-run")
-    assert submit.flwr(link.home, "list", processes.CONNECTION, "--format", "json").stdout.count('"run-id"') == \
+    assert submit.flwr(link.home, "list", submit.CONNECTION, "--format", "json").stdout.count('"run-id"') == \
         before.count('"run-id"')
     client = RuntimeHttpClient.from_server_address(
         server_address=link.address, insecure=False, root_certificates=(link.only_ca / "ca.crt").read_bytes(),
@@ -254,8 +255,9 @@ def _photon(*args: str) -> list[str]:
 
 
 def test_an_insecure_node_against_a_tls_server_stops_with_the_reason(link, tmp_path):
-    res = subprocess.run(_photon("node", "--superlink", link.address, "--insecure", "--port", str(processes.free_port()),
-                                 "--state", str(tmp_path / "node")), capture_output=True, text=True, timeout=60)
+    res = subprocess.run(_photon("node", "--superlink", link.address, "--insecure", "--port",
+                                 str(processes.free_port()), "--state", str(tmp_path / "node")),
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stdout + res.stderr
     error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "speaks TLS" in error[0] and "--insecure" in error[0], res.stderr
@@ -269,7 +271,8 @@ def test_killing_photon_node_kills_its_supernode_and_frees_the_key(link, procs, 
     key = link.certs / "node-1.key"
     log = tmp_path / "node" / "supernode.log"
     wrapper = subprocess.Popen(_photon("node", "--superlink", link.address, "--certs", str(link.certs), "--key",
-                                       str(key), "--port", str(processes.free_port()), "--state", str(tmp_path / "node")),
+                                       str(key), "--port", str(processes.free_port()),
+                                       "--state", str(tmp_path / "node")),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     procs.append(wrapper)
     end = time.monotonic() + 60
@@ -340,9 +343,9 @@ def test_async_rounds_on_the_deployed_runtime_with_one_slowed_node(link, procs, 
     from photon.launch import processes, supernode
 
     for i, slow in ((0, 4.0), (1, 1.0)):
-        p = supernode.start_supernode(link.address, processes.free_port(), link.root / f"anode-{i}", data=tiny_prep, certs=link.certs,
-                              key=link.certs / f"node-{i}.key", log_file=link.root / f"anode-{i}.log", warm=True,
-                              slowdown=slow)
+        p = supernode.start_supernode(link.address, processes.free_port(), link.root / f"anode-{i}", data=tiny_prep,
+                                      certs=link.certs, key=link.certs / f"node-{i}.key",
+                                      log_file=link.root / f"anode-{i}.log", warm=True, slowdown=slow)
         procs.append(p)
     _wait_online(link, 2)
     cfg = tiny_cfg(tiny_prep, "federation.rounds=4", "data.partition.num_clients=3", "federation.clients_per_round=2",
@@ -361,7 +364,7 @@ def test_a_user_mistake_in_the_deployed_serverapp_is_one_line(link, tiny_prep, t
     run_id = submit.submit_run(link.home, cfg, "run-mistake")
     status = submit.wait_run(link.home, run_id, poll_s=1.0, timeout_s=120)
     assert status["status"] != "finished:completed"
-    text = submit.flwr(link.home, "log", str(run_id), processes.CONNECTION, "--show").stdout
+    text = submit.flwr(link.home, "log", str(run_id), submit.CONNECTION, "--show").stdout
     assert "error:" in text and "no prepared data" in text, text[-2000:]
     assert "Traceback" not in text, text[-3000:]
     errors: list[str] = []  # what photon submit's last line then says

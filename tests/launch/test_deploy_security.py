@@ -248,7 +248,7 @@ def test_a_probe_of_the_blob_side_channel_port_says_so(tmp_path):
                 sure, reason = supernode.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=insecure)
                 assert sure and "blob side channel, not its SuperLink" in reason, (tls, insecure, reason)
             sure, reason = supernode.probe_superlink(f"127.0.0.1:{port}", certs / "ca.crt", insecure=not tls,
-                                                  identify=False)  # asked once by a caller that probes again
+                                                     identify=False)  # asked once by a caller that probes again
             assert "blob side channel" not in reason
         finally:
             srv.shutdown()

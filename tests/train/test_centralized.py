@@ -16,8 +16,8 @@ from tests.helpers import tiny_cfg, torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest: steady timing on a shared 2-core box
 
-# A resume must be invisible over a long run: 2k steps straight vs 1k + resume + 1k. At the tiny preset's 8×64 batch that is ~40 s on
-# 2 cores, so the long check uses 2×16 batches (~3.5 ms/step); the short one keeps the preset's shape.
+# A resume must be invisible over a long run: 2k steps straight vs 1k + resume + 1k. At the tiny preset's 8×64
+# batch that is ~40 s on 2 cores, so the long check uses 2×16 batches (~3.5 ms/step); the short one keeps the preset's shape.
 LONG = ("train.batch_size=2", "train.seq_len=16", "train.steps=2000", "train.eval_every=500",
         "train.ckpt_every=500", "train.eval_batches=1")
 SHORT = ("train.steps=40", "train.warmup_steps=5", "train.eval_every=10", "train.ckpt_every=10",
