@@ -486,6 +486,12 @@ def test_a_key_in_use_names_the_photon_node_using_it_or_the_orphan(tmp_path):
     node = subprocess.Popen([sys.executable, "-c", starter, "photon", "node"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "CHILD": json.dumps(sleeper)})  # `photon node`, its SuperNode a child
     child = int(node.stdout.readline())
+    # Popen returns once the child has begun its exec, but the kernel sets up its command line a moment later
+    # (on a busy machine, visibly later): wait until /proc shows the key, as a real SuperNode's would by then
+    end = time.monotonic() + 30
+    while str(key).encode() not in Path(f"/proc/{child}/cmdline").read_bytes():
+        assert time.monotonic() < end, "the child's command line never showed the key"
+        time.sleep(0.05)
     try:
         with pytest.raises(UserError, match=rf"a running `photon node` \(pid {node.pid}\) uses the key"):
             supernode.check_key_unused(key)
