@@ -39,7 +39,7 @@ def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
         wire,
     )
 
-    return {"robust-flip": robust.render, "robust-noise": robust.render, "stragglers": stragglers.render,
+    return {"robust": robust.render, "stragglers": stragglers.render,
             "trainer-cpu": throughput.render, "trainer-cuda": throughput.render, "wire": wire.render,
             "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render,
             "federation": federation.render,

@@ -1,15 +1,21 @@
-"""`photon bench robust`: one of four clients attacks every round; what does each defence cost and save?
+"""`photon bench robust`: colluding attackers among K clients; what does each aggregation rule cost and save?
 
-Attacks (`--attack`): `flip` (the client sends its honest update reversed and scaled, θ − s·(θ_k − θ), for
-each scale in `--scales`) or `noise` (θ + N(0, s²)). Arms, on the same seed, data, model and budget: a clean
-run with the default config; a clean run with the screen off (what screening costs when nobody attacks);
-and, per attack scale, the default config, the plain mean with every defence off, the coordinate-wise
-median and the trimmed mean (both without the screen). Reported: final validation perplexity, its cost
-against the clean run, and the updates rejected. Stored in docs/results/robust-<attack>.json.
+Settings (`--settings`, K×m): K by-domain clients, all sampled every round, the last m of them attackers
+that send one identical crafted update (bench/adversary.py: they see the round's honest updates). Attacks:
+sign flip −s·mean(honest) for each s in `--scales`, noise at the honest norm, zero (a free-rider), a replay
+of an honest client's previous update, and ALIE (mean − z·std, z = `--alie-z`). Rules, on the same seed,
+data, model and budget: the default config, the plain mean with every check off, the cosine screen (mean,
+norm ratio 10, pairwise cosine ≥ 0), the coordinate-wise median and the trimmed mean. A clean run per K and
+rule gives each rule's cost when nobody attacks, and a run per setting where the attackers send the honest
+mean gives the floor: what losing their data costs (by-domain, their domains), which no rule can undercut
+by rejecting them. Reported per arm: final validation perplexity, its cost
+against the clean plain mean of the same K, and the honest updates rejected or clipped below half their
+weight. Each finished arm is kept in its folder, so a rerun skips it. Stored in docs/results/robust.json.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import statistics
@@ -19,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
+from photon.bench.adversary import Adversary
 from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig, with_overrides
 from photon.federation.runner import run_federation
@@ -27,93 +34,157 @@ from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
 from photon.transport.inprocess import InProcessTransport
 
-NO_SCREEN = ["federation.max_norm_ratio=null", "federation.min_cosine=null"]
-CLEAN_ARMS: dict[str, list[str]] = {
-    "clean": [],
-    "clean, screen off": NO_SCREEN,
+CHECKS_OFF = ["federation.max_norm_ratio=null", "federation.min_cosine=null"]
+RULES: dict[str, list[str]] = {
+    "default": [],
+    "mean, no checks": ["federation.aggregation=mean", *CHECKS_OFF],
+    "cosine screen": ["federation.aggregation=mean", "federation.max_norm_ratio=10", "federation.min_cosine=0"],
+    "median": ["federation.aggregation=median", *CHECKS_OFF],
+    "trimmed mean": ["federation.aggregation=trimmed-mean", *CHECKS_OFF],
 }
-ATTACK_ARMS: dict[str, list[str]] = {
-    "default (screen on)": [],
-    "mean, no defence": NO_SCREEN,
-    "median": [*NO_SCREEN, "federation.aggregation=median"],
-    "trimmed mean": [*NO_SCREEN, "federation.aggregation=trimmed-mean"],
-}
+BASELINE = "mean, no checks"
+SETTINGS = ((4, 1), (4, 2), (8, 1), (8, 2))
+GOAL_SETTINGS = ((4, 1), (8, 2))  # the goal: ≤ 10% with one attacker of four and two of eight
+OTHER_ATTACKS = ("noise", "zero", "replay", "alie")
 
 
-def _attack(kind: str, client: int, scale: float) -> list[str]:
-    if kind == "flip":
-        return [f"federation.faults.reply={{{client}: flip}}", f"federation.faults.flip_scale={scale}"]
-    return [f"federation.faults.noise_clients=[{client}]", f"federation.faults.noise_scale={scale}"]
+def attack_list(scales: tuple[float, ...], alie_z: float) -> list[tuple[str, float]]:
+    """(attack, its scale) in table order: the flips, then the rest (noise, zero and replay have none)."""
+    return [("flip", s) for s in scales] + [(a, alie_z if a == "alie" else 1.0) for a in OTHER_ATTACKS]
 
 
-def _run_arm(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
+def _label(attack: str | None, scale: float) -> str:
+    if attack is None:
+        return "clean"
+    if attack == "flip":
+        return f"flip ×{scale:g}"
+    return f"ALIE z={scale:g}" if attack == "alie" else attack
+
+
+def _run_arm(cfg: RunConfig, run_dir: Path, attackers: list[int], attack: str | None, scale: float
+             ) -> dict[str, Any]:
+    """One run; its summary is kept beside it (arm.json), so a rerun of the bench reuses it."""
+    done = run_dir / "arm.json"
+    if done.exists():
+        return json.loads(done.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_federation(cfg, run_dir, InProcessTransport(ClientWorker(run_dir / "node"), 1), console=Console(quiet=True))
+    k = cfg.federation.clients_per_round
+    transport: Any = InProcessTransport(ClientWorker(run_dir / "node"), k)  # a node each: a round returns whole
+    if attack is not None:
+        transport = Adversary(transport, attackers, attack, scale)
+    run_federation(cfg, run_dir, transport, console=Console(quiet=True))
     rows = read_metrics(run_dir)
     evals = [r for r in rows if r["kind"] == "eval"]
     rounds = [r for r in rows if r["kind"] == "round"]
-    return {"ppl_before": perplexity(evals[0]["loss/overall"]), "ppl_after": perplexity(evals[-1]["loss/overall"]),
-            "rejected": sum(r["dropped"] for r in rounds)}
+    honest = [c for c in range(cfg.data.partition.num_clients) if c not in attackers]
+    arm = {"ppl_before": perplexity(evals[0]["loss/overall"]), "ppl_after": perplexity(evals[-1]["loss/overall"]),
+           "rounds": len(rounds),
+           "honest_rejected": sum(c not in r["accepted"] for r in rounds for c in honest),
+           "honest_clipped": sum(r.get("clip_scales", {}).get(str(c), 1.0) < 0.5 for r in rounds for c in honest),
+           "attackers_rejected": sum(c not in r["accepted"] for r in rounds for c in attackers)}
+    done.write_text(json.dumps(arm))
+    return arm
 
 
-def run_robust_bench(cfg: RunConfig, out: Path, attack: str = "flip", scales: tuple[float, ...] = (1, 2, 5, 10),
+def run_robust_bench(cfg: RunConfig, out: Path, scales: tuple[float, ...] = (1, 2, 5, 10), alie_z: float = 1.0,
+                     settings: tuple[tuple[int, int], ...] = SETTINGS, rules: dict[str, list[str]] | None = None,
                      seeds: int = 1, console: Console | None = None, results_dir: Path | None = None
                      ) -> dict[str, Any]:
     console = console or Console()
-    attacker = cfg.data.partition.num_clients - 1
-    base = with_overrides(cfg, ["federation.min_replies=1"])  # a round with the attacker rejected still commits
-    plan: list[tuple[str, float | None, int, list[str]]] = []
+    rules = rules or RULES
+    attacks = attack_list(scales, alie_z)
+    plan: list[tuple[str, int, int, str | None, float, int]] = []
     for seed in range(seeds):
-        plan += [(arm, None, seed, sets) for arm, sets in CLEAN_ARMS.items()]
-        for scale in scales:
-            plan += [(arm, scale, seed, [*sets, *_attack(attack, attacker, scale)]) for arm, sets in ATTACK_ARMS.items()]
+        for k in sorted({k for k, _ in settings}):
+            plan += [(rule, k, 0, None, 1.0, seed) for rule in rules]
+        for k, m in settings:
+            plan.append((BASELINE, k, m, "absent", 1.0, seed))  # the floor: the attackers' data missing
+            plan += [(rule, k, m, a, s, seed) for a, s in attacks for rule in rules]
     rows = []
     started = time.time()
     with LoadSampler() as load:
-        for i, (arm, scale, seed, sets) in enumerate(plan, 1):
-            acfg = with_overrides(base, [*sets, f"train.seed={seed}"])
-            name = re.sub(r"[^a-z0-9]+", "-", f"{arm} s{scale} seed{seed}".lower()).strip("-")
-            console.print(f"[{i}/{len(plan)}] {arm}" + (f", {attack} scale {scale:g}" if scale is not None else "")
-                          + f", seed {seed}")
-            rows.append({"arm": arm, "scale": scale, "seed": seed, **_run_arm(acfg, out / name)})
+        for i, (rule, k, m, attack, scale, seed) in enumerate(plan, 1):
+            # min_replies 1: a round that rejects the attackers still commits
+            acfg = with_overrides(cfg, [f"data.partition.num_clients={k}", f"federation.clients_per_round={k}",
+                                        "federation.min_replies=1", *rules[rule], f"train.seed={seed}"])
+            attackers = list(range(k - m, k))
+            name = re.sub(r"[^a-z0-9]+", "-", f"k{k} m{m} {_label(attack, scale)} {rule} seed{seed}".lower())
+            console.print(f"[{i}/{len(plan)}] K={k}, {m} attacker(s), {_label(attack, scale)}, {rule}, seed {seed}")
+            rows.append({"rule": rule, "clients": k, "attackers": m, "attack": attack, "scale": scale, "seed": seed,
+                         **_run_arm(acfg, out / name.strip("-"), attackers, attack, scale)})
     fed = cfg.federation
-    data = {"attack": attack, "attacker": attacker, "clients": cfg.data.partition.num_clients, "preset": cfg.name,
-            "rounds": fed.rounds, "local_steps": fed.local_steps, "scales": list(scales), "seeds": seeds,
+    data = {"preset": cfg.name, "rounds": fed.rounds, "local_steps": fed.local_steps, "scales": list(scales),
+            "alie_z": alie_z, "settings": [list(s) for s in settings], "rules": list(rules), "seeds": seeds,
+            "default": {"aggregation": fed.aggregation, "max_norm_ratio": fed.max_norm_ratio,
+                        "min_cosine": fed.min_cosine, "clipping": fed.clipping.model_dump()},
             "rows": rows}
-    publish(f"robust-{attack}", data, render, load, started, console, results_dir=results_dir)
+    publish("robust", data, render, load, started, console, results_dir=results_dir)
     return data
 
 
-def _mean_ppl(rows: list[dict], arm: str, scale: float | None) -> float:
-    return statistics.mean(r["ppl_after"] for r in rows if r["arm"] == arm and r["scale"] == scale)
+def _select(rows: list[dict], **match: Any) -> list[dict]:
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def _ppl(rows: list[dict], **match: Any) -> float:
+    return statistics.mean(r["ppl_after"] for r in _select(rows, **match))
 
 
 def render(data: dict[str, Any]) -> str:
-    """The markdown table and goal lines for docs/RESULTS.md."""
-    rows, attack = data["rows"], data["attack"]
-    clean = _mean_ppl(rows, "clean", None)
-    what = ("θ − s·(θ_k − θ) (its honest update reversed and scaled by s)" if attack == "flip"
-            else "θ + N(0, s²)")
-    lines = [f"Preset `{data['preset']}`, {data['clients']} by-domain clients all sampled every round, "
-             f"{data['rounds']} rounds of H = {data['local_steps']}; client {data['attacker']} replies {what} every "
-             f"round; {data['seeds']} seed(s), perplexity averaged over seeds. Cost = final perplexity over the "
-             "clean run's, minus 1.", "",
-             "| arm | " + " | ".join(f"s = {s:g}" for s in data["scales"]) + " |",
-             "|---|" + "---|" * len(data["scales"])]
-    for arm in ATTACK_ARMS:
-        cells = []
-        for s in data["scales"]:
-            ppl = _mean_ppl(rows, arm, s)
-            rejected = sum(r["rejected"] for r in rows if r["arm"] == arm and r["scale"] == s)
-            cells.append(f"{ppl:,.1f} ({ppl / clean - 1:+.1%}, {rejected} rejected)")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    off = _mean_ppl(rows, "clean, screen off", None)
-    worst = max(_mean_ppl(rows, "default (screen on)", s) / clean - 1 for s in data["scales"])
-    clean_rejected = sum(r["rejected"] for r in rows if r["arm"] == "clean")
-    lines += ["", f"Clean run: perplexity {clean:,.1f} with the default screen, {off:,.1f} with it off "
-              f"({clean / off - 1:+.2%}; {clean_rejected} honest updates rejected).", "",
-              f"- Goal: the default config costs at most 10% under attack at every scale: worst {worst:+.1%}, "
-              f"{'met' if worst <= 0.10 else 'NOT met'}.",
-              f"- Goal: a clean run changes by at most 1% with the screen on: {clean / off - 1:+.2%}, "
-              f"{'met' if abs(clean / off - 1) <= 0.01 else 'NOT met'}."]
+    """The markdown tables and goal lines for docs/RESULTS.md."""
+    rows, rules = data["rows"], data["rules"]
+    attacks = attack_list(tuple(data["scales"]), data["alie_z"])
+    ks = sorted({k for k, _ in data["settings"]})
+    d = data["default"]
+    clip = d["clipping"]
+    default = d["aggregation"] + (f" (centre {clip['centre']}, radius {clip['radius']}"
+                                  f"{' × ' + format(clip['radius_factor'], 'g') if clip['radius'] == 'median' else ''}"
+                                  f", {clip['iterations']} iteration(s), buckets of {clip['bucket_size']})"
+                                  if d["aggregation"] == "centered-clip" else "")
+    lines = [f"Preset `{data['preset']}`, K by-domain clients all sampled every round, {data['rounds']} rounds of "
+             f"H = {data['local_steps']}, {data['seeds']} seed(s) (perplexity averaged). The last m clients "
+             "collude: each round they see the honest updates and all send one crafted update. Default rule: "
+             f"{default}; its screen rejects only malformed or non-finite updates and norms above "
+             f"{d['max_norm_ratio']}× the median. Cost = final perplexity over the clean plain mean's at the same K, "
+             "minus 1; *r*/*c* = honest updates rejected / clipped below half their weight (over all rounds). The "
+             "floor is the plain mean with the attackers sending the honest mean: their domains' data missing, "
+             "what a rule that removed them exactly would cost.", "",
+             "Clean runs (nobody attacks):", "",
+             "| rule | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+
+    def cell(match: dict[str, Any], base: float) -> str:
+        sel = _select(rows, **match)
+        ppl = statistics.mean(r["ppl_after"] for r in sel)
+        r_, c_ = sum(r["honest_rejected"] for r in sel), sum(r["honest_clipped"] for r in sel)
+        return f"{ppl:,.1f} ({ppl / base - 1:+.1%}{f', r {r_}' if r_ else ''}{f', c {c_}' if c_ else ''})"
+
+    base = {k: _ppl(rows, rule=BASELINE, clients=k, attack=None) for k in ks}
+    for rule in rules:
+        lines.append(f"| {rule} | " + " | ".join(cell({"rule": rule, "clients": k, "attack": None}, base[k])
+                                                   for k in ks) + " |")
+    worst: dict[tuple[int, int], tuple[float, str, float]] = {}
+    for k, m in data["settings"]:
+        floor = _ppl(rows, rule=BASELINE, clients=k, attackers=m, attack="absent")
+        lines += ["", f"K = {k}, {m} attacker(s); floor {floor:,.1f} ({floor / base[k] - 1:+.1%}):", "",
+                  "| rule | " + " | ".join(_label(a, s) for a, s in attacks) + " |", "|---|" + "---|" * len(attacks)]
+        for rule in rules:
+            cells = [cell({"rule": rule, "clients": k, "attackers": m, "attack": a, "scale": s}, base[k])
+                     for a, s in attacks]
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+        costs = [(_ppl(rows, rule="default", clients=k, attackers=m, attack=a, scale=s) / base[k] - 1, _label(a, s))
+                 for a, s in attacks]
+        worst[(k, m)] = (*max(costs), floor / base[k] - 1)
+    clean_rejected = sum(r["honest_rejected"] for r in _select(rows, rule="default", attack=None))
+    clean_clipped = sum(r["honest_clipped"] for r in _select(rows, rule="default", attack=None))
+    clean_cost = max(abs(_ppl(rows, rule="default", clients=k, attack=None) / base[k] - 1) for k in ks)
+    lines += ["", f"- Goal: clean runs with the default reject no honest update: {clean_rejected} rejected, "
+              f"{clean_clipped} clipped below half; {'met' if clean_rejected == 0 else 'NOT met'}.",
+              f"- Goal: clean runs with the default are within 1% of the plain mean: worst {clean_cost:.2%}; "
+              f"{'met' if clean_cost <= 0.01 else 'NOT met'}."]
+    for k, m in GOAL_SETTINGS:
+        if (k, m) in worst:
+            cost, label, floor_cost = worst[(k, m)]
+            lines.append(f"- Goal: every attack with {m} of {k} costs the default at most 10%: worst {cost:+.1%} "
+                         f"({label}); {'met' if cost <= 0.10 else 'NOT met'} (the floor, their data missing: "
+                         f"{floor_cost:+.1%}).")
     return "\n".join(lines)

@@ -89,23 +89,30 @@ def bench_federation(
 def bench_robust(
     preset: PresetOpt = "tiny",
     overrides: SetOpt = None,
-    attack: Annotated[str, typer.Option(help="flip: the attacker reverses and scales its honest update; noise: "
-                                        "it sends θ + N(0, s²).")] = "flip",
-    scales: Annotated[str, typer.Option(help="Comma-separated attack scales s.")] = "1,2,5,10",
+    scales: Annotated[str, typer.Option(help="Comma-separated sign-flip scales s (the attackers send "
+                                        "−s × the honest mean).")] = "1,2,5,10",
+    alie_z: Annotated[float, typer.Option(min=0, help="ALIE: the attackers send mean − z·std of the honest "
+                                          "updates.")] = 1.0,
+    settings: Annotated[str, typer.Option(help="Comma-separated KxM: K clients of which M attack.")]
+    = "4x1,4x2,8x1,8x2",
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm.")] = 1,
-    out: Annotated[Path, typer.Option(help="Where the arms' runs go.")] = Path("runs/bench-robust"),
+    out: Annotated[Path, typer.Option(help="Where the arms' runs go (rerunning skips finished arms).")]
+    = Path("runs/bench-robust"),
 ) -> None:
-    """One of four clients attacks every round: the default screen vs no defence, median and trimmed mean;
-    stores docs/results/robust-ATTACK.json."""
+    """Colluding attackers (sign flip, noise, zero, replay, ALIE) among K clients: the default rule vs the plain
+    mean, the cosine screen, median and trimmed mean; stores docs/results/robust.json."""
     from photon.bench.robust import run_robust_bench
 
-    if attack not in ("flip", "noise"):
-        raise UserError(f"--attack {attack!r}: choose flip or noise")
     values = numbers(scales, float, "--scales", "1,2,5,10")
-    cfg = flags_config(preset, list(overrides or []) + ["data.partition.num_clients=4",
-                                                     "federation.clients_per_round=4"])
+    pairs = []
+    for item in settings.split(","):
+        k, _, m = item.strip().lower().partition("x")
+        if not (k.isdigit() and m.isdigit() and 0 < int(m) < int(k)):
+            raise UserError(f"--settings {settings!r}: each must be KxM with 0 < M < K, as in 4x1,8x2")
+        pairs.append((int(k), int(m)))
+    cfg = flags_config(preset, overrides)
     ensure_prepared(cfg)
-    run_robust_bench(cfg, out, attack, values, seeds, console)
+    run_robust_bench(cfg, out, values, alie_z, tuple(pairs), seeds=seeds, console=console)
 
 
 @bench_app.command("stragglers")

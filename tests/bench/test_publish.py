@@ -14,44 +14,59 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _robust_data():
-    rows = [{"arm": "clean", "scale": None, "seed": 0, "ppl_before": 1000.0, "ppl_after": 300.0, "rejected": 0},
-            {"arm": "clean, screen off", "scale": None, "seed": 0, "ppl_before": 1000.0, "ppl_after": 301.0,
-             "rejected": 0}]
-    for arm, ppl in (("default (screen on)", 310.0), ("mean, no defence", 2000.0), ("median", 400.0),
-                     ("trimmed mean", 390.0)):
-        rows.append({"arm": arm, "scale": 5.0, "seed": 0, "ppl_before": 1000.0, "ppl_after": ppl, "rejected": 6})
-    return {"attack": "flip", "attacker": 3, "clients": 4, "preset": "tiny", "rounds": 6, "local_steps": 16,
-            "scales": [5.0], "seeds": 1, "rows": rows}
+    """A robust-benchmark record: one setting (K = 4, 1 attacker), one flip scale, every rule and attack."""
+    from photon.bench.robust import RULES, attack_list
+
+    rows = []
+    for rule in RULES:
+        clean = 300.0 if rule == "mean, no checks" else 301.0
+        rows.append({"rule": rule, "clients": 4, "attackers": 0, "attack": None, "scale": 1.0, "seed": 0,
+                     "ppl_before": 1000.0, "ppl_after": clean, "honest_rejected": 0, "honest_clipped": 0,
+                     "attackers_rejected": 0, "rounds": 6})
+        for attack, scale in attack_list((5.0,), 1.0):
+            ppl = 310.0 if rule == "default" else 2000.0
+            rows.append({"rule": rule, "clients": 4, "attackers": 1, "attack": attack, "scale": scale, "seed": 0,
+                         "ppl_before": 1000.0, "ppl_after": ppl, "honest_rejected": 0, "honest_clipped": 1,
+                         "attackers_rejected": 0, "rounds": 6})
+    rows.append({"rule": "mean, no checks", "clients": 4, "attackers": 1, "attack": "absent", "scale": 1.0, "seed": 0,
+                 "ppl_before": 1000.0, "ppl_after": 305.0, "honest_rejected": 0, "honest_clipped": 0,
+                 "attackers_rejected": 0, "rounds": 6})
+    return {"preset": "tiny", "rounds": 6, "local_steps": 16, "scales": [5.0], "alie_z": 1.0,
+            "settings": [[4, 1]], "rules": list(RULES), "seeds": 1,
+            "default": {"aggregation": "centered-clip", "max_norm_ratio": 100.0, "min_cosine": None,
+                        "clipping": {"centre": "median", "radius": "median", "radius_factor": 2.0,
+                                     "iterations": 1, "bucket_size": 1}},
+            "rows": rows}
 
 
-TEXT = "intro\n<!-- results:robust-flip -->\nstale text typed by hand\n<!-- /results:robust-flip -->\n" \
-       "<!-- results:robust-noise -->\n<!-- /results:robust-noise -->\noutro\n"
+TEXT = "intro\n<!-- results:robust -->\nstale text typed by hand\n<!-- /results:robust -->\n" \
+       "<!-- results:wire -->\n<!-- /results:wire -->\noutro\n"
 
 
 def test_blocks_are_rendered_from_the_stored_outputs_only(tmp_path):
-    save_result("robust-flip", _robust_data(), command="photon bench robust", results_dir=tmp_path)
+    save_result("robust", _robust_data(), command="photon bench robust", results_dir=tmp_path)
     results = load_results(tmp_path)
     first = render(TEXT, results)
     assert render(first, results) == first == render(TEXT, json.loads(json.dumps(results)))
     assert "stale text" not in first and first.startswith("intro\n") and first.endswith("outro\n")
     assert "`photon bench robust` on" in first and "cores" in first
-    assert "+3.3%" in first and "NOT met" not in first.split("robust-noise")[0]
-    assert "Not measured yet" in first.split("results:robust-noise -->")[1]
+    assert "+3.3%" in first and "NOT met" not in first.split("results:wire")[0]
+    assert "Not measured yet" in first.split("results:wire -->")[1]
 
 
 def test_write_report_rewrites_in_place(tmp_path):
-    save_result("robust-flip", _robust_data(), command="photon bench robust", results_dir=tmp_path / "r")
+    save_result("robust", _robust_data(), command="photon bench robust", results_dir=tmp_path / "r")
     md = tmp_path / "RESULTS.md"
     md.write_text(TEXT)
     names = write_report(tmp_path / "r", (md,))
-    assert names == ["robust-flip", "robust-noise", "claims-tiny", "claims-small", "claims-medium"]
+    assert names == ["robust", "wire", "claims-tiny", "claims-small", "claims-medium"]
     assert md.read_text() == render(TEXT, load_results(tmp_path / "r"), tmp_path / "r")
     # the claims pages beside RESULTS.md are written whole, here without a record to show
     page = tmp_path / "results" / "claims-tiny.md"
     assert "Not measured yet: no `docs/results/claims-tiny.json`" in page.read_text()
     other = tmp_path / "README.md"
     other.write_text(TEXT)
-    assert write_report(tmp_path / "r", (other,)) == ["robust-flip", "robust-noise"]  # no pages beside it
+    assert write_report(tmp_path / "r", (other,)) == ["robust", "wire"]  # no pages beside it
 
 
 def test_the_committed_docs_match_the_committed_outputs_and_presets():
@@ -111,7 +126,7 @@ def test_a_verdicts_block_renders_the_record_of_its_name(tmp_path):
 
 def _results_and_target(tmp_path):
     """A results folder with one good record, and a target file whose blocks render from it."""
-    save_result("robust-flip", _robust_data(), command="photon bench robust", results_dir=tmp_path / "r")
+    save_result("robust", _robust_data(), command="photon bench robust", results_dir=tmp_path / "r")
     md = tmp_path / "RESULTS.md"
     md.write_text(TEXT)
     return tmp_path / "r", md
@@ -130,18 +145,18 @@ def test_missing_or_empty_results_folder_is_refused_and_nothing_written(tmp_path
 
 
 @pytest.mark.parametrize("content,match", [
-    ('{"name": "robust-flip", "comm', "not valid JSON"),
+    ('{"name": "robust", "comm', "not valid JSON"),
     ("[]", "holds a JSON list, not a benchmark record"),
     ("{}", "lacks 'command', 'date', 'data'"),
     ('{"command": "photon bench robust", "date": "2024-01-01", "data": []}', "lacks 'data'"),
     ('{"command": "c", "date": "d", "data": {}, "machine": "x"}', "'machine' is not an object"),
-    ('{"name": "wire", "command": "c", "date": "d", "data": {}}', "records the name 'wire', not 'robust-flip'"),
-    ('{"command": "c", "date": "d", "data": {"rows": []}}', "lacks or mistypes a field the robust-flip block"),
+    ('{"name": "wire", "command": "c", "date": "d", "data": {}}', "records the name 'wire', not 'robust'"),
+    ('{"command": "c", "date": "d", "data": {"rows": []}}', "lacks or mistypes a field the robust block"),
     ('{"command": "c", "date": "d", "wall_seconds": "long", "data": {}}', "lacks or mistypes a field"),
 ])
 def test_a_damaged_results_file_is_a_user_error_naming_it(tmp_path, content, match):
     results, md = _results_and_target(tmp_path)
-    bad = results / "robust-flip.json"
+    bad = results / "robust.json"
     bad.write_text(content)
     with pytest.raises(UserError, match=re.escape(f"{bad}: ") + ".*" + re.escape(match)):
         write_report(results, (md,))
@@ -165,8 +180,9 @@ def test_a_folder_of_a_few_trial_records_does_not_blank_the_blocks_it_lacks(tmp_
     write_report(results, (md,))
     measured = md.read_text()
     trial = tmp_path / "trial"
-    save_result("robust-noise", _robust_data() | {"attack": "noise"}, command="c", results_dir=trial)
-    with pytest.raises(UserError, match=r"trial lacks records the docs now show measured \(robust-flip\): .*cp -n"):
+    wire = json.loads((ROOT / "docs/results/wire.json").read_text())
+    save_result("wire", wire["data"], command="c", results_dir=trial)
+    with pytest.raises(UserError, match=r"trial lacks records the docs now show measured \(robust\): .*cp -n"):
         write_report(trial, (md,))
     assert md.read_text() == measured
 

@@ -37,7 +37,8 @@ FAULT_REASONS = {
 @pytest.mark.parametrize("fault", sorted(FAULT_REASONS))
 def test_a_faulty_reply_is_rejected_with_its_reason_and_the_run_completes(tiny_prep, tmp_path, fault, caplog):
     cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=4",
-                  "federation.rounds=2", f"federation.faults.reply={{3: {fault}}}")
+                  "federation.rounds=2", f"federation.faults.reply={{3: {fault}}}",
+                  *(["federation.min_cosine=0"] if fault == "flip" else []))  # the direction screen, opted in
     with caplog.at_level(logging.WARNING, logger="photon.federation.aggregator"):
         summary = run(cfg, tmp_path)
     assert summary["rounds"] == 2
@@ -54,7 +55,7 @@ def test_a_faulty_reply_is_rejected_with_its_reason_and_the_run_completes(tiny_p
 def test_every_fault_reason_names_what_was_wrong(tiny_prep, tmp_path, caplog):
     faults = "{1: lie, 2: truncate, 3: flip}"
     cfg = fed_cfg(tiny_prep, "data.partition.num_clients=6", "federation.clients_per_round=6",
-                  "federation.rounds=1", f"federation.faults.reply={faults}")
+                  "federation.rounds=1", f"federation.faults.reply={faults}", "federation.min_cosine=0")
     with caplog.at_level(logging.WARNING, logger="photon.federation.aggregator"):
         run(cfg, tmp_path)
     text = caplog.text
@@ -219,7 +220,7 @@ def test_a_run_that_lost_clients_says_so_at_the_end(tiny_prep, tmp_path, capsys)
     assert "direction screen" not in out  # truncated replies: nothing to say about the screen
 
     cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=4",
-                  "federation.rounds=1", "federation.faults.reply={2: flip}")
+                  "federation.rounds=1", "federation.faults.reply={2: flip}", "federation.min_cosine=0")
     run_federation(cfg, tmp_path / "flip", InProcessTransport(ClientWorker(tmp_path / "m")), console=Console(width=300))
     out = capsys.readouterr().out
     assert "An update the direction screen turned away can be an honest client's" in out

@@ -55,7 +55,7 @@ def test_simulation_survives_a_client_that_raises_every_other_round(tiny_prep, t
 def test_simulation_rejects_hostile_and_broken_replies_and_completes(tiny_prep, tmp_path):
     faults = "{1: lie, 2: truncate, 3: flip, 4: wrong-dtype, 5: bad-header, 6: nan}"
     cfg = fed_cfg(tiny_prep, "data.partition.num_clients=8", "federation.clients_per_round=8",
-                  "federation.rounds=2", f"federation.faults.reply={faults}")
+                  "federation.rounds=2", f"federation.faults.reply={faults}", "federation.min_cosine=0")
     summary = run_simulated(cfg, tmp_path)
     assert summary["rounds"] == 2
     rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
