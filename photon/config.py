@@ -335,21 +335,22 @@ class FederationConfig(_Frozen):
         "torch.distributed; the client's batch is split across them, so its recipe does not change. A deployed "
         "node sets it with `photon node --procs N`.")
     aggregation: Literal["mean", "trimmed-mean", "median", "centered-clip"] = Field(
-        "mean", description="mean: streaming weighted mean (Photon); trimmed-mean / median: coordinate-wise, "
-        "robust to a minority of bad updates; centered-clip: each update's influence capped (federation.clipping, "
-        "Karimireddy et al. 2021), none rejected.")
+        "centered-clip", description="centered-clip (default): each update's pull on the aggregate is capped "
+        "(federation.clipping, Karimireddy et al. 2021), none rejected, so honest clients whose data differ keep "
+        "their say while a hostile one's is bounded; mean: streaming weighted mean (the paper's FedAvg); "
+        "trimmed-mean / median: coordinate-wise, robust to a minority of bad updates.")
     clipping: CenteredClipConfig = CenteredClipConfig()
     trim_fraction: float = Field(0.25, ge=0, lt=0.5, description="Share trimmed from each end (trimmed-mean).")
     clip_update_norm: float | None = Field(None, gt=0, description="Clip each update θ_k − θ to this L2 norm.")
     max_norm_ratio: float | None = Field(
-        10.0, gt=1, description="Reject an update whose norm exceeds this multiple of the median update norm of "
-        "the round's replies (of the previous round when fewer than 3 replied); None disables the check.")
+        100.0, gt=1, description="Reject an update whose norm exceeds this multiple of the median update norm of "
+        "the round's replies (of the previous round when fewer than 3 replied): an absurd norm, not a "
+        "heterogeneous one; None disables the check.")
     min_cosine: float | None = Field(
-        0.0, ge=-1, lt=1, description="Reject an update whose cosine with fewer than half of the round's other "
-        "updates is at least this (pairwise cosines, decided once the round's replies are in, so arrival order "
-        "does not matter; needs at least 3 replies). 0 rejects updates pointing away from the majority, such as "
-        "a reversed (sign-flipped) update at any scale. None disables the check (see RELIABILITY.md for its "
-        "known limit).")
+        None, ge=-1, lt=1, description="Off by default. Reject an update whose cosine with fewer than half of the "
+        "round's other updates is at least this (pairwise cosines, decided once the round's replies are in; "
+        "needs at least 3 replies); 0 rejects updates pointing away from the majority. It also turns away honest "
+        "clients whose domains have drifted apart (RELIABILITY.md), which centered clipping does not.")
     faults: FaultConfig = FaultConfig()
 
 

@@ -59,10 +59,11 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", f"Failed replies: {len(data['failures'])} of {data['replies']}."]
         lines += [f"- {why}" for why in data["failures"]]
         if any(DISAGREES in why for why in data["failures"]):
-            lines += ["", "These are honest clients rejected by the default direction screen: late in a by-domain run "
-                      "the clients' updates drift towards orthogonal, and a cosine just below 0 with most of the "
-                      "others reads as disagreement (the screen's known limit, docs/RELIABILITY.md; "
-                      "`--set federation.min_cosine=null` turns it off for sites that trust each other)."]
+            lines += ["", "These are honest clients rejected by the direction screen, which this run had on "
+                      "(`federation.min_cosine`): late in a by-domain run the clients' updates drift towards "
+                      "orthogonal, and a cosine just below 0 with most of the others reads as disagreement (the "
+                      "screen's known limit, docs/RELIABILITY.md; `--set federation.min_cosine=null` turns it off, "
+                      "as it is by default)."]
     return "\n".join(lines)
 
 

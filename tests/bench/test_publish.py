@@ -222,7 +222,7 @@ def test_demo_names_its_failed_replies_and_renders_older_records_without_them():
     assert "Failed replies: 1 of 8." in text and "- round 2: client 1 attempt 1: update disagrees" in text
     assert "known limit" not in text
     text = render({**data, "replies": 8, "failures": ["round 2: client 1: update disagrees with the round's majority"]})
-    assert "honest clients rejected by the default direction screen" in text and "federation.min_cosine=null" in text
+    assert "honest clients rejected by the direction screen" in text and "federation.min_cosine=null" in text
 
 
 def test_rendering_a_trial_folder_brings_its_plots_beside_its_numbers(tmp_path, monkeypatch):

@@ -15,15 +15,19 @@ def _ppl_drop(run_dir):
     return evals[0]["loss/overall"] - evals[-1]["loss/overall"]
 
 
-def test_noise_damages_the_plain_mean_but_not_the_median_or_the_norm_check(tiny_prep, tmp_path):
-    run(_noisy(tiny_prep, "federation.max_norm_ratio=null"), tmp_path / "mean")
+def test_noise_damages_the_plain_mean_but_not_the_median_the_norm_check_or_the_default(tiny_prep, tmp_path):
+    run(_noisy(tiny_prep, "federation.aggregation=mean", "federation.max_norm_ratio=null"), tmp_path / "mean")
     run(_noisy(tiny_prep, "federation.max_norm_ratio=null", "federation.aggregation=median"), tmp_path / "median")
-    run(_noisy(tiny_prep), tmp_path / "check")
+    run(_noisy(tiny_prep, "federation.aggregation=mean", "federation.max_norm_ratio=10"), tmp_path / "check")
+    run(_noisy(tiny_prep), tmp_path / "default")
     assert _ppl_drop(tmp_path / "mean") < 0  # worse than the untrained model
     assert _ppl_drop(tmp_path / "median") > 0.3
     assert _ppl_drop(tmp_path / "check") > 0.3
     rounds = [r for r in read_metrics(tmp_path / "check") if r["kind"] == "round"]
     assert sum(r["failed"] for r in rounds[1:]) >= 2  # the noisy client is rejected from round 2 on
+    assert _ppl_drop(tmp_path / "default") > 0.3  # centered clipping, and the ×100 norm check behind it
+    rounds = [r for r in read_metrics(tmp_path / "default") if r["kind"] == "round"]
+    assert all(set(r["accepted"]) >= {0, 1, 2} for r in rounds)  # no honest client turned away
 
 
 def test_centered_clipping_bounds_a_noisy_client_and_turns_nobody_away(tiny_prep, tmp_path):

@@ -135,9 +135,9 @@ class Recipes:
             f"federation.eval_every={eval_every}", f"federation.outer.name={outer[0]}",
             f"federation.outer.lr={outer[1]:g}", "federation.outer.momentum=0.9",
             f"federation.client_optimizer={mode}", "federation.state_backup=false",
-            # The paper's aggregation is a plain weighted mean. The default update screen rejects honest
-            # by-domain updates late in long runs, whose pairwise cosines fall to ≈0, and then whole rounds.
-            "federation.max_norm_ratio=null", "federation.min_cosine=null", *self._train(batch, r * h, lr)),
+            # The paper's aggregation: a plain weighted mean, with no update screen.
+            "federation.aggregation=mean", "federation.max_norm_ratio=null", "federation.min_cosine=null",
+            *self._train(batch, r * h, lr)),
             lr, seeds, regime, mode, horizon)
 
     def central(self, name: str, about: str, lr: float, seeds: int, horizon: float = 1.0) -> Arm:
