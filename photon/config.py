@@ -267,7 +267,9 @@ class CenteredClipConfig(_Frozen):
     radius: float | Literal["median"] = Field(
         "median", description="A fixed L2 radius, or 'median': radius_factor × the median distance of the updates "
         "to the centre, each iteration.")
-    radius_factor: float = Field(1.0, gt=0, description="Multiple of the median distance (radius: median).")
+    radius_factor: float = Field(
+        1.5, gt=0, description="Multiple of the median distance (radius: median). 1.5 leaves honest by-domain "
+        "updates whole in clean runs; 1 bounds attackers tighter but also clips honest ones (docs/RESULTS.md).")
     iterations: int = Field(1, ge=1, le=10, description="Clipping iterations (each re-reads the parked updates).")
     bucket_size: int = Field(1, ge=1, description="Average seeded random buckets of this many updates before "
                              "clipping (1: no buckets).")
@@ -321,9 +323,10 @@ class FederationConfig(_Frozen):
         None, ge=1, description="Rounds the LR schedule spans (None = federation.rounds). Set it to the original "
         "rounds when extending a run with more rounds: the extra rounds train on the LR floor.")
     node_max_failures: int = Field(
-        3, ge=1, description="Exclude a node from the run after this many tasks in a row that it could not run "
-        "(error replies), for at least two different clients: a node without data fails every client, while a "
-        "bad client fails everywhere. Rejected replies count against the client, not the node.")
+        3, ge=1, description="Exclude a node after this many tasks in a row that it could not run (error "
+        "replies), for at least two different clients: a node without data fails every client, while a bad "
+        "client fails everywhere. Rejected replies count against the client, lost ones against nobody; the "
+        "last usable node is never excluded; an excluded node is tried again after 1, 2, 4, ... 16 rounds.")
     eval_every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds.")
     keep_checkpoints: int = Field(3, ge=2, description="Round checkpoints kept (the newest; at least 2, so a "
                                   "damaged newest one has a fallback; in async mode at "

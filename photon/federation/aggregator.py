@@ -51,12 +51,15 @@ from photon.federation.protocol import (
     Wire,
     decode_reply,
     encode_task,
+    error_text,
+    is_lost,
     unfit_reason,
 )
 from photon.federation.server_state import ServerState
 
 log = logging.getLogger(__name__)
 SAME_MODEL = codec.Payload({"codec": "fp32", "tensors": []}, np.zeros(0, np.uint8))  # "use the model you hold"
+MAX_BACKOFF_ROUNDS = 16  # the longest an excluded node waits before it is tried again
 MAX_REMEMBERED = 4096  # expired tasks remembered, to name the client of a late reply in the log
 IDLE_WARNING_S = 30.0  # how often a run with no node connected says it is waiting
 
@@ -161,6 +164,9 @@ class Aggregator:
         self.clip_rule = ClipRule(c.centre, c.radius, c.radius_factor, c.iterations, c.bucket_size)
         self.node_failures: dict[int, list[int]] = {}  # consecutive failed tasks per node: their clients
         self.excluded: dict[int, str] = {}
+        self.rejoin_at: dict[int, int] = {}  # excluded for failures: the round (outer step) it is tried again
+        self.exclusions: Counter[int] = Counter()  # times each node was excluded for failures (its backoff)
+        self.known_nodes: set[int] = set()  # the transport's nodes when last asked
         self._expired: dict[str, ClientTask] = {}
         # A node stays occupied by a task until its reply comes (even late) or `round_timeout_s` has passed since
         # it was sent (presumed lost): a straggler is not handed more work that would queue behind it.
@@ -268,6 +274,10 @@ class Aggregator:
 
     def usable_nodes(self, transport: Transport) -> list[int]:
         nodes = transport.nodes()
+        self.known_nodes = set(nodes)
+        for node, at in sorted(self.rejoin_at.items()):
+            if self.state.round >= at or not [n for n in nodes if n not in self.excluded]:
+                self._rejoin(node)
         usable = [n for n in nodes if n not in self.excluded]
         if nodes and not usable:
             raise UserError(f"every node was excluded from the run; last: "
@@ -427,7 +437,7 @@ class Aggregator:
             self.node_model.pop(node, None)
             rnd.queue.appendleft(cid)
             return
-        outcome = str(msg) if isinstance(msg, (str, Rejected)) else \
+        outcome = error_text(str(msg)) if isinstance(msg, (str, Rejected)) else \
             self._receive(task, msg, rnd.result, rnd.buffer, (rnd.order[cid],))
         if isinstance(outcome, ClientReply):
             self.task_times.append(rnd.clock() - flight.sent)
@@ -438,7 +448,8 @@ class Aggregator:
             rnd.replies[cid], rnd.node_of[cid] = outcome, node
             rnd.node_train[node] += outcome.train_seconds
             return
-        node_error = isinstance(msg, str)  # the node could not run it (vs a reply we rejected)
+        # The node could not run it (vs a reply we rejected, or one lost on the way: not the node's failure)
+        node_error = isinstance(msg, str) and not is_lost(msg)
         self._attempt_failed(cid, node, rnd.attempts[cid], outcome, rnd.result, node_error=node_error)
         rnd.failed_on.setdefault(cid, set()).add(node)  # its retry goes to another node while there is one
         if rnd.attempts[cid] < rnd.max_attempts:
@@ -545,22 +556,40 @@ class Aggregator:
 
     def _node_failed(self, node: int, cid: int, reason: str, result: RoundResult) -> None:
         """A node whose last `node_max_failures` tasks all errored, for at least two different clients, is
-        excluded: a node without data (or with a broken install) fails every client, while one client's
-        fault fails on every node and must not take a node out."""
+        excluded for a backoff: a node without data (or with a broken install) fails every client, while one
+        client's fault fails on every node and must not take a node out. The last usable node is kept: with
+        none the run could only stop, while a node that recovers lets it go on."""
         history = self.node_failures.setdefault(node, [])
         history.append(cid)
         limit = self.cfg.federation.node_max_failures
         if node not in self.excluded and len(history) >= limit and len(set(history)) >= 2:
+            if not any(n != node and n not in self.excluded for n in self.known_nodes):
+                log.warning("node %d: its last %d tasks failed, but it is the only usable node: kept in the run",
+                            node, len(history))
+                return
+            self.exclusions[node] += 1
+            backoff = min(MAX_BACKOFF_ROUNDS, 2 ** (self.exclusions[node] - 1))
+            self.rejoin_at[node] = self.state.round + backoff
             self._exclude(node, reason, result, f"its last {len(history)} tasks failed for {len(set(history))} "
-                                                "different clients")
+                                                f"different clients; it is tried again in {backoff} round(s)")
 
     def _exclude(self, node: int, reason: str, result: RoundResult, why: str = "it cannot train any client") -> None:
-        """Take `node` out of this run (it is sent nothing more); said once, with `why` and the last `reason`."""
+        """Take `node` out of this run (it is sent nothing more; for failures, until its backoff ends); said
+        once, with `why` and the last `reason`."""
         if node in self.excluded:
             return
         self.excluded[node] = reason
         result.excluded[node] = reason
         log.warning("excluding node %d from this run: %s (last: %s)", node, why, reason)
+
+    def _rejoin(self, node: int) -> None:
+        """An excluded node's backoff is over (or no other node is left): it is sent tasks again, with a clean
+        failure record; a further exclusion doubles its backoff."""
+        del self.rejoin_at[node]
+        self.excluded.pop(node, None)
+        self.node_failures.pop(node, None)
+        log.warning("node %d rejoins the run after its backoff (excluded %d time(s) so far)", node,
+                    self.exclusions[node])
 
     def _state_missing(self, cid: int, node: int, attach: set[int]) -> None:
         rec = self.state.clients[cid]

@@ -43,6 +43,8 @@ from photon.federation.protocol import (
     Rejected,
     Wire,
     encode_task,
+    error_text,
+    is_lost,
     unfit_reason,
 )
 
@@ -183,8 +185,10 @@ class AsyncRounds:
             return
         self.no_progress += 1
         if isinstance(msg, (str, Rejected)):
-            agg._attempt_failed(cid, node, 0, str(msg), result, node_error=not isinstance(msg, Rejected))
-            result.dropped[cid] = str(msg)
+            # a reply lost on the way is not the node's failure
+            reason = error_text(str(msg))
+            agg._attempt_failed(cid, node, 0, reason, result, node_error=isinstance(msg, str) and not is_lost(msg))
+            result.dropped[cid] = reason
             return
         staleness = agg.state.round - task.version
         if staleness > self.cfg.max_staleness:

@@ -99,6 +99,23 @@ class ClientTask:
         return cls(**json.loads(text))
 
 
+LOST = "photon:reply-lost"  # marks a reply lost on the way back: neither the node's nor the client's fault
+
+
+def lost_reply(task_id: str, why: str) -> str:
+    """The error text of a reply lost in transit (the node did the work; the message did not arrive)."""
+    return f"{LOST} the reply of task {task_id} was lost ({why})"
+
+
+def is_lost(reply: object) -> bool:
+    return isinstance(reply, str) and LOST in reply
+
+
+def error_text(reply: str) -> str:
+    """An error reply as logged: without the marker a lost reply carries."""
+    return reply.replace(f"{LOST} ", "")
+
+
 @dataclass
 class ReplyHeader:
     """What a reply says about itself (JSON); the server parses it with exact types and no extra keys."""

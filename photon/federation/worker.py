@@ -46,6 +46,7 @@ from photon.federation.protocol import (
     Wire,
     decode_task,
     encode_reply,
+    lost_reply,
 )
 from photon.model.transformer import (
     Transformer,
@@ -296,8 +297,7 @@ class ClientWorker:
             if speed > 1:  # a slow or late site: take as long as it would have
                 time.sleep(result.seconds * (speed - 1))
             if timing.dropped:
-                raise RuntimeError(f"injected fault: the reply of task {task.task_id} was lost "
-                                   "(federation.faults.drop_probability)")
+                raise RuntimeError(lost_reply(task.task_id, "injected fault: federation.faults.drop_probability"))
         # The optimizer's own tensors (no copy): it is dropped next and nothing trains them again
         new_state = ({k: v.detach().to("cpu", torch.float32)
                       for k, v in optimizer_state_tensors(model, optimizer).items()} if persist else {})

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from photon.config import RunConfig, build_config
 from photon.federation.faults import task_timing
-from photon.federation.protocol import ClientTask, Rejected, Wire, decode_task
+from photon.federation.protocol import ClientTask, Rejected, Wire, decode_task, lost_reply
 from photon.federation.worker import ClientWorker
 from photon.transport.inprocess import InProcessTransport
 
@@ -81,8 +81,7 @@ class VirtualClockTransport(InProcessTransport):
         self.records[task.task_id] = TaskRecord(task.task_id, task.client_id, node, start, done, compute,
                                                 timing.dropped)
         if timing.dropped:  # as on Flower: the node reports the lost reply when it would have replied
-            work: Wire | str = (f"injected fault: the reply of task {task.task_id} was lost "
-                                "(federation.faults.drop_probability)")
+            work: Wire | str = lost_reply(task.task_id, "injected fault: federation.faults.drop_probability")
         else:
             work = wire
         heapq.heappush(self._events, (done, next(self._seq), handle, node, work))

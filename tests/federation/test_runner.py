@@ -299,3 +299,36 @@ def test_a_simulation_on_a_live_run_folder_is_refused_before_it_touches_the_blob
         with pytest.raises(UserError, match="in use by process"):
             run_simulated(fed_cfg(tiny_prep, "federation.rounds=1"), live)
     assert (live / "blobs" / "secret").read_text() == "the live run's"
+
+
+class _BrokenAtFirst(ClientWorker):
+    """A node that fails every task of the first round (a full disk, since cleared), then works."""
+
+    def handle(self, wire, *args, **kwargs):
+        from photon.federation.protocol import decode_task
+
+        if decode_task(wire).round == 0:
+            raise RuntimeError("disk full")
+        return super().handle(wire, *args, **kwargs)
+
+
+def test_an_excluded_node_rejoins_after_its_backoff(tiny_prep, tmp_path, caplog):
+    cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=4", "federation.rounds=3",
+                  "federation.node_max_failures=2")
+    transport = InProcessTransport([ClientWorker(tmp_path / "n0"), _BrokenAtFirst(tmp_path / "n1")])
+    with caplog.at_level("WARNING"):
+        run_federation(cfg, tmp_path / "run", transport)
+    log = caplog.text
+    assert "excluding node 1" in log and "tried again in 1 round(s)" in log
+    assert "node 1 rejoins the run after its backoff" in log
+    rounds = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "round"]
+    assert [r["ok"] for r in rounds] == [4, 4, 4]
+    assert rounds[-1]["failed"] == 0  # back in, it trains again
+
+
+def test_the_last_usable_node_is_never_excluded_for_failures(tiny_prep, tmp_path, caplog):
+    cfg = fed_cfg(tiny_prep, "federation.min_replies=2", "federation.max_round_retries=1",
+                  "federation.node_max_failures=2")
+    with caplog.at_level("WARNING"), pytest.raises(UserError, match="failed 2 times"):
+        run(cfg, tmp_path, fail=lambda t: "down")  # the round's own limit ends the run, not the node's
+    assert "it is the only usable node: kept in the run" in caplog.text and "excluding node" not in caplog.text
