@@ -17,19 +17,25 @@ from photon.runlog import METRICS, eval_losses, read_metrics
 from photon.train.evaluate import OVERALL, perplexity
 
 
-def eval_table(losses: dict[str, float], title: str, before: dict[str, float] | None = None) -> Table:
-    """Loss and perplexity per domain; with `before`, the perplexity before training beside it."""
+def eval_table(losses: dict[str, float], title: str, before: dict[str, float] | None = None,
+               bpb: dict[str, float] | None = None) -> Table:
+    """Loss and perplexity per domain; with `before`, the perplexity before training beside it; with `bpb`,
+    bits per byte (comparable across tokenizers)."""
     table = Table(title=Text(title, no_wrap=True, overflow="ignore"), title_justify="left")  # wider than the rows
     table.add_column("domain")
     if before:
         table.add_column("ppl before", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("ppl", justify="right")
+    if bpb:
+        table.add_column("bits/byte", justify="right")
     for domain, loss in losses.items():
         row = [f"[bold]{domain}[/]" if domain == OVERALL else domain]
         if before:
             row.append(f"{perplexity(before[domain]):.1f}" if domain in before else "-")
         row += [f"{loss:.4f}", f"{perplexity(loss):.1f}"]
+        if bpb:
+            row.append(f"{bpb[domain]:.3f}" if domain in bpb else "-")
         table.add_row(*row)
     return table
 

@@ -81,7 +81,7 @@ def eval_cmd(
     from photon.config import with_overrides
     from photon.display import eval_table
     from photon.train.centralized import check_same_data, open_data
-    from photon.train.evaluate import evaluable_domains, evaluate
+    from photon.train.evaluate import bits_per_byte, evaluable_domains, evaluate, scored_bytes
 
     ckpt = resolve_checkpoint(ckpt)  # the checkpoint the table names: the newest that verifies
     model, cfg, meta, _ = load_model_checkpoint(ckpt)
@@ -91,8 +91,10 @@ def eval_cmd(
     check_same_data(cfg, meta, prepared, ckpt)  # and of another tokenizer
     t = cfg.train
     evaluable_domains(prepared, t.seq_len)
-    losses = evaluate(model, prepared, t.seq_len, t.batch_size, batches or t.eval_batches, t.bf16)
-    console.print(eval_table(losses, title=f"{ckpt}"))
+    n = batches or t.eval_batches
+    losses = evaluate(model, prepared, t.seq_len, t.batch_size, n, t.bf16)
+    bpb = bits_per_byte(losses, scored_bytes(prepared, t.seq_len, t.batch_size, n))
+    console.print(eval_table(losses, title=f"{ckpt}", bpb=bpb))
 
 
 @app.command()

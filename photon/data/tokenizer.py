@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from photon.config import MIN_VOCAB
@@ -62,3 +63,16 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 def tokenizer_sha256(path: Path) -> str:
     return sha256_file(Path(path))
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of each token id's text (int64, indexed by id); 0 for special tokens such as EOT.
+
+    A byte-level BPE token is written in an alphabet of one character per byte, so its length in characters
+    is its length in bytes, even for a token that ends inside a multi-byte character (which decoding it alone
+    would turn into a replacement character)."""
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for token, i in tok.get_vocab().items():
+        lengths[i] = 0 if token in special else len(token)
+    return lengths

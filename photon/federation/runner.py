@@ -46,7 +46,15 @@ from photon.train.centralized import (
     open_data,
 )
 from photon.train.device import release_freed_memory, resolve_device
-from photon.train.evaluate import OVERALL, evaluable_domains, evaluate, perplexity
+from photon.train.evaluate import (
+    OVERALL,
+    bits_per_byte,
+    bpb_fields,
+    evaluable_domains,
+    evaluate,
+    perplexity,
+    scored_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +178,7 @@ class OpenRun:
     last: dict[str, float] = field(default_factory=dict)  # the latest evaluation's losses
     short_rounds: list[int] = field(default_factory=list)  # rounds that committed without some sampled clients
     screened_out: bool = False  # a drop was the direction screen's
+    eval_bytes: dict[str, tuple[int, int]] | None = None  # tokens and text bytes the evaluation scores
 
     @property
     def ckpt_dir(self) -> Path:
@@ -181,8 +190,11 @@ class OpenRun:
         on_cpu = next(self.eval_model.parameters()).device.type == "cpu"
         load_unique_state_dict(self.eval_model, state.params, share=on_cpu)
         losses = evaluate(self.eval_model, self.prepared, t.seq_len, t.batch_size, t.eval_batches, t.bf16)
+        if self.eval_bytes is None:
+            self.eval_bytes = scored_bytes(self.prepared, t.seq_len, t.batch_size, t.eval_batches)
         self.runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
-                        clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()})
+                        clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()},
+                        **bpb_fields(losses, self.eval_bytes))
         return losses
 
     def tokens_left(self, token_budget: int | None) -> bool:
@@ -282,7 +294,9 @@ def finish_run(run: OpenRun, token_budget: int | None = None) -> dict[str, Any]:
     if state.round >= run.cfg.federation.rounds or not run.tokens_left(token_budget):
         before = next((r for r in read_metrics(run_dir) if r["kind"] == "eval"), None)
         before_losses = eval_losses(before or {})
-        console.print(eval_table(run.last, title=f"validation after {state.round} rounds", before=before_losses))
+        bpb = bits_per_byte(run.last, run.eval_bytes) if run.eval_bytes else None
+        console.print(eval_table(run.last, title=f"validation after {state.round} rounds", before=before_losses,
+                                 bpb=bpb))
         summary["plot"] = str(plot_run(run_dir))
         console.print(f"curves: {summary['plot']}")
     return summary

@@ -41,7 +41,7 @@ from photon.model.transformer import (
 )
 from photon.runlog import LOSS, RunLog
 from photon.train.device import place, resolve_device, setup_backend
-from photon.train.evaluate import OVERALL, evaluable_domains, evaluate
+from photon.train.evaluate import OVERALL, bpb_fields, evaluable_domains, evaluate, scored_bytes
 from photon.train.local import (
     load_optimizer_state_tensors,
     make_optimizer,
@@ -139,9 +139,11 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
         console.print(f"centralized: {model.num_params() / 1e6:.2f}M parameters, {total} steps of "
                       f"{tcfg.batch_size}×{tcfg.seq_len} tokens on {device}, data {cfg.data.prep_dir}")
 
+        eval_bytes = scored_bytes(prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches)
+
         def run_eval(at: int) -> dict[str, float]:
             losses = evaluate(model, prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, tcfg.bf16)
-            runlog.log("eval", at, **{f"{LOSS}{k}": v for k, v in losses.items()})
+            runlog.log("eval", at, **{f"{LOSS}{k}": v for k, v in losses.items()}, **bpb_fields(losses, eval_bytes))
             console.print(eval_table(losses, title=f"validation at step {at}"))
             return losses
 

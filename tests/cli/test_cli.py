@@ -145,6 +145,7 @@ def test_tiny_pipeline_end_to_end(photon, tmp_path, monkeypatch):
     assert code == 0, err
     for domain in ("code_python", "literature", "speech_sotu", "overall"):
         assert domain in out
+    assert "bits/byte" in out
     other = tmp_path / "other-vocab"  # data whose manifest says another vocabulary
     shutil.copytree(prep, other)
     manifest = json.loads((other / "manifest.json").read_text())

@@ -1,6 +1,7 @@
 """The federated round loop, engine-free (in-process transport): sampling, client table, failures, resume."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -25,6 +26,9 @@ def test_rounds_advance_global_step_clients_and_lower_the_loss(tiny_prep, tmp_pa
     assert all(c.rounds == 4 and c.steps == 32 and c.cursor == 32 * 8 for c in state.clients)
     evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
     assert evals[-1]["loss/overall"] < evals[0]["loss/overall"] - 0.3
+    # bits per byte beside each loss: the same scored text every time, so the ratio of the two is fixed
+    ratios = {round(r["bpb/overall"] / r["loss/overall"], 9) for r in evals}
+    assert len(ratios) == 1 and 0 < ratios.pop() < 1 / math.log(2)  # more than one byte per token
     rounds = [r for r in read_metrics(tmp_path) if r["kind"] == "round"]
     assert [r["ok"] for r in rounds] == [3, 3, 3, 3]
     assert rounds[0]["bytes_down"] == rounds[0]["bytes_up"] > 0

@@ -89,7 +89,8 @@ def test_metrics_have_train_and_eval_rows_without_duplicates(short_runs):
         assert _steps(rows, "eval") == [0, 10, 20, 30, 40], run
         train = [r for r in rows if r["kind"] == "train"]
         assert all(r["lr"] > 0 and r["loss"] > 0 for r in train)
-        assert {f"loss/{d}" for d in ("code_python", "literature", "speech_sotu", OVERALL)} <= set(rows[0])
+        assert {f"{kind}/{d}" for d in ("code_python", "literature", "speech_sotu", OVERALL)
+                for kind in ("loss", "bpb")} <= set(rows[0])
     straight, resumed = read_metrics(short_runs["straight_dir"]), read_metrics(short_runs["resumed_dir"])
     assert [r.get("loss") for r in straight] == [r.get("loss") for r in resumed]  # same curve, same bits
 

@@ -1,4 +1,5 @@
-"""Evaluation: per-domain losses against a hand-summed reference, the token-weighted overall, perplexity."""
+"""Evaluation: per-domain losses against a hand-summed reference, the token-weighted overall, perplexity,
+bits per byte of the scored text."""
 
 import math
 
@@ -76,3 +77,42 @@ def test_perplexity_is_exp_loss():
     for loss in (0.0, 0.5, 2.0, math.log(1024)):
         assert perplexity(loss) == pytest.approx(math.exp(loss))
     assert math.isfinite(perplexity(1e4))  # capped, never overflows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bits per byte
+
+
+def test_token_byte_lengths_sum_to_the_texts_utf8_bytes(tiny_prepared):
+    from photon.data.tokenizer import load_tokenizer, token_byte_lengths
+
+    tok = load_tokenizer(tiny_prepared.tokenizer_path)
+    lengths = token_byte_lengths(tok)
+    assert lengths[0] == 0  # EOT has no text
+    for text in ("def f(x):\n    return x + 1\n", "naïve café — 東京 ✓", "plain words and numbers 12345"):
+        ids = tok.encode(text).ids
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8")), text
+
+
+def test_scored_bytes_are_the_bytes_of_the_scored_targets(tiny_prepared):
+    from photon.data.tokenizer import load_tokenizer
+    from photon.train.evaluate import scored_bytes
+
+    tok = load_tokenizer(tiny_prepared.tokenizer_path)
+    counts = scored_bytes(tiny_prepared, T, B, N)
+    for d in tiny_prepared.domains:
+        targets = torch.cat([y.reshape(-1) for _, y in eval_batches(tiny_prepared.tokens(d, "val"), T, B, N)])
+        text = tok.decode(targets.tolist(), skip_special_tokens=True)  # the targets are one contiguous span
+        assert counts[d] == (targets.numel(), len(text.encode("utf-8"))), d
+    assert counts[OVERALL] == tuple(map(sum, zip(*(counts[d] for d in tiny_prepared.domains))))
+
+
+def test_bits_per_byte_is_the_summed_loss_in_bits_over_the_bytes():
+    from photon.train.evaluate import bits_per_byte
+
+    counts = {"a": (100, 400), "b": (300, 600), OVERALL: (400, 1000)}
+    losses = {"a": 2.0, "b": 1.0, OVERALL: (2.0 * 100 + 1.0 * 300) / 400}
+    bpb = bits_per_byte(losses, counts)
+    assert bpb["a"] == pytest.approx(200 / math.log(2) / 400)
+    assert bpb[OVERALL] == pytest.approx((200 + 300) / math.log(2) / 1000)  # summed, not a mean of ratios
+    assert bits_per_byte({"c": 1.0}, counts) == {}  # no byte count: no figure
