@@ -75,8 +75,11 @@ def eval_cmd(
     data: DataOpt = None,
     batches: Annotated[Optional[int], typer.Option(min=1, help="Validation batches per domain (default: the "
                                                    "run's train.eval_batches).")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Score this held-out text instead: a .txt/.jsonl/.parquet "
+                                                 "file, or a folder of them laid out as for `photon prepare` "
+                                                 "(a subfolder per domain).")] = None,
 ) -> None:
-    """Print validation loss and perplexity per domain and overall."""
+    """Print validation loss, perplexity and bits per byte per domain and overall."""
     from photon.checkpoint import load_model_checkpoint, resolve_checkpoint
     from photon.config import with_overrides
     from photon.display import eval_table
@@ -84,7 +87,19 @@ def eval_cmd(
     from photon.train.evaluate import bits_per_byte, evaluable_domains, evaluate, scored_bytes
 
     ckpt = resolve_checkpoint(ckpt)  # the checkpoint the table names: the newest that verifies
-    model, cfg, meta, _ = load_model_checkpoint(ckpt)
+    model, cfg, meta, tokenizer_path = load_model_checkpoint(ckpt)
+    if text is not None:
+        from photon.data.tokenizer import load_tokenizer
+        from photon.train.evaluate_text import evaluate_text, text_domains
+
+        domains = text_domains(text)
+        with console.status(f"scoring {text}") as status:
+            losses, counts = evaluate_text(
+                model, load_tokenizer(tokenizer_path), domains, cfg.train.seq_len, cfg.train.batch_size,
+                progress=lambda d, n: status.update(f"scoring {text}: {d}, {n:,} tokens"))
+        console.print(eval_table(losses, title=f"{ckpt} on {text} ({counts['overall'][0]:,} tokens)",
+                                 bpb=bits_per_byte(losses, counts)))
+        return
     if data is not None:
         cfg = with_overrides(cfg, [f"data.prep_dir={data}"])
     prepared = open_data(cfg)  # refuses data of another vocabulary

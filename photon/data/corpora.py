@@ -484,6 +484,12 @@ def _read_user_file(path: Path, paragraphs: bool) -> Iterator[str]:
         yield from _read_parquet(path)
 
 
+def file_documents(path: Path) -> Iterator[str]:
+    """The documents of one .txt (cut at blank lines), .jsonl or .parquet file, as `prepare` takes them
+    (stripped, empty ones skipped)."""
+    return _take(_read_user_file(path, paragraphs=True), None)
+
+
 def _user_files(folder: Path, recursive: bool) -> list[Path]:
     found = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in found if p.is_file() and p.suffix in USER_SUFFIXES

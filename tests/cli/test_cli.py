@@ -168,6 +168,13 @@ def test_tiny_pipeline_end_to_end(photon, tmp_path, monkeypatch):
     code, out, err = photon("eval", run)
     assert code == 0 and "overall" in out, err
     monkeypatch.chdir(tmp_path)
+    held_out = tmp_path / "held_out.jsonl"  # any text, no prepared data needed
+    held_out.write_text('{"text": "A letter, never seen in training."}\n{"text": "def g(y): return y"}\n')
+    code, out, err = photon("eval", run, "--text", held_out)
+    assert code == 0 and "held_out" in out and "bits/byte" in out, err
+    (tmp_path / "notes.md").write_text("# a format prepare does not read\n")
+    code, out, err = photon("eval", run, "--text", tmp_path / "notes.md")
+    assert code == 2 and "notes.md: evaluate .txt, .jsonl or .parquet files" in err
 
     code, out, err = photon("export", run, "--hf", hf)
     assert code == 0, err

@@ -1,6 +1,7 @@
 """Evaluation: per-domain losses against a hand-summed reference, the token-weighted overall, perplexity,
 bits per byte of the scored text."""
 
+import json
 import math
 
 import pytest
@@ -116,3 +117,72 @@ def test_bits_per_byte_is_the_summed_loss_in_bits_over_the_bytes():
     assert bpb["a"] == pytest.approx(200 / math.log(2) / 400)
     assert bpb[OVERALL] == pytest.approx((200 + 300) / math.log(2) / 1000)  # summed, not a mean of ratios
     assert bits_per_byte({"c": 1.0}, counts) == {}  # no byte count: no figure
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any held-out text (photon eval --text)
+
+
+def _stream(tok, docs):
+    return [i for d in docs for i in [*tok.encode(d).ids, 0]]  # each document ends with EOT, as in the shards
+
+
+def test_a_short_text_is_scored_as_one_sequence(model, tiny_prepared, tmp_path):
+    from photon.data.corpora import file_documents
+    from photon.data.tokenizer import load_tokenizer
+    from photon.train.evaluate_text import evaluate_text, text_domains
+
+    tok = load_tokenizer(tiny_prepared.tokenizer_path)
+    (tmp_path / "notes.txt").write_text("Dear Sir, the café opens at nine.\n\nprint('hello')\n")
+    docs = list(file_documents(tmp_path / "notes.txt"))  # paragraphs, as prepare reads one .txt file
+    assert len(docs) == 2
+    losses, counts = evaluate_text(model, tok, text_domains(tmp_path / "notes.txt"), T, B)
+    ids = torch.tensor(_stream(tok, docs))
+    assert len(ids) <= T + 1
+    with torch.no_grad():
+        logits, _ = model(ids[None, :-1], ids[None, 1:])
+    want = F.cross_entropy(logits[0].float(), ids[1:]).item()
+    assert losses["notes"] == pytest.approx(want, rel=1e-5) and losses[OVERALL] == losses["notes"]
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    first = len(tok.id_to_token(int(ids[0])))  # the first token is context only: its bytes are not scored
+    assert counts["notes"] == (len(ids) - 1, text_bytes - first)
+
+
+def test_a_long_text_scores_every_token_after_the_first_once_per_domain(model, tiny_prepared, tmp_path):
+    from photon.data.corpora import file_documents
+    from photon.data.tokenizer import load_tokenizer
+    from photon.train.evaluate_text import evaluate_text, text_domains
+
+    tok = load_tokenizer(tiny_prepared.tokenizer_path)
+    texts = {"letters": [f"Letter {i}: the weather was fine and the post was late." for i in range(40)],
+             "code": [f"def f{i}(x):\n    return x * {i}\n" for i in range(60)]}
+    for name, docs in texts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    losses, counts = evaluate_text(model, tok, text_domains(tmp_path), T, B)
+    assert set(losses) == {"letters", "code", OVERALL}
+    for name in texts:
+        docs = list(file_documents(tmp_path / name / "docs.jsonl"))  # as prepare takes them (stripped)
+        ids = _stream(tok, docs)
+        assert len(ids) > 3 * (T + 1)  # several windows and a shorter last one
+        assert counts[name][0] == len(ids) - 1
+        assert counts[name][1] == sum(len(d.encode("utf-8")) for d in docs) - len(tok.id_to_token(ids[0]))
+    assert counts[OVERALL] == (counts["letters"][0] + counts["code"][0], counts["letters"][1] + counts["code"][1])
+    mixed = (losses["letters"] * counts["letters"][0] + losses["code"] * counts["code"][0]) / counts[OVERALL][0]
+    assert losses[OVERALL] == pytest.approx(mixed)
+
+
+def test_text_that_cannot_be_scored_is_one_clear_error(model, tiny_prepared, tmp_path):
+    from photon.data.tokenizer import load_tokenizer
+    from photon.errors import UserError
+    from photon.train.evaluate_text import evaluate_text, text_domains
+
+    (tmp_path / "notes.md").write_text("# not a supported suffix\n")
+    with pytest.raises(UserError, match=r"notes.md: evaluate .txt, .jsonl or .parquet files"):
+        text_domains(tmp_path / "notes.md")
+    with pytest.raises(UserError, match="no such directory"):
+        text_domains(tmp_path / "missing")
+    (tmp_path / "one.jsonl").write_text('{"text": ""}\n')
+    tok = load_tokenizer(tiny_prepared.tokenizer_path)
+    with pytest.raises(UserError, match="one"):
+        evaluate_text(model, tok, text_domains(tmp_path / "one.jsonl"), T, B)
