@@ -290,6 +290,7 @@ def test_full_disks_read_only_places_and_out_of_memory_are_one_line_with_the_fix
     (("bench", "compression", "-p", "tiny", "--hs", "0,-5"), "--hs '0,-5': each must be a positive number"),
     (("bench", "prepare", "--sizes", "nan"), "--sizes 'nan': each must be a positive number"),
     (("bench", "robust", "--scales", "1,-1"), "--scales '1,-1': each must be a positive number"),
+    (("bench", "robust", "--settings", "4x4"), "--settings '4x4': each must be KxM with 0 < M < K"),
     (("generate", "nowhere", "--temperature", "nan"), "--temperature nan"),
     (("generate", "nowhere", "--seed", "99999999999999999999"), "--seed"),
     (("run", "-p", "tiny", "--set", "train.warmup_steps=100000"), "exceeds the federated schedule"),
