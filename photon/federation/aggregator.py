@@ -59,6 +59,7 @@ from photon.federation.server_state import ServerState
 
 log = logging.getLogger(__name__)
 SAME_MODEL = codec.Payload({"codec": "fp32", "tensors": []}, np.zeros(0, np.uint8))  # "use the model you hold"
+PRESUMED_DEAD = 3  # round timeouts without a reply after which a node is presumed gone
 MAX_BACKOFF_ROUNDS = 16  # the longest an excluded node waits before it is tried again
 MAX_REMEMBERED = 4096  # expired tasks remembered, to name the client of a late reply in the log
 IDLE_WARNING_S = 30.0  # how often a run with no node connected says it is waiting
@@ -168,8 +169,10 @@ class Aggregator:
         self.exclusions: Counter[int] = Counter()  # times each node was excluded for failures (its backoff)
         self.known_nodes: set[int] = set()  # the transport's nodes when last asked
         self._expired: dict[str, ClientTask] = {}
-        # A node stays occupied by a task until its reply comes (even late) or `round_timeout_s` has passed since
-        # it was sent (presumed lost): a straggler is not handed more work that would queue behind it.
+        # A node stays occupied by a task until its reply comes, even late or as the error of a task the server
+        # gave up on: a node works on until it answers, so a task sent sooner would only queue behind the
+        # straggler and miss its own deadline. Only after PRESUMED_DEAD × `round_timeout_s` without a word is
+        # the node presumed gone and freed (Flower itself answers for a node that died).
         self._idle_since: float | None = None  # when the run began to wait for a node (wall clock)
         self._idle_warnings = 0
         self.occupied: dict[int, tuple[str, float]] = {}  # node -> (handle, release at, transport clock)
@@ -309,7 +312,7 @@ class Aggregator:
         self._idle_since, self._idle_warnings = None, 0
 
     def occupy(self, node: int, handle: str, sent: float) -> None:
-        self.occupied[node] = (handle, sent + self.cfg.federation.round_timeout_s)
+        self.occupied[node] = (handle, sent + PRESUMED_DEAD * self.cfg.federation.round_timeout_s)
 
     def release(self, handle: str) -> None:
         """A reply (or error) for `handle` came: its node is free."""

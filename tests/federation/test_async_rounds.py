@@ -157,3 +157,29 @@ def test_lost_replies_never_take_a_node_out(tiny_prep, tmp_path, caplog, mode):
     assert "excluding node" not in caplog.text
     assert "the reply of task" in caplog.text and "photon:" not in caplog.text  # logged, without the marker
     assert {r.node for r in transport.records.values() if r.start > 0.8 * transport.now} == {0, 1, 2}
+
+
+def test_no_task_queues_behind_a_straggler_the_server_gave_up_on(tiny_prep, tmp_path):
+    """A fixed deadline shorter than a slow client's task: the server drops the straggler, but its node works
+    on until it answers, so the server sends that node nothing until then: every task starts on a free node
+    the moment it is sent, and none misses its deadline for having queued."""
+    cfg = fed_cfg(tiny_prep, "data.partition.num_clients=4", "federation.clients_per_round=2", "federation.rounds=4",
+                  "federation.faults.slow_fraction=0.25", "federation.faults.slow_factor=4",
+                  "federation.round_timeout_s=10", "federation.min_replies=1")  # a task: 4 s, slow: 16 s
+    transport = VirtualClockTransport(ClientWorker(tmp_path / "node"), 2)
+    sent_at = {}
+    submit = transport.submit
+
+    def record(node, wire, *args, **kw):
+        handle = submit(node, wire, *args, **kw)
+        sent_at[handle] = transport.now
+        return handle
+
+    transport.submit = record
+    run_federation(cfg, tmp_path / "run", transport)
+    starts = {h: r for h, r in zip(sent_at, transport.records.values())}
+    assert any(r.done - r.start > 10 for r in starts.values())  # a straggler the deadline cut off
+    assert all(r.start == sent_at[h] for h, r in starts.items())  # nothing waited behind it
+    rounds = _rounds(tmp_path / "run")
+    dropped = [why for r in rounds for why in r["failures"]]
+    assert dropped and all("deadline" in why for why in dropped)
