@@ -10,7 +10,8 @@ rule gives each rule's cost when nobody attacks, and a run per setting where the
 mean gives the floor: what losing their data costs (by-domain, their domains), which no rule can undercut
 by rejecting them. Reported per arm: final validation perplexity, its cost
 against the clean plain mean of the same K, and the honest updates rejected or clipped below half their
-weight. Each finished arm is kept in its folder, so a rerun skips it. Stored in docs/results/robust.json.
+weight; a rule that turns every reply away until the run stops is reported so. Each finished arm is kept
+in its folder, so a rerun skips it. Stored in docs/results/robust.json.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rich.console import Console
 from photon.bench.adversary import Adversary
 from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig, with_overrides
+from photon.errors import UserError
 from photon.federation.runner import run_federation
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
@@ -72,7 +74,11 @@ def _run_arm(cfg: RunConfig, run_dir: Path, attackers: list[int], attack: str | 
     transport: Any = InProcessTransport(ClientWorker(run_dir / "node"), k)  # a node each: a round returns whole
     if attack is not None:
         transport = Adversary(transport, attackers, attack, scale)
-    run_federation(cfg, run_dir, transport, console=Console(quiet=True))
+    ended = None
+    try:
+        run_federation(cfg, run_dir, transport, console=Console(quiet=True))
+    except UserError as e:  # a rule that turns every reply away ends the run: that is its result
+        ended = str(e).splitlines()[0]
     rows = read_metrics(run_dir)
     evals = [r for r in rows if r["kind"] == "eval"]
     rounds = [r for r in rows if r["kind"] == "round"]
@@ -81,7 +87,7 @@ def _run_arm(cfg: RunConfig, run_dir: Path, attackers: list[int], attack: str | 
            "rounds": len(rounds),
            "honest_rejected": sum(c not in r["accepted"] for r in rounds for c in honest),
            "honest_clipped": sum(r.get("clip_scales", {}).get(str(c), 1.0) < 0.5 for r in rounds for c in honest),
-           "attackers_rejected": sum(c not in r["accepted"] for r in rounds for c in attackers)}
+           "attackers_rejected": sum(c not in r["accepted"] for r in rounds for c in attackers), "ended": ended}
     done.write_text(json.dumps(arm))
     return arm
 
@@ -127,7 +133,9 @@ def _select(rows: list[dict], **match: Any) -> list[dict]:
 
 
 def _ppl(rows: list[dict], **match: Any) -> float:
-    return statistics.mean(r["ppl_after"] for r in _select(rows, **match))
+    """Mean final perplexity of the matching arms; infinite if one of them ended early (its rule stopped it)."""
+    sel = _select(rows, **match)
+    return float("inf") if any(r.get("ended") for r in sel) else statistics.mean(r["ppl_after"] for r in sel)
 
 
 def render(data: dict[str, Any]) -> str:
@@ -154,6 +162,8 @@ def render(data: dict[str, Any]) -> str:
 
     def cell(match: dict[str, Any], base: float) -> str:
         sel = _select(rows, **match)
+        if any(r.get("ended") for r in sel):
+            return f"run stopped after {min(r['rounds'] for r in sel)} round(s)"
         ppl = statistics.mean(r["ppl_after"] for r in sel)
         r_, c_ = sum(r["honest_rejected"] for r in sel), sum(r["honest_clipped"] for r in sel)
         return f"{ppl:,.1f} ({ppl / base - 1:+.1%}{f', r {r_}' if r_ else ''}{f', c {c_}' if c_ else ''})"
