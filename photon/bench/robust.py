@@ -48,6 +48,7 @@ BASELINE = "mean, no checks"
 SETTINGS = ((4, 1), (4, 2), (8, 1), (8, 2))
 GOAL_SETTINGS = ((4, 1), (8, 2))  # the goal: ≤ 10% with one attacker of four and two of eight
 OTHER_ATTACKS = ("noise", "zero", "replay", "alie")
+DIVERGED = 11.0  # a final perplexity over 11× the clean run's (cost over +1000%) is shown as diverged
 
 
 def attack_list(scales: tuple[float, ...], alie_z: float) -> list[tuple[str, float]]:
@@ -166,7 +167,9 @@ def render(data: dict[str, Any]) -> str:
             return f"run stopped after {min(r['rounds'] for r in sel)} round(s)"
         ppl = statistics.mean(r["ppl_after"] for r in sel)
         r_, c_ = sum(r["honest_rejected"] for r in sel), sum(r["honest_clipped"] for r in sel)
-        return f"{ppl:,.1f} ({ppl / base - 1:+.1%}{f', r {r_}' if r_ else ''}{f', c {c_}' if c_ else ''})"
+        cost = f"{ppl / base - 1:+.1%}" if ppl < DIVERGED * base else "diverged"
+        return (f"{ppl:,.1f}" if ppl < DIVERGED * base else f"{ppl:.2g}") + \
+            f" ({cost}{f', r {r_}' if r_ else ''}{f', c {c_}' if c_ else ''})"
 
     base = {k: _ppl(rows, rule=BASELINE, clients=k, attack=None) for k in ks}
     for rule in rules:
@@ -184,6 +187,12 @@ def render(data: dict[str, Any]) -> str:
         costs = [(_ppl(rows, rule="default", clients=k, attackers=m, attack=a, scale=s) / base[k] - 1, _label(a, s))
                  for a, s in attacks]
         worst[(k, m)] = (*max(costs), floor / base[k] - 1)
+        worsts = []
+        for rule in rules:
+            cost, label = max((_ppl(rows, rule=rule, clients=k, attackers=m, attack=a, scale=s) / base[k] - 1,
+                               _label(a, s)) for a, s in attacks)
+            worsts.append(f"{rule} {'diverged or stopped' if cost > DIVERGED - 1 else f'{cost:+.1%}'} ({label})")
+        lines += ["", "Worst attack per rule: " + "; ".join(worsts) + "."]
     clean_rejected = sum(r["honest_rejected"] for r in _select(rows, rule="default", attack=None))
     clean_clipped = sum(r["honest_clipped"] for r in _select(rows, rule="default", attack=None))
     clean_cost = max(abs(_ppl(rows, rule="default", clients=k, attack=None) / base[k] - 1) for k in ks)
