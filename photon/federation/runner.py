@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 # "MB down"/"MB up": everything the round moved (the model, and each client's kept AdamW state when it is backed
 # up; metrics.jsonl has the two apart); "train s" is the busiest node's time inside local training; "round s"
 # the round's wall time; "failed": replies turned away or lost (metrics.jsonl's `failures` says why).
-COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "MB down", "MB up", "train s", "round s")
+COLUMNS = ("round", "ok", "failed", "loss", "val ppl", "bits/B", "MB down", "MB up", "train s", "round s")
 
 
 def check_same_partition(cfg: RunConfig, meta: dict, run_dir: Path) -> None:
@@ -270,7 +270,7 @@ def run_rounds(run: OpenRun, transport: Transport, stop_after: int | None = None
             run.screened_out |= any(DISAGREES in reason for reason in result.dropped.values())
         if state.round % fed.eval_every == 0 or state.round == fed.rounds or not run.tokens_left(token_budget):
             run.last = run.evaluate()
-        _log_round(run.runlog, state, result, run.last, console)
+        _log_round(run.runlog, state, result, run.last, run.eval_bytes, console)
         state.save(run.ckpt_dir, config_to_dict(cfg), extra_files=(run.prepared.tokenizer_path,), keep=run.keep)
         kept = referenced_state_digests(run.ckpt_dir) | state.state_digests()
         StateFiles(run.run_dir / "client_state").keep_only(kept)
@@ -303,8 +303,9 @@ def finish_run(run: OpenRun, token_budget: int | None = None) -> dict[str, Any]:
 
 
 def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[str, float],
-               console: Console) -> None:
+               eval_bytes: dict[str, tuple[int, int]] | None, console: Console) -> None:
     ppl = perplexity(losses[OVERALL]) if losses else float("nan")
+    bpb = bits_per_byte(losses, eval_bytes).get(OVERALL, float("nan")) if losses and eval_bytes else float("nan")
     runlog.log("round", state.global_step, round=state.round, ok=len(r.ok), failed=len(r.failed),
                dropped=len(r.dropped), late=len(r.late), loss=r.loss, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
                bytes_state_up=r.bytes_state_up, bytes_state_down=r.bytes_state_down, tokens=r.tokens,
@@ -314,7 +315,7 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
                clip_scales={str(k): v for k, v in r.clip_scales.items()}, accepted=r.ok)
     runlog.log("train", state.global_step, round=state.round, loss=r.loss)
     down, up = r.bytes_down + r.bytes_state_down, r.bytes_up + r.bytes_state_up  # all of it: the kept state too
-    cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{down / 1e6:.1f}",
+    cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{bpb:.3f}", f"{down / 1e6:.1f}",
              f"{up / 1e6:.1f}", f"{r.critical_train_seconds:.1f}", f"{r.wall_seconds:.1f}")
     console.print(" ".join(f"{c!s:>7s}" for c in cells))
     for cid in sorted(r.retried - set(r.dropped)):

@@ -89,7 +89,7 @@ def test_a_failing_client_is_dropped_requeued_and_not_advanced(tiny_prep, tmp_pa
              and cells[0].isdigit()}
     for r in rounds:
         assert r["bytes_state_up"] > 0
-        assert table[r["round"]][5:7] == [f"{(r['bytes_down'] + r['bytes_state_down']) / 1e6:.1f}",
+        assert table[r["round"]][6:8] == [f"{(r['bytes_down'] + r['bytes_state_down']) / 1e6:.1f}",
                                           f"{(r['bytes_up'] + r['bytes_state_up']) / 1e6:.1f}"]
 
 
