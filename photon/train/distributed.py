@@ -179,10 +179,17 @@ def _run_ranks(folder: Path, world: int, threads: int, device: torch.device, tim
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:  # stop the others now: they would wait in a collective for the dead one
+            # A rank that failed before its closing marker stops the others now: they would wait in a
+            # collective for the dead one.
+            early = [(r, c) for r, c in failed if not _done(folder, r)]
+            if early:
                 raise RuntimeError("; ".join(_describe(folder, r, c, world) for r, c in
-                                             sorted(failed, key=lambda rc: rc[1] > 0)))
-            if all(c == 0 for c in codes):
+                                             sorted(early, key=lambda rc: rc[1] > 0)))
+            if all(c is not None for c in codes):
+                # Every rank passed the closing barrier, so the result is whole: one that then died in its
+                # teardown (gloo can abort as a peer's sockets close) cost nothing. Said, not hidden.
+                for r, c in failed:
+                    log.warning("%s; the result is kept", _describe(folder, r, c, world))
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{world} ranks ran past federation.round_timeout_s={timeout:g} s; stopped")
@@ -195,11 +202,22 @@ def _run_ranks(folder: Path, world: int, threads: int, device: torch.device, tim
             p.wait()
 
 
+def _done(folder: Path, rank: int) -> bool:
+    """Whether `rank` passed the closing barrier (its marker is written after every collective)."""
+    return (folder / f"rank{rank}.done").exists()
+
+
 def _describe(folder: Path, rank: int, code: int, world: int) -> str:
+    """One line for a rank that failed: how it ended and the last line it printed (a C++ abort prints its
+    reason before the signal)."""
+    log_file = folder / f"rank{rank}.log"
+    lines = log_file.read_text(errors="replace").strip().splitlines() if log_file.exists() else []
+    last = lines[-1].strip() if lines else ""
     if code < 0:
-        return f"rank {rank} of {world} died of {signal.Signals(-code).name} during local training"
-    lines = (folder / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
-    return f"rank {rank} of {world} exited with code {code}: {lines[-1] if lines else 'no output'}"
+        when = "in its teardown, after the task was complete" if _done(folder, rank) else "during local training"
+        how = f"rank {rank} of {world} died of {signal.Signals(-code).name} {when}"
+        return f"{how} (its last output: {last})" if last else how
+    return f"rank {rank} of {world} exited with code {code}: {last or 'no output'}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,6 +356,10 @@ def _train_rank(folder: Path, spec: dict[str, Any], cfg: RunConfig, rank: int, d
         out = {"cursor": result.cursor, "steps": result.steps, "samples": result.samples, "tokens": result.tokens,
                "losses": result.losses, "seconds": result.seconds, "sharding": sharding}
         (folder / "result.json").write_text(json.dumps(out))
+    # No rank tears its process group down while a peer may still be in a collective with it: past this barrier
+    # every collective is complete, rank 0's files are written, and the marker says so to the worker.
+    dist.barrier()
+    (folder / f"rank{rank}.done").touch()
 
 
 def _die_with(parent: int) -> None:

@@ -12,6 +12,7 @@ fresh state up to 6e-6. We allow 1e-4; a lost state or an unsynced gradient is o
 
 import logging
 import shutil
+import sys
 import time
 from dataclasses import replace
 
@@ -138,6 +139,50 @@ def test_a_killed_rank_is_an_error_reply_at_once_and_the_client_trains_elsewhere
     assert "(node 1): RuntimeError: rank 1 of 2 died of SIGKILL during local training" in caplog.text
     assert [t for n, t in times if n == 1][0] < 60  # the dead rank's partner was stopped, not waited for
     assert list((tmp_path / "b" / "ranks").iterdir()) == []  # the task's files are gone
+
+
+# Stand-in ranks for the worker's watch: each prints a line, may write its closing marker, then ends as told.
+_STAND_IN = """
+import os, sys, time
+folder, rank = sys.argv[-3], int(sys.argv[-2])
+end = {ends!r}[rank]
+print("rank", rank, "says", end, flush=True)
+if end in ("done", "done-abort"):
+    open(os.path.join(folder, f"rank{{rank}}.done"), "w").close()
+if end == "slow-done":
+    time.sleep(0.5)
+    open(os.path.join(folder, f"rank{{rank}}.done"), "w").close()
+if end.endswith("abort"):
+    os.abort()
+"""
+
+
+@pytest.mark.parametrize("ends,error", [
+    (("done", "done-abort"), None),  # died in its teardown, every rank past the closing barrier: kept
+    (("slow-done", "done-abort"), None),  # the partner is still writing its marker when the first dies
+    (("slow-done", "abort"), "rank 1 of 2 died of SIGABRT during local training (its last output: rank 1 says abort)"),
+])
+def test_a_rank_that_dies_after_the_closing_barrier_costs_nothing_one_that_dies_before_is_an_error(
+        tmp_path, monkeypatch, caplog, ends, error):
+    import subprocess
+
+    from photon.train import distributed
+
+    real = subprocess.Popen
+
+    def stand_in(args, **kw):
+        return real([sys.executable, "-c", _STAND_IN.format(ends=ends), *args[-3:]], **kw)
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", stand_in)
+    with caplog.at_level(logging.WARNING, logger="photon.train.distributed"):
+        if error is None:
+            distributed._run_ranks(tmp_path, 2, 1, torch.device("cpu"), timeout=60)
+            assert ("rank 1 of 2 died of SIGABRT in its teardown, after the task was complete "
+                    "(its last output: rank 1 says done-abort); the result is kept") in caplog.text
+        else:
+            with pytest.raises(RuntimeError) as e:
+                distributed._run_ranks(tmp_path, 2, 1, torch.device("cpu"), timeout=60)
+            assert str(e.value) == error
 
 
 @pytest.mark.parametrize("procs,micro,match", [(3, None, "train.batch_size=8 does not split over 3 processes"),
