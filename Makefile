@@ -1,14 +1,17 @@
 # `make run`: set up on first use, then the federated demo. `make test`: set up, then every test.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# The optional extras to install beside Photon: CI adds eval (the evaluation harness) so its tests run.
+EXTRAS ?= dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: run test setup clean gpu-check
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV): Photon and its pinned dependencies (about 2 GB, a few minutes on first use)"
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -40,6 +40,17 @@ def eval_table(losses: dict[str, float], title: str, before: dict[str, float] | 
     return table
 
 
+def tasks_table(results: dict[str, dict[str, float]], title: str) -> Table:
+    """The harness's metrics: a row per task and metric."""
+    table = Table(title=Text(title, no_wrap=True, overflow="ignore"), title_justify="left")
+    for name, justify in (("task", "left"), ("metric", "left"), ("value", "right")):
+        table.add_column(name, justify=justify)
+    for task, metrics in results.items():
+        for i, (metric, value) in enumerate(metrics.items()):
+            table.add_row(task if i == 0 else "", metric, f"{value:.4f}")
+    return table
+
+
 # The formats `plot_run` writes, chosen by the --out suffix (a name without one gets .png).
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 PLOT_NAME = "curves.png"

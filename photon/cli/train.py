@@ -78,8 +78,16 @@ def eval_cmd(
     text: Annotated[Optional[Path], typer.Option(help="Score this held-out text instead: a .txt/.jsonl/.parquet "
                                                  "file, or a folder of them laid out as for `photon prepare` "
                                                  "(a subfolder per domain).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Run these lm-evaluation-harness tasks instead, comma-"
+                                                 "separated: registry names (e.g. arc_easy,hellaswag; their data "
+                                                 "comes from the Hugging Face hub), task YAML files or folders "
+                                                 "of them (e.g. with a local JSONL). Needs pip install -e "
+                                                 "'.[eval]'.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="With --tasks: at most this many examples per "
+                                                 "task.")] = None,
 ) -> None:
-    """Print validation loss, perplexity and bits per byte per domain and overall."""
+    """Print validation loss, perplexity and bits per byte per domain and overall (or, with --tasks, the
+    harness's metrics)."""
     from photon.checkpoint import load_model_checkpoint, resolve_checkpoint
     from photon.config import with_overrides
     from photon.display import eval_table
@@ -88,6 +96,19 @@ def eval_cmd(
 
     ckpt = resolve_checkpoint(ckpt)  # the checkpoint the table names: the newest that verifies
     model, cfg, meta, tokenizer_path = load_model_checkpoint(ckpt)
+    if text is not None and tasks is not None:
+        raise UserError("--text and --tasks are two evaluations: give one")
+    if tasks is not None:
+        from photon.data.tokenizer import load_tokenizer
+        from photon.display import tasks_table
+        from photon.train.harness import evaluate_tasks
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        err_console.print(f"running {', '.join(names)} through lm-evaluation-harness (its progress below)")
+        results = evaluate_tasks(model, load_tokenizer(tokenizer_path), names, cfg.train.batch_size,
+                                 cfg.train.bf16, limit)
+        console.print(tasks_table(results, title=f"{ckpt}"))
+        return
     if text is not None:
         from photon.data.tokenizer import load_tokenizer
         from photon.train.evaluate_text import evaluate_text, text_domains

@@ -1,5 +1,6 @@
 """The command line: help on every verb, one-line errors with exit code 2, and the tiny pipeline end to end."""
 
+import importlib.util
 import json
 import os
 import re
@@ -172,6 +173,19 @@ def test_tiny_pipeline_end_to_end(photon, tmp_path, monkeypatch):
     held_out.write_text('{"text": "A letter, never seen in training."}\n{"text": "def g(y): return y"}\n')
     code, out, err = photon("eval", run, "--text", held_out)
     assert code == 0 and "held_out" in out and "bits/byte" in out, err
+    if importlib.util.find_spec("lm_eval"):  # the optional evaluation harness, on a local task
+        (tmp_path / "tasks").mkdir()
+        (tmp_path / "tasks" / "held_out.yaml").write_text(
+            f"task: held_out\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {held_out}\n"
+            'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+            "metric_list:\n  - metric: bits_per_byte\n")
+        code, out, err = photon("eval", run, "--tasks", tmp_path / "tasks")
+        assert code == 0 and "held_out" in out and "bits_per_byte" in out, err
+    else:
+        code, out, err = photon("eval", run, "--tasks", "arc_easy")
+        assert code == 2 and "pip install -e '.[eval]'" in err
+    code, out, err = photon("eval", run, "--tasks", "arc_easy", "--text", held_out)
+    assert code == 2 and "give one" in err
     (tmp_path / "notes.md").write_text("# a format prepare does not read\n")
     code, out, err = photon("eval", run, "--text", tmp_path / "notes.md")
     assert code == 2 and "notes.md: evaluate .txt, .jsonl or .parquet files" in err
