@@ -144,6 +144,20 @@ class TrainConfig(_Frozen):
     ckpt_every: int = Field(200, ge=1, description="Checkpoint every this many steps (centralized).")
     keep_checkpoints: int = Field(3, ge=2, description="Checkpoints kept (the newest; centralized; at least 2, so "
                                   "a damaged newest one has a fallback). Raise it to compare models along the run.")
+    eval_tasks: list[str] = Field(
+        [], description="lm-evaluation-harness tasks to run on the model, centralized or federated (the global "
+        "model, in the server process): registry names (e.g. arc_easy; data from the Hugging Face hub), task "
+        "YAML files or folders of them; a list or a comma-separated string. Run at every eval_tasks_every-th "
+        "evaluation and the last, logged as `tasks` rows (metrics.jsonl, TensorBoard). Needs pip install -e "
+        "'.[eval]'.")
+    eval_tasks_every: int = Field(1, ge=1, description="Run train.eval_tasks at every this many evaluations.")
+    eval_tasks_limit: int | None = Field(None, ge=1, description="At most this many examples per task "
+                                         "(None = all).")
+
+    @field_validator("eval_tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check_micro_batch(self) -> TrainConfig:

@@ -55,6 +55,7 @@ from photon.train.evaluate import (
     perplexity,
     scored_bytes,
 )
+from photon.train.run_tasks import RunTasks, open_run_tasks, tasks_due
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +180,14 @@ class OpenRun:
     short_rounds: list[int] = field(default_factory=list)  # rounds that committed without some sampled clients
     screened_out: bool = False  # a drop was the direction screen's
     eval_bytes: dict[str, tuple[int, int]] | None = None  # tokens and text bytes the evaluation scores
+    tasks: RunTasks | None = None  # train.eval_tasks, if the run names any
 
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, last: bool = False) -> dict[str, float]:
+        """The validation losses of θ, logged; and the harness tasks, when due (`last`: the run's last round)."""
         # On the CPU the evaluation model reads θ itself (no second copy of the model on the server)
         t, state = self.cfg.train, self.state
         on_cpu = next(self.eval_model.parameters()).device.type == "cpu"
@@ -195,6 +198,9 @@ class OpenRun:
         self.runlog.log("eval", state.global_step, round=state.round, tokens=state.totals.get("tokens", 0),
                         clock=state.clock, **{f"{LOSS}{k}": v for k, v in losses.items()},
                         **bpb_fields(losses, self.eval_bytes))
+        if self.tasks is not None and tasks_due(state.round, self.cfg.federation.eval_every, t.eval_tasks_every, last):
+            self.tasks.run(self.eval_model, self.runlog, state.global_step, self.console, round=state.round,
+                           tokens=state.totals.get("tokens", 0))
         return losses
 
     def tokens_left(self, token_budget: int | None) -> bool:
@@ -221,8 +227,10 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared, pa
     else:
         next_round, keep = agg.run_round, fed.keep_checkpoints
     eval_model = build_model(cfg).to(device)  # before the log opens: nothing to close if the model cannot be built
+    tasks = open_run_tasks(cfg.train, prepared.tokenizer_path)  # so are harness tasks that cannot run
     runlog = RunLog(run_dir, resume_step=state.round if found else None, step_key="round")
-    return OpenRun(cfg, run_dir, console, prepared, state, agg, next_round, keep, runlog, eval_model, quorum)
+    return OpenRun(cfg, run_dir, console, prepared, state, agg, next_round, keep, runlog, eval_model, quorum,
+                   tasks=tasks)
 
 
 def run_rounds(run: OpenRun, transport: Transport, stop_after: int | None = None,
@@ -268,8 +276,9 @@ def run_rounds(run: OpenRun, transport: Transport, stop_after: int | None = None
         if result.dropped:
             run.short_rounds.append(state.round)
             run.screened_out |= any(DISAGREES in reason for reason in result.dropped.values())
-        if state.round % fed.eval_every == 0 or state.round == fed.rounds or not run.tokens_left(token_budget):
-            run.last = run.evaluate()
+        last = state.round == fed.rounds or not run.tokens_left(token_budget)
+        if state.round % fed.eval_every == 0 or last:
+            run.last = run.evaluate(last)
         _log_round(run.runlog, state, result, run.last, run.eval_bytes, console)
         state.save(run.ckpt_dir, config_to_dict(cfg), extra_files=(run.prepared.tokenizer_path,), keep=run.keep)
         kept = referenced_state_digests(run.ckpt_dir) | state.state_digests()

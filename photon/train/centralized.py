@@ -41,7 +41,14 @@ from photon.model.transformer import (
 )
 from photon.runlog import LOSS, RunLog
 from photon.train.device import place, resolve_device, setup_backend
-from photon.train.evaluate import OVERALL, bpb_fields, evaluable_domains, evaluate, scored_bytes
+from photon.train.evaluate import (
+    OVERALL,
+    bpb_fields,
+    evaluable_domains,
+    evaluate,
+    scored_bytes,
+)
+from photon.train.run_tasks import open_run_tasks, tasks_due
 from photon.train.local import (
     load_optimizer_state_tensors,
     make_optimizer,
@@ -102,6 +109,7 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
         torch.set_num_threads(tcfg.threads)
     prepared = open_data(cfg)
     evaluable_domains(prepared, tcfg.seq_len)  # before any step: a run that cannot be evaluated is refused
+    tasks = open_run_tasks(tcfg, prepared.tokenizer_path)  # so is one whose harness tasks cannot run
     device = resolve_device(tcfg.device)
     setup_backend(device)
     model = build_model(cfg)
@@ -145,6 +153,8 @@ def train_central(cfg: RunConfig, run_dir: Path, resume: bool = False, stop_at: 
             losses = evaluate(model, prepared, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, tcfg.bf16)
             runlog.log("eval", at, **{f"{LOSS}{k}": v for k, v in losses.items()}, **bpb_fields(losses, eval_bytes))
             console.print(eval_table(losses, title=f"validation at step {at}"))
+            if tasks is not None and tasks_due(at, tcfg.eval_every, tcfg.eval_tasks_every, at == total):
+                tasks.run(model, runlog, at, console)
             return losses
 
         losses = run_eval(step) if step == 0 else {}

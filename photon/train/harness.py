@@ -211,3 +211,4 @@ def _metrics(values: dict) -> dict[str, float]:
             continue
         out[metric] = float(value)
     return out
+

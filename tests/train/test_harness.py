@@ -149,3 +149,52 @@ def test_a_task_that_cannot_run_is_one_clear_line(trained, tmp_path, monkeypatch
     (tmp_path / "gone" / "gone.jsonl").unlink()
     with pytest.raises(UserError, match="data file is missing"):
         evaluate_tasks(model, tok, [str(task)])
+
+
+# During a run: train.eval_tasks on the global model (federated) or the model (centralized)
+
+
+def _held_out_task(tmp_path):
+    return _task(tmp_path / "tasks", "held_out", "loglikelihood_rolling",
+                 [{"text": "A letter, never seen in training."}, {"text": "def g(y): return y"}],
+                 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n')
+
+
+def _quiet():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=120)
+
+
+def test_a_federated_run_evaluates_its_tasks_when_due_and_at_the_end(tiny_prep, tmp_path, one_thread):
+    from photon.runlog import read_metrics
+    from tests.helpers import fed_cfg, run
+
+    task = _held_out_task(tmp_path)
+    cfg = fed_cfg(tiny_prep, f"train.eval_tasks={task}", "train.eval_tasks_every=2", "federation.rounds=3")
+    run(cfg, tmp_path / "run", console=_quiet())
+    rows = read_metrics(tmp_path / "run")
+    tasks = [r for r in rows if r["kind"] == "tasks"]
+    assert [r["round"] for r in tasks] == [0, 2, 3]  # every 2nd evaluation (rounds 0, 2) and the last
+    assert all(0 < r["held_out/bits_per_byte"] < 20 for r in tasks)
+    assert tasks[-1]["held_out/bits_per_byte"] < tasks[0]["held_out/bits_per_byte"]  # the model learned
+
+
+def test_a_centralized_run_evaluates_its_tasks_and_a_bad_task_stops_a_run_before_it_trains(tiny_prep, tmp_path,
+                                                                                           one_thread):
+    from photon.runlog import read_metrics
+    from photon.train.centralized import train_central
+    from tests.helpers import fed_cfg, run
+
+    task = _held_out_task(tmp_path)
+    cfg = tiny_cfg(tiny_prep, f"train.eval_tasks={task}", "train.steps=20", "train.eval_every=10",
+                   "train.ckpt_every=20", "train.eval_batches=1")
+    train_central(cfg, tmp_path / "central", console=_quiet())
+    assert [r["step"] for r in read_metrics(tmp_path / "central") if r["kind"] == "tasks"] == [0, 10, 20]
+
+    bad = fed_cfg(tiny_prep, "train.eval_tasks=no_such_task")
+    with pytest.raises(UserError, match="unknown task no_such_task"):
+        run(bad, tmp_path / "bad", console=_quiet())
+    assert not [r for r in read_metrics(tmp_path / "bad") if r["kind"] == "round"]
