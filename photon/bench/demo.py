@@ -1,8 +1,9 @@
 """`photon bench demo`: the main job (`make run`: `photon run`, the `small` preset in Flower's simulation) timed
 and scored, so the README's and docs/RESULTS.md's description of it is regenerated, never typed.
 
-Stored in docs/results/demo.json: validation perplexity per domain before and after, the wall time of the
-federation (and of each round), the replies that failed and why, and the run's configuration in brief.
+Stored in docs/results/demo.json: validation perplexity and bits per byte per domain before and after, the
+wall time of the federation (and of each round), the replies that failed and why, and the run's configuration
+in brief.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from photon.bench.results import LoadSampler, publish
 from photon.config import RunConfig
 from photon.federation.fold import DISAGREES
 from photon.runlog import eval_losses, read_metrics
-from photon.train.evaluate import perplexity
+from photon.train.evaluate import BPB, perplexity
 
 
 def run_demo_bench(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any]:
@@ -41,7 +42,8 @@ def run_demo_bench(cfg: RunConfig, out: Path, console: Console) -> dict[str, Any
             "round_seconds": [r["wall_seconds"] for r in rounds], "tokens": sum(r["tokens"] for r in rounds),
             "replies": sum(r["ok"] + r["failed"] for r in rounds),
             "failures": [f"round {r['round']}: {why}" for r in rounds for why in r.get("failures", [])],
-            "ppl": {d: [perplexity(a), perplexity(b)] for d, (a, b) in losses.items()}}
+            "ppl": {d: [perplexity(a), perplexity(b)] for d, (a, b) in losses.items()},
+            "bpb": {k.removeprefix(BPB): [v, evals[-1][k]] for k, v in evals[0].items() if k.startswith(BPB)}}
     publish("demo", data, render, load, started, console)
     return data
 
@@ -52,9 +54,11 @@ def render(data: dict[str, Any]) -> str:
              f"H = {data['h']}, {data['rounds']} rounds, {data['nodes']} simulated nodes): the federation took "
              f"{data['wall_seconds'] / 60:.1f} min (rounds of {min(rs):.1f}–{max(rs):.1f} s), "
              f"{data['tokens'] / 1e6:.1f}M training tokens; validation perplexity per domain:", "",
-             "| domain | before | after |", "|---|---|---|"]
+             "| domain | before | after |" + (" bits/byte before | after |" if data.get("bpb") else ""),
+             "|---|---|---|" + ("---|---|" if data.get("bpb") else "")]
     for domain, (before, after) in data["ppl"].items():
-        lines.append(f"| {domain} | {before:,.1f} | {after:,.1f} |")
+        bpb = data.get("bpb", {}).get(domain)
+        lines.append(f"| {domain} | {before:,.1f} | {after:,.1f} |" + (f" {bpb[0]:.3f} | {bpb[1]:.3f} |" if bpb else ""))
     if "failures" in data:  # recorded since the round log names its failures
         lines += ["", f"Failed replies: {len(data['failures'])} of {data['replies']}."]
         lines += [f"- {why}" for why in data["failures"]]
