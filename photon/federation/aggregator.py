@@ -97,6 +97,7 @@ class RoundResult:
     norms: dict[int, float] = field(default_factory=dict)
     cosines: dict[int, float] = field(default_factory=dict)
     clip_scales: dict[int, float] = field(default_factory=dict)  # centered clipping: the share of each update kept
+    damping: float = 1.0  # async, summed staleness weights: the factor Δ was scaled by (mean staleness weight)
     folded: dict[str, int] = field(default_factory=dict)      # task id -> staleness (outer steps) of folded replies
     node_train: dict[int, float] = field(default_factory=dict)  # seconds inside local training per node
     loss: float = float("nan")
@@ -111,6 +112,14 @@ class RoundResult:
     clock: float = 0.0  # the transport's clock at the end (virtual seconds in the in-process engine)
     committed: bool = False
 
+
+
+def staleness_damping(buffer: ReplyBuffer, accepted: list[int], replies: dict[int, ClientReply]) -> float:
+    """FedBuff's summed staleness weights as a factor on the normalized Δ: Σ n·s / Σ n over the accepted
+    replies (each parked with weight n·s, n its samples), so Σ n·s·Δ / Σ n = factor × Σ n·s·Δ / Σ n·s. In
+    fp64, in canonical order; 1 when every reply is fresh."""
+    weights = sum(p.weight for p in buffer.ordered(accepted))
+    return float(weights / sum(float(replies[c].samples) for c in sorted(accepted)))
 
 @dataclass
 class _Round:
@@ -503,6 +512,10 @@ class Aggregator:
                 self.state.clip_centre = delta  # no copy: Δ is a fresh tensor the outer step only reads
         else:
             delta = combine(buffer, screened.accepted, fed.aggregation, fed.trim_fraction, fed.clip_update_norm)
+        if fed.mode == "async" and fed.asynchronous.weighting == "summed":
+            result.damping = staleness_damping(buffer, screened.accepted, replies)
+            if result.damping != 1.0:  # a new dict: the clipping centre may hold the undamped Δ
+                delta = {k: v * result.damping for k, v in delta.items()}
         self._commit(delta, replies, node_of, result)
         self.state.last_norms = [screened.norms[c] for c in screened.accepted]
 

@@ -8,7 +8,8 @@ Who trains what, and when, lives here; checking, parking, screening, folding and
   next task starts from its committed cursor and kept state.
 - Each task records the model version (outer steps taken) it started from. A reply s steps stale is folded
   with weight samples × `staleness`(s) (constant, or 1/(1+s)^a); one staler than `max_staleness` is refused
-  and its client freed (nothing of it advances).
+  and its client freed (nothing of it advances). The weights are normalized (Σ n·s·Δ / Σ n·s), or with
+  `weighting: summed` summed as FedBuff does (Σ n·s·Δ / Σ n): a step made only of stale replies is damped.
 - The server steps when `quorum` replies are parked, or, with a grace window, when the oldest has waited
   `grace_s` and at least `min_replies` are in. The global LR schedule advances H per step.
 - A task past its deadline (fixed or adaptive, as in sync) is given up and its client freed.

@@ -321,7 +321,7 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
                train_seconds=r.train_seconds, critical_train_seconds=r.critical_train_seconds,
                wall_seconds=r.wall_seconds, clock=r.clock, norms={str(k): v for k, v in r.norms.items()},
                cosines={str(k): v for k, v in r.cosines.items()}, folded=r.folded, failures=r.failed,
-               clip_scales={str(k): v for k, v in r.clip_scales.items()}, accepted=r.ok)
+               clip_scales={str(k): v for k, v in r.clip_scales.items()}, accepted=r.ok, damping=r.damping)
     runlog.log("train", state.global_step, round=state.round, loss=r.loss)
     down, up = r.bytes_down + r.bytes_state_down, r.bytes_up + r.bytes_state_up  # all of it: the kept state too
     cells = (state.round, len(r.ok), len(r.failed), f"{r.loss:.4f}", f"{ppl:.1f}", f"{bpb:.3f}", f"{down / 1e6:.1f}",
