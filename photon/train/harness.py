@@ -89,6 +89,9 @@ class PhotonLM(TemplateLM):
                 logits, _ = self.model(x.to(self.device))
             logp = F.log_softmax(logits.float(), dim=-1).cpu()
             for j, (i, whole, n) in enumerate(rows):
+                if n == 0:  # nothing to score (an empty continuation): certain, and what greedy decoding gives
+                    out[i] = (0.0, True)
+                    continue
                 end = len(whole) - 1  # positions end-n .. end-1 predict the last n tokens
                 target = torch.tensor(whole[-n:])
                 scores = logp[j, end - n:end]

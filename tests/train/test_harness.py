@@ -134,6 +134,7 @@ def test_greedy_generation_is_the_models_greedy_continuation_cut_at_a_stop(train
     stop = free.strip()[:2]
     (cut,) = lm.generate_until([SimpleNamespace(args=(prompt, {"until": [stop], "max_gen_toks": 12}))])
     assert cut == free.split(stop)[0]
+    assert lm._loglikelihood_tokens([(("def", ""), ids, [])]) == [(0.0, True)]  # nothing to score
 
 
 def test_a_task_that_cannot_run_is_one_clear_line(trained, tmp_path, monkeypatch):
