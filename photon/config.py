@@ -178,10 +178,13 @@ class TrainConfig(_Frozen):
 class OuterConfig(_Frozen):
     """The server (outer) optimizer applied to the pseudo-gradient Δ = θ − mean(θ_k)."""
 
-    name: Literal["fedavg", "nesterov", "fedmom", "fedadam", "fedyogi"] = Field(
-        "fedavg", description="fedavg is Photon's recipe (lr 1.0); nesterov is DiLoCo's (lr 0.7, momentum 0.9).")
+    name: Literal["fedavg", "nesterov", "delayed-nesterov", "fedmom", "fedadam", "fedyogi"] = Field(
+        "fedavg", description="fedavg is Photon's recipe (lr 1.0); nesterov is DiLoCo's (lr 0.7, momentum 0.9); "
+        "delayed-nesterov updates the momentum every `delay` steps (Async Local-SGD's DN, for async rounds).")
     lr: float = Field(1.0, gt=0, description="Server learning rate η.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (nesterov, fedmom).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (nesterov, delayed-nesterov, fedmom).")
+    delay: int = Field(4, ge=1, description="delayed-nesterov: outer steps N between momentum updates (each step "
+                       "moves θ by −lr·Δ/N; 1 is nesterov).")
     beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay (fedadam, fedyogi).")
     beta2: float = Field(0.99, ge=0, lt=1, description="Second-moment decay (fedadam, fedyogi).")
     tau: float = Field(1e-3, gt=0, description="Adaptivity floor τ (fedadam, fedyogi).")

@@ -1,7 +1,8 @@
 """Outer (server) optimizers over the pseudo-gradient Δ = θ − weighted_mean(θ_k).
 
 FedAvg with lr 1.0 is Photon's recipe (θ ← mean θ_k); Nesterov outer SGD (lr 0.7, momentum 0.9) is
-DiLoCo's; FedMom is heavy-ball momentum; FedAdam and FedYogi follow Reddi et al. 2021 ("Adaptive
+DiLoCo's, and Delayed Nesterov its asynchronous form (momentum updated every N steps); FedMom is heavy-ball
+momentum; FedAdam and FedYogi follow Reddi et al. 2021 ("Adaptive
 Federated Optimization"): no bias correction, τ as the adaptivity floor. Each is a small class with
 `step(params, delta)` updating params in place and `state_dict`/`load_state_dict` of plain tensors.
 """
@@ -92,6 +93,47 @@ class Nesterov(OuterOptimizer):
         p.sub_(d + mu * m, alpha=self.cfg.lr)
 
 
+class DelayedNesterov(OuterOptimizer):
+    """Delayed Nesterov (Liu et al. 2024, "Asynchronous Local-SGD Training for Language Modeling", its DN
+    update), for asynchronous rounds, where one outer step may be made of stale replies. Each step moves θ by
+    −η·Δ/N without momentum; every N-th step (N = `delay`) also folds the mean Δ of its last N steps into the
+    momentum and adds the Nesterov term: m ← μ·m + mean(Δ); θ ← θ − η·μ·m. Over N steps θ moves by
+    −η·(mean Δ + μ·m): Nesterov on the mean of N steps, so no single stale step drives the momentum. N = 1 is
+    `Nesterov` exactly."""
+
+    buffer_names = ("momentum", "pending")
+    COUNT = "steps/count"  # the steps taken, checkpointed with the buffers (where in the N-step cycle we are)
+
+    def __init__(self, cfg: OuterConfig):
+        super().__init__(cfg)
+        self.steps = 0
+        self._milestone = False
+
+    def step(self, params: Tensors, delta: Delta) -> None:
+        self.steps += 1
+        self._milestone = self.steps % self.cfg.delay == 0
+        super().step(params, delta)
+
+    def _update(self, p, d, m, pending):
+        n, mu = self.cfg.delay, self.cfg.momentum
+        pending.add_(d)
+        if self._milestone:
+            m.mul_(mu).add_(pending, alpha=1 / n)
+            p.sub_(d / n + mu * m, alpha=self.cfg.lr)
+            pending.zero_()
+        else:
+            p.sub_(d / n, alpha=self.cfg.lr)
+
+    def state_dict(self) -> Tensors:
+        return {**super().state_dict(), self.COUNT: torch.tensor([self.steps], dtype=torch.int64)}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        state = dict(state)
+        count = state.pop(self.COUNT, None)
+        super().load_state_dict(state)
+        self.steps = int(count.item()) if count is not None else 0
+
+
 class FedAdam(OuterOptimizer):
     """m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ²; θ ← θ − η·m / (√v + τ)."""
 
@@ -114,7 +156,8 @@ class FedYogi(FedAdam):
 
 
 OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {
-    "fedavg": FedAvg, "fedmom": FedMom, "nesterov": Nesterov, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedavg": FedAvg, "fedmom": FedMom, "nesterov": Nesterov, "delayed-nesterov": DelayedNesterov,
+    "fedadam": FedAdam, "fedyogi": FedYogi,
 }
 
 

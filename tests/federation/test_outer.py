@@ -95,3 +95,38 @@ def test_loading_another_optimizers_state_is_refused():
     nesterov.step(_params(), _deltas(1)[0])
     with pytest.raises(ValueError, match="unknown buffer"):
         make_outer(OuterConfig(name="fedadam")).load_state_dict(nesterov.state_dict())
+
+
+def test_delayed_nesterov_with_a_delay_of_one_is_nesterov_bitwise():
+    deltas = _deltas(5)
+    theta_a, theta_b = _params(), _params()
+    nesterov = make_outer(OuterConfig(name="nesterov", lr=0.7, momentum=0.9))
+    delayed = make_outer(OuterConfig(name="delayed-nesterov", lr=0.7, momentum=0.9, delay=1))
+    for d in deltas:
+        nesterov.step(theta_a, d)
+        delayed.step(theta_b, d)
+    assert all(torch.equal(theta_a[k], theta_b[k]) for k in theta_a)
+
+
+def test_delayed_nesterov_is_nesterov_on_the_mean_of_each_n_steps():
+    # By hand (fp64): every step moves θ by −η·Δ/N; every N-th step m ← μ·m + mean(last N Δ) and θ −= η·μ·m.
+    lr, mu, n = 0.7, 0.9, 3
+    deltas = _deltas(7)
+    theta = _params()
+    ref = {k: v.double() for k, v in theta.items()}
+    m = {k: torch.zeros_like(v) for k, v in ref.items()}
+    window: list = []
+    outer = make_outer(OuterConfig(name="delayed-nesterov", lr=lr, momentum=mu, delay=n))
+    for step, d in enumerate(deltas, 1):
+        window.append(d)
+        for k in ref:
+            ref[k] = ref[k] - lr * d[k].double() / n
+            if step % n == 0:
+                m[k] = mu * m[k] + sum(w[k].double() for w in window) / n
+                ref[k] = ref[k] - lr * mu * m[k]
+        if step % n == 0:
+            window = []
+        outer.step(theta, d)
+    for k in theta:
+        torch.testing.assert_close(theta[k].double(), ref[k], rtol=1e-6, atol=1e-6)
+    assert outer.steps == 7 and int(outer.state_dict()["steps/count"]) == 7
