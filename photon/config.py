@@ -244,9 +244,9 @@ class AsyncConfig(_Frozen):
         "polynomial", description="Weight of a reply s steps stale: constant (1) or polynomial 1/(1+s)^a.")
     exponent: float = Field(0.5, ge=0, description="a of the polynomial staleness weight.")
     weighting: Literal["normalized", "summed"] = Field(
-        "normalized", description="How the staleness weights s enter Δ: normalized, Σ n·s·Δ / Σ n·s (a step made "
-        "only of stale replies is as large as a fresh one), or summed as FedBuff does, Σ n·s·Δ / Σ n (n: samples; "
-        "a step made of stale replies is damped by their mean weight).")
+        "summed", description="How the staleness weights s enter Δ: summed as FedBuff does, Σ n·s·Δ / Σ n (n: "
+        "samples; a step made of stale replies is damped by their mean weight), or normalized, Σ n·s·Δ / Σ n·s (a "
+        "step made only of stale replies is as large as a fresh one, which at the default outer LR over-steps).")
     concurrency: int | None = Field(None, ge=1, description="Clients in flight at once (None = one per node).")
 
 

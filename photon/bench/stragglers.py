@@ -55,7 +55,9 @@ def arm_overrides(arm: str, cfg: RunConfig, seed: int) -> list[str]:
         return common + faults + [f"federation.round_timeout_s={2 * nominal}"]
     if arm == "sync, adaptive deadline":
         return common + faults + ["federation.deadline=adaptive", f"federation.round_timeout_s={4 * nominal}"]
-    return common + faults + ["federation.mode=async", f"federation.round_timeout_s={4 * nominal}"]
+    # the weights its stored record was measured with (normalized; the default is now FedBuff's summed ones)
+    return common + faults + ["federation.mode=async", "federation.asynchronous.weighting=normalized",
+                              f"federation.round_timeout_s={4 * nominal}"]
 
 
 def run_arm(cfg: RunConfig, run_dir: Path, budget: int) -> dict[str, Any]:

@@ -195,7 +195,7 @@ def test_summed_staleness_weights_damp_a_stale_step_by_the_mean_weight_as_fedbuf
 
     over = ("federation.aggregation=mean", "federation.outer.name=fedavg", "federation.outer.lr=1",
             "federation.keep_checkpoints=8", "federation.rounds=6")
-    _run(_cfg(tiny_prep, *over), tmp_path / "normalized")
+    _run(_cfg(tiny_prep, *over, "federation.asynchronous.weighting=normalized"), tmp_path / "normalized")
     _run(_cfg(tiny_prep, *over, "federation.asynchronous.weighting=summed"), tmp_path / "summed")
     norm_rows, summed_rows = _rounds(tmp_path / "normalized"), _rounds(tmp_path / "summed")
     assert all(r["damping"] == 1.0 for r in norm_rows)
