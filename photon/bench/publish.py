@@ -29,6 +29,7 @@ _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /
 
 def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
     from photon.bench import (
+        async_outer,
         compression,
         demo,
         federation,
@@ -39,7 +40,7 @@ def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
         wire,
     )
 
-    return {"robust": robust.render, "stragglers": stragglers.render,
+    return {"robust": robust.render, "stragglers": stragglers.render, "async": async_outer.render,
             "trainer-cpu": throughput.render, "trainer-cuda": throughput.render, "wire": wire.render,
             "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render,
             "federation": federation.render,

@@ -77,7 +77,9 @@ def run_arm(cfg: RunConfig, run_dir: Path, budget: int) -> dict[str, Any]:
     useful = sum(transport.records[t].compute for t in folded)
     result = {
         "curve": [[e["clock"], perplexity(e["loss/overall"]), e["tokens"]] for e in evals],
-        "final_ppl": perplexity(evals[-1]["loss/overall"]), "clock": transport.now, "rounds": len(rounds),
+        "final_ppl": perplexity(evals[-1]["loss/overall"]), "final_bpb": evals[-1].get("bpb/overall"),
+        "damping": statistics.mean(r.get("damping", 1.0) for r in rounds), "clock": transport.now,
+        "rounds": len(rounds),
         "tokens": sum(r["tokens"] for r in rounds),
         "goodput": useful / (cfg.federation.num_nodes * transport.now),
         "staleness": dict(Counter(str(s) for r in rounds for s in r["folded"].values())),

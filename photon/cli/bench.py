@@ -133,6 +133,24 @@ def bench_stragglers(
     run_stragglers_bench(cfg, out, seeds, console)
 
 
+@bench_app.command("async")
+def bench_async(
+    preset: PresetOpt = "tiny",
+    overrides: SetOpt = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per run.")] = 2,
+    out: Annotated[Path, typer.Option(help="Where the runs go (rerunning skips finished ones).")]
+    = Path("runs/bench-async"),
+) -> None:
+    """Asynchronous rounds under slow clients and lost replies: FedAvg with normalized or summed (FedBuff)
+    staleness weights, Nesterov and Delayed Nesterov, each at its outer LRs, against clean sync at equal tokens;
+    stores docs/results/async.json."""
+    from photon.bench.async_outer import run_async_bench
+
+    cfg = flags_config(preset, overrides)
+    ensure_prepared(cfg)
+    run_async_bench(cfg, out, seeds, console)
+
+
 @bench_app.command("wire")
 def bench_wire(
     preset: PresetOpt = "paper-350m",
