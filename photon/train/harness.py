@@ -2,9 +2,9 @@
 `train.eval_tasks`.
 
 `PhotonLM` is the harness's model class around Photon's own `Transformer` and tokenizer: log-likelihoods of
-continuations (multiple-choice tasks), rolling log-likelihoods of whole texts (perplexity tasks, scored in
-windows of `max_seq_len` tokens that each predict every token they hold, as the harness's own models do) and
-greedy generation, batched on the model's device. Tasks are the harness's registry names (their data comes from
+continuations (multiple-choice tasks) and rolling log-likelihoods of whole texts (perplexity tasks: the text
+cut into windows of `max_seq_len` tokens, as the harness's own models score it), batched on the model's device,
+and greedy generation (a request at a time). Tasks are the harness's registry names (their data comes from
 the Hugging Face hub) or local task files: a YAML, or a folder of them, whose data may be a local JSONL
 (`dataset_path: json`, `dataset_kwargs: {data_files: ...}`), which is how it runs offline.
 
@@ -142,44 +142,45 @@ class PhotonLM(TemplateLM):
         return out
 
 
-def _local_task_names(path: Path) -> list[str]:
+def _local_task_names(path: Path, what: str) -> list[str]:
     """The task names that a task YAML (or every YAML under a folder) declares."""
     files = [path] if path.is_file() else sorted(path.rglob("*.y*ml"))
     names = [m.group(1) for f in files for m in _TASK_LINE.finditer(f.read_text(errors="replace"))]
     if not names:
-        raise UserError(f"--tasks {path}: no task in it (a task YAML has a 'task: NAME' line)")
+        raise UserError(f"{what} {path}: no task in it (a task YAML has a 'task: NAME' line)")
     return names
 
 
-def resolve_tasks(tasks: Sequence[str]) -> tuple[list[str], TaskManager]:
+def resolve_tasks(tasks: Sequence[str], what: str = "--tasks") -> tuple[list[str], TaskManager]:
     """The task names to run and a harness task manager that knows them: each entry of `tasks` is a registry
-    name, a task YAML or a folder of them."""
+    name, a task YAML or a folder of them. `what` names the setting in errors."""
     names: list[str] = []
     include: list[str] = []
     registry = False
     for entry in tasks:
         path = Path(entry)
         if path.exists():
-            names += _local_task_names(path)
+            names += _local_task_names(path, what)
             include.append(str(path.parent if path.is_file() else path))
         else:
             names.append(entry)
             registry = True
     if not names:
-        raise UserError("--tasks: name at least one task (e.g. arc_easy, or a task YAML)")
+        raise UserError(f"{what}: name at least one task (e.g. arc_easy, or a task YAML)")
     manager = TaskManager(include_path=include or None, include_defaults=registry)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise UserError(f"--tasks: unknown task {', '.join(unknown)} (not a file, a folder or a task of "
+        raise UserError(f"{what}: unknown task {', '.join(unknown)} (not a file, a folder or a task of "
                         f"lm-eval {lm_eval.__version__}; `lm-eval ls tasks` lists them)")
     return list(dict.fromkeys(names)), manager
 
 
 def evaluate_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: Sequence[str], batch_size: int = 16,
-                   bf16: bool = False, limit: int | None = None) -> dict[str, dict[str, float]]:
+                   bf16: bool = False, limit: int | None = None, what: str = "--tasks"
+                   ) -> dict[str, dict[str, float]]:
     """Each task's metrics through the harness ({task: {metric: value}}, e.g. {"arc_easy": {"acc": 0.41,
     "acc_norm": 0.39}}); standard errors are not computed. `limit`: at most that many examples per task."""
-    names, manager = resolve_tasks(tasks)
+    names, manager = resolve_tasks(tasks, what)
     was_training = model.training
     # The harness warns of every metric default a task YAML leaves out: noise beside the results.
     harness_log = logging.getLogger("lm_eval")
@@ -190,10 +191,11 @@ def evaluate_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: Sequence[str],
             model=PhotonLM(model, tokenizer, batch_size=batch_size, bf16=bf16), tasks=names,
             task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
     except ConnectionError as e:  # datasets' word for a hub it cannot reach (HF_HUB_OFFLINE=1 says so at once)
-        raise UserError(f"--tasks {','.join(names)}: a task's data could not be fetched from the Hugging Face hub "
-                        f"({_first_line(e)}); offline, give a local task YAML whose data is a local JSONL") from None
+        raise UserError(f"{what} {','.join(names)}: a task's data could not be fetched from the Hugging Face "
+                        f"hub ({_first_line(e)}); offline, give a local task YAML whose data is a local JSONL"
+                        ) from None
     except FileNotFoundError as e:
-        raise UserError(f"--tasks {','.join(names)}: a task's data file is missing ({_first_line(e)})") from None
+        raise UserError(f"{what} {','.join(names)}: a task's data file is missing ({_first_line(e)})") from None
     finally:
         model.train(was_training)
         harness_log.setLevel(level)

@@ -196,6 +196,6 @@ def test_a_centralized_run_evaluates_its_tasks_and_a_bad_task_stops_a_run_before
     assert [r["step"] for r in read_metrics(tmp_path / "central") if r["kind"] == "tasks"] == [0, 10, 20]
 
     bad = fed_cfg(tiny_prep, "train.eval_tasks=no_such_task")
-    with pytest.raises(UserError, match="unknown task no_such_task"):
+    with pytest.raises(UserError, match="train.eval_tasks: unknown task no_such_task"):
         run(bad, tmp_path / "bad", console=_quiet())
     assert not [r for r in read_metrics(tmp_path / "bad") if r["kind"] == "round"]
