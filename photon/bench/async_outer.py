@@ -110,8 +110,7 @@ def verdicts(data: dict[str, Any]) -> list[str]:
     norm, summed = "FedAvg, normalized weights", "FedAvg, summed weights (FedBuff)"
     at_default = [_mean(runs[f"{arm}, lr 1"], "final_ppl") for arm in (norm, summed)]
     (bn, ln), (bs, ls) = _best(data, norm), _best(data, summed)
-    lrs = ARMS[norm][2]
-    edge = " (the lowest LR tried: lower may be better still)" if min(ln, ls) == min(lrs) else ""
+    edge = _edge((norm, ln), (summed, ls))
     (nesterov, lnes), (delayed, ldel) = (_best(data, "Nesterov, normalized weights"),
                                          _best(data, "Delayed Nesterov (N = 4), normalized weights"))
     return [
@@ -120,4 +119,13 @@ def verdicts(data: dict[str, Any]) -> list[str]:
         f"- Each at its best LR: summed {bs:,.1f} (lr {ls:g}) against normalized {bn:,.1f} (lr {ln:g}) "
         f"({bs / bn - 1:+.1%}){edge}.",
         f"- Momentum, each at its best LR: Delayed Nesterov {delayed:,.1f} (lr {ldel:g}) against Nesterov "
-        f"{nesterov:,.1f} (lr {lnes:g}) ({delayed / nesterov - 1:+.1%}); the best FedAvg run: {min(bn, bs):,.1f}."]
+        f"{nesterov:,.1f} (lr {lnes:g}) ({delayed / nesterov - 1:+.1%})"
+        f"{_edge(('Nesterov, normalized weights', lnes), ('Delayed Nesterov (N = 4), normalized weights', ldel))}; "
+        f"the best FedAvg run: {min(bn, bs):,.1f}."]
+
+
+def _edge(*best: tuple[str, float]) -> str:
+    """Said when an arm's best LR is the lowest or highest it tried: the optimum may lie beyond the grid."""
+    out = [f"{arm}: best at the {'lowest' if lr == min(ARMS[arm][2]) else 'highest'} LR tried"
+           for arm, lr in best if len(ARMS[arm][2]) > 1 and lr in (min(ARMS[arm][2]), max(ARMS[arm][2]))]
+    return f" ({'; '.join(out)}: the optimum may lie beyond)" if out else ""

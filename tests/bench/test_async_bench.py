@@ -31,5 +31,7 @@ def test_the_render_reads_the_record():
     assert "| clean sync | 101.0 | 3.050 | - | 750 s | 0.850 |" in text
     normalized, summed = 101.0 + 3, 101.0 + 6  # each FedAvg arm's lr-1 run (the last of its three LRs)
     assert f"summed weights {summed:,.1f} against normalized {normalized:,.1f}" in text
-    assert "summed 105.0 (lr 0.6) against normalized 102.0 (lr 0.6) (+2.9%) (the lowest LR tried" in text
+    assert ("summed 105.0 (lr 0.6) against normalized 102.0 (lr 0.6) (+2.9%) (FedAvg, normalized weights: best at "
+            "the lowest LR tried; FedAvg, summed weights (FedBuff): best at the lowest LR tried: the optimum may lie "
+            "beyond)") in text
     assert "Delayed Nesterov 110.0 (lr 0.35) against Nesterov 108.0 (lr 0.35)" in text
