@@ -185,6 +185,10 @@ class OuterConfig(_Frozen):
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (nesterov, delayed-nesterov, fedmom).")
     delay: int = Field(4, ge=1, description="delayed-nesterov: outer steps N between momentum updates (each step "
                        "moves θ by −lr·Δ/N; 1 is nesterov).")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="The outer LR over the run: constant (the field's usual choice), or a cosine from "
+        "lr at the first outer step to lr × min_lr_ratio at the last (federation.schedule_rounds, else rounds).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: the last outer step's LR as a fraction of lr.")
     beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay (fedadam, fedyogi).")
     beta2: float = Field(0.99, ge=0, lt=1, description="Second-moment decay (fedadam, fedyogi).")
     tau: float = Field(1e-3, gt=0, description="Adaptivity floor τ (fedadam, fedyogi).")
@@ -245,8 +249,9 @@ class AsyncConfig(_Frozen):
     exponent: float = Field(0.5, ge=0, description="a of the polynomial staleness weight.")
     weighting: Literal["normalized", "summed"] = Field(
         "summed", description="How the staleness weights s enter Δ: summed as FedBuff does, Σ n·s·Δ / Σ n (n: "
-        "samples; a step made of stale replies is damped by their mean weight), or normalized, Σ n·s·Δ / Σ n·s (a "
-        "step made only of stale replies is as large as a fresh one, which at the default outer LR over-steps).")
+        "samples; a step made of stale replies is damped by their mean weight), or normalized, Σ n·s·Δ / Σ n·s "
+        "(a step made only of stale replies is as large as a fresh one, which at the default outer LR "
+        "over-steps).")
     concurrency: int | None = Field(None, ge=1, description="Clients in flight at once (None = one per node).")
 
 

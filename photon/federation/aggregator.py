@@ -40,7 +40,7 @@ from photon.federation.client_state import (
 )
 from photon.federation.clipping import ClipRule, centered_clip
 from photon.federation.fold import ReplyBuffer, combine, screen
-from photon.federation.outer import make_outer
+from photon.federation.outer import lr_at, make_outer
 from photon.federation.protocol import (
     MODEL,
     STATE,
@@ -524,7 +524,8 @@ class Aggregator:
         old = None if compressed_updates.is_identity(self.down) else \
             {k: v.clone() for k, v in self.state.params.items()}
         base = self.model_digest()
-        self.outer.step(self.state.params, delta)
+        fed = self.cfg.federation
+        self.outer.step(self.state.params, delta, lr_at(fed.outer, self.state.round, fed.schedule_rounds or fed.rounds))
         del delta
         if old is not None:  # the new model is what nodes rebuild from the compressed outer update
             payload, residual = compressed_updates.server_broadcast(

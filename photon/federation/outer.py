@@ -9,6 +9,7 @@ Federated Optimization"): no bias correction, τ as the adaptivity floor. Each i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -33,9 +34,12 @@ class OuterOptimizer:
 
     def __init__(self, cfg: OuterConfig):
         self.cfg = cfg
+        self.lr = cfg.lr  # this step's outer LR (`lr_at` under a schedule)
         self.buffers: dict[str, Tensors] = {name: {} for name in self.buffer_names}
 
-    def step(self, params: Tensors, delta: Delta) -> None:
+    def step(self, params: Tensors, delta: Delta, lr: float | None = None) -> None:
+        """One outer step at `lr` (default: the configured constant LR)."""
+        self.lr = self.cfg.lr if lr is None else lr
         for name, p in params.items():
             assert p.is_contiguous(), f"{name}: outer step needs contiguous parameters"
             bufs = [self._buffer(kind, name, p).view(-1) for kind in self.buffer_names]
@@ -69,7 +73,7 @@ class FedAvg(OuterOptimizer):
     """θ ← θ − η·Δ. With η = 1 the new model is the weighted mean of the clients' models (to an ulp)."""
 
     def _update(self, p, d):
-        p.sub_(d, alpha=self.cfg.lr)
+        p.sub_(d, alpha=self.lr)
 
 
 class FedMom(OuterOptimizer):
@@ -79,7 +83,7 @@ class FedMom(OuterOptimizer):
 
     def _update(self, p, d, m):
         m.mul_(self.cfg.momentum).add_(d)
-        p.sub_(m, alpha=self.cfg.lr)
+        p.sub_(m, alpha=self.lr)
 
 
 class Nesterov(OuterOptimizer):
@@ -90,7 +94,7 @@ class Nesterov(OuterOptimizer):
     def _update(self, p, d, m):
         mu = self.cfg.momentum
         m.mul_(mu).add_(d)
-        p.sub_(d + mu * m, alpha=self.cfg.lr)
+        p.sub_(d + mu * m, alpha=self.lr)
 
 
 class DelayedNesterov(OuterOptimizer):
@@ -109,20 +113,20 @@ class DelayedNesterov(OuterOptimizer):
         self.steps = 0
         self._milestone = False
 
-    def step(self, params: Tensors, delta: Delta) -> None:
+    def step(self, params: Tensors, delta: Delta, lr: float | None = None) -> None:
         self.steps += 1
         self._milestone = self.steps % self.cfg.delay == 0
-        super().step(params, delta)
+        super().step(params, delta, lr)
 
     def _update(self, p, d, m, pending):
         n, mu = self.cfg.delay, self.cfg.momentum
         pending.add_(d)
         if self._milestone:
             m.mul_(mu).add_(pending, alpha=1 / n)
-            p.sub_(d / n + mu * m, alpha=self.cfg.lr)
+            p.sub_(d / n + mu * m, alpha=self.lr)
             pending.zero_()
         else:
-            p.sub_(d / n, alpha=self.cfg.lr)
+            p.sub_(d / n, alpha=self.lr)
 
     def state_dict(self) -> Tensors:
         return {**super().state_dict(), self.COUNT: torch.tensor([self.steps], dtype=torch.int64)}
@@ -145,7 +149,7 @@ class FedAdam(OuterOptimizer):
     def _update(self, p, d, m, v):
         m.mul_(self.cfg.beta1).add_(d, alpha=1 - self.cfg.beta1)
         self._second_moment(v, d * d)
-        p.sub_(self.cfg.lr * m / (v.sqrt() + self.cfg.tau))
+        p.sub_(self.lr * m / (v.sqrt() + self.cfg.tau))
 
 
 class FedYogi(FedAdam):
@@ -159,6 +163,15 @@ OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {
     "fedavg": FedAvg, "fedmom": FedMom, "nesterov": Nesterov, "delayed-nesterov": DelayedNesterov,
     "fedadam": FedAdam, "fedyogi": FedYogi,
 }
+
+
+def lr_at(cfg: OuterConfig, step: int, steps: int) -> float:
+    """The outer LR of outer step `step` (0-based) of `steps`: constant, or a cosine from `lr` at the first step
+    to `lr × min_lr_ratio` at the last (held there past it, as when a run is extended)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, step / max(1, steps - 1))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_outer(cfg: OuterConfig) -> OuterOptimizer:

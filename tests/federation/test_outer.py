@@ -130,3 +130,39 @@ def test_delayed_nesterov_is_nesterov_on_the_mean_of_each_n_steps():
     for k in theta:
         torch.testing.assert_close(theta[k].double(), ref[k], rtol=1e-6, atol=1e-6)
     assert outer.steps == 7 and int(outer.state_dict()["steps/count"]) == 7
+
+
+def test_the_cosine_outer_lr_runs_from_lr_to_its_floor_and_holds_there():
+    from photon.federation.outer import lr_at
+
+    cfg = OuterConfig(name="nesterov", lr=0.8, schedule="cosine", min_lr_ratio=0.25)
+    assert [lr_at(cfg, r, 5) for r in (0, 4, 9)] == pytest.approx([0.8, 0.2, 0.2])
+    assert lr_at(cfg, 2, 5) == pytest.approx(0.8 * (0.25 + 0.75 * 0.5))  # halfway: the mean of the two ends
+    assert lr_at(OuterConfig(lr=0.8), 3, 5) == 0.8  # constant by default
+
+
+@pytest.mark.parametrize("name", sorted(OUTER_OPTIMIZERS))
+def test_a_step_at_a_given_lr_is_a_step_of_an_optimizer_configured_with_it(name):
+    deltas = _deltas(3)
+    theta_a, theta_b = _params(), _params()
+    scheduled, fixed = make_outer(OuterConfig(name=name, lr=0.9)), make_outer(OuterConfig(name=name, lr=0.3))
+    for d in deltas:
+        scheduled.step(theta_a, d, lr=0.3)
+        fixed.step(theta_b, d)
+    assert all(torch.equal(theta_a[k], theta_b[k]) for k in theta_a)
+
+
+def test_a_run_steps_at_the_scheduled_outer_lr(tiny_prep, tmp_path):
+    # FedAvg with a cosine to 0 over 2 rounds: the first outer step at lr 1, the last at 0 (the model stays put).
+    from photon.checkpoint import load_checkpoint
+    from tests.helpers import fed_cfg, run
+
+    cfg = fed_cfg(tiny_prep, "federation.rounds=2", "federation.outer.schedule=cosine",
+                  "federation.outer.min_lr_ratio=0", "train.threads=1")
+    run(cfg, tmp_path)
+    params = [load_checkpoint(tmp_path / "checkpoints" / f"round_{r:06d}")[0]["model"] for r in (1, 2)]
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])
+    constant = fed_cfg(tiny_prep, "federation.rounds=2", "train.threads=1")
+    run(constant, tmp_path / "constant")
+    moved = load_checkpoint(tmp_path / "constant" / "checkpoints" / "round_000002")[0]["model"]
+    assert not all(torch.equal(params[0][k], moved[k]) for k in moved)
