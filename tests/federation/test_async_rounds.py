@@ -84,8 +84,12 @@ def test_a_reply_staler_than_the_bound_is_refused(tiny_prep, tmp_path, caplog):
     assert all(s == 0 for r in _rounds(tmp_path) for s in r["folded"].values())
 
 
-def test_an_async_run_killed_and_resumed_is_bitwise_equal(tiny_prep, tmp_path):
-    cfg = _cfg(tiny_prep, "federation.faults.drop_probability=0.2")
+@pytest.mark.parametrize("outer", [(), ("federation.outer.name=delayed-nesterov", "federation.outer.lr=0.7",
+                                          "federation.outer.delay=2", "federation.outer.schedule=cosine")])
+def test_an_async_run_killed_and_resumed_is_bitwise_equal(tiny_prep, tmp_path, outer):
+    # Also with an outer optimizer whose state is more than buffers (Delayed Nesterov's place in its cycle, killed
+    # mid-cycle) on a scheduled outer LR.
+    cfg = _cfg(tiny_prep, "federation.faults.drop_probability=0.2", *outer)
     reference, _ = _run(cfg, tmp_path / "ref")
 
     with pytest.raises(ServerCrash):  # the server dies while handing out work for step 4
