@@ -113,13 +113,13 @@ class RoundResult:
     committed: bool = False
 
 
-
 def staleness_damping(buffer: ReplyBuffer, accepted: list[int], replies: dict[int, ClientReply]) -> float:
     """FedBuff's summed staleness weights as a factor on the normalized Δ: Σ n·s / Σ n over the accepted
     replies (each parked with weight n·s, n its samples), so Σ n·s·Δ / Σ n = factor × Σ n·s·Δ / Σ n·s. In
     fp64, in canonical order; 1 when every reply is fresh."""
     weights = sum(p.weight for p in buffer.ordered(accepted))
     return float(weights / sum(float(replies[c].samples) for c in sorted(accepted)))
+
 
 @dataclass
 class _Round:

@@ -41,20 +41,14 @@ from photon.model.transformer import (
 )
 from photon.runlog import LOSS, RunLog
 from photon.train.device import place, resolve_device, setup_backend
-from photon.train.evaluate import (
-    OVERALL,
-    bpb_fields,
-    evaluable_domains,
-    evaluate,
-    scored_bytes,
-)
-from photon.train.run_tasks import open_run_tasks, tasks_due
+from photon.train.evaluate import OVERALL, bpb_fields, evaluable_domains, evaluate, scored_bytes
 from photon.train.local import (
     load_optimizer_state_tensors,
     make_optimizer,
     optimizer_state_tensors,
     train_local,
 )
+from photon.train.run_tasks import open_run_tasks, tasks_due
 
 log = logging.getLogger(__name__)
 

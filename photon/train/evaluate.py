@@ -91,4 +91,3 @@ def bits_per_byte(losses: dict[str, float], counts: dict[str, tuple[int, int]]) 
 def bpb_fields(losses: dict[str, float], counts: dict[str, tuple[int, int]]) -> dict[str, float]:
     """The `bpb/<domain>` fields an eval row logs beside its `loss/<domain>` ones."""
     return {f"{BPB}{d}": v for d, v in bits_per_byte(losses, counts).items()}
-
