@@ -2,19 +2,19 @@
 
 FedAvg with lr 1.0 is Photon's recipe (θ ← mean θ_k); Nesterov outer SGD (lr 0.7, momentum 0.9) is
 DiLoCo's, and Delayed Nesterov its asynchronous form (momentum updated every N steps); FedMom is heavy-ball
-momentum; FedAdam and FedYogi follow Reddi et al. 2021 ("Adaptive
-Federated Optimization"): no bias correction, τ as the adaptivity floor. Each is a small class with
-`step(params, delta)` updating params in place and `state_dict`/`load_state_dict` of plain tensors.
+momentum; FedAdam and FedYogi follow Reddi et al. 2021 ("Adaptive Federated Optimization"): no bias
+correction, τ as the adaptivity floor. Each is a small class with `step(params, delta, lr)` updating params
+in place and `state_dict`/`load_state_dict` of plain tensors; `lr_at` gives a step's outer LR.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
 from photon.config import OuterConfig
+from photon.train.schedule import get_lr
 
 Tensors = dict[str, torch.Tensor]
 Delta = Mapping[str, torch.Tensor]  # name -> Δ (fold.combine)
@@ -167,11 +167,11 @@ OUTER_OPTIMIZERS: dict[str, type[OuterOptimizer]] = {
 
 def lr_at(cfg: OuterConfig, step: int, steps: int) -> float:
     """The outer LR of outer step `step` (0-based) of `steps`: constant, or a cosine from `lr` at the first step
-    to `lr × min_lr_ratio` at the last (held there past it, as when a run is extended)."""
+    to `lr × min_lr_ratio` at the last (held there past it, as when a run is extended): the inner schedule's
+    curve, without warmup, reaching its floor at the last step."""
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min(1.0, step / max(1, steps - 1))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return get_lr(step, cfg.lr, 0, max(1, steps - 1), cfg.min_lr_ratio)
 
 
 def make_outer(cfg: OuterConfig) -> OuterOptimizer:
