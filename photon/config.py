@@ -157,7 +157,7 @@ class TrainConfig(_Frozen):
     @field_validator("eval_tasks", mode="before")
     @classmethod
     def _split_tasks(cls, v: Any) -> Any:
-        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+        return comma_list(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check_micro_batch(self) -> TrainConfig:
@@ -492,6 +492,11 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise UserError(f"override {dotted!r}: {k!r} is not a section")
         node = child
     node[keys[-1]] = value
+
+
+def comma_list(text: str) -> list[str]:
+    """The names in a comma-separated option ("a, b,,c" -> ["a", "b", "c"])."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

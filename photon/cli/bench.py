@@ -17,7 +17,7 @@ from photon.cli.common import (
     flags_config,
     numbers,
 )
-from photon.config import load_config
+from photon.config import comma_list, load_config
 from photon.data.builtin import ensure_prepared
 from photon.errors import UserError
 
@@ -50,7 +50,7 @@ def bench_trainer(
     model FLOP/s against the machine's measured matmul peak; stores docs/results/trainer-DEVICE.json."""
     from photon.bench.throughput import run_trainer_bench
 
-    chosen = tuple(s.strip() for s in settings.split(",") if s.strip())
+    chosen = tuple(comma_list(settings))
     bad = [s for s in chosen if s not in ("fp32", "bf16", "fp32+compile", "bf16+compile")]
     if bad or not chosen:
         raise UserError(f"--settings {','.join(bad) or settings!r}: choose from fp32, bf16, fp32+compile, "

@@ -18,7 +18,7 @@ from photon.cli.common import (
     err_console,
     flags_config,
 )
-from photon.config import load_config, preset_names
+from photon.config import comma_list, load_config, preset_names
 from photon.data.builtin import ensure_prepared
 from photon.errors import UserError
 from photon.launch.engines import ENGINES, check_run_fits, run_federated
@@ -103,7 +103,7 @@ def eval_cmd(
         from photon.display import tasks_table
         from photon.train.harness import evaluate_tasks
 
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        names = comma_list(tasks)
         err_console.print(f"running {', '.join(names)} through lm-evaluation-harness (its progress below)")
         results = evaluate_tasks(model, load_tokenizer(tokenizer_path), names, cfg.train.batch_size,
                                  cfg.train.bf16, limit)
