@@ -176,11 +176,13 @@ def resolve_tasks(tasks: Sequence[str], what: str = "--tasks") -> tuple[list[str
 
 
 def evaluate_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: Sequence[str], batch_size: int = 16,
-                   bf16: bool = False, limit: int | None = None, what: str = "--tasks"
-                   ) -> dict[str, dict[str, float]]:
+                   bf16: bool = False, limit: int | None = None, what: str = "--tasks",
+                   resolved: tuple[list[str], TaskManager] | None = None) -> dict[str, dict[str, float]]:
     """Each task's metrics through the harness ({task: {metric: value}}, e.g. {"arc_easy": {"acc": 0.41,
-    "acc_norm": 0.39}}); standard errors are not computed. `limit`: at most that many examples per task."""
-    names, manager = resolve_tasks(tasks, what)
+    "acc_norm": 0.39}}); standard errors are not computed. `limit`: at most that many examples per task.
+    `resolved`: what `resolve_tasks` gave for `tasks` (a run resolves its tasks once: indexing the harness's
+    registry takes seconds)."""
+    names, manager = resolved or resolve_tasks(tasks, what)
     was_training = model.training
     # The harness warns of every metric default a task YAML leaves out: noise beside the results.
     harness_log = logging.getLogger("lm_eval")

@@ -26,7 +26,7 @@ class RunTasks:
     def __init__(self, cfg: TrainConfig, tokenizer_path: Path):
         from photon.train.harness import resolve_tasks
 
-        resolve_tasks(cfg.eval_tasks, "train.eval_tasks")
+        self.resolved = resolve_tasks(cfg.eval_tasks, "train.eval_tasks")
         self.cfg = cfg
         self.tokenizer = load_tokenizer(tokenizer_path)
 
@@ -38,7 +38,7 @@ class RunTasks:
         t = self.cfg
         try:
             results = evaluate_tasks(model, self.tokenizer, t.eval_tasks, t.batch_size, t.bf16, t.eval_tasks_limit,
-                                     "train.eval_tasks")
+                                     "train.eval_tasks", self.resolved)
         except UserError as e:
             console.print(f"[yellow]warning:[/] train.eval_tasks not run at step {step}: {e}", highlight=False)
             return {}
