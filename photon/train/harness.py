@@ -46,14 +46,13 @@ _TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
 class PhotonLM(TemplateLM):
     """The harness's view of a Photon model. Scores in fp32 (bf16 autocast where the run trains in bf16)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, batch_size: int = 16, bf16: bool = False,
-                 max_length: int | None = None):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, batch_size: int = 16, bf16: bool = False):
         super().__init__()
         self.model = model.eval()
         self.tokenizer_ = tokenizer
         self.batch_size = batch_size
         self.bf16 = bf16
-        self.max_length = max_length or model.cfg.max_seq_len
+        self.max_length = model.cfg.max_seq_len  # the context every request is cut to, generation's too
         self._device = next(model.parameters()).device
 
     @property
@@ -122,14 +121,13 @@ class PhotonLM(TemplateLM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             budget = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            ids = self.tok_encode(context) or [EOT_ID]
+            idx = torch.tensor([self.tok_encode(context) or [EOT_ID]], device=self.device)
             new: list[int] = []
             text = ""
-            for _ in range(budget):
-                window = (ids + new)[-self.max_length:]
+            for _ in range(budget):  # one token at a time, to stop at a stop string
                 with autocast(self.device, self.bf16):
-                    logits, _ = self.model(torch.tensor([window], device=self.device))
-                token = int(logits[0, -1].float().argmax())
+                    idx = self.model.generate(idx, 1, temperature=0)  # greedy, on the last max_seq_len tokens
+                token = int(idx[0, -1])
                 if token == EOT_ID:
                     break
                 new.append(token)
