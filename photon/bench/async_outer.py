@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from photon.bench.results import LoadSampler, publish
-from photon.bench.stragglers import arm_overrides, run_arm
+from photon.bench.stragglers import SETTING, arm_overrides, clean_tokens, run_arm
 from photon.config import RunConfig, with_overrides
 
 CLEAN = "clean sync"
@@ -55,10 +55,9 @@ def run_config(base: RunConfig, arm: str, lr: float | None, seed: int) -> RunCon
 def run_async_bench(cfg: RunConfig, out: Path, seeds: int = 2, console: Console | None = None,
                     results_dir: Path | None = None) -> dict[str, Any]:
     console = console or Console()
-    base = with_overrides(cfg, ["data.partition.num_clients=8", "federation.clients_per_round=4",
-                                "federation.num_nodes=4"])
+    base = with_overrides(cfg, list(SETTING))
     fed, t = base.federation, base.train
-    budget = fed.rounds * fed.clients_per_round * fed.local_steps * t.batch_size * t.seq_len
+    budget = clean_tokens(base)
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in arm_runs()}
     started = time.time()
     with LoadSampler() as load:

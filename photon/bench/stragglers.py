@@ -100,13 +100,22 @@ def time_to(curve: list[list[float]], target: float) -> float | None:
     return None
 
 
+# K = 4 of N = 8 clients on 4 nodes (`photon bench async` runs in the same setting)
+SETTING = ("data.partition.num_clients=8", "federation.clients_per_round=4", "federation.num_nodes=4")
+
+
+def clean_tokens(cfg: RunConfig) -> int:
+    """The training tokens clean sync folds in `federation.rounds` rounds: every arm's budget."""
+    fed, t = cfg.federation, cfg.train
+    return fed.rounds * fed.clients_per_round * fed.local_steps * t.batch_size * t.seq_len
+
+
 def run_stragglers_bench(cfg: RunConfig, out: Path, seeds: int = 2, console: Console | None = None,
                          results_dir: Path | None = None) -> dict[str, Any]:
     console = console or Console()
-    base = with_overrides(cfg, ["data.partition.num_clients=8", "federation.clients_per_round=4",
-                                "federation.num_nodes=4", "federation.eval_every=1"])
+    base = with_overrides(cfg, [*SETTING, "federation.eval_every=1"])
     fed, t = base.federation, base.train
-    budget = fed.rounds * fed.clients_per_round * fed.local_steps * t.batch_size * t.seq_len
+    budget = clean_tokens(base)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     started = time.time()
     with LoadSampler() as load:
