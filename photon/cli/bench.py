@@ -265,6 +265,9 @@ def bench_claims(
                                                 "each (default: the scale's, 2).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and its cost estimate (from a throughput "
                                           "measured now), train nothing.")] = False,
+    eval_bytes: Annotated[bool, typer.Option(help="Only count the UTF-8 bytes of the validation rows the arms "
+                                             "score (the data's, not training's) into the stored record, so its "
+                                             "losses read as bits per byte; train nothing.")] = False,
     results: Annotated[Optional[Path], typer.Option(help="Where the record claims-SCALE.json is stored (default: "
                                                     "`photon bench --results`, docs/results).")] = None,
     overrides: SetOpt = None,
@@ -278,7 +281,7 @@ def bench_claims(
     import shlex
 
     from photon.bench.claims.plan import PLANS
-    from photon.bench.claims.run import run_claims
+    from photon.bench.claims.run import add_eval_bytes, run_claims
 
     if scale not in PLANS:
         raise UserError(f"--scale {scale!r}: choose one of {', '.join(PLANS)}")
@@ -287,6 +290,16 @@ def bench_claims(
                                jobs=jobs or plan.jobs)
     cfg = flags_config(plan.preset, overrides, data)
     ensure_prepared(cfg)
+    if eval_bytes:
+        from photon.bench.results import chosen_results_dir
+
+        path = (results or chosen_results_dir()) / f"claims-{scale}.json"
+        if not path.exists():
+            raise UserError(f"{path}: no stored record to add the evaluation bytes to; run the benchmark first")
+        counts = add_eval_bytes(cfg, plan, path)
+        tokens, size = counts["overall"]
+        console.print(f"{path}: {tokens:,} scored tokens are {size:,} bytes of text ({size / tokens:.2f} per token)")
+        return
     out = out or Path("runs") / f"claims-{scale}"
     run_claims(cfg, out, plan, console=console, command=shlex.join(["photon", *sys.argv[1:]]), scale=scale,
                results_dir=results, dry_run=dry_run)

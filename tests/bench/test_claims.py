@@ -71,6 +71,27 @@ def test_report_is_a_pure_function_of_the_stored_record(claims_run):
         assert verdict in ("agrees", "contradicts", "inconclusive")
 
 
+def test_final_bits_per_byte_are_what_each_arm_logged_and_can_be_added_to_an_older_record(claims_run, tmp_path):
+    from photon.bench.claims.record import View
+    from photon.bench.claims.run import add_eval_bytes
+    from photon.runlog import read_metrics
+
+    base, out, data = claims_run
+    v = View(json.loads(json.dumps(data)))
+    for name in ("central", "photon"):
+        arm = data["arms"][name]
+        run_dir = out / "run" / "arms" / name / f"lr{arm['lr']:g}" / "seed0"
+        logged = [r for r in read_metrics(run_dir) if r["kind"] == "eval"][-1]
+        for domain in (*v.domains(), "overall"):
+            assert v.final_bpb(name, "0", domain) == pytest.approx(logged[f"bpb/{domain}"], rel=1e-9)
+    older = json.loads((out / "results" / "claims-tiny.json").read_text())
+    counts = older["data"].pop("eval_bytes")
+    (tmp_path / "claims-tiny.json").write_text(json.dumps(older))
+    assert View(older["data"]).final_bpb("photon", "0") is None and "n/a" in render_findings(tmp_path)
+    assert add_eval_bytes(base, PLAN, tmp_path / "claims-tiny.json") == counts
+    assert json.loads((tmp_path / "claims-tiny.json").read_text())["data"] == json.loads(json.dumps(data))
+
+
 def test_best_lrs_are_used_and_seed_0_of_a_swept_arm_is_its_best_grid_point(claims_run):
     base, out, data = claims_run
     for method, sweep in data["sweeps"].items():

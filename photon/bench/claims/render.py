@@ -286,13 +286,13 @@ def _claim1(v: View) -> str:
         tokens = a["runs"][seeds[0]]["evals"][-1][0]
         ratio = fmt(ratios(v, name, ref)[1], 2) if ref and v.has(name, ref) else "-"
         rows.append([f"`{name}`", a["regime"] if a["kind"] != "centralized" else "-", a["client_optimizer"],
-                     f"{a['lr']:g}", f"{a['horizon']:.2g}", f"{tokens / 1e6:.2f}", fmt(v.finals(name, seeds)), ratio,
-                     ", ".join(seeds)])
+                     f"{a['lr']:g}", f"{a['horizon']:.2g}", f"{tokens / 1e6:.2f}", fmt(v.finals(name, seeds)),
+                     fmt([v.final_bpb(name, s) for s in seeds], 3), ratio, ", ".join(seeds)])
     if not rows:
         return fill("setup", "missing", head=head)
     out = [head, fill("claim1", "intro", clients=K),
            table(["arm", "regime", "client optimizer", "LR", "horizon", "tokens (M)", "final ppl",
-                  "ratio to centralized", "seeds"], rows)]
+                  "final bits/byte", "ratio to centralized", "seeds"], rows)]
     curves = []
     for name, ref, per in (("photon", "central", 1), ("photon-reset", "central", 1), ("paper", "central", K),
                            ("photon-short", "central-short", 1), ("paper-short", "central-short", K)):
@@ -526,6 +526,14 @@ def _arms(v: View) -> str:
 # The README's findings: every stored scale side by side
 
 
+def _bpb_pair(d: dict[str, Any]) -> str:
+    v = View(d)
+    if not d.get("eval_bytes") or not v.has("central", "photon"):
+        return "n/a"
+    seeds = v.seeds("central", "photon")
+    return " / ".join(fmt([v.final_bpb(n, s) for s in seeds], 3) for n in ("central", "photon"))
+
+
 def render_findings(results_dir: Path) -> str:
     """The README's "What we found" table from docs/results/claims-*.json (a pure function of those files)."""
     records = {}
@@ -544,6 +552,8 @@ def render_findings(results_dir: Path) -> str:
             verdict, text = vs[scale][key]
             cells.append(f"**{verdict}**" + (f": {text}" if text else ""))
         rows.append([title(key), *cells])
+    rows.append(["final bits per byte, `central` / `photon` (comparable across vocabularies)",
+                 *[_bpb_pair(records[s]["data"]) if s in records else "not measured yet" for s in SCALES]])
     lines = [table(["the paper's claim", *[f"`{s}`" for s in SCALES]], rows), ""]
     for scale in SCALES:
         if scale not in records:

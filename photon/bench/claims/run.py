@@ -42,6 +42,7 @@ from photon.bench.claims.plan import (
 )
 from photon.checkpoint import atomic_write_text
 from photon.config import RunConfig, build_config, config_to_dict, with_overrides
+from photon.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,31 @@ def run_claims(base: RunConfig, out: Path, plan: ClaimsPlan, console: Console | 
     return data
 
 
+def eval_bytes(base: RunConfig, batch: int, rows: int) -> dict[str, list[int]]:
+    """[tokens scored, UTF-8 bytes of their text] per domain and overall, for the validation rows every arm
+    scores: a property of the data alone, so the report turns each stored loss into bits per byte."""
+    from photon.data.shards import open_prepared
+    from photon.train.evaluate import scored_bytes
+
+    prepared = open_prepared(base.data.prep_dir)
+    return {d: list(c) for d, c in scored_bytes(prepared, base.train.seq_len, batch, rows // batch).items()}
+
+
+def add_eval_bytes(base: RunConfig, plan: ClaimsPlan, path: Path) -> dict[str, list[int]]:
+    """Store `eval_bytes` in the record at `path` that lacks them, training nothing (the counts depend only on
+    the data and the rows the plan scores); the record's other fields stay as they were measured."""
+    from photon.bench.results import load_result
+
+    record = load_result(path)
+    data = record["data"]
+    if str(base.data.prep_dir) != data.get("data"):
+        raise UserError(f"{path} was measured on {data.get('data')}, not {base.data.prep_dir}; pass --data "
+                        f"{data.get('data')}")
+    data["eval_bytes"] = eval_bytes(with_overrides(base, plan.base_overrides), data["batch"], data["eval_rows"])
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return data["eval_bytes"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Throughput
 
@@ -430,7 +456,7 @@ def collect(base: RunConfig, plan: ClaimsPlan, rec: Recipes, arms: list[Arm], sw
             "describe": describe(m), "params": count_params(m), "embedding_params": embedding_params(m),
             "vocab_size": m.vocab_size, "n_layer": m.n_layer, "d_model": m.d_model, "bytes": model_bytes(base)},
         "data": str(base.data.prep_dir), "domains": domains(base), "seq_len": base.train.seq_len,
-        "batch": rec.b, "eval_rows": rec.eval_rows,
+        "batch": rec.b, "eval_rows": rec.eval_rows, "eval_bytes": eval_bytes(base, rec.b, rec.eval_rows),
         "plan": {"clients": plan.clients, "rounds": plan.rounds, "local_steps": plan.local_steps, "ks": list(plan.ks),
                  "hs": list(plan.hs), "seeds": plan.seeds, "sweep_seeds": plan.sweep_seeds,
                  "paper_seeds": plan.paper_seeds, "short_horizon": plan.short_horizon, "lr_grid": list(plan.lr_grid),
