@@ -151,6 +151,28 @@ def bench_async(
     run_async_bench(cfg, out, seeds, console)
 
 
+@bench_app.command("recipe")
+def bench_recipe(
+    preset: PresetOpt = "tiny",
+    overrides: SetOpt = None,
+    steps: Annotated[int, typer.Option(min=32, help="Global steps of every arm (each replica takes them all); "
+                                       "the default trains tiny on ≥ 20 tokens per non-embedding parameter.")]
+    = 1152,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds of the headline arms.")] = 2,
+    jobs: Annotated[int, typer.Option(min=1, help="Arms trained at once, one thread each.")] = 2,
+    out: Annotated[Path, typer.Option(help="Where the arms' runs go (rerunning skips finished arms).")]
+    = Path("runs/bench-recipe"),
+) -> None:
+    """The outer loop against centralized training at equal tokens, in the DiLoCo anchors' protocol (each
+    replica batch B/K, every replica takes the centralized steps): FedAvg η=1 and Nesterov over a grid of outer
+    LRs and H, the inner LR, K and the split; stores docs/results/recipe.json."""
+    from photon.bench.recipe import RecipePlan, run_recipe_bench
+
+    cfg = flags_config(preset, overrides)
+    ensure_prepared(cfg)
+    run_recipe_bench(cfg, out, RecipePlan(preset, steps=steps, seeds=seeds, jobs=jobs), console)
+
+
 @bench_app.command("wire")
 def bench_wire(
     preset: PresetOpt = "paper-350m",

@@ -1,0 +1,326 @@
+"""`photon bench recipe`: which outer loop brings federated training closest to centralized training at equal
+tokens, measured in the protocol of the DiLoCo scaling-law anchors (every replica takes the centralized run's
+steps on its share of the centralized batch, B/K), over a horizon long enough to matter.
+
+The plan, on one preset (`tiny` by default), in stages, each arm one run (`claims.run.run_arm`, resumable):
+1. `central` (batch B) with its LR swept by the claims rule (a geometric grid grown past an edge); FedAvg
+   η = 1 (the paper) and Nesterov μ = 0.9 at each outer LR of the grid (grown past an edge), each at every H;
+   all at the preset's inner LR, seed 0.
+2. The best Nesterov setting with its inner LR swept the same way.
+3. Headline arms at a second seed (central, the best FedAvg H, the best Nesterov); K = 2 and K = 8 for both
+   outer loops at their best settings (per-replica batch B/K); the best Nesterov on an IID split.
+The horizon is ≥ 20 tokens per non-embedding parameter and ≥ 50 outer rounds at the shortest H. The record
+(docs/results/recipe.json) keeps every arm's overrides and curve; `render` reports the grid, the ratio to
+centralized over the run (25/50/75/100%), bytes per token, and the anchors' published ratios beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from photon.bench.claims.plan import Arm, ClaimsPlan, Recipes, next_grid, round_lr
+from photon.bench.claims.record import bytes_per_token, ppl
+from photon.bench.claims.run import Runner, final_ppl, read_run
+from photon.bench.results import LoadSampler, publish
+from photon.config import RunConfig, with_overrides
+
+OVERALL = "overall"
+# The anchors: perplexity ratio federated / centralized at equal tokens, per-replica batch B/M.
+ANCHORS = [("Charles et al. 2025, 35M, H=30 (Table 4)", {2: 1.023, 4: 1.071, 8: 1.146}),
+           ("Charles et al. 2025, 180M, H=30", {2: 1.014, 4: 1.031, 8: 1.071}),
+           ("Streaming DiLoCo, 35M, H=30", {2: 1.030, 4: 1.094}),
+           ("Streaming DiLoCo, 35M, H=100", {2: 1.051, 4: 1.139})]
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    preset: str = "tiny"
+    clients: int = 4                                   # K of the grid (the anchors' M)
+    steps: int = 1152                                  # global steps S of every arm (each client takes S)
+    hs: tuple[int, ...] = (8, 16, 32)                  # local steps per round
+    outer_lrs: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0, 1.2)  # Nesterov's outer LR grid (grown past an edge)
+    momentum: float = 0.9
+    lr_grid: tuple[float, ...] = (0.5, 1.0, 2.0)       # × the preset's LR: central's and the inner sweep's grid
+    lr_extend: int = 2                                 # how often a grid may grow past an edge
+    ks: tuple[int, ...] = (2, 8)                       # besides K: per-replica batch B/K
+    seeds: int = 2                                     # of the headline arms
+    jobs: int = 2
+    eval_every_steps: int = 32                         # global steps between evaluations, every arm
+    base_overrides: tuple[str, ...] = field(default=())
+
+
+def _grow(grid: list[float], scores: dict[float, float], extend: int, step) -> float | None:
+    """The next grid point past the edge that holds the best (None: the best is inside, or no growth left)."""
+    if extend <= 0 or not scores:
+        return None
+    best = min(grid, key=lambda x: scores.get(x, math.inf))
+    if best == grid[-1]:
+        return step(grid[-1], grid[-2], +1)
+    if best == grid[0]:
+        return step(grid[0], grid[1], -1)
+    return None
+
+
+def _linear(edge: float, inner: float, _: int) -> float | None:
+    nxt = round(2 * edge - inner, 3)
+    return nxt if nxt > 0 else None
+
+
+class RecipeArms:
+    """Every arm the plan can train, with its exact overrides (claims' `Recipes` spells the federated and
+    centralized recipes, so the two benchmarks train alike)."""
+
+    def __init__(self, base: RunConfig, plan: RecipePlan):
+        self.base, self.plan = base, plan
+        self.B = plan.clients * base.train.batch_size  # the centralized batch
+        ref_h = max(plan.hs)
+        claims = ClaimsPlan(plan.preset, clients=plan.clients, rounds=plan.steps // ref_h, local_steps=ref_h)
+        self.rec = Recipes(base, claims)
+        self.lr0 = round_lr(base.train.lr)
+
+    def central(self, lr: float, seed_count: int = 1) -> Arm:
+        return self.rec.central(f"central", f"centralized, batch {self.B}", lr, seed_count)
+
+    def fed(self, outer: str, olr: float, h: int, lr: float, k: int | None = None, split: str = "by-domain",
+            seeds: int = 1) -> Arm:
+        k = k or self.plan.clients
+        assert self.B % k == 0 and self.plan.steps % h == 0, (k, h)
+        every = max(1, self.plan.eval_every_steps // h)
+        tag = "fedavg" if outer == "fedavg" else f"nesterov{olr:g}"
+        name = f"{tag}-h{h}-k{k}" + ("-iid" if split == "iid" else "")
+        about = (f"{'FedAvg η=1' if outer == 'fedavg' else f'Nesterov η={olr:g} μ={self.plan.momentum:g}'}, "
+                 f"H={h}, K={k} ({split}), batch {self.B // k} per client")
+        arm = self.rec.fed(name, about, lr, seeds, k=k, h=h, r=self.plan.steps // h, batch=self.B // k,
+                           split=split, outer=(outer, olr), eval_every=every)
+        return replace(arm, overrides=(*arm.overrides, f"federation.outer.momentum={self.plan.momentum:g}"))
+
+
+def _final(out: Path, arm: Arm, seed: int = 0) -> float:
+    return final_ppl(arm.dir(out, seed))
+
+
+def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Console | None = None,
+                     results_dir: Path | None = None) -> dict[str, Any]:
+    console = console or Console()
+    base = with_overrides(cfg, [*plan.base_overrides, "train.threads=1"] if plan.jobs > 1 else
+                          list(plan.base_overrides))
+    arms = RecipeArms(base, plan)
+    runner = Runner(base, ClaimsPlan(plan.preset, jobs=plan.jobs), out, console)
+    started = time.time()
+    with LoadSampler() as load:
+        _describe(console, base, plan)
+        # 1. central's LR sweep, FedAvg at each H, Nesterov's outer LR grid at each H (seed 0, inner LR lr0)
+        lrs = sorted({round_lr(arms.lr0 * x) for x in plan.lr_grid})
+        olrs = {h: sorted(plan.outer_lrs) for h in plan.hs}
+        scores_c: dict[float, float] = {}
+        scores_n: dict[int, dict[float, float]] = {h: {} for h in plan.hs}
+        for extension in range(plan.lr_extend + 1):
+            jobs = [(arms.central(lr), 0) for lr in lrs if lr not in scores_c]
+            if extension == 0:
+                jobs += [(arms.fed("fedavg", 1.0, h, arms.lr0), 0) for h in plan.hs]
+            jobs += [(arms.fed("nesterov", o, h, arms.lr0), 0) for h in plan.hs for o in olrs[h]
+                     if o not in scores_n[h]]
+            runner.run(jobs, may_fail=True)
+            scores_c.update({lr: _final(out, arms.central(lr)) for lr in lrs})
+            for h in plan.hs:
+                scores_n[h].update({o: _final(out, arms.fed("nesterov", o, h, arms.lr0)) for o in olrs[h]})
+            left = plan.lr_extend - extension
+            grew = False
+            if (more := next_grid(lrs, scores_c) if left > 0 else None) is not None:
+                lrs, grew = sorted({*lrs, more}), True
+            for h in plan.hs:
+                if (more := _grow(olrs[h], scores_n[h], left, _linear)) is not None:
+                    olrs[h], grew = sorted({*olrs[h], more}), True
+            if not grew:
+                break
+        central_lr = min(lrs, key=lambda x: scores_c.get(x, math.inf))
+        best_h, best_olr = min(((h, o) for h in plan.hs for o in olrs[h]),
+                               key=lambda t: scores_n[t[0]].get(t[1], math.inf))
+        fedavg_h = min(plan.hs, key=lambda h: _final(out, arms.fed("fedavg", 1.0, h, arms.lr0)))
+        best = {"central_lr": central_lr, "nesterov_h": best_h, "nesterov_lr": best_olr, "inner_lr": arms.lr0,
+                "fedavg_h": fedavg_h, "lr0": arms.lr0}
+        grid = {"central": {f"{lr:g}": _num(scores_c.get(lr)) for lr in lrs},
+                "fedavg": {str(h): _num(_final(out, arms.fed("fedavg", 1.0, h, arms.lr0))) for h in plan.hs},
+                "nesterov": {str(h): {f"{o:g}": _num(scores_n[h].get(o)) for o in olrs[h]} for h in plan.hs},
+                "inner": {}}
+        trained = [*(arms.central(lr) for lr in lrs), *(arms.fed("fedavg", 1.0, h, arms.lr0) for h in plan.hs),
+                   *(arms.fed("nesterov", o, h, arms.lr0) for h in plan.hs for o in olrs[h])]
+        # stored after each stage, so a long plan that stops part-way still leaves its finished stages reported
+        _store(base, plan, arms, out, 1, best, grid, trained, load, started, console, results_dir)
+        # 2. the best Nesterov setting's inner LR
+        inner = sorted({round_lr(arms.lr0 * x) for x in plan.lr_grid})
+        scores_i: dict[float, float] = {}
+        for extension in range(plan.lr_extend + 1):
+            jobs = [(arms.fed("nesterov", best_olr, best_h, lr), 0) for lr in inner if lr not in scores_i]
+            runner.run(jobs, may_fail=True)
+            scores_i.update({lr: _final(out, arms.fed("nesterov", best_olr, best_h, lr)) for lr in inner})
+            more = next_grid(inner, scores_i) if extension < plan.lr_extend else None
+            if more is None:
+                break
+            inner = sorted({*inner, more})
+        inner_lr = best["inner_lr"] = min(inner, key=lambda x: scores_i.get(x, math.inf))
+        grid["inner"] = {f"{lr:g}": _num(scores_i.get(lr)) for lr in inner}
+        trained += [arms.fed("nesterov", best_olr, best_h, lr) for lr in inner]
+        _store(base, plan, arms, out, 2, best, grid, trained, load, started, console, results_dir)
+        # 3. headline seeds, K, IID
+        headline = [arms.central(central_lr, plan.seeds), arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, seeds=plan.seeds),
+                    arms.fed("nesterov", best_olr, best_h, inner_lr, seeds=plan.seeds)]
+        others = [arms.fed("nesterov", best_olr, best_h, inner_lr, split="iid")]
+        for k in plan.ks:
+            others += [arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, k=k),
+                       arms.fed("nesterov", best_olr, best_h, inner_lr, k=k)]
+        runner.run([(a, s) for a in headline for s in range(1, a.seeds)] + [(a, 0) for a in others])
+        return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, started, console,
+                      results_dir)
+
+
+def _store(base: RunConfig, plan: RecipePlan, arms: RecipeArms, out: Path, stage: int, best: dict[str, Any],
+           grid: dict[str, Any], trained: list[Arm], load: LoadSampler, started: float, console: Console,
+           results_dir: Path | None) -> dict[str, Any]:
+    """The record of every finished arm (each once, with all its finished seeds), stored and shown."""
+    from photon.model.transformer import count_params, describe, embedding_params
+
+    every: dict[str, Arm] = {}
+    for a in trained:
+        key = f"{a.name}@{a.lr:g}"
+        if key not in every or a.seeds > every[key].seeds:
+            every[key] = a
+    runs = {}
+    for key, a in every.items():
+        seeds = {str(s): r for s in range(a.seeds) if (r := read_run(a.dir(out, s), a, 1)) is not None}
+        if seeds:
+            runs[key] = {"name": a.name, "about": a.about, "kind": a.kind, "lr": a.lr,
+                         "overrides": list(a.overrides), "runs": seeds}
+    m = base.model
+    data = {"preset": plan.preset, "model": describe(m), "non_embedding_params": count_params(m) - embedding_params(m),
+            "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.__dict__.items()},
+            "stages_done": stage, "batch": arms.B, "seq_len": base.train.seq_len,
+            "tokens": plan.steps * arms.B * base.train.seq_len, "best": best, "grid": grid, "arms": runs}
+    publish("recipe", data, render, load, started, console, results_dir=results_dir)
+    return data
+
+
+def _num(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _describe(console: Console, base: RunConfig, plan: RecipePlan) -> None:
+    from photon.model.transformer import count_params, describe, embedding_params
+
+    m = base.model
+    tokens = plan.steps * plan.clients * base.train.batch_size * base.train.seq_len
+    non_emb = count_params(m) - embedding_params(m)
+    console.print(f"recipe plan `{plan.preset}`: {describe(m)}; {plan.steps} global steps × batch "
+                  f"{plan.clients * base.train.batch_size} × {base.train.seq_len} = {tokens:,} tokens "
+                  f"({tokens / non_emb:.1f} per non-embedding parameter); H {list(plan.hs)} "
+                  f"({plan.steps // max(plan.hs)}–{plan.steps // min(plan.hs)} rounds)", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report (a pure function of the stored record)
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:,.{digits}f}"
+    return f"{statistics.mean(values):,.{digits}f} ± {(max(values) - min(values)) / 2:,.{digits}f}"
+
+
+def _key(data: dict[str, Any], name: str, lr: float) -> str:
+    return f"{name}@{lr:g}"
+
+
+def _finals(data: dict[str, Any], key: str) -> dict[str, float]:
+    arm = data["arms"].get(key)
+    return {s: ppl(r["evals"][-1][2][OVERALL]) for s, r in arm["runs"].items()} if arm else {}
+
+
+def _ratio_at(data: dict[str, Any], key: str, ref: str, q: float) -> list[float]:
+    """Per common seed: the arm's perplexity over the reference's at the first evaluation at ≥ q of the run."""
+    a, r = data["arms"].get(key), data["arms"].get(ref)
+    if not a or not r:
+        return []
+    out = []
+    for s in sorted(set(a["runs"]) & set(r["runs"]), key=int):
+        ea, er = a["runs"][s]["evals"], r["runs"][s]["evals"]
+        end = er[-1][0]
+        pa = next((ppl(e[2][OVERALL]) for e in ea if e[0] >= q * end - 1e-6), None)
+        pr = next((ppl(e[2][OVERALL]) for e in er if e[0] >= q * end - 1e-6), None)
+        if pa is not None and pr is not None:
+            out.append(pa / pr)
+    return out
+
+
+def render(data: dict[str, Any]) -> str:
+    b, g, p = data["best"], data["grid"], data["plan"]
+    K = p["clients"]
+    central = _key(data, "central", b["central_lr"])
+    c_final = statistics.mean(_finals(data, central).values()) if _finals(data, central) else None
+
+    def cell(x: float | None) -> str:
+        return "diverged" if x is None else f"{x:,.1f}" + (f" ({x / c_final:.2f})" if c_final else "")
+
+    lines = [f"Preset `{data['preset']}` ({data['model']}); every arm trains {data['tokens']:,} tokens "
+             f"({data['tokens'] / data['non_embedding_params']:.1f} per non-embedding parameter) in {p['steps']} "
+             f"global steps: `central` with batch {data['batch']}, each of K federated replicas with batch "
+             f"{data['batch']}/K on its own domains (by-domain), so every replica takes `central`'s steps. Final "
+             f"perplexity (ratio to the best `central`); seed 0 unless a spread is shown."
+             + ("" if data["stages_done"] == 3 else f" **Stages finished: {data['stages_done']} of 3** (1: the "
+                "grid, 2: the inner LR, 3: seeds, K and IID); rerunning `photon bench recipe` resumes."), "",
+             "Grid (inner LR " f"{b['lr0']:g}, K = {K}): outer optimizer × H.", "",
+             "| outer | " + " | ".join(f"H={h}" for h in p["hs"]) + " |", "|---|" + "---|" * len(p["hs"])]
+    lines.append("| FedAvg η=1 (the paper) | " + " | ".join(cell(g["fedavg"].get(str(h))) for h in p["hs"]) + " |")
+    olrs = sorted({float(o) for h in p["hs"] for o in g["nesterov"].get(str(h), {})})
+    for o in olrs:
+        lines.append(f"| Nesterov η={o:g} μ={p['momentum']:g} | " + " | ".join(
+            cell(g["nesterov"][str(h)][f"{o:g}"]) if f"{o:g}" in g["nesterov"].get(str(h), {}) else "-"
+            for h in p["hs"]) + " |")
+    lines += ["", "`central`'s LR: " + ", ".join(f"{lr}: {'diverged' if v is None else f'{v:,.1f}'}"
+                                                for lr, v in g["central"].items())
+              + f" (best {b['central_lr']:g}); the best Nesterov setting's inner LR: "
+              + ", ".join(f"{lr}: {'diverged' if v is None else f'{v:,.1f}'}" for lr, v in g["inner"].items())
+              + f" (best {b['inner_lr']:g}).", ""]
+    heads = [("`central`", central),
+             (f"FedAvg η=1, H={b['fedavg_h']}", _key(data, f"fedavg-h{b['fedavg_h']}-k{K}", b["lr0"])),
+             (f"Nesterov η={b['nesterov_lr']:g}, H={b['nesterov_h']}, inner LR {b['inner_lr']:g}",
+              _key(data, f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}", b["inner_lr"]))]
+    lines += ["Headline arms: the ratio to `central` over the run (mean ± half the range over seeds).", "",
+              "| arm | final ppl | 25% | 50% | 75% | 100% | bytes per token | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for label, key in heads:
+        arm = data["arms"].get(key)
+        if not arm:
+            lines.append(f"| {label} | not run | | | | | | |")
+            continue
+        finals = list(_finals(data, key).values())
+        ratios = ["-" if key == central else _fmt(_ratio_at(data, key, central, q), 3) for q in (0.25, 0.5, 0.75, 1.0)]
+        bpt = "-" if arm["kind"] != "federated" else \
+            f"{statistics.mean(bytes_per_token(r) for r in arm['runs'].values()):,.2f}"
+        lines.append(f"| {label} | {_fmt(finals)} | " + " | ".join(ratios) + f" | {bpt} | {', '.join(arm['runs'])} |")
+    ks = sorted({*p["ks"], K})
+    lines += ["", "Against the anchors (perplexity ratio federated / centralized, equal tokens, per-replica batch "
+              "B/M); ours at the best settings above, seed 0:", "",
+              "| | " + " | ".join(f"M=K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for label, ratios in ANCHORS:
+        lines.append(f"| {label} | " + " | ".join(f"{ratios[k]:.3f}" if k in ratios else "-" for k in ks) + " |")
+    for label, name, lr in (("ours: FedAvg η=1", f"fedavg-h{b['fedavg_h']}", b["lr0"]),
+                            ("ours: Nesterov", f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}", b["inner_lr"])):
+        cells = []
+        for k in ks:
+            r = _ratio_at(data, _key(data, f"{name}-k{k}", lr), central, 1.0)
+            cells.append(f"{r[0]:.3f}" if r else "-")
+        lines.append(f"| {label} (H={name.split('-h')[1]}) | " + " | ".join(cells) + " |")
+    iid = _ratio_at(data, _key(data, f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}-iid", b["inner_lr"]),
+                    central, 1.0)
+    if iid:
+        lines += ["", f"The best Nesterov setting on an IID split (K = {K}): ratio {iid[0]:.3f}."]
+    return "\n".join(lines)
