@@ -266,21 +266,30 @@ class VirtualClockConfig(_Frozen):
 class CodecConfig(_Frozen):
     """How updates travel one way (federation/codec.py has the byte layouts)."""
 
-    codec: Literal["fp32", "bf16", "fp16", "int8", "int4", "2bit", "topk"] = Field(
-        "fp32", description="fp32 (exact), bf16/fp16 casts, int8/int4 with per-block scales, 2bit (sign or "
-        "codebook per block), topk (a density of each chunk, values in `values`).")
+    codec: Literal["fp32", "bf16", "fp16", "int8", "int4", "2bit", "topk", "replies"] = Field(
+        "fp32", description="fp32 (exact), bf16/fp16 casts, int8/int4 with per-block scales, 2bit (codebook or "
+        "sign per block), topk (a density of each chunk, values in `values`); down only: replies (the round's "
+        "accepted up-link messages, from which every node rebuilds the new model as the server does).")
     density: float = Field(0.02, gt=0, le=1, description="topk: fraction of each chunk kept.")
     values: Literal["fp32", "bf16", "fp16", "int8", "int4", "2bit"] = Field(
         "fp32", description="topk: codec of the kept values.")
-    chunk: int = Field(4096, ge=1, le=65536, description="topk: elements per chunk (indices are uint16).")
+    chunk: int = Field(4096, ge=1, le=65536, description="topk: elements per chunk (indices take 12 bits up to "
+                       "4096, SparseLoCo's 64x64 tiles; uint16 above).")
     # the bounds are the codec's own (federation/codec.py: MAX_CHUNK, MAX_BLOCK; a test keeps them equal)
     block_size: int = Field(256, ge=1, le=1 << 20, description="int8/int4/2bit: elements sharing one scale.")
     stochastic: bool = Field(False, description="Unbiased stochastic rounding (seeded per task) instead of "
                              "nearest.")
-    two_bit: Literal["sign", "codebook"] = Field("sign", description="2bit: ±scale or 0 (sign), or 4 levels "
-                                                 "per block (codebook).")
+    two_bit: Literal["sign", "codebook"] = Field(
+        "codebook", description="2bit: four levels per block, each the mean of its values (codebook: two bits of "
+        "information), or ±scale and 0 (sign: three levels).")
     error_feedback: bool = Field(False, description="Carry what compression left out into the next round's "
                                  "message (up: per client, kept with the client's state; down: on the server).")
+    error_feedback_decay: float = Field(
+        0.95, ge=0, le=1, description="β: each round the residual is multiplied by β before the new update is "
+        "added (SparseLoCo's 0.95); 1 is classic error feedback, which re-adds every residual in full.")
+    error_feedback_warmup_rounds: int = Field(
+        0, ge=0, description="Up: the first rounds send C(Δ) and keep no residual (SparseLoCo zeroes its buffer "
+        "in warm-up rounds).")
 
 
 class CenteredClipConfig(_Frozen):
@@ -309,10 +318,41 @@ class CenteredClipConfig(_Frozen):
 
 
 class CompressionConfig(_Frozen):
-    """Compressed updates: clients send C(Δ_k + e_k) up; the server sends the outer update down."""
+    """Compressed updates: clients send C(Δ_k + e_k) up; the server sends the outer update (or the round's
+    replies) down."""
 
+    recipe: Literal["custom", "sparseloco"] = Field(
+        "custom", description="A named recipe, expanded when given as an override (later overrides win): "
+        "sparseloco = top-k 1/64 of each 4096-element chunk with 12-bit indices, 2-bit codebook values, error "
+        "feedback β 0.95, the contributor mean, the replies as the down-link, outer SGD (FedAvg) lr 1. custom: "
+        "the fields as set.")
     up: CodecConfig = CodecConfig()
     down: CodecConfig = CodecConfig()
+
+    @model_validator(mode="after")
+    def _replies_only_down(self) -> CompressionConfig:
+        if self.up.codec == "replies":
+            raise ValueError("federation.compression.up.codec=replies: replies is a down-link codec (the round's "
+                             "up-link messages forwarded); pick an up-link codec such as topk")
+        if self.down.codec == "replies" and self.down.error_feedback:
+            raise ValueError("federation.compression.down.codec=replies forwards the replies exactly: it leaves "
+                             "nothing out, so set down.error_feedback=false")
+        return self
+
+
+# The named recipes: `federation.compression.recipe=NAME` given as an override expands, in its place, into these
+# overrides (so a later override still changes any of them); the recipe's name stays in the config.
+RECIPES: dict[str, tuple[str, ...]] = {
+    # SparseLoCo (arXiv 2508.15706; Templar's hparams: topk 64 of 64x64 tiles, 4 bins, momentum_decay 0.95,
+    # outer SGD lr 1.0): sparse 2-bit messages up, each node rebuilds the model from all of them.
+    "sparseloco": ("federation.compression.up.codec=topk", "federation.compression.up.density=0.015625",
+                   "federation.compression.up.chunk=4096", "federation.compression.up.values=2bit",
+                   "federation.compression.up.two_bit=codebook", "federation.compression.up.error_feedback=true",
+                   "federation.compression.up.error_feedback_decay=0.95", "federation.compression.down.codec=replies",
+                   "federation.compression.down.error_feedback=false", "federation.aggregation=contributor-mean",
+                   "federation.outer.name=fedavg", "federation.outer.lr=1.0", "federation.min_cosine=null"),
+    "custom": (),
+}
 
 
 class FederationConfig(_Frozen):
@@ -363,11 +403,13 @@ class FederationConfig(_Frozen):
         1, ge=1, description="Processes (GPUs, or CPU processes) that train one client together on a node, with "
         "torch.distributed; the client's batch is split across them, so its recipe does not change. A deployed "
         "node sets it with `photon node --procs N`.")
-    aggregation: Literal["mean", "trimmed-mean", "median", "centered-clip"] = Field(
+    aggregation: Literal["mean", "trimmed-mean", "median", "centered-clip", "contributor-mean"] = Field(
         "centered-clip", description="centered-clip (default): each update's pull on the aggregate is capped "
         "(federation.clipping, Karimireddy et al. 2021), none rejected, so honest clients whose data differ keep "
         "their say while a hostile one's is bounded; mean: streaming weighted mean (the paper's FedAvg); "
-        "trimmed-mean / median: coordinate-wise, robust to a minority of bad updates.")
+        "trimmed-mean / median: coordinate-wise, robust to a minority of bad updates; contributor-mean "
+        "(SparseLoCo's, for sparse replies): each update's tensors clipped to the round's median norm, each "
+        "coordinate averaged over the updates that sent it.")
     clipping: CenteredClipConfig = CenteredClipConfig()
     trim_fraction: float = Field(0.25, ge=0, lt=0.5, description="Share trimmed from each end (trimmed-mean).")
     clip_update_norm: float | None = Field(None, gt=0, description="Clip each update θ_k − θ to this L2 norm.")
@@ -422,6 +464,15 @@ class RunConfig(_Frozen):
         for client in [*fed.faults.reply, *fed.faults.fail_clients, *fed.faults.noise_clients]:
             if not 0 <= client < n:
                 raise ValueError(f"federation.faults names client {client}, but clients are 0..{n - 1}")
+        if fed.compression.down.codec == "replies":
+            need = [(f"federation.aggregation={fed.aggregation}", fed.aggregation == "contributor-mean",
+                     "contributor-mean"), (f"federation.outer.name={fed.outer.name}", fed.outer.name == "fedavg",
+                                           "fedavg (outer SGD)"), (f"federation.mode={fed.mode}",
+                                                                   fed.mode == "sync", "sync")]
+            for have, ok, want in need:
+                if not ok:
+                    raise ValueError(f"federation.compression.down.codec=replies rebuilds the model on every node "
+                                     f"from the replies, which needs {want}, not {have}")
         return self
 
     @property
@@ -585,7 +636,13 @@ def load_config(preset: str | Path = "tiny", overrides: list[str] | None = None)
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> RunConfig:
     """A config tree (a preset, or a run's saved config.json) with `key=value` overrides, validated."""
     for text in overrides or []:
-        _set_path(tree, *parse_override(text))
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+        if key == "federation.compression.recipe":
+            if value not in RECIPES:
+                raise UserError(f"{text}: unknown recipe; choose one of {', '.join(sorted(RECIPES))}")
+            for item in RECIPES[value]:
+                _set_path(tree, *parse_override(item))
     return build_config(tree)
 
 

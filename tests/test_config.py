@@ -286,7 +286,7 @@ def test_the_codec_configs_choices_and_bounds_are_the_codecs_own():
     from photon.federation import codec
 
     fields = CodecConfig.model_fields
-    assert typing.get_args(fields["codec"].annotation) == codec.CODECS
+    assert typing.get_args(fields["codec"].annotation) == (*codec.CODECS, "replies")  # replies: down only
     assert typing.get_args(fields["values"].annotation) == codec.CODECS[:-1]
     assert next(m.le for m in fields["block_size"].metadata if hasattr(m, "le")) == codec.MAX_BLOCK
     assert next(m.le for m in fields["chunk"].metadata if hasattr(m, "le")) == codec.MAX_CHUNK

@@ -39,7 +39,7 @@ from photon.federation.client_state import (
     client_state_layout,
 )
 from photon.federation.clipping import ClipRule, centered_clip
-from photon.federation.fold import ReplyBuffer, combine, screen
+from photon.federation.fold import ReplyBuffer, combine, contributor_mean, screen
 from photon.federation.outer import lr_at, make_outer
 from photon.federation.protocol import (
     MODEL,
@@ -488,6 +488,8 @@ class Aggregator:
         if reply.state is not None:
             self.store.put(reply.state, reply.state_digest)
         reply.update, reply.state = {}, None  # parked: free the tensors before the next reply is decoded
+        if self.down.codec == compressed_updates.REPLIES:  # the down-link forwards the message as it came
+            reply.payload = wire.payloads[UPDATE]
         return reply
 
     def _finish(self, buffer: ReplyBuffer, replies: dict[int, ClientReply], node_of: dict[int, int],
@@ -510,22 +512,39 @@ class Aggregator:
                                                       seed=[self.cfg.train.seed, self.state.round])
             if self.clip_rule.centre == "previous":  # the next round starts from this aggregate (checkpointed);
                 self.state.clip_centre = delta  # no copy: Δ is a fresh tensor the outer step only reads
+        elif self.down.codec == compressed_updates.REPLIES:
+            delta = None  # the new model is rebuilt from the replies themselves (`_commit`)
+        elif fed.aggregation == "contributor-mean":
+            delta = contributor_mean(buffer, screened.accepted)
         else:
             delta = combine(buffer, screened.accepted, fed.aggregation, fed.trim_fraction, fed.clip_update_norm)
         if fed.mode == "async" and fed.asynchronous.weighting == "summed":
             result.damping = staleness_damping(buffer, screened.accepted, replies)
             if result.damping != 1.0:  # a new dict: the clipping centre may hold the undamped Δ
                 delta = {k: v * result.damping for k, v in delta.items()}
-        self._commit(delta, replies, node_of, result)
+        order = [p.client for p in buffer.ordered(screened.accepted)]
+        self._commit(delta, replies, node_of, result, order)
         self.state.last_norms = [screened.norms[c] for c in screened.accepted]
 
-    def _commit(self, delta: dict[str, torch.Tensor], replies: dict[int, ClientReply], node_of: dict[int, int],
-                result: RoundResult) -> None:
-        old = None if compressed_updates.is_identity(self.down) else \
-            {k: v.clone() for k, v in self.state.params.items()}
+    def _commit(self, delta: dict[str, torch.Tensor] | None, replies: dict[int, ClientReply],
+                node_of: dict[int, int], result: RoundResult, order: list[int]) -> None:
         base = self.model_digest()
         fed = self.cfg.federation
-        self.outer.step(self.state.params, delta, lr_at(fed.outer, self.state.round, fed.schedule_rounds or fed.rounds))
+        lr = lr_at(fed.outer, self.state.round, fed.schedule_rounds or fed.rounds)
+        if self.down.codec == compressed_updates.REPLIES:  # the bytes nodes get define the new model
+            payload = compressed_updates.replies_payload([replies[c].payload for c in order], lr)
+            new = compressed_updates.rebuild_from_replies(self.state.params, payload, self.layout)
+            for k, p in self.state.params.items():
+                p.copy_(new[k])
+            del new
+            for c in order:
+                replies[c].payload = None
+            self._down_payload = (base, None, payload)
+            old = None
+        else:
+            old = None if compressed_updates.is_identity(self.down) else \
+                {k: v.clone() for k, v in self.state.params.items()}
+            self.outer.step(self.state.params, delta, lr)
         del delta
         if old is not None:  # the new model is what nodes rebuild from the compressed outer update
             payload, residual = compressed_updates.server_broadcast(

@@ -34,8 +34,8 @@ Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape), sorted by name
 #   2bit sign         nb fp32 scales hi; ceil(n/4) bytes, element 4i+j in    4nb + pad4(ceil(n/4))
 #                     bits 2j..2j+1 of byte i
 #   2bit codebook     nb (lo, hi) fp32 pairs; the same ceil(n/4) bytes       8nb + pad4(ceil(n/4))
-#   topk              K uint16 indices, then the K kept values encoded as    pad4(2K) + (value codec's
-#                     one tensor of K elements by the value codec            bytes for K elements)
+#   topk              K indices, then the K kept values encoded as one       pad4(3 ceil(K/2)) or pad4(2K)
+#                     tensor of K elements by the value codec                + (value codec's bytes for K)
 #
 # int8/int4: symmetric per-block absmax, no clipping: s = max|x| / L with L = 127 or 7, q = x / s rounded to
 # an integer in [-L, L]; element = q * s. The unused code 0 decodes to -(L + 1) * s, harmless. Rounding is to
@@ -53,6 +53,9 @@ Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape), sorted by name
 # topk: each tensor is cut into chunks of `chunk` elements (the last may be shorter); a chunk of c elements
 # keeps its k(c) = max(1, floor(density * c + 1/2)) largest |x| (ties to the lower index, NaN as largest),
 # sent as chunk-local indices in strictly increasing order, chunk after chunk; K = sum of k over the chunks.
+# Indices take 12 bits when chunk <= 4096 (SparseLoCo's 64x64 tiles), two to three bytes: index 2i in the low
+# 12 bits of the little-endian 24-bit group i and 2i+1 in its high 12 (an odd K pads the last with 0);
+# uint16 for larger chunks.
 # Every size depends only on the layout, so a receiver checks the byte count before decoding anything.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -63,6 +66,7 @@ _PARAMS = {"fp32": (), "bf16": (), "fp16": (), "int8": ("block_size", "stochasti
 SLAB = 1 << 20        # elements handled at once: every temporary is O(SLAB), whatever the model's size
 MAX_BLOCK = 1 << 20
 MAX_CHUNK = 1 << 16   # chunk-local indices fit uint16
+PACKED_CHUNK = 1 << 12  # up to this chunk, indices travel in 12 bits
 
 
 class CodecError(ValueError):
@@ -76,10 +80,11 @@ class CodecSpec:
     name: str = "fp32"         # fp32 | bf16 | fp16 | int8 | int4 | 2bit | topk
     density: float = 0.02      # topk: fraction of each chunk kept, in (0, 1]
     values: str = "fp32"       # topk: codec of the kept values (any but topk)
-    chunk: int = 4096          # topk: elements per chunk (SparseLoCo uses 64x64 tiles), <= 65536
+    chunk: int = 4096          # topk: elements per chunk (SparseLoCo's 64x64 tiles), <= 65536; 12-bit indices
+                               # up to 4096
     block_size: int = 256      # int8/int4/2bit: consecutive elements sharing a scale, <= 2**20
     stochastic: bool = False   # int8/int4/2bit: unbiased stochastic rounding seeded by `encode`'s seed
-    two_bit: str = "sign"      # 2bit: "sign" (0 or ±hi) or "codebook" (±lo, ±hi)
+    two_bit: str = "codebook"  # 2bit: "codebook" (±lo, ±hi) or "sign" (0 or ±hi)
 
     @classmethod
     def of(cls, config: Any) -> CodecSpec:
@@ -406,8 +411,22 @@ def _top_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
+def _pack12(idx: torch.Tensor) -> torch.Tensor:
+    """Indices below 4096, two to three bytes (the first in the low 12 bits of a little-endian 24-bit group)."""
+    i = torch.cat([idx, idx.new_zeros(len(idx) % 2)]).to(torch.int32).view(-1, 2)
+    group = i[:, 0] | (i[:, 1] << 12)
+    return torch.stack([group & 0xFF, (group >> 8) & 0xFF, group >> 16], 1).to(torch.uint8).view(-1)
+
+
+def _unpack12(packed: torch.Tensor, n: int) -> torch.Tensor:
+    b = packed[:3 * -(-n // 2)].to(torch.int32).view(-1, 3)
+    group = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+    return torch.stack([group & 0xFFF, group >> 12], 1).view(-1)[:n]
+
+
 class _TopK:
-    """Per chunk the k largest |x| as chunk-local uint16 indices; their values through another codec."""
+    """Per chunk the k largest |x| as chunk-local indices (12-bit or uint16); their values through another
+    codec."""
 
     def __init__(self, density: float, chunk: int, values: _Cast | _Blockwise):
         self.density, self.chunk, self.values = density, chunk, values
@@ -421,19 +440,24 @@ class _TopK:
 
     def sizes(self, n: int) -> list[int]:
         kept = self.kept(n)
-        return [2 * kept] + self.values.sizes(kept)
+        return [3 * -(-kept // 2) if self.chunk <= PACKED_CHUNK else 2 * kept] + self.values.sizes(kept)
 
     def encode(self, x: torch.Tensor, gen: np.random.Generator | None) -> list[list[torch.Tensor]]:
-        indices, values = [], [torch.empty(0)]
+        indices, values = [torch.empty(0, dtype=torch.int64)], [torch.empty(0)]
         for s, e in _spans(len(x), self.chunk):
             for rows in _rows(_f32(x[s:e]), self.chunk):
                 idx = _top_indices(rows, self.k(rows.shape[1]))
-                indices.append(idx.reshape(-1).to(torch.uint16))
+                indices.append(idx.reshape(-1))
                 values.append(rows.gather(1, idx).reshape(-1))
-        return [indices] + self.values.encode(torch.cat(values), gen)
+        if self.chunk <= PACKED_CHUNK:
+            return [[_pack12(torch.cat(indices))]] + self.values.encode(torch.cat(values), gen)
+        return [[i.to(torch.uint16) for i in indices]] + self.values.encode(torch.cat(values), gen)
 
     def decode(self, streams: list[np.ndarray], n: int) -> torch.Tensor:
-        indices, values = _view(streams[0], torch.uint16), self.values.decode(streams[1:], self.kept(n))
+        kept = self.kept(n)
+        indices = _unpack12(_view(streams[0], torch.uint8), kept) if self.chunk <= PACKED_CHUNK else \
+            _view(streams[0], torch.uint16)
+        values = self.values.decode(streams[1:], kept)
         out, at = torch.zeros(n), 0
         for s, e in _spans(n, self.chunk):
             for rows in _rows(out[s:e], self.chunk):
@@ -460,6 +484,11 @@ def _codec(spec: CodecSpec) -> _Cast | _Blockwise | _TopK:
 
 def _stream_sizes(codec: _Cast | _Blockwise | _TopK, layout: Layout) -> list[list[int]]:
     return [codec.sizes(_numel(shape)) for _, shape in layout]
+
+
+def payload_nbytes(spec: CodecSpec, layout: Layout) -> int:
+    """The exact byte count of a payload of `layout` under `spec` (it depends only on the shapes)."""
+    return sum(_pad4(b) for sizes in _stream_sizes(_codec(spec), layout) for b in sizes)
 
 
 
@@ -555,7 +584,7 @@ def decode(payload: Payload, expected: Layout) -> dict[str, torch.Tensor]:
     check_layout(payload, expected)
     impl = _codec(spec)
     sizes = _stream_sizes(impl, expected)
-    need = sum(_pad4(b) for stream_sizes in sizes for b in stream_sizes)
+    need = payload_nbytes(spec, expected)
     if payload.nbytes != need:
         raise CodecError(f"payload has {payload.nbytes} bytes, its layout ({spec.name}) needs {need}"
                          f" ({'truncated' if payload.nbytes < need else 'oversized'})")

@@ -208,6 +208,47 @@ def combine(buffer: ReplyBuffer, clients: list[int], kind: str = "mean", trim_fr
     return out
 
 
+def contributor_mean(buffer: ReplyBuffer, clients: list[int]) -> Tensors:
+    """SparseLoCo's aggregate of sparse updates: each update's tensor is first scaled down to the median norm of
+    that tensor over the round's updates (the lower median, as torch.median), then each coordinate is the mean
+    over the updates that sent it (non-zero there), not over all K: a coordinate one client kept is not
+    divided by K. Unweighted, in canonical order, fp64 sums rounded once to fp32 (bitwise on any threads)."""
+    parked = buffer.ordered(clients)
+    assert parked, "combine of no updates"
+    return contributor_mean_of(buffer.layout, lambda: buffer.chunks(parked))
+
+
+def in_memory_chunks(layout: Layout, updates: list[Mapping[str, torch.Tensor]]) -> Iterator[tuple[str, int,
+                                                                                                   torch.Tensor]]:
+    """The chunks `ReplyBuffer.chunks` yields, from fp32 tensors in memory (the same blocks, the same order)."""
+    for name, shape in layout:
+        numel = math.prod(shape)
+        flats = [u[name].reshape(-1) for u in updates]
+        for start in range(0, numel, CHUNK):
+            yield name, start, torch.stack([f[start:start + CHUNK] for f in flats]).to(torch.float32)
+
+
+def contributor_mean_of(layout: Layout, chunks) -> Tensors:
+    """`contributor_mean` over `chunks()` (called twice: norms, then the sum), whatever holds the rows."""
+    squares: dict[str, torch.Tensor] = {}
+    for name, _, block in chunks():
+        b = block.double()
+        squares[name] = squares[name] + (b * b).sum(1) if name in squares else (b * b).sum(1)
+    scales = {}
+    for name, sq in squares.items():
+        norms = sq.sqrt()
+        median = norms.sort().values[(len(norms) - 1) // 2]
+        scales[name] = torch.where(norms > median, median / norms.clamp_min(1e-300), torch.ones_like(norms))
+    out = {name: torch.empty(shape, dtype=torch.float32) for name, shape in layout}
+    for name, start, block in chunks():
+        value = torch.zeros(block.shape[1], dtype=torch.float64)
+        for c, row in zip(scales[name].tolist(), block):
+            value.add_(row.double(), alpha=c)
+        count = (block != 0).sum(0).clamp_min(1)
+        out[name].view(-1)[start:start + block.shape[1]] = (value / count).to(torch.float32)
+    return out
+
+
 def robust_statistic(block: torch.Tensor, kind: str, trim_fraction: float) -> torch.Tensor:
     """Coordinate-wise median, or mean after cutting `trim_fraction` of the rows from each end."""
     k = block.shape[0]

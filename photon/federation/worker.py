@@ -321,7 +321,7 @@ class ClientWorker:
         if not compressed_updates.is_identity(up):
             residual = {k: v for k, v in state.items() if k.startswith(compressed_updates.EF)} if state else None
             reply.payload, new_residual = compressed_updates.client_message(
-                reply.update, residual, up, seed=task.dispatch * 1_000_003 + task.client_id)
+                reply.update, residual, up, seed=task.dispatch * 1_000_003 + task.client_id, round_=task.round)
             reply.update = {}
             new_state.update(new_residual or {})
         if new_state:

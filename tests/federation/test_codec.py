@@ -102,7 +102,13 @@ def ref_streams(x, spec):
         return [ref_bf16(x)]
     if spec.name == "topk":
         idx, vals = ref_topk(x, spec)
-        return [idx.astype("<u2")] + ref_streams(vals.astype(np.float32), value_spec(spec))
+        if spec.chunk <= 4096:
+            i = np.concatenate([idx, np.zeros(len(idx) % 2, idx.dtype)]).astype(np.int64)
+            group = i[0::2] | i[1::2] << 12
+            packed = np.stack([group & 0xFF, group >> 8 & 0xFF, group >> 16], 1).reshape(-1).astype(np.uint8)
+        else:
+            packed = idx.astype("<u2")
+        return [packed] + ref_streams(vals.astype(np.float32), value_spec(spec))
     got = [ref_quantise(x[s:e], spec) for s, e in chunks(len(x), spec.block_size)]
     scales = np.array([s for sc, _ in got for s in sc], "<f4")
     codes = np.concatenate([c for _, c in got] or [np.zeros(0)]).astype(np.uint8)
@@ -135,7 +141,12 @@ def ref_decode_flat(r, n, spec):
     if spec.name == "topk":
         widths = [e - s for s, e in chunks(n, spec.chunk)]
         ks = [keep_count(spec, w) for w in widths]
-        idx = r.take(sum(ks), "<u2").astype(np.int64)
+        if spec.chunk <= 4096:  # 12 bits: index 2i low, 2i+1 high in the little-endian 24-bit group i
+            g = r.take(3 * -(-sum(ks) // 2), np.uint8).astype(np.int64).reshape(-1, 3)
+            group = g[:, 0] | (g[:, 1] << 8) | (g[:, 2] << 16)
+            idx = np.stack([group & 0xFFF, group >> 12], 1).reshape(-1)[:sum(ks)]
+        else:
+            idx = r.take(sum(ks), "<u2").astype(np.int64)
         vals = ref_decode_flat(r, sum(ks), value_spec(spec))
         out, at = np.zeros(n, np.float32), 0
         for (s, _), k in zip(chunks(n, spec.chunk), ks):
@@ -166,7 +177,7 @@ def formula_nbytes(n, spec):
     nb = -(-n // spec.block_size)
     if spec.name == "topk":
         kept = sum(keep_count(spec, e - s) for s, e in chunks(n, spec.chunk))
-        return pad4(2 * kept) + formula_nbytes(kept, value_spec(spec))
+        return pad4(3 * -(-kept // 2) if spec.chunk <= 4096 else 2 * kept) + formula_nbytes(kept, value_spec(spec))
     return {"fp32": 4 * n, "bf16": pad4(2 * n), "fp16": pad4(2 * n), "int8": 4 * nb + pad4(n),
             "int4": 4 * nb + pad4(-(-n // 2)),
             "2bit": 4 * nb * (2 if spec.two_bit == "codebook" else 1) + pad4(-(-n // 4))}[spec.name]
@@ -234,9 +245,11 @@ def test_compression_ratios_for_a_large_tensor_follow_from_the_formula():
     layout = [("w", (1 << 20,))]
     ratio = {name: 4 * (1 << 20) / encoded_size(layout, spec) for name, spec in {
         "bf16": CodecSpec("bf16"), "int8": CodecSpec("int8"), "int4": CodecSpec("int4"), "2bit": CodecSpec("2bit"),
+        "2bit-sign": CodecSpec("2bit", two_bit="sign"),
         "topk1%+2bit": CodecSpec("topk", density=0.01, values="2bit")}.items()}
-    assert ratio["bf16"] == 2 and 3.9 < ratio["int8"] < 4 and 7.7 < ratio["int4"] < 8 and 15 < ratio["2bit"] < 16
-    assert ratio["topk1%+2bit"] > 150
+    assert ratio["bf16"] == 2 and 3.9 < ratio["int8"] < 4 and 7.7 < ratio["int4"] < 8
+    assert 14 < ratio["2bit"] < 14.3 and 15 < ratio["2bit-sign"] < 16  # codebook: two fp32 levels per block
+    assert ratio["topk1%+2bit"] > 200  # 12-bit indices: 1.5 + 0.25 bytes per kept value, plus scales
 
 
 def test_fp32_is_bit_exact_zero_copy_and_keeps_its_layout():
@@ -402,6 +415,21 @@ def _write(offset, values):
     return edit
 
 
+def _indices(changes):
+    """Set some of a chunk-64 topk payload's five 12-bit indices (the first 9 bytes) to other values."""
+    def edit(p):
+        data = p.data.copy()
+        g = data[:9].astype(np.int64).reshape(3, 3)
+        idx = np.stack([(g[:, 0] | g[:, 1] << 8 | g[:, 2] << 16) & 0xFFF, (g[:, 0] | g[:, 1] << 8 | g[:, 2] << 16) >> 12],
+                       1).reshape(-1)
+        for at, value in changes.items():
+            idx[at] = value
+        group = idx[0::2] | idx[1::2] << 12
+        data[:9] = np.stack([group & 0xFF, group >> 8 & 0xFF, group >> 16], 1).reshape(-1).astype(np.uint8)
+        p.data = data
+    return edit
+
+
 INT8, TOPK = CodecSpec("int8", block_size=16), CodecSpec("topk", density=0.05, chunk=64)  # topk: k = 3 then 2
 
 
@@ -431,9 +459,9 @@ INT8, TOPK = CodecSpec("int8", block_size=16), CodecSpec("topk", density=0.05, c
     (INT8, _write(4, np.float32(np.nan)), "scale"),
     (INT8, _write(0, np.float32(np.inf)), "scale"),
     (INT8, _write(8, np.float32(-1.0)), "scale"),
-    (TOPK, _write(8, np.uint16(36)), "indices"),     # the second chunk has 36 elements
-    (TOPK, _write(2, np.uint16(0)), "indices"),      # first chunk: [i0, 0, i2] is not increasing
-    (TOPK, _write(0, np.array([5, 5], "<u2")), "indices"),
+    (TOPK, _indices({4: 36}), "indices"),     # the second chunk has 36 elements
+    (TOPK, _indices({1: 0}), "indices"),      # first chunk: [i0, 0, i2] is not increasing
+    (TOPK, _indices({0: 5, 1: 5}), "indices"),
 ])
 def test_a_malformed_payload_is_a_codec_error_with_a_reason(spec, edit, match):
     payload, layout = _payload(spec)

@@ -135,3 +135,56 @@ def test_mean_lies_within_the_range_of_the_inputs(tmp_path_factory, weights, see
         stacked = torch.stack([u[k] for u in updates])
         assert torch.all(mean[k] >= stacked.min(0).values - 1e-6)
         assert torch.all(mean[k] <= stacked.max(0).values + 1e-6)
+
+
+def _np_contributor_mean(updates):
+    """SparseLoCo's aggregate in numpy, straight from its description: per tensor, each update scaled down to
+    the (lower) median norm of that tensor over the updates, then per coordinate the mean over the updates that
+    are non-zero there."""
+    import numpy as np
+
+    out = {}
+    for name in updates[0]:
+        rows = np.stack([u[name].numpy().astype(np.float64).reshape(-1) for u in updates])
+        norms = np.sqrt((rows ** 2).sum(1))
+        median = np.sort(norms)[(len(norms) - 1) // 2]
+        scaled = rows * np.where(norms > median, median / norms, 1.0)[:, None]
+        count = np.maximum((rows != 0).sum(0), 1)
+        out[name] = (scaled.sum(0) / count).reshape(updates[0][name].shape)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_contributor_mean_matches_a_numpy_reference_on_sparse_updates(tmp_path, k):
+    from photon.federation.fold import contributor_mean
+
+    updates = _updates(k, seed=11)
+    g = torch.Generator().manual_seed(12)
+    for i, u in enumerate(updates):  # sparse, overlapping supports, norms apart
+        for name in u:
+            u[name] = u[name] * (torch.rand(u[name].shape, generator=g) < 0.4) * (1 + 3 * i)
+    delta = contributor_mean(_buffer(tmp_path, updates, weights=[1.0, 9.0, 2.0, 5.0][:k]), list(range(k)))
+    ref = _np_contributor_mean(updates)
+    for name in delta:
+        torch.testing.assert_close(delta[name], torch.from_numpy(ref[name]).float(), rtol=1e-6, atol=1e-7)
+    # a coordinate only one update sent keeps that update's (clipped) value, not 1/K of it
+    if k > 1:
+        others = torch.stack([u["w"] != 0 for u in updates[1:]]).any(0)
+        only = (updates[0]["w"] != 0) & ~others
+        assert only.any()
+        scale = float(delta["w"][only][0] / updates[0]["w"][only][0])
+        torch.testing.assert_close(delta["w"][only], updates[0]["w"][only] * scale)
+        assert 0.3 < scale <= 1.0 + 1e-6  # clipped at most to the median norm, never divided by K
+
+
+def test_contributor_mean_is_bitwise_the_same_in_any_arrival_order(tmp_path):
+    from photon.federation.fold import contributor_mean
+
+    updates = _updates(4, seed=13)
+    results = []
+    for arrival in itertools.permutations(range(4)):
+        buf = _buffer(tmp_path, updates, arrival=arrival)
+        results.append(contributor_mean(buf, [0, 1, 2, 3]))
+        buf.clear()
+    for r in results[1:]:
+        assert all(torch.equal(r[k], results[0][k]) for k in r)
