@@ -109,7 +109,12 @@ class TrainConfig(_Frozen):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (paper: 0.1).")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup, in global steps.")
     steps: int = Field(2000, ge=1, description="Schedule length in global steps (centralized run length).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0).")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="The inner optimizer: adamw (the paper's), or muon (MuLoCo: torch.optim.Muon on the "
+        "transformer blocks' hidden matrices, its LR matched to AdamW's update RMS, AdamW on the rest; one process "
+        "per client).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (paper: 0); Muon's too.")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay β1 (the paper's 0.9).")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay β2 (the paper's 0.95).")
     eps: float = Field(1e-8, gt=0, description="AdamW's ε (the paper's 1e-8).")
@@ -452,6 +457,9 @@ class RunConfig(_Frozen):
             raise ValueError(f"train.step_in_backward trains a client in one process, not "
                              f"federation.procs_per_node={fed.procs_per_node} (their gradients are averaged "
                              f"over the processes first): unset one of the two")
+        if self.train.optimizer == "muon" and (fed.procs_per_node > 1 or self.train.step_in_backward):
+            raise ValueError("train.optimizer=muon trains a client in one process and steps after backward: unset "
+                             "federation.procs_per_node / train.step_in_backward, or use adamw")
         if fed.clients_per_round > n:
             raise ValueError(f"federation.clients_per_round={fed.clients_per_round} exceeds "
                              f"data.partition.num_clients={n}: sample at most N clients per round")

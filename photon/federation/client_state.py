@@ -130,15 +130,21 @@ def client_state_layout(cfg: RunConfig, layout: codec.Layout) -> codec.Layout:
     """The names and shapes of a client's kept state: AdamW moments (persist), error-feedback residuals."""
     out = []
     if cfg.federation.client_optimizer == "persist":
-        out += optimizer_state_layout(layout)
+        out += optimizer_state_layout(layout, muon=cfg.train.optimizer == "muon")
     if cfg.federation.compression.up.error_feedback:
         out += compressed_updates.residual_layout(layout)
     return sorted(out)
 
 
-def optimizer_state_layout(layout: codec.Layout) -> codec.Layout:
-    """The names and shapes of a client's kept AdamW state for a model of this layout."""
+def optimizer_state_layout(layout: codec.Layout, muon: bool = False) -> codec.Layout:
+    """The names and shapes of a client's kept optimizer state for a model of this layout: AdamW's moments and
+    step, or (`muon`) Muon's momentum for the blocks' hidden matrices."""
+    from photon.train.muon import is_muon_param
+
     out = []
     for name, shape in layout:
-        out += [(f"{name}.exp_avg", tuple(shape)), (f"{name}.exp_avg_sq", tuple(shape)), (f"{name}.step", ())]
+        if muon and is_muon_param(name, shape):
+            out.append((f"{name}.momentum_buffer", tuple(shape)))
+        else:
+            out += [(f"{name}.exp_avg", tuple(shape)), (f"{name}.exp_avg_sq", tuple(shape)), (f"{name}.step", ())]
     return sorted(out)

@@ -43,15 +43,25 @@ class LocalResult:
         return sum(self.losses) / max(1, len(self.losses))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW as in the paper (β = 0.9/0.95, ε = 1e-8); weight decay only on matrices, never norms. The fused
     kernel on CUDA and CPU (on CPU it ran ≈4× faster than the multi-tensor one here and allocates no
-    model-sized temporaries), the multi-tensor one elsewhere."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    model-sized temporaries), the multi-tensor one elsewhere. `train.optimizer: muon`: the blocks' hidden
+    matrices on Muon (train/muon.py), the rest on this AdamW."""
+    from photon.train.muon import MuonAdamW, is_muon_param
+
+    named = list(getattr(model, "_orig_mod", model).named_parameters())
+    muon = [p for n, p in named if cfg.optimizer == "muon" and is_muon_param(n, p.shape)]
+    on_muon = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in on_muon]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             **adamw_kernel(next(model.parameters()).device))
+    kernel = adamw_kernel(next(model.parameters()).device)
+    if muon:
+        return MuonAdamW(muon, groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adamw_kernel=kernel)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
 
 
 def adamw_kernel(device: torch.device) -> dict[str, bool]:
@@ -240,7 +250,7 @@ def load_optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimi
     fused = bool(optimizer.defaults.get("fused"))
     for name, p in getattr(model, "_orig_mod", model).named_parameters():
         state = {}
-        for key in ("step", "exp_avg", "exp_avg_sq"):
+        for key in ("step", "exp_avg", "exp_avg_sq", "momentum_buffer"):
             if f"{name}.{key}" in tensors:
                 t = tensors[f"{name}.{key}"]
                 state[key] = t.to(p.device if key != "step" or fused else "cpu", copy=not adopt)
