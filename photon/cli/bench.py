@@ -210,23 +210,37 @@ def bench_prepare(
 
 @bench_app.command("compression")
 def bench_compression(
-    preset: PresetOpt = "small",
+    preset: PresetOpt = "tiny",
     overrides: SetOpt = None,
-    hs: Annotated[str, typer.Option("--hs", help="Comma-separated local steps H.")] = "16,64",
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds of the headline arms (fp32, int8, top-k 1%).")] = 2,
+    hs: Annotated[str, typer.Option("--hs", help="Comma-separated local steps H.")] = "64,256,512",
+    steps: Annotated[int, typer.Option(min=1, help="Global steps of every arm (equal tokens at every H); the "
+                                       "default is 100 rounds at H = 64.")] = 6400,
+    codecs: Annotated[Optional[str], typer.Option(help="Only these arms, comma-separated (default: all): fp32, "
+                                                  "int8, 2bit, '2bit + EF', 'top-k 1/64 + 2bit + EF', "
+                                                  "SparseLoCo.")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds of the headline arms (fp32, 2bit, SparseLoCo).")] = 2,
     jobs: Annotated[int, typer.Option(min=1, help="Arms trained at once, one process and one thread each.")] = 2,
     out: Annotated[Path, typer.Option(help="Where the arms' runs go (rerunning skips finished arms).")]
     = Path("runs/bench-compression"),
 ) -> None:
-    """Every codec up-link only and both ways at equal tokens: bytes per token against data-parallel, perplexity
-    cost against fp32 Photon, codec time; stores docs/results/compression.json and docs/img/compression.png
-    (with --results DIR: DIR and DIR/img)."""
-    from photon.bench.compression import run_compression_bench
+    """Every codec up-link only and both ways, and SparseLoCo's recipe, at equal tokens: bytes per token against
+    data-parallel, perplexity cost against fp32 Photon at the same H and at its best H, codec time on the
+    critical path; stores docs/results/compression.json and docs/img/compression.png (with --results DIR: DIR and
+    DIR/img)."""
+    from photon.bench.compression import CODECS, run_compression_bench
 
-    values = numbers(hs, int, "--hs", "16,64")
+    values = numbers(hs, int, "--hs", "64,256,512")
+    chosen = tuple(comma_list(codecs)) if codecs else None
+    unknown = sorted(set(chosen or ()) - set(CODECS))
+    if unknown:
+        raise UserError(f"--codecs: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(CODECS)}")
+    bad = [h for h in values if steps % h]
+    if bad:
+        raise UserError(f"--steps {steps} is not a multiple of H = {', '.join(map(str, bad))}: every arm trains "
+                        "the same tokens in whole rounds")
     cfg = flags_config(preset, overrides)
     ensure_prepared(cfg)
-    run_compression_bench(cfg, out, values, seeds, jobs, console)
+    run_compression_bench(cfg, out, values, seeds, jobs, console, steps=steps, codecs=chosen)
 
 
 @bench_app.command("demo")

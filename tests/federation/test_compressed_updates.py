@@ -173,7 +173,8 @@ def test_bench_summary_compares_each_seed_with_fp32_and_leaves_the_initial_downl
     assert by["int8"]["cost"] == pytest.approx(0.01)  # against fp32's seed 0 (100), not the mean of both (150)
     assert by["int8"]["steady_bytes_per_token"] == 2.0 and by["int8"]["vs_dp"] == 500.0
     assert by["int8"]["bytes_per_token"] == 20.0  # everything sent, the first round's download included
-    assert by["int8"]["codec_share"] == pytest.approx(4 * 0.02 / 2.0)
+    assert by["int8"]["cost_best"] == pytest.approx(0.01)  # one H: its fp32 is the best-H baseline
+    assert by["int8"]["codec_share"] == pytest.approx(0.02 / 2.0)  # one encode + the last decode, not K of each
 
 
 SPARSELOCO = ["federation.compression.recipe=sparseloco"]
@@ -284,3 +285,20 @@ def test_sparseloco_rounds_match_a_numpy_reference_of_the_algorithm():
         for k in theta:
             ref = torch.from_numpy(expected[r][k])
             assert torch.linalg.vector_norm(theta[k] - ref) <= 1e-5 * torch.linalg.vector_norm(ref), (r, k)
+
+
+def test_bench_cost_is_also_against_fp32_at_its_best_h():
+    from photon.bench.compression import summarize
+
+    def row(codec, h, ppl):
+        return {"h": h, "codec": codec, "both": codec == "SparseLoCo", "seed": 0, "final_ppl": ppl, "tokens": 100,
+                "bytes_up": 10, "bytes_down": 10, "steady_bytes": 10, "steady_tokens": 50,
+                "train_seconds_per_round": 1.0}
+
+    secs = {"encode": 0.01, "decode": 0.01, "rebuild": 0.05}
+    data = {"hs": [64, 512], "k": 4, "dp_bytes_per_token": 1000.0,
+            "codec_seconds": {"fp32": secs, "SparseLoCo": secs},
+            "rows": [row("fp32", 64, 50.0), row("fp32", 512, 60.0), row("SparseLoCo", 512, 61.2)]}
+    sparse = next(r for r in summarize(data) if r["codec"] == "SparseLoCo")
+    assert sparse["best_h"] == 64 and sparse["cost"] == pytest.approx(0.02) and sparse["cost_best"] == pytest.approx(0.224)
+    assert sparse["codec_s"] == pytest.approx(0.01 + 0.01 + 0.05)  # both ways: a node rebuilds from K replies
