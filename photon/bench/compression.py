@@ -208,10 +208,11 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
             for h in data["hs"]}
     means = {h: statistics.mean(v.values()) for h, v in fp32.items() if v}
     best_h = min(means, key=means.get) if means else None
+    names = list(dict.fromkeys([*CODECS, *(r["codec"] for r in data["rows"])]))  # an older record's arms too
     for h in data["hs"]:
         ref = fp32[h]
-        for name in CODECS:
-            for both in ((False,) if name == "fp32" else (True,) if name == SPARSELOCO else (False, True)):
+        for name in names:
+            for both in (False, True):
                 rows = [r for r in data["rows"] if r["h"] == h and r["codec"] == name and r["both"] == both]
                 if not rows:
                     continue
