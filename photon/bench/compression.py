@@ -113,7 +113,8 @@ def arm_result(run_dir: Path) -> dict[str, Any]:
     rounds = [r for r in rows if r["kind"] == "round"]
     evals = [r for r in rows if r["kind"] == "eval"]
     later = rounds[1:] or rounds
-    return {"final_ppl": perplexity(evals[-1]["loss/overall"]), "tokens": sum(r["tokens"] for r in rounds),
+    return {"final_ppl": perplexity(evals[-1]["loss/overall"]), "final_bpb": evals[-1].get("bpb/overall"),
+            "tokens": sum(r["tokens"] for r in rounds),
             "rounds": len(rounds), "bytes_up": sum(r["bytes_up"] for r in rounds),
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "steady_bytes": sum(r["bytes_up"] + r["bytes_down"] for r in later),
@@ -224,6 +225,8 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                 cost_best = statistics.mean(r["final_ppl"] / best[r["seed"]] for r in rows) - 1 if all(
                     r["seed"] in best for r in rows) else None
                 ppl = statistics.mean(r["final_ppl"] for r in rows)
+                bpbs = [r.get("final_bpb") for r in rows]
+                bpb = statistics.mean(bpbs) if None not in bpbs else None  # older records lack it
                 spread = (max(r["final_ppl"] for r in rows) - min(r["final_ppl"] for r in rows)) / 2
                 secs = data["codec_seconds"][name]
                 per_round = secs["encode"] + secs["decode"]  # clients encode at once; decodes overlap the wait
@@ -232,7 +235,7 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
                 train = statistics.mean(r["train_seconds_per_round"] for r in rows)
                 out.append({"h": h, "codec": name, "both": both, "seeds": len(rows), "bytes_per_token": bpt,
                             "steady_bytes_per_token": steady, "vs_dp": data["dp_bytes_per_token"] / steady,
-                            "ppl": ppl, "spread": spread, "cost": cost, "cost_best": cost_best, "best_h": best_h,
+                            "ppl": ppl, "bpb": bpb, "spread": spread, "cost": cost, "cost_best": cost_best, "best_h": best_h,
                             "codec_s": per_round,
                             "codec_share": per_round / train})
     return out
@@ -258,13 +261,15 @@ def render(data: dict[str, Any]) -> str:
              "node's decode, or SparseLoCo's rebuild from the K replies), measured on an update of the model's "
              "shape, over the round's measured compute.", "",
              "| H | codec | direction | seeds | bytes / token (all) | steady state | × fewer than DP | final ppl "
-             "| cost (same H) | cost (best-H fp32) | codec s / round | of compute |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bits/byte | cost (same H) | cost (best-H fp32) | codec s / round | of compute |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = f" ± {r['spread']:.1f}" if r["seeds"] > 1 else ""
+        bpb = "-" if r["bpb"] is None else f"{r['bpb']:.3f}"
         lines.append(f"| {r['h']} | {r['codec']} | {'both ways' if r['both'] else 'up only'} | {r['seeds']} | "
                      f"{r['bytes_per_token']:,.2f} | {r['steady_bytes_per_token']:,.3f} | {r['vs_dp']:,.0f}× | "
-                     f"{r['ppl']:,.1f}{spread} | {_pct(r['cost'])} | {_pct(r['cost_best'])} | {r['codec_s']:.3f} | "
+                     f"{r['ppl']:,.1f}{spread} | {bpb} | "
+                     f"{_pct(r['cost'])} | {_pct(r['cost_best'])} | {r['codec_s']:.3f} | "
                      f"{r['codec_share']:.2%} |")
     lines += ["", "Goals:", *_goals(rows), "", f"Anchors (their papers, other scales): {ANCHORS}", "",
               f"![perplexity against bytes per token]({PLOT.relative_to('docs')})"]

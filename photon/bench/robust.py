@@ -85,6 +85,7 @@ def _run_arm(cfg: RunConfig, run_dir: Path, attackers: list[int], attack: str | 
     rounds = [r for r in rows if r["kind"] == "round"]
     honest = [c for c in range(cfg.data.partition.num_clients) if c not in attackers]
     arm = {"ppl_before": perplexity(evals[0]["loss/overall"]), "ppl_after": perplexity(evals[-1]["loss/overall"]),
+           "bpb_after": evals[-1].get("bpb/overall"),
            "rounds": len(rounds),
            "honest_rejected": sum(c not in r["accepted"] for r in rounds for c in honest),
            "honest_clipped": sum(r.get("clip_scales", {}).get(str(c), 1.0) < 0.5 for r in rounds for c in honest),
@@ -172,6 +173,10 @@ def render(data: dict[str, Any]) -> str:
             f" ({cost}{f', r {r_}' if r_ else ''}{f', c {c_}' if c_ else ''})"
 
     base = {k: _ppl(rows, rule=BASELINE, clients=k, attack=None) for k in ks}
+    bpb = {k: [r.get("bpb_after") for r in _select(rows, rule=BASELINE, clients=k, attack=None)] for k in ks}
+    if all(v and None not in v for v in bpb.values()):  # records measured before bits per byte was logged lack it
+        lines[-3] = (f"Clean runs (nobody attacks; the plain mean ends at "
+                     + ", ".join(f"{statistics.mean(bpb[k]):.3f} bits per byte for K = {k}" for k in ks) + "):")
     for rule in rules:
         lines.append(f"| {rule} | " + " | ".join(cell({"rule": rule, "clients": k, "attack": None}, base[k])
                                                    for k in ks) + " |")
