@@ -90,17 +90,18 @@ class RecipeArms:
         return self.rec.central(f"central", f"centralized, batch {self.B}", lr, seed_count)
 
     def fed(self, outer: str, olr: float, h: int, lr: float, k: int | None = None, split: str = "by-domain",
-            seeds: int = 1) -> Arm:
+            seeds: int = 1, muon: bool = False) -> Arm:
         k = k or self.plan.clients
         assert self.B % k == 0 and self.plan.steps % h == 0, (k, h)
         every = max(1, self.plan.eval_every_steps // h)
         tag = "fedavg" if outer == "fedavg" else f"nesterov{olr:g}"
-        name = f"{tag}-h{h}-k{k}" + ("-iid" if split == "iid" else "")
+        name = f"{tag}-h{h}-k{k}" + ("-iid" if split == "iid" else "") + ("-muon" if muon else "")
         about = (f"{'FedAvg η=1' if outer == 'fedavg' else f'Nesterov η={olr:g} μ={self.plan.momentum:g}'}, "
-                 f"H={h}, K={k} ({split}), batch {self.B // k} per client")
+                 f"H={h}, K={k} ({split}), batch {self.B // k} per client" + (", Muon inner" if muon else ""))
         arm = self.rec.fed(name, about, lr, seeds, k=k, h=h, r=self.plan.steps // h, batch=self.B // k,
                            split=split, outer=(outer, olr), eval_every=every)
-        return replace(arm, overrides=(*arm.overrides, f"federation.outer.momentum={self.plan.momentum:g}"))
+        extra = ("train.optimizer=muon",) if muon else ()
+        return replace(arm, overrides=(*arm.overrides, f"federation.outer.momentum={self.plan.momentum:g}", *extra))
 
 
 def _final(out: Path, arm: Arm, seed: int = 0) -> float:
@@ -170,13 +171,19 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
         grid["inner"] = {f"{lr:g}": _num(scores_i.get(lr)) for lr in inner}
         trained += [arms.fed("nesterov", best_olr, best_h, lr) for lr in inner]
         _store(base, plan, arms, out, 2, best, grid, trained, load, started, console, results_dir)
-        # 3. headline seeds, K, IID
-        headline = [arms.central(central_lr, plan.seeds), arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, seeds=plan.seeds),
-                    arms.fed("nesterov", best_olr, best_h, inner_lr, seeds=plan.seeds)]
-        others = [arms.fed("nesterov", best_olr, best_h, inner_lr, split="iid")]
+        # 3. headline seeds; K, IID for both outer loops; Muon inner at the better of the two
+        fedavg_best = arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, seeds=plan.seeds)
+        nesterov_best = arms.fed("nesterov", best_olr, best_h, inner_lr, seeds=plan.seeds)
+        headline = [arms.central(central_lr, plan.seeds), fedavg_best, nesterov_best]
+        others = [arms.fed("nesterov", best_olr, best_h, inner_lr, split="iid"),
+                  arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, split="iid")]
         for k in plan.ks:
             others += [arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, k=k),
                        arms.fed("nesterov", best_olr, best_h, inner_lr, k=k)]
+        fedavg_wins = _final(out, fedavg_best) <= _final(out, nesterov_best)
+        best["muon_outer"] = "fedavg" if fedavg_wins else "nesterov"
+        others.append(arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, muon=True) if fedavg_wins else
+                      arms.fed("nesterov", best_olr, best_h, inner_lr, muon=True))
         runner.run([(a, s) for a in headline for s in range(1, a.seeds)] + [(a, 0) for a in others])
         return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, started, console,
                       results_dir)
@@ -319,8 +326,18 @@ def render(data: dict[str, Any]) -> str:
             r = _ratio_at(data, _key(data, f"{name}-k{k}", lr), central, 1.0)
             cells.append(f"{r[0]:.3f}" if r else "-")
         lines.append(f"| {label} (H={name.split('-h')[1]}) | " + " | ".join(cells) + " |")
-    iid = _ratio_at(data, _key(data, f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}-iid", b["inner_lr"]),
-                    central, 1.0)
-    if iid:
-        lines += ["", f"The best Nesterov setting on an IID split (K = {K}): ratio {iid[0]:.3f}."]
+    extra = []
+    for label, name, lr in (("FedAvg η=1", f"fedavg-h{b['fedavg_h']}-k{K}", b["lr0"]),
+                            ("Nesterov", f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}", b["inner_lr"])):
+        by_domain = _ratio_at(data, _key(data, name, lr), central, 1.0)
+        iid = _ratio_at(data, _key(data, f"{name}-iid", lr), central, 1.0)
+        if iid and by_domain:
+            extra.append(f"- {label} at its best setting, K = {K}: ratio {by_domain[0]:.3f} by domain, "
+                         f"{iid[0]:.3f} on an IID split (the anchors' data), seed 0.")
+        muon = _ratio_at(data, _key(data, f"{name}-muon", lr), central, 1.0)
+        if muon and by_domain:
+            extra.append(f"- {label} at its best setting with a Muon inner optimizer: ratio {muon[0]:.3f} "
+                         f"(AdamW: {by_domain[0]:.3f}), seed 0.")
+    if extra:
+        lines += ["", *extra]
     return "\n".join(lines)
