@@ -156,33 +156,39 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
                    *(arms.fed("nesterov", o, h, arms.lr0) for h in plan.hs for o in olrs[h])]
         # stored after each stage, so a long plan that stops part-way still leaves its finished stages reported
         _store(base, plan, arms, out, 1, best, grid, trained, load, started, console, results_dir)
-        # 2. the best Nesterov setting's inner LR
-        inner = sorted({round_lr(arms.lr0 * x) for x in plan.lr_grid})
-        scores_i: dict[float, float] = {}
-        for extension in range(plan.lr_extend + 1):
-            jobs = [(arms.fed("nesterov", best_olr, best_h, lr), 0) for lr in inner if lr not in scores_i]
-            runner.run(jobs, may_fail=True)
-            scores_i.update({lr: _final(out, arms.fed("nesterov", best_olr, best_h, lr)) for lr in inner})
-            more = next_grid(inner, scores_i) if extension < plan.lr_extend else None
-            if more is None:
-                break
-            inner = sorted({*inner, more})
+        # 2. the inner LR of the best setting of each outer loop
+        def sweep_inner(arm_at) -> tuple[list[float], dict[float, float]]:
+            inner = sorted({round_lr(arms.lr0 * x) for x in plan.lr_grid})
+            scores: dict[float, float] = {}
+            for extension in range(plan.lr_extend + 1):
+                runner.run([(arm_at(lr), 0) for lr in inner if lr not in scores], may_fail=True)
+                scores.update({lr: _final(out, arm_at(lr)) for lr in inner})
+                more = next_grid(inner, scores) if extension < plan.lr_extend else None
+                if more is None:
+                    break
+                inner = sorted({*inner, more})
+            trained.extend(arm_at(lr) for lr in inner)
+            return inner, scores
+
+        inner, scores_i = sweep_inner(lambda lr: arms.fed("nesterov", best_olr, best_h, lr))
+        inner_f, scores_f = sweep_inner(lambda lr: arms.fed("fedavg", 1.0, fedavg_h, lr))
         inner_lr = best["inner_lr"] = min(inner, key=lambda x: scores_i.get(x, math.inf))
+        fedavg_lr = best["fedavg_inner_lr"] = min(inner_f, key=lambda x: scores_f.get(x, math.inf))
         grid["inner"] = {f"{lr:g}": _num(scores_i.get(lr)) for lr in inner}
-        trained += [arms.fed("nesterov", best_olr, best_h, lr) for lr in inner]
+        grid["inner_fedavg"] = {f"{lr:g}": _num(scores_f.get(lr)) for lr in inner_f}
         _store(base, plan, arms, out, 2, best, grid, trained, load, started, console, results_dir)
         # 3. headline seeds; K, IID for both outer loops; Muon inner at the better of the two
-        fedavg_best = arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, seeds=plan.seeds)
+        fedavg_best = arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, seeds=plan.seeds)
         nesterov_best = arms.fed("nesterov", best_olr, best_h, inner_lr, seeds=plan.seeds)
         headline = [arms.central(central_lr, plan.seeds), fedavg_best, nesterov_best]
         others = [arms.fed("nesterov", best_olr, best_h, inner_lr, split="iid"),
-                  arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, split="iid")]
+                  arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, split="iid")]
         for k in plan.ks:
-            others += [arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, k=k),
+            others += [arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, k=k),
                        arms.fed("nesterov", best_olr, best_h, inner_lr, k=k)]
         fedavg_wins = _final(out, fedavg_best) <= _final(out, nesterov_best)
         best["muon_outer"] = "fedavg" if fedavg_wins else "nesterov"
-        others.append(arms.fed("fedavg", 1.0, fedavg_h, arms.lr0, muon=True) if fedavg_wins else
+        others.append(arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, muon=True) if fedavg_wins else
                       arms.fed("nesterov", best_olr, best_h, inner_lr, muon=True))
         runner.run([(a, s) for a in headline for s in range(1, a.seeds)] + [(a, 0) for a in others])
         return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, started, console,
@@ -271,6 +277,7 @@ def _ratio_at(data: dict[str, Any], key: str, ref: str, q: float) -> list[float]
 def render(data: dict[str, Any]) -> str:
     b, g, p = data["best"], data["grid"], data["plan"]
     K = p["clients"]
+    fa_lr = b.get("fedavg_inner_lr", b["lr0"])
     central = _key(data, "central", b["central_lr"])
     c_final = statistics.mean(_finals(data, central).values()) if _finals(data, central) else None
 
@@ -294,11 +301,14 @@ def render(data: dict[str, Any]) -> str:
             for h in p["hs"]) + " |")
     lines += ["", "`central`'s LR: " + ", ".join(f"{lr}: {'diverged' if v is None else f'{v:,.1f}'}"
                                                 for lr, v in g["central"].items())
-              + f" (best {b['central_lr']:g}); the best Nesterov setting's inner LR: "
+              + f" (best {b['central_lr']:g}). The inner LR of the best Nesterov setting: "
               + ", ".join(f"{lr}: {'diverged' if v is None else f'{v:,.1f}'}" for lr, v in g["inner"].items())
-              + f" (best {b['inner_lr']:g}).", ""]
+              + f" (best {b['inner_lr']:g}); of the best FedAvg H: "
+              + ", ".join(f"{lr}: {'diverged' if v is None else f'{v:,.1f}'}"
+                          for lr, v in g.get("inner_fedavg", {}).items())
+              + f" (best {b.get('fedavg_inner_lr', b['lr0']):g}).", ""]
     heads = [("`central`", central),
-             (f"FedAvg η=1, H={b['fedavg_h']}", _key(data, f"fedavg-h{b['fedavg_h']}-k{K}", b["lr0"])),
+             (f"FedAvg η=1, H={b['fedavg_h']}, inner LR {fa_lr:g}", _key(data, f"fedavg-h{b['fedavg_h']}-k{K}", fa_lr)),
              (f"Nesterov η={b['nesterov_lr']:g}, H={b['nesterov_h']}, inner LR {b['inner_lr']:g}",
               _key(data, f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}", b["inner_lr"]))]
     lines += ["Headline arms: the ratio to `central` over the run (mean ± half the range over seeds).", "",
@@ -319,7 +329,7 @@ def render(data: dict[str, Any]) -> str:
               "| | " + " | ".join(f"M=K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for label, ratios in ANCHORS:
         lines.append(f"| {label} | " + " | ".join(f"{ratios[k]:.3f}" if k in ratios else "-" for k in ks) + " |")
-    for label, name, lr in (("ours: FedAvg η=1", f"fedavg-h{b['fedavg_h']}", b["lr0"]),
+    for label, name, lr in (("ours: FedAvg η=1", f"fedavg-h{b['fedavg_h']}", fa_lr),
                             ("ours: Nesterov", f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}", b["inner_lr"])):
         cells = []
         for k in ks:
@@ -327,7 +337,7 @@ def render(data: dict[str, Any]) -> str:
             cells.append(f"{r[0]:.3f}" if r else "-")
         lines.append(f"| {label} (H={name.split('-h')[1]}) | " + " | ".join(cells) + " |")
     extra = []
-    for label, name, lr in (("FedAvg η=1", f"fedavg-h{b['fedavg_h']}-k{K}", b["lr0"]),
+    for label, name, lr in (("FedAvg η=1", f"fedavg-h{b['fedavg_h']}-k{K}", fa_lr),
                             ("Nesterov", f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}", b["inner_lr"])):
         by_domain = _ratio_at(data, _key(data, name, lr), central, 1.0)
         iid = _ratio_at(data, _key(data, f"{name}-iid", lr), central, 1.0)
