@@ -1,12 +1,13 @@
 """Compressed updates both ways, with error feedback; engine-free, on top of `codec.py`.
 
-Up: a client sends C(Δ_k + β·e_k), where Δ_k = θ − θ_k is its update, e_k what earlier compression left out and
-β the residual's decay (SparseLoCo's 0.95: an old residual fades instead of being re-added forever, which
-with kept client AdamW re-applies progress the client already re-derived); it keeps
-e_k' = (Δ_k + β·e_k) − D(C(Δ_k + β·e_k)) as part of its kept state. In the first `error_feedback_warmup_rounds`
-rounds it sends C(Δ_k) and keeps e = 0, so the LR warm-up's large, fast-changing updates are not carried (`client_state.py`: it follows the
-client, is committed with the round and restored on resume; lost with its node when `state_backup` is off,
-then the client restarts with e = 0). The server decodes C(·) like any other update.
+Up: a client sends C(Δ_k + β·e_k), where Δ_k = θ − θ_k is its update, e_k what earlier compression left out
+and β the residual's decay (SparseLoCo's 0.95: an old residual fades instead of being re-added forever, which
+with kept client AdamW re-applies progress the client already re-derived). It keeps
+e_k' = (Δ_k + β·e_k) − D(C(Δ_k + β·e_k)) as part of its kept state (`client_state.py`: it follows the client,
+is committed with the round and restored on resume; lost with its node when `state_backup` is off, then the
+client restarts with e = 0). In the first `error_feedback_warmup_rounds` rounds it sends C(Δ_k) and keeps
+e = 0, so the LR warm-up's large, fast-changing updates are not carried. The server decodes C(·) like any
+other update.
 
 Down: after the outer step the server sends the outer update U = θ_new − θ_old (+ β × its own residual e_s),
 compressed, the same bytes to every node, and *defines* the new global model as θ_old + D(C(U + e_s)): exactly
