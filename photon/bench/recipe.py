@@ -308,11 +308,13 @@ def render(data: dict[str, Any]) -> str:
                           for lr, v in g.get("inner_fedavg", {}).items())
               + f" (best {b.get('fedavg_inner_lr', b['lr0']):g}).", ""]
     heads = [("`central`", central),
-             (f"FedAvg η=1, H={b['fedavg_h']}, inner LR {fa_lr:g}", _key(data, f"fedavg-h{b['fedavg_h']}-k{K}", fa_lr)),
+             (f"FedAvg η=1, H={b['fedavg_h']}, inner LR {fa_lr:g}",
+              _key(data, f"fedavg-h{b['fedavg_h']}-k{K}", fa_lr)),
              (f"Nesterov η={b['nesterov_lr']:g}, H={b['nesterov_h']}, inner LR {b['inner_lr']:g}",
               _key(data, f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}", b["inner_lr"]))]
     lines += ["Headline arms: the ratio to `central` over the run (mean ± half the range over seeds).", "",
-              "| arm | final ppl | 25% | 50% | 75% | 100% | bytes per token | seeds |", "|---|---|---|---|---|---|---|---|"]
+              "| arm | final ppl | 25% | 50% | 75% | 100% | bytes per token | seeds |",
+              "|---|---|---|---|---|---|---|---|"]
     for label, key in heads:
         arm = data["arms"].get(key)
         if not arm:

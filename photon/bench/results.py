@@ -169,3 +169,15 @@ def publish(name: str, data: dict[str, Any], render, load: LoadSampler, started:
     console.print(render(data))
     console.print(f"stored in {path}{note}")
     return path
+
+
+def store_eval_bytes(path: Path, counts: dict[str, Any]) -> dict[str, Any]:
+    """Add `eval_bytes` (per domain: [tokens scored, UTF-8 bytes of their text]) to the stored record at
+    `path`, which lacks them, so its stored losses read as bits per byte. The counts are a property of the data
+    and of the validation rows the benchmark scores, not of training; every other field stays as measured."""
+    if not path.exists():
+        raise UserError(f"{path}: no stored record to add the evaluation bytes to; run the benchmark first")
+    record = load_result(path)
+    record["data"]["eval_bytes"] = {d: list(c) for d, c in counts.items()}
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return record["data"]["eval_bytes"]

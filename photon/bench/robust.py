@@ -17,6 +17,7 @@ in its folder, so a rerun skips it. Stored in docs/results/robust.json.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import statistics
@@ -130,6 +131,12 @@ def run_robust_bench(cfg: RunConfig, out: Path, scales: tuple[float, ...] = (1, 
     return data
 
 
+def _bpb(data: dict[str, Any], ppl: float) -> float | None:
+    """Bits per byte of an overall perplexity, from the record's scored tokens and bytes (if it holds them)."""
+    counts = data.get("eval_bytes", {}).get("overall")
+    return math.log(ppl) * counts[0] / (math.log(2) * counts[1]) if counts else None
+
+
 def _select(rows: list[dict], **match: Any) -> list[dict]:
     return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
@@ -173,9 +180,10 @@ def render(data: dict[str, Any]) -> str:
             f" ({cost}{f', r {r_}' if r_ else ''}{f', c {c_}' if c_ else ''})"
 
     base = {k: _ppl(rows, rule=BASELINE, clients=k, attack=None) for k in ks}
-    bpb = {k: [r.get("bpb_after") for r in _select(rows, rule=BASELINE, clients=k, attack=None)] for k in ks}
+    bpb = {k: [r.get("bpb_after") or _bpb(data, r["ppl_after"])
+               for r in _select(rows, rule=BASELINE, clients=k, attack=None)] for k in ks}
     if all(v and None not in v for v in bpb.values()):  # records measured before bits per byte was logged lack it
-        lines[-3] = (f"Clean runs (nobody attacks; the plain mean ends at "
+        lines[lines.index("Clean runs (nobody attacks):")] = (f"Clean runs (nobody attacks; the plain mean ends at "
                      + ", ".join(f"{statistics.mean(bpb[k]):.3f} bits per byte for K = {k}" for k in ks) + "):")
     for rule in rules:
         lines.append(f"| {rule} | " + " | ".join(cell({"rule": rule, "clients": k, "attack": None}, base[k])

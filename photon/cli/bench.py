@@ -98,6 +98,10 @@ def bench_robust(
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm.")] = 1,
     out: Annotated[Path, typer.Option(help="Where the arms' runs go (rerunning skips finished arms).")]
     = Path("runs/bench-robust"),
+    eval_bytes: Annotated[bool, typer.Option(help="Only count the UTF-8 bytes of the validation rows the arms "
+                                             "score (the preset's evaluation, a property of the data) into the "
+                                             "stored record, so its perplexities read as bits per byte; train "
+                                             "nothing.")] = False,
 ) -> None:
     """Colluding attackers (sign flip, noise, zero, replay, ALIE) among K clients: the default rule vs the plain
     mean, the cosine screen, median and trimmed mean; stores docs/results/robust.json."""
@@ -112,6 +116,16 @@ def bench_robust(
         pairs.append((int(k), int(m)))
     cfg = flags_config(preset, overrides)
     ensure_prepared(cfg)
+    if eval_bytes:
+        from photon.bench.results import chosen_results_dir, store_eval_bytes
+        from photon.data.shards import open_prepared
+        from photon.train.evaluate import scored_bytes
+
+        t = cfg.train
+        path = chosen_results_dir() / "robust.json"
+        _say_eval_bytes(path, store_eval_bytes(path, scored_bytes(open_prepared(cfg.data.prep_dir), t.seq_len,
+                                                                  t.batch_size, t.eval_batches)))
+        return
     run_robust_bench(cfg, out, values, alie_z, tuple(pairs), seeds=seeds, console=console)
 
 
@@ -287,6 +301,11 @@ def bench_report(
         console.print(f"copied {len(plots)} plot(s) from {drawn} into {shown[0]}")
 
 
+def _say_eval_bytes(path: Path, counts: dict[str, list[int]]) -> None:
+    tokens, size = counts["overall"]
+    console.print(f"{path}: {tokens:,} scored tokens are {size:,} bytes of text ({size / tokens:.2f} per token)")
+
+
 @bench_app.command("claims")
 def bench_claims(
     scale: Annotated[str, typer.Option(help="tiny (≈30 min), small or medium (< 2 h on 2 free cores); "
@@ -330,11 +349,7 @@ def bench_claims(
         from photon.bench.results import chosen_results_dir
 
         path = (results or chosen_results_dir()) / f"claims-{scale}.json"
-        if not path.exists():
-            raise UserError(f"{path}: no stored record to add the evaluation bytes to; run the benchmark first")
-        counts = add_eval_bytes(cfg, plan, path)
-        tokens, size = counts["overall"]
-        console.print(f"{path}: {tokens:,} scored tokens are {size:,} bytes of text ({size / tokens:.2f} per token)")
+        _say_eval_bytes(path, add_eval_bytes(cfg, plan, path))
         return
     out = out or Path("runs") / f"claims-{scale}"
     run_claims(cfg, out, plan, console=console, command=shlex.join(["photon", *sys.argv[1:]]), scale=scale,

@@ -420,8 +420,8 @@ def _indices(changes):
     def edit(p):
         data = p.data.copy()
         g = data[:9].astype(np.int64).reshape(3, 3)
-        idx = np.stack([(g[:, 0] | g[:, 1] << 8 | g[:, 2] << 16) & 0xFFF, (g[:, 0] | g[:, 1] << 8 | g[:, 2] << 16) >> 12],
-                       1).reshape(-1)
+        group = g[:, 0] | g[:, 1] << 8 | g[:, 2] << 16
+        idx = np.stack([group & 0xFFF, group >> 12], 1).reshape(-1)
         for at, value in changes.items():
             idx[at] = value
         group = idx[0::2] | idx[1::2] << 12

@@ -311,16 +311,14 @@ def eval_bytes(base: RunConfig, batch: int, rows: int) -> dict[str, list[int]]:
 def add_eval_bytes(base: RunConfig, plan: ClaimsPlan, path: Path) -> dict[str, list[int]]:
     """Store `eval_bytes` in the record at `path` that lacks them, training nothing (the counts depend only on
     the data and the rows the plan scores); the record's other fields stay as they were measured."""
-    from photon.bench.results import load_result
+    from photon.bench.results import load_result, store_eval_bytes
 
-    record = load_result(path)
-    data = record["data"]
+    data = load_result(path)["data"]
     if str(base.data.prep_dir) != data.get("data"):
         raise UserError(f"{path} was measured on {data.get('data')}, not {base.data.prep_dir}; pass --data "
                         f"{data.get('data')}")
-    data["eval_bytes"] = eval_bytes(with_overrides(base, plan.base_overrides), data["batch"], data["eval_rows"])
-    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-    return data["eval_bytes"]
+    return store_eval_bytes(path, eval_bytes(with_overrides(base, plan.base_overrides), data["batch"],
+                                             data["eval_rows"]))
 
 
 # ---------------------------------------------------------------------------------------------------------
