@@ -380,6 +380,10 @@ class FederationConfig(_Frozen):
         "size in up-link bytes (counted apart as bytes_state_up). false: state lives only in node caches; a "
         "client trained by a node without it starts from a fresh state (logged).")
     min_replies: int = Field(1, ge=1, description="A round needs at least this many good replies, else it is retried.")
+    resend_lost: int = Field(
+        2, ge=0, description="Nodes keep every reply they send (on disk, until the server can no longer need "
+        "it); a reply lost on the way is asked for again this many times before its client is trained again "
+        "elsewhere. 0: nothing is kept (a model-sized write per reply saved) and a lost reply is trained again.")
     max_round_retries: int = Field(3, ge=0, description="Retries of a round that got too few replies.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Fixed deadline: a round's replies later than this "
                                    "(seconds from the round's start) are dropped. Also the cap of the adaptive one.")

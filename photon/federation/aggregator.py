@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +40,7 @@ from photon.federation.client_state import (
 )
 from photon.federation.clipping import ClipRule, centered_clip
 from photon.federation.fold import ReplyBuffer, combine, contributor_mean, screen
+from photon.federation.kept_replies import NOT_KEPT
 from photon.federation.outer import lr_at, make_outer
 from photon.federation.protocol import (
     MODEL,
@@ -93,6 +94,7 @@ class RoundResult:
     retried: set[int] = field(default_factory=set)            # clients that failed once and were re-queued
     dropped: dict[int, str] = field(default_factory=dict)     # clients left out of the round, final reason
     late: list[str] = field(default_factory=list)             # replies for tasks no longer in flight
+    resent: int = 0                                           # lost replies asked for again (and sent again)
     excluded: dict[int, str] = field(default_factory=dict)    # nodes excluded during this round
     norms: dict[int, float] = field(default_factory=dict)
     cosines: dict[int, float] = field(default_factory=dict)
@@ -111,6 +113,12 @@ class RoundResult:
     wall_seconds: float = 0.0
     clock: float = 0.0  # the transport's clock at the end (virtual seconds in the in-process engine)
     committed: bool = False
+
+
+def node_failed(msg: object) -> bool:
+    """Whether an unusable reply is the node's own failure: an error it reported, not a reply lost on the way
+    nor a re-sent reply it no longer kept."""
+    return isinstance(msg, str) and not is_lost(msg) and NOT_KEPT not in msg
 
 
 def staleness_damping(buffer: ReplyBuffer, accepted: list[int], replies: dict[int, ClientReply]) -> float:
@@ -135,6 +143,7 @@ class _Round:
     full_model: set[int] = field(default_factory=set)      # retry these with the full model (node lacked the base)
     state_retried: set[int] = field(default_factory=set)
     failed_on: dict[int, set[int]] = field(default_factory=dict)  # client -> nodes it failed on this round
+    resend: deque[tuple[int, ClientTask]] = field(default_factory=deque)  # (node, task) whose lost reply to ask for
     in_flight: dict[str, InFlight] = field(default_factory=dict)
     replies: dict[int, ClientReply] = field(default_factory=dict)
     node_of: dict[int, int] = field(default_factory=dict)
@@ -250,7 +259,20 @@ class Aggregator:
                           spans=self.spans[client_id], config=self.task_config,
                           client_optimizer=fed.client_optimizer,
                           state_digest=rec.state_digest if kept else None,
-                          upload_state=kept and fed.state_backup, attempt=attempt)
+                          upload_state=kept and fed.state_backup, attempt=attempt,
+                          keep_replies_from=self.state.round - (fed.asynchronous.max_staleness
+                                                                if fed.mode == "async" else 0))
+
+    def resend_wire(self, task: ClientTask) -> tuple[ClientTask, Wire]:
+        """Ask the node that sent `task`'s lost reply for it again (it kept it): nothing is trained."""
+        again = replace(task, resend=task.resend + 1)
+        log.info("round %d: asking for the reply of task %s again (lost on the way; ask %d of %d)",
+                 self.state.round + 1, task.task_id, again.resend, self.cfg.federation.resend_lost)
+        return again, encode_task(again, SAME_MODEL)
+
+    def may_resend(self, msg: object, task: ClientTask) -> bool:
+        """Whether a lost reply is asked for again instead of training its client again."""
+        return is_lost(msg) and task.resend < self.cfg.federation.resend_lost
 
     @property
     def keeps_state(self) -> bool:
@@ -346,7 +368,7 @@ class Aggregator:
         rnd = _Round(RoundResult(round=self.state.round), ReplyBuffer(self.spill_dir, self.layout),
                      {cid: i for i, cid in enumerate(sampled)}, deque(sampled), max_attempts, clock=clock)
         try:
-            while (rnd.queue or rnd.in_flight) and clock() < deadline:
+            while (rnd.queue or rnd.in_flight or rnd.resend) and clock() < deadline:
                 self._dispatch(transport, rnd)
                 if not rnd.in_flight and not self.occupied:
                     self.wait_for_a_node()  # none connected yet: wait for one rather than spin
@@ -359,7 +381,7 @@ class Aggregator:
                     del msg  # before the transport fetches the next reply
                 self._expire(rnd, clock(), transport)
             self._expire(rnd, float("inf"), transport)
-            for cid in rnd.queue:
+            for cid in [*rnd.queue, *(t.client_id for _, t in rnd.resend)]:
                 rnd.result.dropped.setdefault(cid, "no node took it before the round deadline")
             self._finish(rnd.buffer, rnd.replies, rnd.node_of, rnd.result)
         finally:
@@ -400,7 +422,16 @@ class Aggregator:
                 rnd.result.dropped[cid] = reason
 
     def _dispatch(self, transport: Transport, rnd: _Round) -> None:
-        """Give every idle node the next queued client; keep the encoded model only while clients wait."""
+        """Ask for lost replies again, then give every idle node the next queued client; keep the encoded model
+        only while clients wait."""
+        while rnd.resend:
+            node, lost = rnd.resend.popleft()
+            task, wire = self.resend_wire(lost)
+            handle = transport.submit(node, wire)
+            now = clock_of(transport)()
+            rnd.in_flight[handle] = InFlight(task, node, now, now + self.task_deadline())
+            self.occupy(node, handle, now)
+            rnd.result.resent += 1
         for node, cid in self._assign(rnd.queue, self.free_nodes(transport), rnd.failed_on):
             rnd.attempts[cid] += 1
             task = self.task(cid, rnd.attempts[cid])
@@ -449,6 +480,9 @@ class Aggregator:
             self.node_model.pop(node, None)
             rnd.queue.appendleft(cid)
             return
+        if self.may_resend(msg, task):  # the node did the work and kept the reply: ask for it, train nothing
+            rnd.resend.append((node, task))
+            return
         outcome = error_text(str(msg)) if isinstance(msg, (str, Rejected)) else \
             self._receive(task, msg, rnd.result, rnd.buffer, (rnd.order[cid],))
         if isinstance(outcome, ClientReply):
@@ -461,7 +495,7 @@ class Aggregator:
             rnd.node_train[node] += outcome.train_seconds
             return
         # The node could not run it (vs a reply we rejected, or one lost on the way: not the node's failure)
-        node_error = isinstance(msg, str) and not is_lost(msg)
+        node_error = node_failed(msg)
         self._attempt_failed(cid, node, rnd.attempts[cid], outcome, rnd.result, node_error=node_error)
         rnd.failed_on.setdefault(cid, set()).add(node)  # its retry goes to another node while there is one
         if rnd.attempts[cid] < rnd.max_attempts:

@@ -23,18 +23,20 @@ Who trains what, and when, lives here; checking, parking, screening, folding and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from photon.checkpoint import load_checkpoint
 from photon.federation import codec
 from photon.federation.aggregator import (
+    SAME_MODEL,
     Aggregator,
     InFlight,
     RoundResult,
     Transport,
     clock_of,
     is_virtual,
+    node_failed,
 )
 from photon.federation.client_state import MISSING
 from photon.federation.fold import ReplyBuffer
@@ -45,7 +47,6 @@ from photon.federation.protocol import (
     Wire,
     encode_task,
     error_text,
-    is_lost,
     unfit_reason,
 )
 
@@ -75,6 +76,7 @@ class AsyncRounds:
         self.parked: dict[int, _Parked] = {}
         self.attach: set[int] = set()  # clients whose next task carries the server's copy of their state
         self.no_progress = 0           # replies in a row that could not be parked
+        self._resend: list[tuple[int, ClientTask]] = []  # (node, task) whose lost reply to ask for again
         self._restored = False
 
     @property
@@ -82,7 +84,8 @@ class AsyncRounds:
         return self.cfg.quorum or self.agg.cfg.federation.clients_per_round
 
     def busy(self) -> set[int]:
-        return {f.task.client_id for f in self.in_flight.values()} | set(self.parked)
+        return ({f.task.client_id for f in self.in_flight.values()} | set(self.parked) |
+                {t.client_id for _, t in self._resend})
 
     def _pick(self) -> int | None:
         free = [c for c in range(len(self.agg.state.clients)) if c not in self.busy()]
@@ -125,6 +128,9 @@ class AsyncRounds:
         agg.state.clock = clock()
         agg.state.outstanding = [{"task": f.task.to_json(), "node": f.node, "sent": f.sent}
                                  for f in self.in_flight.values()]
+        # a lost reply not yet asked for again: asked for on resume (the node keeps it)
+        agg.state.outstanding += [{"task": replace(t, resend=t.resend + 1).to_json(), "node": node,
+                                   "sent": clock()} for node, t in self._resend]
         return result
 
     def _ready(self, now: float) -> bool:
@@ -143,6 +149,14 @@ class AsyncRounds:
 
     def _dispatch(self, transport: Transport, result: RoundResult) -> None:
         agg = self.agg
+        while self._resend:
+            node, lost = self._resend.pop(0)
+            task, wire = agg.resend_wire(lost)
+            handle = transport.submit(node, wire)
+            sent = clock_of(transport)()
+            self.in_flight[handle] = InFlight(task, node, sent, sent + agg.cfg.federation.round_timeout_s)
+            agg.occupy(node, handle, sent)
+            result.resent += 1
         for node in agg.free_nodes(transport):
             if self.cfg.concurrency is not None and len(self.in_flight) >= self.cfg.concurrency:
                 break  # federation.asynchronous.concurrency: no more clients in flight at once
@@ -184,11 +198,14 @@ class AsyncRounds:
         if unfit is not None:  # the node cannot train anyone: out of the run; the client is free again
             agg._exclude(node, unfit, result)
             return
+        if agg.may_resend(msg, task):  # the node kept the reply: ask for it again, train nothing
+            self._resend.append((node, task))
+            return
         self.no_progress += 1
         if isinstance(msg, (str, Rejected)):
             # a reply lost on the way is not the node's failure
             reason = error_text(str(msg))
-            agg._attempt_failed(cid, node, 0, reason, result, node_error=isinstance(msg, str) and not is_lost(msg))
+            agg._attempt_failed(cid, node, 0, reason, result, node_error=node_failed(msg))
             result.dropped[cid] = reason
             return
         staleness = agg.state.round - task.version
@@ -254,7 +271,7 @@ class AsyncRounds:
                 if not free:
                     continue  # fewer nodes than before: the client is simply free again
                 node = free[0]
-            model = self._model_at(task.version)
+            model = SAME_MODEL if task.resend else self._model_at(task.version)  # a resend trains nothing
             self._send(transport, node, task, model, dummy, at=item["sent"] if is_virtual(transport) else None)
         state.outstanding = []
 

@@ -33,8 +33,10 @@ def slow_clients(faults: FaultConfig, num_clients: int) -> set[int]:
 
 
 def task_timing(task: ClientTask, faults: FaultConfig, num_clients: int) -> TaskTiming:
-    """This task's speed, lateness and loss: a pure function of (seed, client, dispatch count)."""
-    draw = np.random.default_rng([faults.seed, 2, task.client_id, task.dispatch]).random(2)
+    """This task's speed, lateness and loss: a pure function of (seed, client, dispatch count, and for a
+    re-sent reply the how-many-th ask)."""
+    key = [faults.seed, 2, task.client_id, task.dispatch] + ([task.resend] if task.resend else [])
+    draw = np.random.default_rng(key).random(2)
     late = bool(draw[0] < faults.late_probability)
     dropped = bool(draw[1] < faults.drop_probability)
     speed = (faults.slow_factor if task.client_id in slow_clients(faults, num_clients) else 1.0) * \

@@ -81,6 +81,8 @@ class ClientTask:
     dispatch: int = 0                # the client's dispatch count: seeds per-task fault draws
     model_digest: str | None = None  # digest of the global model the task starts from (compressed down-link)
     base_digest: str | None = None   # set: the model payload is a compressed update to apply to this model
+    resend: int = 0                  # > 0: send again the reply kept for task_id (the n-th ask); train nothing
+    keep_replies_from: int = 0       # the node may delete its kept replies of earlier rounds
 
     @property
     def samples(self) -> int:

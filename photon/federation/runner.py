@@ -316,7 +316,7 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
     ppl = perplexity(losses[OVERALL]) if losses else float("nan")
     bpb = bits_per_byte(losses, eval_bytes).get(OVERALL, float("nan")) if losses and eval_bytes else float("nan")
     runlog.log("round", state.global_step, round=state.round, ok=len(r.ok), failed=len(r.failed),
-               dropped=len(r.dropped), late=len(r.late), loss=r.loss, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
+               dropped=len(r.dropped), late=len(r.late), resent=r.resent, loss=r.loss, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
                bytes_state_up=r.bytes_state_up, bytes_state_down=r.bytes_state_down, tokens=r.tokens,
                train_seconds=r.train_seconds, critical_train_seconds=r.critical_train_seconds,
                wall_seconds=r.wall_seconds, clock=r.clock, norms={str(k): v for k, v in r.norms.items()},
@@ -331,6 +331,9 @@ def _log_round(runlog: RunLog, state: ServerState, r: RoundResult, losses: dict[
         console.print(f"  [yellow]retried[/] client {cid}: it failed once, then succeeded", highlight=False)
     for cid, reason in sorted(r.dropped.items()):
         console.print(f"  [yellow]dropped[/] client {cid}: {reason}", highlight=False)
+    if r.resent:
+        console.print(f"  [yellow]re-sent[/] {r.resent} lost repl{'y' if r.resent == 1 else 'ies'}: asked for "
+                      "again, not trained again", highlight=False)
     if r.late:
         console.print(f"  [yellow]ignored[/] {len(r.late)} late or duplicate repl{'y' if len(r.late) == 1 else 'ies'} "
                       f"(from {', '.join(r.late[:3])})", highlight=False)

@@ -37,6 +37,7 @@ from photon.federation.faults import (
     maybe_fail,
     task_timing,
 )
+from photon.federation.kept_replies import NOT_KEPT, KeptReplies
 from photon.federation.protocol import (
     MODEL,
     STATE,
@@ -144,6 +145,7 @@ class ClientWorker:
         `local.lean_config`), whatever the run's config says; its updates are the same. Without it, a node of
         one process per client does so for a run whose client would not fit its free memory otherwise."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
+        self.replies = KeptReplies(self.cache.state_dir)
         self.data_dir = data_dir
         self.real_time_faults = real_time_faults
         self.slowdown = slowdown
@@ -210,8 +212,19 @@ class ClientWorker:
         travels apart from the message (the blob side channel), into the given buffer where it fits."""
         task = decode_task(wire)
         cfg = build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"})
-        reply = self.run(task, cfg, wire, fetch)
-        return corrupt_wire(task, encode_reply(reply), cfg.federation.faults)
+        self.replies.forget_before(task.run_id, task.keep_replies_from)
+        if task.resend:  # a reply the server did not get: the one kept, nothing trained again
+            out = self.replies.load(task)
+            if out is None:
+                raise RuntimeError(f"{NOT_KEPT} task {task.task_id}'s reply is not kept on this node")
+        else:
+            out = corrupt_wire(task, encode_reply(self.run(task, cfg, wire, fetch)), cfg.federation.faults)
+            if cfg.federation.resend_lost:
+                self.replies.keep(task, out)
+        if self.real_time_faults and task_timing(task, cfg.federation.faults,
+                                                 cfg.data.partition.num_clients).dropped:
+            raise RuntimeError(lost_reply(task.task_id, "injected fault: federation.faults.drop_probability"))
+        return out
 
     def global_model(self, task: ClientTask, wire: Wire, layout: codec.Layout, fetch: Fetch,
                      flat: Tensors | None) -> dict[str, torch.Tensor]:
@@ -296,8 +309,6 @@ class ClientWorker:
             speed = timing.speed * self.slowdown
             if speed > 1:  # a slow or late site: take as long as it would have
                 time.sleep(result.seconds * (speed - 1))
-            if timing.dropped:
-                raise RuntimeError(lost_reply(task.task_id, "injected fault: federation.faults.drop_probability"))
         # The optimizer's own tensors (no copy): it is dropped next and nothing trains them again
         new_state = ({k: v.detach().to("cpu", torch.float32)
                       for k, v in optimizer_state_tensors(model, optimizer).items()} if persist else {})

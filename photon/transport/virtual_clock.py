@@ -6,9 +6,11 @@ arrive, H × `virtual_clock.step_seconds` × its speed factor to train (`faults.
 late tasks), and the reply's bytes / bandwidth to come back (its size taken as the task's model payload's);
 a lost reply (`faults.drop_probability`) comes back as the node's error report at that time, as the real
 engines raise it. `collect` advances the clock to the next completion, and only then runs the task for real
-(one at a time, in virtual-time order); a task the server has given up on (`cancel`) or whose reply is lost
-is not trained at all, which saves the real compute a virtual straggler would waste. Used by `photon run --engine inprocess`, the
-stragglers benchmark and the async tests.
+(one at a time, in virtual-time order); a task the server has given up on (`cancel`) is not trained at all,
+which saves the real compute a virtual straggler would waste, and neither is one whose reply is lost when
+nodes keep no replies (`federation.resend_lost: 0`); otherwise the node trains it and keeps the reply it
+will send again when asked (a re-sent reply takes only its transfer time). Used by
+`photon run --engine inprocess`, the stragglers benchmark and the async tests.
 """
 
 from __future__ import annotations
@@ -74,17 +76,15 @@ class VirtualClockTransport(InProcessTransport):
         timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
         rate = cfg.federation.virtual_clock.bandwidth_mbps * 1e6 / 8  # bytes per virtual second
         start = max(self.now if at is None else at, self.free_at[node])
-        compute = task.local_steps * cfg.federation.virtual_clock.step_seconds * timing.speed
+        step_s = cfg.federation.virtual_clock.step_seconds
+        compute = 0.0 if task.resend else task.local_steps * step_s * timing.speed  # a re-sent reply: no work
         up = wire.payloads["model"].nbytes if "model" in wire.payloads else 0
         done = start + wire.nbytes / rate + compute + up / rate
         self.free_at[node] = done
-        self.records[task.task_id] = TaskRecord(task.task_id, task.client_id, node, start, done, compute,
+        key = f"{task.task_id}~{task.resend}" if task.resend else task.task_id  # the training keeps its record
+        self.records[key] = TaskRecord(task.task_id, task.client_id, node, start, done, compute,
                                                 timing.dropped)
-        if timing.dropped:  # as on Flower: the node reports the lost reply when it would have replied
-            work: Wire | str = lost_reply(task.task_id, "injected fault: federation.faults.drop_probability")
-        else:
-            work = wire
-        heapq.heappush(self._events, (done, next(self._seq), handle, node, work))
+        heapq.heappush(self._events, (done, next(self._seq), handle, node, (wire, timing.dropped)))
         return handle
 
     def cancel(self, handle: str) -> None:
@@ -103,6 +103,12 @@ class VirtualClockTransport(InProcessTransport):
                 self._cancelled.discard(handle)
                 yield handle, "the server gave up on this task before it finished"
             else:
-                yield handle, self.run(node, work) if isinstance(work, Wire) else work
+                wire, dropped = work
+                task = decode_task(wire)
+                # the node does the work and keeps its reply, to send it again when asked (unless nothing is kept)
+                reply = self.run(node, wire) if not dropped or self.config(task).federation.resend_lost else None
+                # as on Flower: a lost reply reaches the server as the node's report, when it would have arrived
+                yield handle, lost_reply(task.task_id, "injected fault: federation.faults.drop_probability") \
+                    if dropped else reply
             return
         self.now = max(self.now, limit)

@@ -139,3 +139,31 @@ def test_free_memory_reads_this_machine():
 
     free = free_memory("cpu")
     assert free is not None and 0 < free <= device_memory("cpu") * 1.01
+
+
+def test_a_node_keeps_its_replies_until_the_server_no_longer_needs_them(tmp_path):
+    """A reply is kept whole (header, every payload's layout and bytes) by task id and comes back equal; the
+    rounds the server says it will not ask about again are forgotten."""
+    import numpy as np
+
+    from photon.federation.codec import Payload
+    from photon.federation.kept_replies import KeptReplies
+    from photon.federation.protocol import ClientTask, Wire
+
+    def task(round_, tid):
+        return ClientTask(task_id=tid, run_id="abc123", client_id=0, round=round_, global_step=0, cursor=0,
+                          local_steps=1, schedule_steps=1, batch_size=1, spans=[], config={})
+
+    kept = KeptReplies(tmp_path)
+    wire = Wire('{"task_id": "c0-d1"}', {"update": Payload({"codec": "fp32", "tensors": [["w", [3]]]},
+                                                            np.arange(12, dtype=np.uint8)),
+                                         "state": Payload({"codec": "fp32", "tensors": []}, np.zeros(0, np.uint8))})
+    kept.keep(task(2, "c0-d1"), wire)
+    kept.keep(task(5, "c0-d2"), wire)
+    back = kept.load(task(2, "c0-d1"))
+    assert back.header == wire.header and sorted(back.payloads) == sorted(wire.payloads)
+    for name, p in wire.payloads.items():
+        assert back.payloads[name].layout == p.layout and back.payloads[name].as_bytes() == p.as_bytes()
+    kept.forget_before("abc123", 5)
+    assert kept.load(task(2, "c0-d1")) is None and kept.load(task(5, "c0-d2")) is not None
+    assert kept.load(task(7, "c9-d9")) is None
