@@ -86,8 +86,12 @@ class RecipeArms:
         self.rec = Recipes(base, claims)
         self.lr0 = round_lr(base.train.lr)
 
-    def central(self, lr: float, seed_count: int = 1) -> Arm:
-        return self.rec.central(f"central", f"centralized, batch {self.B}", lr, seed_count)
+    def central(self, lr: float, seed_count: int = 1, muon: bool = False) -> Arm:
+        arm = self.rec.central("central", f"centralized, batch {self.B}", lr, seed_count)
+        if not muon:
+            return arm
+        return replace(arm, name="central-muon", about=arm.about + ", Muon", overrides=(*arm.overrides,
+                                                                                        "train.optimizer=muon"))
 
     def fed(self, outer: str, olr: float, h: int, lr: float, k: int | None = None, split: str = "by-domain",
             seeds: int = 1, muon: bool = False) -> Arm:
@@ -190,6 +194,7 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
         best["muon_outer"] = "fedavg" if fedavg_wins else "nesterov"
         others.append(arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, muon=True) if fedavg_wins else
                       arms.fed("nesterov", best_olr, best_h, inner_lr, muon=True))
+        others.append(arms.central(central_lr, muon=True))  # Muon against Muon, too: the fair ratio
         runner.run([(a, s) for a in headline for s in range(1, a.seeds)] + [(a, 0) for a in others])
         return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, started, console,
                       results_dir)
@@ -347,9 +352,11 @@ def render(data: dict[str, Any]) -> str:
             extra.append(f"- {label} at its best setting, K = {K}: ratio {by_domain[0]:.3f} by domain, "
                          f"{iid[0]:.3f} on an IID split (the anchors' data), seed 0.")
         muon = _ratio_at(data, _key(data, f"{name}-muon", lr), central, 1.0)
+        both = _ratio_at(data, _key(data, f"{name}-muon", lr), _key(data, "central-muon", b["central_lr"]), 1.0)
         if muon and by_domain:
-            extra.append(f"- {label} at its best setting with a Muon inner optimizer: ratio {muon[0]:.3f} "
-                         f"(AdamW: {by_domain[0]:.3f}), seed 0.")
+            extra.append(f"- {label} at its best setting with a Muon inner optimizer: ratio {muon[0]:.3f} to "
+                         f"`central` with AdamW (AdamW federated: {by_domain[0]:.3f})"
+                         + (f", {both[0]:.3f} to `central` with Muon at the same LR" if both else "") + ", seed 0.")
     if extra:
         lines += ["", *extra]
     return "\n".join(lines)
