@@ -159,7 +159,7 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
         trained = [*(arms.central(lr) for lr in lrs), *(arms.fed("fedavg", 1.0, h, arms.lr0) for h in plan.hs),
                    *(arms.fed("nesterov", o, h, arms.lr0) for h in plan.hs for o in olrs[h])]
         # stored after each stage, so a long plan that stops part-way still leaves its finished stages reported
-        _store(base, plan, arms, out, 1, best, grid, trained, load, started, console, results_dir)
+        _store(base, plan, arms, out, 1, best, grid, trained, load, runner, started, console, results_dir)
         # 2. the inner LR of the best setting of each outer loop
         def sweep_inner(arm_at) -> tuple[list[float], dict[float, float]]:
             inner = sorted({round_lr(arms.lr0 * x) for x in plan.lr_grid})
@@ -180,7 +180,7 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
         fedavg_lr = best["fedavg_inner_lr"] = min(inner_f, key=lambda x: scores_f.get(x, math.inf))
         grid["inner"] = {f"{lr:g}": _num(scores_i.get(lr)) for lr in inner}
         grid["inner_fedavg"] = {f"{lr:g}": _num(scores_f.get(lr)) for lr in inner_f}
-        _store(base, plan, arms, out, 2, best, grid, trained, load, started, console, results_dir)
+        _store(base, plan, arms, out, 2, best, grid, trained, load, runner, started, console, results_dir)
         # 3. headline seeds; K, IID for both outer loops; Muon inner at the better of the two
         fedavg_best = arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, seeds=plan.seeds)
         nesterov_best = arms.fed("nesterov", best_olr, best_h, inner_lr, seeds=plan.seeds)
@@ -196,13 +196,13 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
                       arms.fed("nesterov", best_olr, best_h, inner_lr, muon=True))
         others.append(arms.central(central_lr, muon=True))  # Muon against Muon, too: the fair ratio
         runner.run([(a, s) for a in headline for s in range(1, a.seeds)] + [(a, 0) for a in others])
-        return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, started, console,
-                      results_dir)
+        return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, runner, started,
+                      console, results_dir)
 
 
 def _store(base: RunConfig, plan: RecipePlan, arms: RecipeArms, out: Path, stage: int, best: dict[str, Any],
-           grid: dict[str, Any], trained: list[Arm], load: LoadSampler, started: float, console: Console,
-           results_dir: Path | None) -> dict[str, Any]:
+           grid: dict[str, Any], trained: list[Arm], load: LoadSampler, runner: Runner, started: float,
+           console: Console, results_dir: Path | None) -> dict[str, Any]:
     """The record of every finished arm (each once, with all its finished seeds), stored and shown."""
     from photon.model.transformer import count_params, describe, embedding_params
 
@@ -222,7 +222,9 @@ def _store(base: RunConfig, plan: RecipePlan, arms: RecipeArms, out: Path, stage
             "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.__dict__.items()},
             "stages_done": stage, "batch": arms.B, "seq_len": base.train.seq_len,
             "tokens": plan.steps * arms.B * base.train.seq_len, "best": best, "grid": grid, "arms": runs}
-    publish("recipe", data, render, load, started, console, results_dir=results_dir)
+    # the wall time is the benchmark's only when this invocation trained every run itself
+    publish("recipe", data, render, load, started if runner.skipped == 0 else None, console,
+            results_dir=results_dir)
     return data
 
 
