@@ -42,7 +42,7 @@ def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
     )
 
     return {"robust": robust.render, "stragglers": stragglers.render, "async": async_outer.render,
-            "recipe": recipe.render,
+            "recipe": recipe.render, "recipe-brief": recipe.render_brief,
             "trainer-cpu": throughput.render, "trainer-cuda": throughput.render, "wire": wire.render,
             "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render,
             "federation": federation.render,

@@ -362,3 +362,27 @@ def render(data: dict[str, Any]) -> str:
     if extra:
         lines += ["", *extra]
     return "\n".join(lines)
+
+
+def render_brief(data: dict[str, Any]) -> str:
+    """The README's table: each outer loop at its best measured setting, and which one `photon run` uses."""
+    b, p = data["best"], data["plan"]
+    K = p["clients"]
+    central = _key(data, "central", b["central_lr"])
+    fa_lr = b.get("fedavg_inner_lr", b["lr0"])
+    rows = [("FedAvg (Photon's, the default)", "FedAvg", "1", b["fedavg_h"], fa_lr,
+             f"fedavg-h{b['fedavg_h']}-k{K}"),
+            ("DiLoCo's outer loop", f"Nesterov μ={p['momentum']:g}", f"{b['nesterov_lr']:g}", b["nesterov_h"],
+             b["inner_lr"], f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}")]
+    lines = [f"`photon bench recipe` on `{data['preset']}`, K = {K} by-domain clients, equal tokens, each replica "
+             "batch B/K (docs/RESULTS.md has the grid):", "",
+             "| recipe | outer optimizer | outer LR | H | inner LR | ratio to centralized (final) |",
+             "|---|---|---|---|---|---|"]
+    for label, outer, olr, h, lr, name in rows:
+        ratio = _ratio_at(data, _key(data, name, lr), central, 1.0)
+        lines.append(f"| {label} | {outer} | {olr} | {h} | {lr:g} | {_fmt(ratio, 3)} |")
+        muon = _ratio_at(data, _key(data, f"{name}-muon", lr), _key(data, "central-muon", b["central_lr"]), 1.0)
+        if muon:
+            lines.append(f"| {label}, Muon inner (against `central` with Muon) | {outer} | {olr} | {h} | {lr:g} | "
+                         f"{_fmt(muon, 3)} |")
+    return "\n".join(lines)
