@@ -75,12 +75,15 @@ def arm_config(base: RunConfig, arm: dict[str, Any], steps: int) -> RunConfig:
     sets = [f"federation.local_steps={arm['h']}", f"federation.rounds={rounds}", f"train.seed={arm['seed']}",
             "federation.state_backup=false", f"federation.eval_every={max(1, rounds // 8)}",
             f"train.warmup_steps={max(1, steps // 10)}", "federation.aggregation=mean", "federation.min_cosine=null"]
-    if arm["codec"] == SPARSELOCO:
-        return with_overrides(base, [*sets, "federation.compression.recipe=sparseloco"])
-    sets += [f"federation.compression.up.{s}" for s in arm["settings"]]
-    if arm["both"]:
-        sets += [f"federation.compression.down.{s}" for s in arm["settings"]]
-    return with_overrides(base, sets)
+    return with_overrides(base, sets + codec_overrides(arm["codec"], arm["both"]))
+
+
+def codec_overrides(name: str, both: bool) -> list[str]:
+    """The overrides that make arm `name` move its updates (up only, or both ways)."""
+    if name == SPARSELOCO:
+        return ["federation.compression.recipe=sparseloco"]
+    return [f"federation.compression.{way}.{s}" for way in (("up", "down") if both else ("up",))
+            for s in CODECS[name]]
 
 
 def arm_dir(out: Path, arm: dict[str, Any]) -> Path:
@@ -130,9 +133,7 @@ def codec_seconds(cfg: RunConfig, name: str, repeats: int = 3) -> dict[str, floa
     from photon.federation.compressed_updates import client_message, rebuild_from_replies, replies_payload
     from photon.model.transformer import Transformer, unique_state_dict
 
-    sets = (["federation.compression.recipe=sparseloco"] if name == SPARSELOCO else
-            [f"federation.compression.up.{s}" for s in CODECS[name]])
-    ccfg = with_overrides(cfg, sets).federation.compression.up
+    ccfg = with_overrides(cfg, codec_overrides(name, both=False)).federation.compression.up
     g = torch.Generator().manual_seed(0)
     update = {k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in unique_state_dict(Transformer(cfg.model)).items()}
     residual = {f"ef/{k}": torch.zeros_like(v) for k, v in update.items()} if ccfg.error_feedback else None

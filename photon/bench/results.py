@@ -171,6 +171,17 @@ def publish(name: str, data: dict[str, Any], render, load: LoadSampler, started:
     return path
 
 
+def eval_bytes(cfg: Any, batch: int, rows: int) -> dict[str, list[int]]:
+    """[tokens scored, UTF-8 bytes of their text] per domain and overall, for the `rows` validation rows a
+    benchmark's arms score in batches of `batch` (cfg's data and sequence length): a property of the data
+    alone, so a report turns each stored loss into bits per byte."""
+    from photon.data.shards import open_prepared
+    from photon.train.evaluate import scored_bytes
+
+    prepared = open_prepared(cfg.data.prep_dir)
+    return {d: list(c) for d, c in scored_bytes(prepared, cfg.train.seq_len, batch, rows // batch).items()}
+
+
 def store_eval_bytes(path: Path, counts: dict[str, Any]) -> dict[str, Any]:
     """Add `eval_bytes` (per domain: [tokens scored, UTF-8 bytes of their text]) to the stored record at
     `path`, which lacks them, so its stored losses read as bits per byte. The counts are a property of the data

@@ -34,7 +34,7 @@ from photon.errors import UserError
 from photon.federation.runner import run_federation
 from photon.federation.worker import ClientWorker
 from photon.runlog import read_metrics
-from photon.train.evaluate import perplexity
+from photon.train.evaluate import OVERALL, bits_per_byte, perplexity
 from photon.transport.inprocess import InProcessTransport
 
 CHECKS_OFF = ["federation.max_norm_ratio=null", "federation.min_cosine=null"]
@@ -133,8 +133,7 @@ def run_robust_bench(cfg: RunConfig, out: Path, scales: tuple[float, ...] = (1, 
 
 def _bpb(data: dict[str, Any], ppl: float) -> float | None:
     """Bits per byte of an overall perplexity, from the record's scored tokens and bytes (if it holds them)."""
-    counts = data.get("eval_bytes", {}).get("overall")
-    return math.log(ppl) * counts[0] / (math.log(2) * counts[1]) if counts else None
+    return bits_per_byte({OVERALL: math.log(ppl)}, data.get("eval_bytes", {})).get(OVERALL)
 
 
 def _select(rows: list[dict], **match: Any) -> list[dict]:
@@ -183,8 +182,9 @@ def render(data: dict[str, Any]) -> str:
     bpb = {k: [r.get("bpb_after") or _bpb(data, r["ppl_after"])
                for r in _select(rows, rule=BASELINE, clients=k, attack=None)] for k in ks}
     if all(v and None not in v for v in bpb.values()):  # records measured before bits per byte was logged lack it
-        lines[lines.index("Clean runs (nobody attacks):")] = (f"Clean runs (nobody attacks; the plain mean ends at "
-                     + ", ".join(f"{statistics.mean(bpb[k]):.3f} bits per byte for K = {k}" for k in ks) + "):")
+        ends = ", ".join(f"{statistics.mean(bpb[k]):.3f} bits per byte for K = {k}" for k in ks)
+        clean = lines.index("Clean runs (nobody attacks):")
+        lines[clean] = f"Clean runs (nobody attacks; the plain mean ends at {ends}):"
     for rule in rules:
         lines.append(f"| {rule} | " + " | ".join(cell({"rule": rule, "clients": k, "attack": None}, base[k])
                                                    for k in ks) + " |")

@@ -117,14 +117,11 @@ def bench_robust(
     cfg = flags_config(preset, overrides)
     ensure_prepared(cfg)
     if eval_bytes:
-        from photon.bench.results import chosen_results_dir, store_eval_bytes
-        from photon.data.shards import open_prepared
-        from photon.train.evaluate import scored_bytes
+        from photon.bench.results import chosen_results_dir, eval_bytes, store_eval_bytes
 
         t = cfg.train
         path = chosen_results_dir() / "robust.json"
-        _say_eval_bytes(path, store_eval_bytes(path, scored_bytes(open_prepared(cfg.data.prep_dir), t.seq_len,
-                                                                  t.batch_size, t.eval_batches)))
+        _say_eval_bytes(path, store_eval_bytes(path, eval_bytes(cfg, t.batch_size, t.eval_batches * t.batch_size)))
         return
     run_robust_bench(cfg, out, values, alie_z, tuple(pairs), seeds=seeds, console=console)
 

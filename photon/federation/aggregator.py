@@ -263,12 +263,18 @@ class Aggregator:
                           keep_replies_from=self.state.round - (fed.asynchronous.max_staleness
                                                                 if fed.mode == "async" else 0))
 
-    def resend_wire(self, task: ClientTask) -> tuple[ClientTask, Wire]:
-        """Ask the node that sent `task`'s lost reply for it again (it kept it): nothing is trained."""
-        again = replace(task, resend=task.resend + 1)
+    def ask_again(self, transport: Transport, node: int, lost: ClientTask, in_flight: dict[str, InFlight],
+                  timeout: float, result: RoundResult) -> None:
+        """Ask the node that sent `lost`'s reply for it again (it kept it): nothing is trained. The ask is in
+        flight like a task, for `timeout` seconds."""
+        again = replace(lost, resend=lost.resend + 1)
         log.info("round %d: asking for the reply of task %s again (lost on the way; ask %d of %d)",
-                 self.state.round + 1, task.task_id, again.resend, self.cfg.federation.resend_lost)
-        return again, encode_task(again, SAME_MODEL)
+                 self.state.round + 1, lost.task_id, again.resend, self.cfg.federation.resend_lost)
+        handle = transport.submit(node, encode_task(again, SAME_MODEL))
+        now = clock_of(transport)()
+        in_flight[handle] = InFlight(again, node, now, now + timeout)
+        self.occupy(node, handle, now)
+        result.resent += 1
 
     def may_resend(self, msg: object, task: ClientTask) -> bool:
         """Whether a lost reply is asked for again instead of training its client again."""
@@ -426,12 +432,7 @@ class Aggregator:
         only while clients wait."""
         while rnd.resend:
             node, lost = rnd.resend.popleft()
-            task, wire = self.resend_wire(lost)
-            handle = transport.submit(node, wire)
-            now = clock_of(transport)()
-            rnd.in_flight[handle] = InFlight(task, node, now, now + self.task_deadline())
-            self.occupy(node, handle, now)
-            rnd.result.resent += 1
+            self.ask_again(transport, node, lost, rnd.in_flight, self.task_deadline(), rnd.result)
         for node, cid in self._assign(rnd.queue, self.free_nodes(transport), rnd.failed_on):
             rnd.attempts[cid] += 1
             task = self.task(cid, rnd.attempts[cid])

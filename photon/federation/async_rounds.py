@@ -151,12 +151,7 @@ class AsyncRounds:
         agg = self.agg
         while self._resend:
             node, lost = self._resend.pop(0)
-            task, wire = agg.resend_wire(lost)
-            handle = transport.submit(node, wire)
-            sent = clock_of(transport)()
-            self.in_flight[handle] = InFlight(task, node, sent, sent + agg.cfg.federation.round_timeout_s)
-            agg.occupy(node, handle, sent)
-            result.resent += 1
+            agg.ask_again(transport, node, lost, self.in_flight, agg.cfg.federation.round_timeout_s, result)
         for node in agg.free_nodes(transport):
             if self.cfg.concurrency is not None and len(self.in_flight) >= self.cfg.concurrency:
                 break  # federation.asynchronous.concurrency: no more clients in flight at once

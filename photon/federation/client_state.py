@@ -94,10 +94,14 @@ class NodeStateCache:
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
 
-    def files(self, run_id: str, client: int) -> StateFiles:
+    def run_dir(self, run_id: str) -> Path:
+        """This node's folder for a run (the run's uid names it; anything else is refused)."""
         if not run_id.isalnum():
             raise ValueError(f"bad run id {run_id!r}")
-        return StateFiles(self.state_dir / run_id / f"client_{client:06d}")
+        return self.state_dir / run_id
+
+    def files(self, run_id: str, client: int) -> StateFiles:
+        return StateFiles(self.run_dir(run_id) / f"client_{client:06d}")
 
     def load(self, run_id: str, client: int, digest: str, attached: Tensors | None) -> Tensors:
         """The committed state `digest`: from the cache, else from `attached` (checked and cached), else
@@ -121,9 +125,7 @@ class NodeStateCache:
 
     def global_files(self, run_id: str) -> StateFiles:
         """The last global model this node received (for compressed down-link updates), per run."""
-        if not run_id.isalnum():
-            raise ValueError(f"bad run id {run_id!r}")
-        return StateFiles(self.state_dir / run_id / "global")
+        return StateFiles(self.run_dir(run_id) / "global")
 
 
 def client_state_layout(cfg: RunConfig, layout: codec.Layout) -> codec.Layout:

@@ -486,11 +486,13 @@ def _stream_sizes(codec: _Cast | _Blockwise | _TopK, layout: Layout) -> list[lis
     return [codec.sizes(_numel(shape)) for _, shape in layout]
 
 
+def _total(sizes: list[list[int]]) -> int:
+    return sum(_pad4(b) for stream_sizes in sizes for b in stream_sizes)
+
+
 def payload_nbytes(spec: CodecSpec, layout: Layout) -> int:
     """The exact byte count of a payload of `layout` under `spec` (it depends only on the shapes)."""
-    return sum(_pad4(b) for sizes in _stream_sizes(_codec(spec), layout) for b in sizes)
-
-
+    return _total(_stream_sizes(_codec(spec), layout))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -584,7 +586,7 @@ def decode(payload: Payload, expected: Layout) -> dict[str, torch.Tensor]:
     check_layout(payload, expected)
     impl = _codec(spec)
     sizes = _stream_sizes(impl, expected)
-    need = payload_nbytes(spec, expected)
+    need = _total(sizes)
     if payload.nbytes != need:
         raise CodecError(f"payload has {payload.nbytes} bytes, its layout ({spec.name}) needs {need}"
                          f" ({'truncated' if payload.nbytes < need else 'oversized'})")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from photon.checkpoint import atomic_write_text
+from photon.federation.client_state import NodeStateCache
 from photon.federation.codec import Payload
 from photon.federation.protocol import ClientTask, Wire
 
@@ -26,13 +27,11 @@ NOT_KEPT = "photon:reply-not-kept"  # marks a node's error reply: "I no longer h
 class KeptReplies:
     """The replies one node sent, by run and task."""
 
-    def __init__(self, state_dir: Path):
-        self.state_dir = Path(state_dir)
+    def __init__(self, cache: NodeStateCache):
+        self.cache = cache
 
     def _run_dir(self, run_id: str) -> Path:
-        if not run_id.isalnum():
-            raise ValueError(f"bad run id {run_id!r}")
-        return self.state_dir / run_id / "replies"
+        return self.cache.run_dir(run_id) / "replies"
 
     def _dir(self, task: ClientTask) -> Path:
         if not task.task_id.replace("-", "").isalnum():

@@ -145,7 +145,7 @@ class ClientWorker:
         `local.lean_config`), whatever the run's config says; its updates are the same. Without it, a node of
         one process per client does so for a run whose client would not fit its free memory otherwise."""
         self.cache = NodeStateCache(Path(state_dir) if state_dir else Path(".photon-node"))
-        self.replies = KeptReplies(self.cache.state_dir)
+        self.replies = KeptReplies(self.cache)
         self.data_dir = data_dir
         self.real_time_faults = real_time_faults
         self.slowdown = slowdown

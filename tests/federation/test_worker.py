@@ -146,6 +146,7 @@ def test_a_node_keeps_its_replies_until_the_server_no_longer_needs_them(tmp_path
     rounds the server says it will not ask about again are forgotten."""
     import numpy as np
 
+    from photon.federation.client_state import NodeStateCache
     from photon.federation.codec import Payload
     from photon.federation.kept_replies import KeptReplies
     from photon.federation.protocol import ClientTask, Wire
@@ -154,7 +155,7 @@ def test_a_node_keeps_its_replies_until_the_server_no_longer_needs_them(tmp_path
         return ClientTask(task_id=tid, run_id="abc123", client_id=0, round=round_, global_step=0, cursor=0,
                           local_steps=1, schedule_steps=1, batch_size=1, spans=[], config={})
 
-    kept = KeptReplies(tmp_path)
+    kept = KeptReplies(NodeStateCache(tmp_path))
     wire = Wire('{"task_id": "c0-d1"}', {"update": Payload({"codec": "fp32", "tensors": [["w", [3]]]},
                                                             np.arange(12, dtype=np.uint8)),
                                          "state": Payload({"codec": "fp32", "tensors": []}, np.zeros(0, np.uint8))})

@@ -62,11 +62,10 @@ class View:
 
     def final_bpb(self, name: str, seed: str, domain: str = OVERALL) -> float | None:
         """Bits per byte of the final evaluation (None for a record without the scored bytes)."""
-        counts = self.d.get("eval_bytes", {}).get(domain)
-        if not counts:
-            return None
-        tokens, size = counts
-        return self.run(name, seed)["evals"][-1][2][domain] * tokens / (math.log(2) * size)
+        from photon.train.evaluate import bits_per_byte
+
+        loss = self.run(name, seed)["evals"][-1][2][domain]
+        return bits_per_byte({domain: loss}, self.d.get("eval_bytes", {})).get(domain)
 
     def curve(self, name: str, seed: str, x: int = 0, per: float = 1.0) -> list[tuple[float, float]]:
         """[(x, ppl)]: x = tokens (x=0, divided by `per`) or round-equivalent (x=1)."""

@@ -298,20 +298,10 @@ def run_claims(base: RunConfig, out: Path, plan: ClaimsPlan, console: Console | 
     return data
 
 
-def eval_bytes(base: RunConfig, batch: int, rows: int) -> dict[str, list[int]]:
-    """[tokens scored, UTF-8 bytes of their text] per domain and overall, for the validation rows every arm
-    scores: a property of the data alone, so the report turns each stored loss into bits per byte."""
-    from photon.data.shards import open_prepared
-    from photon.train.evaluate import scored_bytes
-
-    prepared = open_prepared(base.data.prep_dir)
-    return {d: list(c) for d, c in scored_bytes(prepared, base.train.seq_len, batch, rows // batch).items()}
-
-
 def add_eval_bytes(base: RunConfig, plan: ClaimsPlan, path: Path) -> dict[str, list[int]]:
     """Store `eval_bytes` in the record at `path` that lacks them, training nothing (the counts depend only on
     the data and the rows the plan scores); the record's other fields stay as they were measured."""
-    from photon.bench.results import load_result, store_eval_bytes
+    from photon.bench.results import eval_bytes, load_result, store_eval_bytes
 
     data = load_result(path)["data"]
     if str(base.data.prep_dir) != data.get("data"):
@@ -438,6 +428,7 @@ def collect(base: RunConfig, plan: ClaimsPlan, rec: Recipes, arms: list[Arm], sw
             est: dict[str, Any]) -> dict[str, Any]:
     """Everything the report shows, as plain JSON."""
     from photon.bench.claims.record import model_bytes
+    from photon.bench.results import eval_bytes
     from photon.model.transformer import count_params, describe, embedding_params
 
     m = base.model
