@@ -226,9 +226,28 @@ class FaultConfig(_Frozen):
     late_probability: float = Field(0.0, ge=0, le=1, description="Chance that a task runs late_factor× slower "
                                     "(seeded per task): a busy cluster, a node that restarts.")
     late_factor: float = Field(3.0, ge=1, description="How much slower a late task is.")
-    seed: int = Field(0, description="Seed of the slow clients and of the per-task drop/late draws.")
+    seed: int = Field(0, description="Seed of the slow clients and nodes and of the drop/late draws.")
+    slow_node_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of the nodes that train slow_factor× slower (chosen with faults.seed): a "
+        "slow machine, whichever client it trains, so scheduling can work around it. Modelled by the virtual clock "
+        "(a deployed node drills it with `photon node --slowdown`).")
+    drop_trace: Literal["task", "link"] = Field(
+        "task", description="How lost replies are drawn. task: per (client, dispatch), as every engine can; link "
+        "(virtual clock): per (node, the instant the reply arrives), drawn once per node from faults.seed, so "
+        "arms that dispatch differently face the same lossy links.")
+    outage: dict[int, tuple[float, float]] = Field(
+        {}, description="Node -> [from, to] virtual seconds in which it is down (virtual clock): a task it holds "
+        "then dies (its error reaches the server when the node dies), it takes no task until `to`, then returns.")
     kill_rank: int | None = Field(None, ge=0, description="In a multi-process client, this rank kills itself "
                                   "(SIGKILL) halfway through every task: a crashed GPU process.")
+
+    @field_validator("outage")
+    @classmethod
+    def _outage_windows(cls, v: dict[int, tuple[float, float]]) -> dict[int, tuple[float, float]]:
+        for node, (start, end) in v.items():
+            if node < 0 or not 0 <= start < end:
+                raise ValueError(f"outage of node {node}: needs a node >= 0 and 0 <= from < to, got [{start}, {end}]")
+        return v
 
 
 class AdaptiveDeadlineConfig(_Frozen):

@@ -2,7 +2,8 @@
 sends a hostile or broken reply, trains slowly, runs late or loses its reply. Reply faults are applied on
 the node, in the reply it sends, so both engines see exactly what a real broken or Byzantine site would
 send. Timing faults are drawn per task from a seed (`task_timing`), so the in-process engine's virtual clock
-and a real Flower run (where slow tasks really sleep) make the same draws. Off by default.
+and a real Flower run (where slow tasks really sleep) make the same draws. Faults of a node (a slow machine,
+a lossy link, an outage) are drawn once per node and modelled by the virtual clock. Off by default.
 """
 
 from __future__ import annotations
@@ -32,13 +33,36 @@ def slow_clients(faults: FaultConfig, num_clients: int) -> set[int]:
     return {int(c) for c in np.random.default_rng([faults.seed, 1]).choice(num_clients, size=k, replace=False)}
 
 
+def slow_nodes(faults: FaultConfig, num_nodes: int) -> set[int]:
+    """The `slow_node_fraction` of the nodes that are `slow_factor`× slower, drawn once from `faults.seed`."""
+    k = round(faults.slow_node_fraction * num_nodes)
+    if k == 0:
+        return set()
+    return {int(n) for n in np.random.default_rng([faults.seed, 3]).choice(num_nodes, size=k, replace=False)}
+
+
+def link_drops(faults: FaultConfig, node: int, arrival: float) -> bool:
+    """Whether node `node`'s link loses a reply arriving at virtual time `arrival` (`drop_trace: link`): a fixed
+    function of (seed, node, the arrival's microsecond), so the same link is lossy at the same instants in
+    every arm, however the arms dispatch."""
+    return bool(np.random.default_rng([faults.seed, 4, node, round(arrival * 1e6)]).random() <
+                faults.drop_probability)
+
+
+def down_window(faults: FaultConfig, node: int, start: float, end: float) -> tuple[float, float] | None:
+    """The node's outage if it overlaps [start, end), else None."""
+    window = faults.outage.get(node)
+    return window if window is not None and window[0] < end and start < window[1] else None
+
+
 def task_timing(task: ClientTask, faults: FaultConfig, num_clients: int) -> TaskTiming:
     """This task's speed, lateness and loss: a pure function of (seed, client, dispatch count, and for a
-    re-sent reply the how-many-th ask)."""
+    re-sent reply the how-many-th ask). Node-level faults (`slow_nodes`, `link_drops`, `outage`) are the
+    virtual clock's, which knows the node and the time."""
     key = [faults.seed, 2, task.client_id, task.dispatch] + ([task.resend] if task.resend else [])
     draw = np.random.default_rng(key).random(2)
     late = bool(draw[0] < faults.late_probability)
-    dropped = bool(draw[1] < faults.drop_probability)
+    dropped = bool(draw[1] < faults.drop_probability) and faults.drop_trace == "task"
     speed = (faults.slow_factor if task.client_id in slow_clients(faults, num_clients) else 1.0) * \
         (faults.late_factor if late else 1.0)
     return TaskTiming(speed, late, dropped)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ from photon.train.evaluate import (
 from photon.train.run_tasks import RunTasks, open_run_tasks, tasks_due
 
 log = logging.getLogger(__name__)
+TARGET_WINDOW = 3  # evaluations whose mean loss must reach a run's `target_loss`
 
 # "MB down"/"MB up": everything the round moved (the model, and each client's kept AdamW state when it is backed
 # up; metrics.jsonl has the two apart); "train s" is the busiest node's time inside local training; "round s"
@@ -135,9 +138,11 @@ def check_same_schedule(cfg: RunConfig, meta: dict, run_dir: Path, done: int = 0
 def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: bool = False,
                    console: Console | None = None, stop_after: int | None = None,
                    token_budget: int | None = None, lock_wait_s: float = 0.0,
-                   lock_held: bool = False) -> dict[str, Any]:
+                   lock_held: bool = False, target_loss: float | None = None) -> dict[str, Any]:
     """Run rounds until `federation.rounds` (or `stop_after` rounds in this call, or until `token_budget`
-    training tokens have been folded, for benchmarks that compare arms at equal tokens); returns a summary.
+    training tokens have been folded, for benchmarks that compare arms at equal tokens, or until the mean
+    validation loss of the last `TARGET_WINDOW` evaluations is at most `target_loss`, for benchmarks that time
+    arms to a target); returns a summary.
     Another process training into `run_dir` is waited for up to `lock_wait_s` seconds, then refused;
     `lock_held`: the caller holds `run_dir`'s lock already (`launch.simulation.run_simulated`, around its blob
     server). Three steps: `open_run` (vet, set up or resume), `run_rounds`, `finish_run` (the summary)."""
@@ -155,7 +160,7 @@ def run_federation(cfg: RunConfig, run_dir: Path, transport: Transport, resume: 
     with contextlib.nullcontext() if lock_held else hold_run_dir(run_dir, lock_wait_s, say=console.print):
         run = open_run(cfg, run_dir, resume, prepared, partition, device, console)
         try:
-            run_rounds(run, transport, stop_after, token_budget)
+            run_rounds(run, transport, stop_after, token_budget, target_loss)
         finally:  # an interrupt too: TensorBoard's buffered events are written
             run.runlog.close()
         return finish_run(run, token_budget)
@@ -234,9 +239,10 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, prepared: Prepared, pa
 
 
 def run_rounds(run: OpenRun, transport: Transport, stop_after: int | None = None,
-               token_budget: int | None = None) -> None:
-    """Train rounds until the run's last (or `stop_after` more, or `token_budget` tokens): each committed round
-    is logged, evaluated every `eval_every` rounds and checkpointed; a round short of `min_replies` is retried."""
+               token_budget: int | None = None, target_loss: float | None = None) -> None:
+    """Train rounds until the run's last (or `stop_after` more, or `token_budget` tokens, or `target_loss`
+    reached): each committed round is logged, evaluated every `eval_every` rounds and checkpointed; a round
+    short of `min_replies` is retried."""
     cfg, state, console, fed = run.cfg, run.state, run.console, run.cfg.federation
     mode = "" if fed.mode == "sync" else f"async (quorum {run.quorum}), "
     console.print(f"federation: {mode}{cfg.data.partition.num_clients} clients ({cfg.data.partition.kind}), "
@@ -257,7 +263,11 @@ def run_rounds(run: OpenRun, transport: Transport, stop_after: int | None = None
         console.print(" ".join(f"{c:>7s}" for c in COLUMNS))
     end = fed.rounds if stop_after is None else min(fed.rounds, state.round + stop_after)
     retries = 0
-    while state.round < end and run.tokens_left(token_budget):
+    # the last evaluations' overall losses (this run's, resumed ones included): a single evaluation is too
+    # noisy to say a target was reached
+    recent = deque((r[f"{LOSS}{OVERALL}"] for r in read_metrics(run.run_dir) if r["kind"] == "eval"),
+                   maxlen=TARGET_WINDOW)
+    while state.round < end and run.tokens_left(token_budget) and not _reached(recent, target_loss):
         result = run.next_round(transport)
         for node, reason in result.excluded.items():
             console.print(f"  [yellow]excluded node {node}[/] from the run (last error: {reason})", highlight=False)
@@ -279,11 +289,16 @@ def run_rounds(run: OpenRun, transport: Transport, stop_after: int | None = None
         last = state.round == fed.rounds or not run.tokens_left(token_budget)
         if state.round % fed.eval_every == 0 or last:
             run.last = run.evaluate(last)
+            recent.append(run.last[OVERALL])
         _log_round(run.runlog, state, result, run.last, run.eval_bytes, console)
         state.save(run.ckpt_dir, config_to_dict(cfg), extra_files=(run.prepared.tokenizer_path,), keep=run.keep)
         kept = referenced_state_digests(run.ckpt_dir) | state.state_digests()
         StateFiles(run.run_dir / "client_state").keep_only(kept)
         release_freed_memory()  # the round's replies and delta: back to the OS before the next round's
+
+
+def _reached(recent: deque[float], target_loss: float | None) -> bool:
+    return target_loss is not None and len(recent) == recent.maxlen and statistics.fmean(recent) <= target_loss
 
 
 def finish_run(run: OpenRun, token_budget: int | None = None) -> dict[str, Any]:

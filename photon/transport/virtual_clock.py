@@ -5,7 +5,9 @@ A task sent to a node at virtual time t starts when the node is free, takes (mes
 arrive, H × `virtual_clock.step_seconds` × its speed factor to train (`faults.task_timing`: slow clients,
 late tasks), and the reply's bytes / bandwidth to come back (its size taken as the task's model payload's);
 a lost reply (`faults.drop_probability`) comes back as the node's error report at that time, as the real
-engines raise it. `collect` advances the clock to the next completion, and only then runs the task for real
+engines raise it. Faults of a node are the clock's own: a slow machine (`slow_node_fraction`), a lossy link
+(`drop_trace: link`), and an outage (`faults.outage`: the node is not connected, a task it held dies, it
+returns at the window's end). `collect` advances the clock to the next completion, and only then runs the task for real
 (one at a time, in virtual-time order); a task the server has given up on (`cancel`) is not trained at all,
 which saves the real compute a virtual straggler would waste, and neither is one whose reply is lost when
 nodes keep no replies (`federation.resend_lost: 0`); otherwise the node trains it and keeps the reply it
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from photon.config import RunConfig, build_config
-from photon.federation.faults import task_timing
+from photon.federation.faults import down_window, link_drops, slow_nodes, task_timing
 from photon.federation.protocol import ClientTask, Rejected, Wire, decode_task, lost_reply
 from photon.federation.worker import ClientWorker
 from photon.transport.inprocess import InProcessTransport
@@ -36,8 +38,9 @@ class TaskRecord:
     node: int
     start: float
     done: float
-    compute: float
+    compute: float   # virtual seconds it trained (until it died, for a task its node's outage ended)
     dropped: bool
+    fate: str = "pending"  # delivered, lost (the reply), cancelled (the server gave up), died (node outage)
 
 
 class VirtualClockTransport(InProcessTransport):
@@ -68,23 +71,38 @@ class VirtualClockTransport(InProcessTransport):
             self._cfg = (task.run_id, build_config({k: v for k, v in task.config.items() if k != "tokenizer_sha256"}))
         return self._cfg[1]
 
+    def nodes(self) -> list[int]:
+        """The nodes up now (a node in its `faults.outage` window is not connected)."""
+        faults = self._cfg[1].federation.faults if self._cfg is not None else None
+        return [n for n in super().nodes()
+                if faults is None or not (w := faults.outage.get(n)) or not w[0] <= self.now < w[1]]
+
     def submit(self, node: int, wire: Wire, at: float | None = None) -> str:
         """Send a task; `at` re-sends one at the virtual time it was first sent (resume)."""
         handle = f"m{next(self._ids)}"
         task = decode_task(wire)
         cfg = self.config(task)
-        timing = task_timing(task, cfg.federation.faults, cfg.data.partition.num_clients)
+        faults = cfg.federation.faults
+        timing = task_timing(task, faults, cfg.data.partition.num_clients)
+        speed = timing.speed * (faults.slow_factor if node in slow_nodes(faults, len(self.workers)) else 1.0)
         rate = cfg.federation.virtual_clock.bandwidth_mbps * 1e6 / 8  # bytes per virtual second
         start = max(self.now if at is None else at, self.free_at[node])
         step_s = cfg.federation.virtual_clock.step_seconds
-        compute = 0.0 if task.resend else task.local_steps * step_s * timing.speed  # a re-sent reply: no work
+        compute = 0.0 if task.resend else task.local_steps * step_s * speed  # a re-sent reply: no work
         up = wire.payloads["model"].nbytes if "model" in wire.payloads else 0
-        done = start + wire.nbytes / rate + compute + up / rate
-        self.free_at[node] = done
+        arrived = start + wire.nbytes / rate
+        done = arrived + compute + up / rate
+        fate = "lost" if timing.dropped or (faults.drop_trace == "link" and link_drops(faults, node, done)) else "ok"
+        outage = down_window(faults, node, start, done)
+        if outage is not None:  # the node goes down with the task: its error comes when it does
+            done, fate = max(start, outage[0]), "died"
+            compute = min(compute, max(0.0, done - arrived))
+            self.free_at[node] = outage[1]
+        else:
+            self.free_at[node] = done
         key = f"{task.task_id}~{task.resend}" if task.resend else task.task_id  # the training keeps its record
-        self.records[key] = TaskRecord(task.task_id, task.client_id, node, start, done, compute,
-                                                timing.dropped)
-        heapq.heappush(self._events, (done, next(self._seq), handle, node, (wire, timing.dropped)))
+        self.records[key] = TaskRecord(task.task_id, task.client_id, node, start, done, compute, fate == "lost")
+        heapq.heappush(self._events, (done, next(self._seq), handle, node, (wire, fate)))
         return handle
 
     def cancel(self, handle: str) -> None:
@@ -94,17 +112,26 @@ class VirtualClockTransport(InProcessTransport):
 
     def collect(self, timeout: float) -> Iterator[tuple[str, Wire | Rejected | str]]:
         """The next completion within `timeout` virtual seconds (the clock moves to it), else nothing (the
-        clock moves by `timeout`)."""
+        clock moves by `timeout`, or to the moment a node comes back from an outage, so it can be sent work)."""
         limit = self.now + timeout
+        if self._cfg is not None:
+            limit = min([limit, *(end for _, end in self._cfg[1].federation.faults.outage.values()
+                                  if self.now < end <= limit)])
         if self._events and self._events[0][0] <= limit:
-            done, _, handle, node, work = heapq.heappop(self._events)
+            done, _, handle, node, (wire, fate) = heapq.heappop(self._events)
             self.now = max(self.now, done)
+            task = decode_task(wire)
+            record = self.records[f"{task.task_id}~{task.resend}" if task.resend else task.task_id]
             if handle in self._cancelled:
                 self._cancelled.discard(handle)
+                record.fate = "cancelled"
                 yield handle, "the server gave up on this task before it finished"
+            elif fate == "died":
+                record.fate = "died"
+                yield handle, f"node {node} went down (injected fault: federation.faults.outage)"
             else:
-                wire, dropped = work
-                task = decode_task(wire)
+                dropped = fate == "lost"
+                record.fate = "lost" if dropped else "delivered"
                 # the node does the work and keeps its reply, to send it again when asked (unless nothing is kept)
                 reply = self.run(node, wire) if not dropped or self.config(task).federation.resend_lost else None
                 # as on Flower: a lost reply reaches the server as the node's report, when it would have arrived

@@ -250,3 +250,69 @@ def test_a_lost_reply_is_sent_again_not_trained_again(tiny_prep, tmp_path, mode)
         resumed, _ = _run(lossy, tmp_path / "b", resume=True)
         assert resumed["params_sha"] == summary["params_sha"]
 
+
+
+def test_a_slow_node_is_slow_whichever_client_it_trains(tiny_prep, tmp_path):
+    """`slow_node_fraction`: the machine is slow, not the data: every task on the slow node takes slow_factor× a
+    nominal task, every task elsewhere takes one, whatever the client; the slow node is drawn from the seed."""
+    from photon.federation.faults import slow_nodes
+
+    cfg = _cfg(tiny_prep, "federation.faults.slow_fraction=0", "federation.faults.slow_node_fraction=0.34",
+               "federation.faults.slow_factor=4", "federation.rounds=4")
+    _, transport = _run(cfg, tmp_path)
+    slow = slow_nodes(cfg.federation.faults, 3)
+    assert len(slow) == 1 and slow == slow_nodes(cfg.federation.faults, 3)
+    nominal = cfg.federation.local_steps * cfg.federation.virtual_clock.step_seconds
+    by_node: dict = {}
+    for r in transport.records.values():
+        assert r.compute == (4 * nominal if r.node in slow else nominal)
+        by_node.setdefault(r.node in slow, set()).add(r.client)
+    assert len(by_node[True]) >= 2  # the slow node trained different clients, all of them slowly
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_node_that_goes_down_loses_its_task_and_comes_back(tiny_prep, tmp_path, caplog, mode):
+    """Node 1 is down from 10 s to 30 s of virtual time: the task it holds then dies (an error at 10 s, its
+    client trained again elsewhere), it is sent nothing while down, and it trains again once it is back; the
+    run ends with every round committed and no node excluded."""
+    cfg = _cfg(tiny_prep, f"federation.mode={mode}", "federation.faults.slow_fraction=0",
+               "federation.faults.outage={1: [10, 30]}", "federation.rounds=8", "federation.min_replies=1")
+    with caplog.at_level(logging.WARNING, logger="photon.federation.aggregator"):
+        summary, transport = _run(cfg, tmp_path)
+    assert summary["rounds"] == 8
+    on1 = [r for r in transport.records.values() if r.node == 1]
+    died = [r for r in on1 if r.fate == "died"]
+    assert len(died) == 1 and died[0].done == 10.0 and died[0].start < 10
+    assert not [r for r in on1 if 10 <= r.start < 30]  # nothing sent while it was down
+    assert [r for r in on1 if r.start >= 30]            # and work again once back
+    if mode == "async":  # sent work the moment it came back (a sync round in progress has its nodes)
+        assert min(r.start for r in on1 if r.start >= 30) == 30.0
+    assert "went down" in caplog.text and "excluding node" not in caplog.text
+    folded = {t for row in _rounds(tmp_path) for t in row["folded"]}
+    assert died[0].task_id not in folded
+
+
+def test_a_lossy_link_is_a_fixed_trace_of_the_node_and_the_instant():
+    """`drop_trace: link`: whether a reply is lost depends only on (seed, node, its arrival instant), so arms
+    that dispatch differently face the same links; over many instants the loss rate is the configured one."""
+    from photon.config import FaultConfig
+    from photon.federation.faults import link_drops
+
+    faults = FaultConfig(drop_probability=0.1, drop_trace="link", seed=7)
+    instants = [i * 0.37 for i in range(4000)]
+    trace = [link_drops(faults, 2, t) for t in instants]
+    assert trace == [link_drops(faults, 2, t) for t in instants]
+    assert abs(sum(trace) / len(trace) - 0.1) < 0.02  # 4.2 standard deviations of a binomial rate
+    assert trace != [link_drops(faults, 3, t) for t in instants]  # each node its own link
+    assert trace != [link_drops(FaultConfig(drop_probability=0.1, drop_trace="link", seed=8), 2, t)
+                     for t in instants]
+
+
+@pytest.mark.parametrize("target,rounds", [(float("inf"), 2), (float("-inf"), 5)])
+def test_a_run_stops_when_its_last_evaluations_reach_a_target(tiny_prep, tmp_path, target, rounds):
+    """`target_loss`: the run stops once the mean loss of its last three evaluations reaches the target (an
+    unreachable one: it trains all its rounds)."""
+    cfg = _cfg(tiny_prep, "federation.mode=sync", "federation.eval_every=1")
+    summary = run_federation(cfg, tmp_path, VirtualClockTransport(ClientWorker(tmp_path / "node"), 3),
+                             target_loss=target)
+    assert summary["rounds"] == rounds
