@@ -22,10 +22,14 @@ from typing import Any
 from rich.console import Console
 
 from photon.bench.results import LoadSampler, publish
-from photon.bench.stragglers import SETTING, arm_overrides, clean_tokens, run_arm
+from photon.bench.stragglers import SETTING, clean_tokens, common_overrides, run_arm
 from photon.config import RunConfig, with_overrides
 
 CLEAN = "clean sync"
+# the faults of this benchmark's record: slowness and losses drawn per client and task (the stragglers
+# benchmark has since moved to faults of the node)
+CLIENT_FAULTS = ("federation.faults.slow_fraction=0.25", "federation.faults.slow_factor=3",
+                 "federation.faults.drop_probability=0.1")
 # name -> (outer optimizer, staleness weighting, the outer LRs tried)
 ARMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "FedAvg, normalized weights": ("fedavg", "normalized", (0.6, 0.8, 1.0)),
@@ -44,12 +48,15 @@ def arm_runs() -> list[tuple[str, str, float | None]]:
 
 
 def run_config(base: RunConfig, arm: str, lr: float | None, seed: int) -> RunConfig:
+    fed = base.federation
+    common = common_overrides(base, seed, rounds_cap=4 * fed.rounds) + [
+        f"federation.round_timeout_s={4 * fed.local_steps * fed.virtual_clock.step_seconds}"]
     if arm == CLEAN:
-        return with_overrides(base, arm_overrides("clean sync", base, seed))
+        return with_overrides(base, common)
     outer, weighting, _ = ARMS[arm]
-    return with_overrides(base, arm_overrides("async", base, seed) + [
-        f"federation.outer.name={outer}", f"federation.outer.lr={lr}",
-        f"federation.asynchronous.weighting={weighting}"])
+    return with_overrides(base, common + list(CLIENT_FAULTS) + [
+        f"federation.faults.seed={seed}", "federation.mode=async", f"federation.outer.name={outer}",
+        f"federation.outer.lr={lr}", f"federation.asynchronous.weighting={weighting}"])
 
 
 def run_async_bench(cfg: RunConfig, out: Path, seeds: int = 2, console: Console | None = None,

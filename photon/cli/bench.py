@@ -128,20 +128,22 @@ def bench_robust(
 
 @bench_app.command("stragglers")
 def bench_stragglers(
-    preset: PresetOpt = "small",
+    preset: PresetOpt = "tiny",
     overrides: SetOpt = None,
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm.")] = 2,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per arm.")] = 4,
+    jobs: Annotated[int, typer.Option(min=1, help="Seeds run at once, each in its own process.")] = 1,
     out: Annotated[Path, typer.Option(help="Where the arms' runs go (rerunning skips finished arms).")]
     = Path("runs/bench-stragglers"),
 ) -> None:
-    """Clean sync vs sync with a fixed or adaptive deadline vs async under slow clients and lost replies, on
-    the in-process engine's virtual clock; stores docs/results/stragglers.json and docs/img/stragglers.png (with
-    --results DIR: DIR and DIR/img)."""
-    from photon.bench.stragglers import run_stragglers_bench
+    """Clean sync against sync waiting for all, sync with a fixed or adaptive deadline, and async (normalized or
+    FedBuff weights) under a slow node, lossy links and a node down for a third of the run, timed to clean's
+    perplexity on the in-process engine's virtual clock (H = 32, 32 clean rounds unless --set says otherwise);
+    stores docs/results/stragglers.json and docs/img/stragglers.png (with --results DIR: DIR and DIR/img)."""
+    from photon.bench.stragglers import DEFAULTS, run_stragglers_bench
 
-    cfg = flags_config(preset, overrides)
+    cfg = flags_config(preset, [*DEFAULTS, *(overrides or [])])
     ensure_prepared(cfg)
-    run_stragglers_bench(cfg, out, seeds, console)
+    run_stragglers_bench(cfg, out, seeds, console, jobs=jobs)
 
 
 @bench_app.command("async")
