@@ -3,7 +3,7 @@ a modelled time, so timing, stragglers and asynchronous rounds are deterministic
 
 A task sent to a node at virtual time t starts when the node is free, takes (message bytes / bandwidth) to
 arrive, H × `virtual_clock.step_seconds` × its speed factor to train (`faults.task_timing`: slow clients,
-late tasks), and the reply's bytes / bandwidth to come back (its size taken as the task's model payload's);
+late tasks), and the reply's bytes / bandwidth to come back (an fp32 update of the model, `reply_bytes`);
 a lost reply (`faults.drop_probability`) comes back as the node's error report at that time, as the real
 engines raise it. Faults of a node are the clock's own: a slow machine (`slow_node_fraction`), a lossy link
 (`drop_trace: link`), and an outage (`faults.outage`: the node is not connected, a task it held dies, it
@@ -26,6 +26,7 @@ from photon.config import RunConfig, build_config
 from photon.federation.faults import down_window, link_drops, slow_nodes, task_timing
 from photon.federation.protocol import ClientTask, Rejected, Wire, decode_task, lost_reply
 from photon.federation.worker import ClientWorker
+from photon.model.transformer import count_params
 from photon.transport.inprocess import InProcessTransport
 
 
@@ -77,6 +78,12 @@ class VirtualClockTransport(InProcessTransport):
         return [n for n in super().nodes()
                 if faults is None or not (w := faults.outage.get(n)) or not w[0] <= self.now < w[1]]
 
+    @staticmethod
+    def reply_bytes(cfg: RunConfig) -> int:
+        """The size every reply is modelled with: an fp32 update of the whole model (a re-sent reply too, though
+        its task no longer carries the model; a compressed up-link's replies are smaller on a real network)."""
+        return 4 * count_params(cfg.model)
+
     def submit(self, node: int, wire: Wire, at: float | None = None) -> str:
         """Send a task; `at` re-sends one at the virtual time it was first sent (resume)."""
         handle = f"m{next(self._ids)}"
@@ -89,7 +96,7 @@ class VirtualClockTransport(InProcessTransport):
         start = max(self.now if at is None else at, self.free_at[node])
         step_s = cfg.federation.virtual_clock.step_seconds
         compute = 0.0 if task.resend else task.local_steps * step_s * speed  # a re-sent reply: no work
-        up = wire.payloads["model"].nbytes if "model" in wire.payloads else 0
+        up = self.reply_bytes(cfg)
         arrived = start + wire.nbytes / rate
         done = arrived + compute + up / rate
         fate = "lost" if timing.dropped or (faults.drop_trace == "link" and link_drops(faults, node, done)) else "ok"

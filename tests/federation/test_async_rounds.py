@@ -234,6 +234,8 @@ def test_a_lost_reply_is_sent_again_not_trained_again(tiny_prep, tmp_path, mode)
     summary, transport = _run(lossy, tmp_path / "lossy")
     resends = [k for k in transport.records if "~" in k]
     assert sum(r["resent"] for r in _rounds(tmp_path / "lossy")) == len(resends) >= 3
+    transfer = transport.reply_bytes(lossy) * 8 / (lossy.federation.virtual_clock.bandwidth_mbps * 1e6)
+    assert all(transport.records[k].done - transport.records[k].start >= 0.999 * transfer for k in resends)
     trained = [r for k, r in transport.records.items() if "~" not in k]
     assert len({r.task_id for r in trained}) == len(trained)  # each task trained once
     lost = {r.task_id: r.done for r in trained if r.dropped}
