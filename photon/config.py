@@ -394,10 +394,17 @@ class FederationConfig(_Frozen):
         "kept across rounds, cached on the nodes and committed with the round; reset: a fresh AdamW every round "
         "(truly stateless clients).")
     state_backup: bool = Field(
-        True, description="Upload each client's kept state (persisted AdamW moments) to the server every round, "
-        "so it survives the loss of the node that holds it and follows the client to any node. Costs the state's "
-        "size in up-link bytes (counted apart as bytes_state_up). false: state lives only in node caches; a "
-        "client trained by a node without it starts from a fresh state (logged).")
+        True, description="Upload each client's kept state (persisted AdamW moments) to the server every "
+        "state_backup_every rounds of that client, so it survives the loss of the node that holds it and "
+        "follows the client to any node. Costs the state's size in up-link bytes (counted apart as "
+        "bytes_state_up). false: state lives only in node caches; a client trained by a node without it starts "
+        "from a fresh state (logged).")
+    state_backup_every: int = Field(
+        10, ge=1, description="Back a client's kept state up after every this many of its rounds. The state is "
+        "twice the model (AdamW's two moments), so every round it would send 2× the update's bytes; every 10th "
+        "sends 0.2×. The node that trained a client keeps its exact state and is given that client first, so "
+        "the backup is only used when a client moves (its node is busy, failed or gone); it then continues from "
+        "its last backup, up to this many rounds old (logged). 1: exact wherever a client goes.")
     min_replies: int = Field(1, ge=1, description="A round needs at least this many good replies, else it is retried.")
     resend_lost: int = Field(
         2, ge=0, description="Nodes keep every reply they send (on disk, until the server can no longer need "

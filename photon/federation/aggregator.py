@@ -259,7 +259,8 @@ class Aggregator:
                           spans=self.spans[client_id], config=self.task_config,
                           client_optimizer=fed.client_optimizer,
                           state_digest=rec.state_digest if kept else None,
-                          upload_state=kept and fed.state_backup, attempt=attempt,
+                          upload_state=kept and fed.state_backup and (rec.rounds + 1) % fed.state_backup_every == 0,
+                          attempt=attempt,
                           keep_replies_from=self.state.round - (fed.asynchronous.max_staleness
                                                                 if fed.mode == "async" else 0))
 
@@ -595,6 +596,8 @@ class Aggregator:
             result.folded[reply.task_id] = self.state.round - reply.round
             if self.keeps_state:
                 rec.state_digest, rec.state_node = reply.state_digest, node_of[cid]
+                if reply.state_digest and self.store.path(reply.state_digest).exists():  # it came with the reply
+                    rec.backup_digest = reply.state_digest
         steps = max(r.steps for r in replies.values())
         samples = sum(r.samples for r in replies.values())
         result.tokens = samples * self.cfg.train.seq_len
@@ -667,8 +670,16 @@ class Aggregator:
         if rec.state_digest and self.store.path(rec.state_digest).exists():
             attach.add(cid)  # the retry carries the server's copy
             return
+        if rec.backup_digest and self.store.path(rec.backup_digest).exists():
+            log.warning("round %d: client %d's kept state %s is not on node %d: it continues from its last backup "
+                        "%s (backed up every %d of its rounds, federation.state_backup_every)", self.state.round + 1,
+                        cid, (rec.state_digest or "")[:12], node, rec.backup_digest[:12],
+                        self.cfg.federation.state_backup_every)
+            rec.state_digest, rec.state_node = rec.backup_digest, None
+            attach.add(cid)
+            return
         log.warning("round %d: client %d's kept state %s is not on node %d and the server has no copy "
-                    "(federation.state_backup=false?): the client starts from a fresh state",
+                    "(none backed up yet, or federation.state_backup=false): the client starts from a fresh state",
                     self.state.round + 1, cid, (rec.state_digest or "")[:12], node)
         rec.state_digest, rec.state_node = None, None
 

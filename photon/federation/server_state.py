@@ -39,6 +39,7 @@ class ClientRecord:
     dispatches: int = 0  # tasks ever sent for this client (names tasks; seeds their fault draws)
     state_digest: str | None = None  # committed kept state (client_state.py); None = fresh
     state_node: int | None = None    # the node that produced it (it has it cached)
+    backup_digest: str | None = None  # the newest state the server holds a copy of (federation.state_backup)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ServerState:
                    clients=[ClientRecord(i) for i in range(num_clients)], rng_state=rng.bit_generator.state)
 
     def state_digests(self) -> set[str]:
-        return {c.state_digest for c in self.clients if c.state_digest}
+        return {d for c in self.clients for d in (c.state_digest, c.backup_digest) if d}
 
     def rng(self) -> np.random.Generator:
         rng = np.random.default_rng()
@@ -114,5 +115,5 @@ def referenced_state_digests(ckpt_dir: Path) -> set[str]:
             meta = json.loads((path / "meta.json").read_text())
         except (OSError, ValueError):
             continue
-        out |= {c.get("state_digest") for c in meta.get("clients", []) if c.get("state_digest")}
+        out |= {c.get(k) for c in meta.get("clients", []) for k in ("state_digest", "backup_digest") if c.get(k)}
     return out

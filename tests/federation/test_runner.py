@@ -67,7 +67,8 @@ def test_sampling_is_seeded_and_replayed_from_the_checkpointed_rng(tiny_prep):
 
 
 def test_a_failing_client_is_dropped_requeued_and_not_advanced(tiny_prep, tmp_path):
-    cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=2")
+    cfg = fed_cfg(tiny_prep, "federation.clients_per_round=3", "federation.rounds=2",
+                  "federation.state_backup_every=1")  # kept state backed up every round: counted in the table
     calls = []
 
     def fail(task):

@@ -129,9 +129,9 @@ class SwappingTransport(InProcessTransport):
         return super().run((node + decode_task(wire).round) % 2, wire)
 
 
-def _persist_cfg(prep, *extra):
+def _persist_cfg(prep, *extra):  # backed up every round: exact wherever a client goes
     return fed_cfg(prep, "federation.client_optimizer=persist", "federation.clients_per_round=3",
-                   "federation.rounds=4", *extra)
+                   "federation.rounds=4", "federation.state_backup_every=1", *extra)
 
 
 def test_kept_state_is_exact_across_nodes_that_swap_clients(tiny_prep, tmp_path):
@@ -156,6 +156,24 @@ def test_kept_state_resumes_exactly_after_a_server_kill_on_swapped_nodes(tiny_pr
     assert list_checkpoints(tmp_path / "b" / "checkpoints")[-1].name == "round_000002"
     resumed = run_federation(cfg, tmp_path / "b", SwappingTransport(workers), resume=True)
     assert resumed["params_sha"] == reference["params_sha"]
+
+
+def test_a_client_backed_up_every_few_rounds_is_exact_where_it_stays_and_continues_from_its_backup_when_it_moves(
+        tiny_prep, tmp_path, caplog):
+    """`state_backup_every=2`: the state goes up after every 2nd round of a client (rounds 2 and 4 here, every
+    client trains every round). Nodes that keep their clients never use the backup: the same parameters as
+    backing up every round. Nodes that swap clients every round continue from the last backup (and say so)."""
+    cfg = _persist_cfg(tiny_prep, "federation.state_backup_every=2")
+    exact = run(_persist_cfg(tiny_prep), tmp_path / "every")
+    kept = run(cfg, tmp_path / "kept", nodes=2)
+    assert kept["params_sha"] == exact["params_sha"]
+    assert [r["bytes_state_up"] > 0 for r in _rounds(tmp_path / "kept")] == [False, True, False, True]
+    swapped = SwappingTransport([ClientWorker(tmp_path / "a"), ClientWorker(tmp_path / "b")])
+    with caplog.at_level(logging.WARNING, logger="photon.federation.aggregator"):
+        moved = run_federation(cfg, tmp_path / "moved", swapped)
+    assert "continues from its last backup" in caplog.text  # round 3 and 4: from the round-2 backup
+    assert "starts from a fresh state" in caplog.text        # round 2: nothing backed up yet
+    assert moved["rounds"] == 4 and moved["params_sha"] != exact["params_sha"]
 
 
 def test_a_new_run_never_loads_an_old_runs_state(tiny_prep, tmp_path):
