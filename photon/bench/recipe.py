@@ -29,10 +29,11 @@ from rich.console import Console
 from photon.bench.claims.plan import Arm, ClaimsPlan, Recipes, next_grid, round_lr
 from photon.bench.claims.record import bytes_per_token, ppl
 from photon.bench.claims.run import Runner, final_ppl, read_run
-from photon.bench.results import LoadSampler, publish
+from photon.bench.results import LoadSampler, plots_dir, publish
 from photon.config import RunConfig, with_overrides
 
 OVERALL = "overall"
+PLOT = Path("docs/img/recipe.png")
 # The anchors: perplexity ratio federated / centralized at equal tokens, per-replica batch B/M.
 ANCHORS = [("Charles et al. 2025, 35M, H=30 (Table 4)", {2: 1.023, 4: 1.071, 8: 1.146}),
            ("Charles et al. 2025, 180M, H=30", {2: 1.014, 4: 1.031, 8: 1.071}),
@@ -222,10 +223,44 @@ def _store(base: RunConfig, plan: RecipePlan, arms: RecipeArms, out: Path, stage
             "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.__dict__.items()},
             "stages_done": stage, "batch": arms.B, "seq_len": base.train.seq_len,
             "tokens": plan.steps * arms.B * base.train.seq_len, "best": best, "grid": grid, "arms": runs}
+    plot(data, plots_dir(results_dir) / PLOT.name)
     # the wall time is the benchmark's only when this invocation trained every run itself
     publish("recipe", data, render, load, started if runner.skipped == 0 else None, console,
             results_dir=results_dir)
     return data
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """The grid as a plot: perplexity over the best `central`'s against the outer LR, a line per H for Nesterov
+    and a marker per H for FedAvg (outer SGD at η = 1, no momentum)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g, p = data["grid"], data["plan"]
+    central = g["central"][f"{data['best']['central_lr']:g}"] if f"{data['best']['central_lr']:g}" in g["central"] \
+        else min(v for v in g["central"].values() if v is not None)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, h in enumerate(p["hs"]):
+        points = sorted((float(lr), v / central) for lr, v in g["nesterov"].get(str(h), {}).items() if v is not None)
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-", color=f"C{i}",
+                label=f"Nesterov μ={p['momentum']:g}, H={h}")
+        if g["fedavg"].get(str(h)) is not None:
+            ax.plot([1.0], [g["fedavg"][str(h)] / central], "*", ms=13, color=f"C{i}", label=f"FedAvg η=1, H={h}")
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("outer learning rate η")
+    ax.set_ylabel("final perplexity / best central's")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_title(f"{data['preset']}: the outer loop at equal tokens (K = {p['clients']}, inner LR {data['best']['lr0']:g})")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _num(x: float | None) -> float | None:
@@ -298,7 +333,8 @@ def render(data: dict[str, Any]) -> str:
              f"perplexity (ratio to the best `central`); seed 0 unless a spread is shown."
              + ("" if data["stages_done"] == 3 else f" **Stages finished: {data['stages_done']} of 3** (1: the "
                 "grid, 2: the inner LR, 3: seeds, K and IID); rerunning `photon bench recipe` resumes."), "",
-             "Grid (inner LR " f"{b['lr0']:g}, K = {K}): outer optimizer × H.", "",
+             "Grid (inner LR " f"{b['lr0']:g}, K = {K}): outer optimizer × H "
+             f"([plot: the ratio against outer LR and H]({PLOT.relative_to('docs')})).", "",
              "| outer | " + " | ".join(f"H={h}" for h in p["hs"]) + " |", "|---|" + "---|" * len(p["hs"])]
     lines.append("| FedAvg η=1 (the paper) | " + " | ".join(cell(g["fedavg"].get(str(h))) for h in p["hs"]) + " |")
     olrs = sorted({float(o) for h in p["hs"] for o in g["nesterov"].get(str(h), {})})
