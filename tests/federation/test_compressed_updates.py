@@ -124,7 +124,7 @@ def test_a_node_without_the_previous_model_gets_the_full_model(tiny_prep, tmp_pa
     """Two nodes with their own caches; node 1's cache is wiped after every task (a restarted node): the
     server's compressed update cannot apply there, the node says so and the retry carries the whole model (and,
     from the server's backup, the client's kept state the wipe took too)."""
-    cfg = _cfg(tiny_prep, (), ["codec=int8"], "federation.state_backup=true")
+    cfg = _cfg(tiny_prep, (), ["codec=int8"], "federation.state_backup=true", "federation.state_backup_every=1")
     reference = run(cfg, tmp_path / "ref")
 
     class Forgetful(InProcessTransport):
