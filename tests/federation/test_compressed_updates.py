@@ -108,8 +108,12 @@ def test_compressed_runs_train_and_count_the_bytes_they_send(tiny_prep, tmp_path
     assert all(r["bytes_down"] == per_update for r in rounds[1:])  # then one int8 update per round
 
 
-def test_topk_with_error_feedback_resumes_bitwise(tiny_prep, tmp_path):
-    cfg = _cfg(tiny_prep, TOPK_EF, TOPK_EF, "federation.rounds=4")
+@pytest.mark.parametrize("outer", [(), ("federation.outer.name=nesterov", "federation.outer.lr=0.7",
+                                         "federation.min_cosine=0")])
+def test_topk_with_error_feedback_resumes_bitwise(tiny_prep, tmp_path, outer):
+    """Compressed both ways with error feedback; also with a momentum outer optimizer (its momentum in the
+    checkpoint) behind centered clipping and the direction screen."""
+    cfg = _cfg(tiny_prep, TOPK_EF, TOPK_EF, "federation.rounds=4", *outer)
     reference = run(cfg, tmp_path / "ref")
 
     with pytest.raises(ServerCrash):
