@@ -41,7 +41,8 @@ def _renderers() -> dict[str, Callable[[dict[str, Any]], str]]:
         wire,
     )
 
-    return {"robust": robust.render, "stragglers": stragglers.render, "async": async_outer.render,
+    return {"robust": robust.render, "stragglers": stragglers.render, "stragglers-brief": stragglers.render_brief,
+            "async": async_outer.render,
             "recipe": recipe.render, "recipe-brief": recipe.render_brief,
             "trainer-cpu": throughput.render, "trainer-cuda": throughput.render, "wire": wire.render,
             "compression": compression.render, "compression-brief": compression.render_brief, "prepare": prepare.render,

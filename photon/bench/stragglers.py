@@ -339,6 +339,27 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_brief(data: dict[str, Any]) -> str:
+    """The README's view: each arm's median time to clean's loss, its cost per token and its goodput."""
+    s = data["summary"]
+    cells = []
+    for arm in ARMS[1:]:
+        a = s[arm]
+        when = f"{a['median_time']:,.0f} s" if a["median_time"] is not None else "not reached"
+        cells.append(f"| {arm} | {when} | {a['cost']:+.1%} | {a['goodput']:.1%} |")
+    clean = s[CLEAN]["median_time"]
+    fastest = min(ARMS[1:], key=lambda arm: s[arm]["median_time"] or math.inf)
+    busiest = max(ARMS[1:], key=lambda arm: s[arm]["goodput"])
+    return "\n".join([
+        f"`photon bench stragglers` on preset `{data['preset']}` ({data['seeds']} seeds; K = {data['k']} of "
+        f"{data['clients']} clients on {data['nodes']} nodes; one node 3× slower, 10% of replies lost, a node down for "
+        f"a third of the run; clean sync reaches its own loss in {clean:,.0f} virtual s; every number in "
+        "docs/RESULTS.md):", "",
+        "| arm | virtual time to clean's loss (median) | perplexity at clean's tokens | goodput |", "|---|---|---|---|",
+        *cells, "", f"First to clean's loss: {fastest}; most node-time productive: {busiest} "
+        f"({s[busiest]['goodput']:.1%}), at {s[busiest]['cost']:+.1%} perplexity per token."])
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 

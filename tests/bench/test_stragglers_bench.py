@@ -107,3 +107,14 @@ def test_the_render_reads_the_record():
     assert "| async, FedBuff weights | 90.0% | 2.0% | 1.0% | 0.5% | 0.5% | 5.5% | 0.5% | 0.0% |" in text
     assert "- goodput ≥ 93%: 90.0%, NOT met" in text
     assert f"{math.exp(0.01) - 1:+.2%}, met" in text
+
+
+def test_the_brief_names_the_first_arm_to_the_target_and_the_busiest():
+    data = _record({s.CLEAN: [30, 30], s.WAIT_ALL: [300, 400], s.FIXED: [None, None], s.ADAPTIVE: [500, 100],
+                    s.ASYNC_NORMALIZED: [200, 220], s.ASYNC_SUMMED: [150, 250]})
+    data["runs"][s.ASYNC_SUMMED][0]["node_time"] = {**data["runs"][s.ASYNC_SUMMED][0]["node_time"],
+                                                     "folded": 990.0, "idle": 0.0, "lost": 0.0, "cancelled": 0.0}
+    data["summary"] = s.summarize(data)
+    text = s.render_brief(data)
+    assert "| sync, fixed deadline | not reached | +1.0% | 90.0% |" in text
+    assert "First to clean's loss: async, FedBuff weights; most node-time productive: async, FedBuff weights" in text
