@@ -119,6 +119,8 @@ class AsyncRounds:
             for handle, msg in transport.collect(wait if is_virtual(transport) else min(1.0, wait)):
                 self._on_reply(handle, msg, result, clock())
                 del msg
+                if self._ready(clock()):
+                    break  # a step folds a quorum: replies that came with it are collected for the next step
             self._expire(clock(), result, transport)
             if self.no_progress > 4 * self.quorum + 4:
                 self.no_progress = 0

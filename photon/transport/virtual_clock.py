@@ -118,31 +118,37 @@ class VirtualClockTransport(InProcessTransport):
         self._cancelled.add(handle)
 
     def collect(self, timeout: float) -> Iterator[tuple[str, Wire | Rejected | str]]:
-        """The next completion within `timeout` virtual seconds (the clock moves to it), else nothing (the
-        clock moves by `timeout`, or to the moment a node comes back from an outage, so it can be sent work)."""
+        """The completions at the next completion time within `timeout` virtual seconds (the clock moves to it):
+        every reply that arrived at that instant, as Flower's pull hands the server every reply waiting, so the
+        server sees them together before it sends anyone new work. Else nothing (the clock moves by `timeout`,
+        or to the moment a node comes back from an outage, so it can be sent work)."""
         limit = self.now + timeout
         if self._cfg is not None:
             limit = min([limit, *(end for _, end in self._cfg[1].federation.faults.outage.values()
                                   if self.now < end <= limit)])
-        if self._events and self._events[0][0] <= limit:
-            done, _, handle, node, (wire, fate) = heapq.heappop(self._events)
-            self.now = max(self.now, done)
-            task = decode_task(wire)
-            record = self.records[f"{task.task_id}~{task.resend}" if task.resend else task.task_id]
-            if handle in self._cancelled:
-                self._cancelled.discard(handle)
-                record.fate = "cancelled"
-                yield handle, "the server gave up on this task before it finished"
-            elif fate == "died":
-                record.fate = "died"
-                yield handle, f"node {node} went down (injected fault: federation.faults.outage)"
-            else:
-                dropped = fate == "lost"
-                record.fate = "lost" if dropped else "delivered"
-                # the node does the work and keeps its reply, to send it again when asked (unless nothing is kept)
-                reply = self.run(node, wire) if not dropped or self.config(task).federation.resend_lost else None
-                # as on Flower: a lost reply reaches the server as the node's report, when it would have arrived
-                yield handle, lost_reply(task.task_id, "injected fault: federation.faults.drop_probability") \
-                    if dropped else reply
+        if not self._events or self._events[0][0] > limit:
+            self.now = max(self.now, limit)
             return
-        self.now = max(self.now, limit)
+        self.now = max(self.now, self._events[0][0])
+        while self._events and self._events[0][0] <= self.now:
+            _, _, handle, node, (wire, fate) = heapq.heappop(self._events)
+            yield handle, self._complete(handle, node, wire, fate)
+
+    def _complete(self, handle: str, node: int, wire: Wire, fate: str) -> Wire | Rejected | str:
+        """What the server receives for one task: its reply, or the error that stands for it."""
+        task = decode_task(wire)
+        record = self.records[f"{task.task_id}~{task.resend}" if task.resend else task.task_id]
+        if handle in self._cancelled:
+            self._cancelled.discard(handle)
+            record.fate = "cancelled"
+            return "the server gave up on this task before it finished"
+        if fate == "died":
+            record.fate = "died"
+            return f"node {node} went down (injected fault: federation.faults.outage)"
+        dropped = fate == "lost"
+        record.fate = "lost" if dropped else "delivered"
+        if dropped:  # as on Flower: a lost reply reaches the server as the node's report, when it would have arrived
+            if self.config(task).federation.resend_lost:
+                self.run(node, wire)  # the node did the work and keeps its reply, to send it again when asked
+            return lost_reply(task.task_id, "injected fault: federation.faults.drop_probability")
+        return self.run(node, wire)

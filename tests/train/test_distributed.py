@@ -94,7 +94,8 @@ def test_a_two_process_fsdp2_client_equals_a_one_process_client(tiny_prep, tmp_p
 
 def test_kept_state_follows_a_two_process_client_and_a_resume_is_bitwise_exact(tiny_prep, tmp_path):
     cfg = fed_cfg(tiny_prep, "data.partition.num_clients=1", "federation.clients_per_round=1",
-                  "federation.rounds=2", "federation.client_optimizer=persist", "train.threads=1")
+                  "federation.rounds=2", "federation.client_optimizer=persist", "train.threads=1",
+                  "federation.state_backup_every=1")  # every state on the server: a move is exact
 
     def run(name, worker, **kw):
         return run_federation(cfg, tmp_path / name, InProcessTransport(worker), **kw)
