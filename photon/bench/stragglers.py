@@ -152,8 +152,8 @@ def node_time(transport: VirtualClockTransport, folded: set[str], cfg: RunConfig
 def run_arm(cfg: RunConfig, run_dir: Path, budget: int, target_loss: float | None = None) -> dict[str, Any]:
     """One arm, or its stored outcome if it already finished with this config: trained until `budget` tokens,
     or, with `target_loss`, until the target or `TOKENS_CAP` × `budget` tokens."""
-    stored = finished_arm(run_dir, {"config": config_to_dict(cfg), "target_loss": target_loss})
-    if stored is not None:
+    stored = finished_arm(run_dir, config_to_dict(cfg))
+    if stored is not None and stored.get("target_loss") == target_loss:
         return stored["result"]
     shutil.rmtree(run_dir, ignore_errors=True)
     transport = VirtualClockTransport(ClientWorker(run_dir / "node-cache"), cfg.federation.num_nodes)

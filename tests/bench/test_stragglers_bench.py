@@ -66,6 +66,19 @@ def test_where_node_time_went_adds_up_to_the_nodes_up_time(tiny_prep, tmp_path):
     assert times["folded"] == pytest.approx(want)
 
 
+def test_a_finished_arm_is_not_trained_again_unless_its_target_changed(tiny_prep, tmp_path, monkeypatch):
+    cfg = fed_cfg(tiny_prep, "federation.rounds=2", "federation.eval_every=1")
+    first = s.run_arm(cfg, tmp_path / "arm", budget=10**9, target_loss=100.0)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(s, "run_federation", no_training)
+    assert s.run_arm(cfg, tmp_path / "arm", budget=10**9, target_loss=100.0) == first
+    with pytest.raises(AssertionError, match="trained again"):
+        s.run_arm(cfg, tmp_path / "arm", budget=10**9, target_loss=99.0)
+
+
 def test_the_target_and_the_time_to_it_are_the_trailing_means():
     evals = [[0, 0, 7.0], [10, 1, 6.0], [20, 2, 5.0], [30, 3, 4.0], [40, 4, 4.5], [50, 5, 3.5]]
     assert [p[2] for p in s.trailing(evals)] == [6.0, 5.0, 4.5, 4.0]
