@@ -300,7 +300,8 @@ def render(data: dict[str, Any]) -> str:
              f"{data['seeds']} seeds. Faults of the nodes (not in clean sync): one node in four 3× slower, 10% of "
              "the replies lost on each node's link, and another node down for the middle third of clean's "
              "virtual duration; lost replies are asked for again. Target, per seed: clean sync's mean loss over "
-             f"its last 3 evaluations ({data['eval_batches']} batches per domain each, one every {data['eval_every']} outer steps) after {data['rounds']} "
+             f"its last 3 evaluations ({data['eval_batches']} batches per domain each, one every "
+             f"{data['eval_every']} outer steps) after {data['rounds']} "
              f"rounds ({data['budget_tokens']:,} tokens); each arm trains until its own 3-evaluation mean reaches "
              f"it or it has folded {data['tokens_cap']}× those tokens. Time is virtual: a task at speed 1 takes "
              f"H × {data['step_seconds']:g} s. The update screen is off in every arm (a plain weighted mean).", "",

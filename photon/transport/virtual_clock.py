@@ -55,7 +55,8 @@ class VirtualClockTransport(InProcessTransport):
         self.now = 0.0
         self.free_at = [0.0] * len(self.workers)
         self.records: dict[str, TaskRecord] = {}
-        self._events: list[tuple[float, int, str, int, Wire | str]] = []  # done, seq, handle, node, task or error
+        # done, seq, handle, node, (task, fate, record key)
+        self._events: list[tuple[float, int, str, int, tuple[Wire, str, str]]] = []
         self._cancelled: set[str] = set()
         self._seq = itertools.count()
         self._cfg: tuple[str, RunConfig] | None = None
@@ -109,7 +110,7 @@ class VirtualClockTransport(InProcessTransport):
             self.free_at[node] = done
         key = f"{task.task_id}~{task.resend}" if task.resend else task.task_id  # the training keeps its record
         self.records[key] = TaskRecord(task.task_id, task.client_id, node, start, done, compute, fate == "lost")
-        heapq.heappush(self._events, (done, next(self._seq), handle, node, (wire, fate)))
+        heapq.heappush(self._events, (done, next(self._seq), handle, node, (wire, fate, key)))
         return handle
 
     def cancel(self, handle: str) -> None:
@@ -131,13 +132,12 @@ class VirtualClockTransport(InProcessTransport):
             return
         self.now = max(self.now, self._events[0][0])
         while self._events and self._events[0][0] <= self.now:
-            _, _, handle, node, (wire, fate) = heapq.heappop(self._events)
-            yield handle, self._complete(handle, node, wire, fate)
+            _, _, handle, node, (wire, fate, key) = heapq.heappop(self._events)
+            yield handle, self._complete(handle, node, wire, fate, self.records[key])
 
-    def _complete(self, handle: str, node: int, wire: Wire, fate: str) -> Wire | Rejected | str:
+    def _complete(self, handle: str, node: int, wire: Wire, fate: str, record: TaskRecord) -> Wire | Rejected | str:
         """What the server receives for one task: its reply, or the error that stands for it."""
         task = decode_task(wire)
-        record = self.records[f"{task.task_id}~{task.resend}" if task.resend else task.task_id]
         if handle in self._cancelled:
             self._cancelled.discard(handle)
             record.fate = "cancelled"
