@@ -297,8 +297,8 @@ class CodecConfig(_Frozen):
     density: float = Field(0.02, gt=0, le=1, description="topk: fraction of each chunk kept.")
     values: Literal["fp32", "bf16", "fp16", "int8", "int4", "2bit"] = Field(
         "fp32", description="topk: codec of the kept values.")
-    chunk: int = Field(4096, ge=1, le=65536, description="topk: elements per chunk (indices take 12 bits up to "
-                       "4096, SparseLoCo's 64x64 tiles; uint16 above).")
+    chunk: int = Field(4096, ge=1, le=65536, description="topk: elements per chunk (SparseLoCo's 64x64 tiles: "
+                       "4096); indices travel Elias-Fano coded, 8 bits each at 1/64.")
     # the bounds are the codec's own (federation/codec.py: MAX_CHUNK, MAX_BLOCK; a test keeps them equal)
     block_size: int = Field(256, ge=1, le=1 << 20, description="int8/int4/2bit: elements sharing one scale.")
     stochastic: bool = Field(False, description="Unbiased stochastic rounding (seeded per task) instead of "
@@ -347,8 +347,8 @@ class CompressionConfig(_Frozen):
 
     recipe: Literal["custom", "sparseloco"] = Field(
         "custom", description="A named recipe, expanded when given as an override (later overrides win): "
-        "sparseloco = top-k 1/64 of each 4096-element chunk with 12-bit indices, 2-bit codebook values, error "
-        "feedback β 0.95, the contributor mean, the replies as the down-link, outer SGD (FedAvg) lr 1. custom: "
+        "sparseloco = top-k 1/64 of each 4096-element chunk with Elias-Fano indices (8 bits each), 2-bit "
+        "codebook values, error feedback β 0.95, the contributor mean, the replies as the down-link, outer SGD (FedAvg) lr 1. custom: "
         "the fields as set.")
     up: CodecConfig = CodecConfig()
     down: CodecConfig = CodecConfig()

@@ -34,7 +34,7 @@ Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape), sorted by name
 #   2bit sign         nb fp32 scales hi; ceil(n/4) bytes, element 4i+j in    4nb + pad4(ceil(n/4))
 #                     bits 2j..2j+1 of byte i
 #   2bit codebook     nb (lo, hi) fp32 pairs; the same ceil(n/4) bytes       8nb + pad4(ceil(n/4))
-#   topk              K indices, then the K kept values encoded as one       pad4(3 ceil(K/2)) or pad4(2K)
+#   topk              K indices, then the K kept values encoded as one       pad4(ceil(sum of EF bits / 8))
 #                     tensor of K elements by the value codec                + (value codec's bytes for K)
 #
 # int8/int4: symmetric per-block absmax, no clipping: s = max|x| / L with L = 127 or 7, q = x / s rounded to
@@ -53,9 +53,12 @@ Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape), sorted by name
 # topk: each tensor is cut into chunks of `chunk` elements (the last may be shorter); a chunk of c elements
 # keeps its k(c) = max(1, floor(density * c + 1/2)) largest |x| (ties to the lower index, NaN as largest),
 # sent as chunk-local indices in strictly increasing order, chunk after chunk; K = sum of k over the chunks.
-# Indices take 12 bits when chunk <= 4096 (SparseLoCo's 64x64 tiles), two to three bytes: index 2i in the low
-# 12 bits of the little-endian 24-bit group i and 2i+1 in its high 12 (an odd K pads the last with 0);
-# uint16 for larger chunks.
+# Indices travel Elias-Fano coded, chunk by chunk: with l = floor(log2(c / k)) (0 when k = c), a chunk's
+# k low parts (index mod 2^l, l bits each) come first, then its upper bitmap of k + floor((c - 1) / 2^l) + 1
+# bits in which bit floor(i_j / 2^l) + j is set for the j-th index. Every chunk's bits follow each other and
+# are packed into bytes least significant bit first (the last byte padded with 0). That is within 10% of
+# the log2(c choose k) bits any code needs for a set of k indices in c (8 bits an index at SparseLoCo's 64
+# of 4096, where fixed-width indices take 12), and its size still depends only on c and k.
 # Every size depends only on the layout, so a receiver checks the byte count before decoding anything.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -65,8 +68,7 @@ _PARAMS = {"fp32": (), "bf16": (), "fp16": (), "int8": ("block_size", "stochasti
            "topk": ("density", "chunk", "values")}  # what a layout records, beside codec and tensors
 SLAB = 1 << 20        # elements handled at once: every temporary is O(SLAB), whatever the model's size
 MAX_BLOCK = 1 << 20
-MAX_CHUNK = 1 << 16   # chunk-local indices fit uint16
-PACKED_CHUNK = 1 << 12  # up to this chunk, indices travel in 12 bits
+MAX_CHUNK = 1 << 16
 
 
 class CodecError(ValueError):
@@ -80,8 +82,7 @@ class CodecSpec:
     name: str = "fp32"         # fp32 | bf16 | fp16 | int8 | int4 | 2bit | topk
     density: float = 0.02      # topk: fraction of each chunk kept, in (0, 1]
     values: str = "fp32"       # topk: codec of the kept values (any but topk)
-    chunk: int = 4096          # topk: elements per chunk (SparseLoCo's 64x64 tiles), <= 65536; 12-bit indices
-                               # up to 4096
+    chunk: int = 4096          # topk: elements per chunk (SparseLoCo's 64x64 tiles), <= 65536
     block_size: int = 256      # int8/int4/2bit: consecutive elements sharing a scale, <= 2**20
     stochastic: bool = False   # int8/int4/2bit: unbiased stochastic rounding seeded by `encode`'s seed
     two_bit: str = "codebook"  # 2bit: "codebook" (±lo, ±hi) or "sign" (0 or ±hi)
@@ -411,22 +412,40 @@ def _top_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def _pack12(idx: torch.Tensor) -> torch.Tensor:
-    """Indices below 4096, two to three bytes (the first in the low 12 bits of a little-endian 24-bit group)."""
-    i = torch.cat([idx, idx.new_zeros(len(idx) % 2)]).to(torch.int32).view(-1, 2)
-    group = i[:, 0] | (i[:, 1] << 12)
-    return torch.stack([group & 0xFF, (group >> 8) & 0xFF, group >> 16], 1).to(torch.uint8).view(-1)
+def _elias_fano_shape(width: int, k: int) -> tuple[int, int]:
+    """(l, bits) of a chunk of `width` elements keeping k: low-part width and the chunk's coded bit count."""
+    low = max(0, (width // k).bit_length() - 1)
+    return low, k * low + k + ((width - 1) >> low) + 1
 
 
-def _unpack12(packed: torch.Tensor, n: int) -> torch.Tensor:
-    b = packed[:3 * -(-n // 2)].to(torch.int32).view(-1, 3)
-    group = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-    return torch.stack([group & 0xFFF, group >> 12], 1).view(-1)[:n]
+def _elias_fano_bits(idx: np.ndarray, width: int) -> np.ndarray:
+    """The coded bits (one uint8 per bit) of each row of ascending chunk-local indices, one row per chunk."""
+    m, k = idx.shape
+    low, bits = _elias_fano_shape(width, k)
+    low_parts = ((idx[:, :, None] >> np.arange(low)) & 1).astype(np.uint8).reshape(m, k * low)
+    upper = np.zeros((m, bits - k * low), np.uint8)
+    np.put_along_axis(upper, (idx >> low) + np.arange(k), 1, axis=1)
+    return np.concatenate([low_parts, upper], 1)
+
+
+def _elias_fano_indices(bits: np.ndarray, width: int, k: int) -> np.ndarray:
+    """Rows of chunk-local indices back from their coded bits; CodecError unless each row is k strictly
+    increasing indices below `width`."""
+    m = len(bits)
+    low, _ = _elias_fano_shape(width, k)
+    upper = bits[:, k * low:]
+    if bool((upper.sum(1, dtype=np.int64) != k).any()):
+        raise CodecError("topk indices are malformed: a chunk's upper bitmap does not hold exactly its k indices")
+    high = np.nonzero(upper)[1].reshape(m, k) - np.arange(k)
+    low_parts = (bits[:, :k * low].reshape(m, k, low).astype(np.int64) << np.arange(low)).sum(2)
+    idx = (high << low) | low_parts
+    if not bool((idx[:, 1:] > idx[:, :-1]).all()) or int(idx[:, -1].max(initial=0)) >= width:
+        raise CodecError("topk indices are out of range or not strictly increasing within a chunk")
+    return idx
 
 
 class _TopK:
-    """Per chunk the k largest |x| as chunk-local indices (12-bit or uint16); their values through another
-    codec."""
+    """Per chunk the k largest |x| as Elias-Fano coded chunk-local indices; their values through another codec."""
 
     def __init__(self, density: float, chunk: int, values: _Cast | _Blockwise):
         self.density, self.chunk, self.values = density, chunk, values
@@ -438,36 +457,37 @@ class _TopK:
         full, rest = divmod(n, self.chunk)
         return full * self.k(self.chunk) + (self.k(rest) if rest else 0)
 
+    def index_bits(self, n: int) -> int:
+        full, rest = divmod(n, self.chunk)
+        return full * _elias_fano_shape(self.chunk, self.k(self.chunk))[1] + \
+            (_elias_fano_shape(rest, self.k(rest))[1] if rest else 0)
+
     def sizes(self, n: int) -> list[int]:
-        kept = self.kept(n)
-        return [3 * -(-kept // 2) if self.chunk <= PACKED_CHUNK else 2 * kept] + self.values.sizes(kept)
+        return [-(-self.index_bits(n) // 8)] + self.values.sizes(self.kept(n))
 
     def encode(self, x: torch.Tensor, gen: np.random.Generator | None) -> list[list[torch.Tensor]]:
-        indices, values = [torch.empty(0, dtype=torch.int64)], [torch.empty(0)]
+        bits, values = [np.zeros(0, np.uint8)], [torch.empty(0)]
         for s, e in _spans(len(x), self.chunk):
             for rows in _rows(_f32(x[s:e]), self.chunk):
                 idx = _top_indices(rows, self.k(rows.shape[1]))
-                indices.append(idx.reshape(-1))
+                bits.append(_elias_fano_bits(idx.numpy(), rows.shape[1]).reshape(-1))
                 values.append(rows.gather(1, idx).reshape(-1))
-        if self.chunk <= PACKED_CHUNK:
-            return [[_pack12(torch.cat(indices))]] + self.values.encode(torch.cat(values), gen)
-        return [[i.to(torch.uint16) for i in indices]] + self.values.encode(torch.cat(values), gen)
+        packed = torch.from_numpy(np.packbits(np.concatenate(bits), bitorder="little"))
+        return [[packed]] + self.values.encode(torch.cat(values), gen)
 
     def decode(self, streams: list[np.ndarray], n: int) -> torch.Tensor:
         kept = self.kept(n)
-        indices = _unpack12(_view(streams[0], torch.uint8), kept) if self.chunk <= PACKED_CHUNK else \
-            _view(streams[0], torch.uint16)
+        bits = np.unpackbits(np.asarray(streams[0], np.uint8), count=self.index_bits(n), bitorder="little")
         values = self.values.decode(streams[1:], kept)
-        out, at = torch.zeros(n), 0
+        out, at, bit = torch.zeros(n), 0, 0
         for s, e in _spans(n, self.chunk):
             for rows in _rows(out[s:e], self.chunk):
                 m, width = rows.shape
                 k = self.k(width)
-                idx = indices[at:at + m * k].to(torch.int64).view(m, k)
-                if not bool((idx[:, 1:] > idx[:, :-1]).all()) or int(idx[:, -1].max()) >= width:
-                    raise CodecError("topk indices are out of range or not strictly increasing within a chunk")
-                rows.scatter_(1, idx, values[at:at + m * k].view(m, k))
-                at += m * k
+                size = _elias_fano_shape(width, k)[1]
+                idx = _elias_fano_indices(bits[bit:bit + m * size].reshape(m, size), width, k)
+                rows.scatter_(1, torch.from_numpy(idx), values[at:at + m * k].view(m, k))
+                at, bit = at + m * k, bit + m * size
         return out
 
 

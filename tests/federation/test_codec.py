@@ -82,6 +82,48 @@ def ref_quantise(block, spec):
     return [lo, hi], 2 * big + negative
 
 
+def ref_low_bits(width, k):
+    """l = floor(log2(width / k)), by search rather than bit tricks."""
+    low = 0
+    while k * 2 ** (low + 1) <= width:
+        low += 1
+    return low
+
+
+def ref_elias_fano(chunk_indices, widths):
+    """Elias-Fano bytes of each chunk's ascending indices, bit by bit: low parts, then the upper bitmap."""
+    bits = []
+    for idx, width in zip(chunk_indices, widths):
+        k, low = len(idx), ref_low_bits(width, len(idx))
+        for i in idx:
+            bits += [(int(i) >> b) & 1 for b in range(low)]
+        upper = [0] * (k + (width - 1) // 2 ** low + 1)
+        for j, i in enumerate(idx):
+            upper[int(i) // 2 ** low + j] = 1
+        bits += upper
+    bits += [0] * (-len(bits) % 8)
+    return np.array([sum(bits[8 * b + j] << j for j in range(8)) for b in range(len(bits) // 8)], np.uint8)
+
+
+def ref_elias_fano_nbytes(widths, ks):
+    total = sum(k * ref_low_bits(w, k) + k + (w - 1) // 2 ** ref_low_bits(w, k) + 1 for w, k in zip(widths, ks))
+    return -(-total // 8)
+
+
+def ref_elias_fano_decode(data, widths, ks):
+    bits = [(int(b) >> j) & 1 for b in data for j in range(8)]
+    out, at = [], 0
+    for width, k in zip(widths, ks):
+        low = ref_low_bits(width, k)
+        lows = [sum(bits[at + j * low + b] << b for b in range(low)) for j in range(k)]
+        at += k * low
+        size = k + (width - 1) // 2 ** low + 1
+        ones = [p for p in range(size) if bits[at + p]]
+        at += size
+        out.append(np.array([(p - j) * 2 ** low + lo for j, (p, lo) in enumerate(zip(ones, lows))], int))
+    return out
+
+
 def ref_topk(x, spec):
     idx, vals = [], []
     for s, e in chunks(len(x), spec.chunk):
@@ -102,12 +144,8 @@ def ref_streams(x, spec):
         return [ref_bf16(x)]
     if spec.name == "topk":
         idx, vals = ref_topk(x, spec)
-        if spec.chunk <= 4096:
-            i = np.concatenate([idx, np.zeros(len(idx) % 2, idx.dtype)]).astype(np.int64)
-            group = i[0::2] | i[1::2] << 12
-            packed = np.stack([group & 0xFF, group >> 8 & 0xFF, group >> 16], 1).reshape(-1).astype(np.uint8)
-        else:
-            packed = idx.astype("<u2")
+        widths = [e - s for s, e in chunks(len(x), spec.chunk)]
+        packed = ref_elias_fano(np.split(idx, np.cumsum([keep_count(spec, w) for w in widths])[:-1]), widths)
         return [packed] + ref_streams(vals.astype(np.float32), value_spec(spec))
     got = [ref_quantise(x[s:e], spec) for s, e in chunks(len(x), spec.block_size)]
     scales = np.array([s for sc, _ in got for s in sc], "<f4")
@@ -141,12 +179,8 @@ def ref_decode_flat(r, n, spec):
     if spec.name == "topk":
         widths = [e - s for s, e in chunks(n, spec.chunk)]
         ks = [keep_count(spec, w) for w in widths]
-        if spec.chunk <= 4096:  # 12 bits: index 2i low, 2i+1 high in the little-endian 24-bit group i
-            g = r.take(3 * -(-sum(ks) // 2), np.uint8).astype(np.int64).reshape(-1, 3)
-            group = g[:, 0] | (g[:, 1] << 8) | (g[:, 2] << 16)
-            idx = np.stack([group & 0xFFF, group >> 12], 1).reshape(-1)[:sum(ks)]
-        else:
-            idx = r.take(sum(ks), "<u2").astype(np.int64)
+        idx = np.concatenate([np.zeros(0, int)] + ref_elias_fano_decode(r.take(ref_elias_fano_nbytes(widths, ks),
+                                                                               np.uint8), widths, ks))
         vals = ref_decode_flat(r, sum(ks), value_spec(spec))
         out, at = np.zeros(n, np.float32), 0
         for (s, _), k in zip(chunks(n, spec.chunk), ks):
@@ -177,7 +211,9 @@ def formula_nbytes(n, spec):
     nb = -(-n // spec.block_size)
     if spec.name == "topk":
         kept = sum(keep_count(spec, e - s) for s, e in chunks(n, spec.chunk))
-        return pad4(3 * -(-kept // 2) if spec.chunk <= 4096 else 2 * kept) + formula_nbytes(kept, value_spec(spec))
+        widths = [e - s for s, e in chunks(n, spec.chunk)]
+        return pad4(ref_elias_fano_nbytes(widths, [keep_count(spec, w) for w in widths])) + \
+            formula_nbytes(kept, value_spec(spec))
     return {"fp32": 4 * n, "bf16": pad4(2 * n), "fp16": pad4(2 * n), "int8": 4 * nb + pad4(n),
             "int4": 4 * nb + pad4(-(-n // 2)),
             "2bit": 4 * nb * (2 if spec.two_bit == "codebook" else 1) + pad4(-(-n // 4))}[spec.name]
@@ -199,7 +235,7 @@ SPECS = [CodecSpec("fp32"), CodecSpec("bf16"), CodecSpec("fp16"), CodecSpec("int
          CodecSpec("topk", density=0.05, chunk=100, values="int8", block_size=16),
          CodecSpec("topk", density=0.1, values="2bit", block_size=8, two_bit="codebook"),
          CodecSpec("topk", density=0.03, values="2bit"), CodecSpec("topk", density=0.02, values="int4"),
-         CodecSpec("topk", density=1.0, chunk=10, values="bf16")]
+         CodecSpec("topk", density=1.0, chunk=10, values="bf16"), CodecSpec("topk", density=0.01, chunk=4500)]
 
 
 def _ids(spec):
@@ -241,6 +277,12 @@ def test_payload_size_is_the_documented_formula(spec):
     assert encode(tensors, spec).nbytes == want
 
 
+def test_sparselocos_indices_take_eight_bits_each():
+    """64 of each 4,096 (1/64): Elias-Fano sends 6 low bits and 2 bits of upper bitmap an index."""
+    spec = CodecSpec("topk", density=1 / 64, chunk=4096)
+    assert encoded_size([("w", (4 * 4096,))], spec) == 4 * (64 + 64 * 4)
+
+
 def test_compression_ratios_for_a_large_tensor_follow_from_the_formula():
     layout = [("w", (1 << 20,))]
     ratio = {name: 4 * (1 << 20) / encoded_size(layout, spec) for name, spec in {
@@ -249,7 +291,7 @@ def test_compression_ratios_for_a_large_tensor_follow_from_the_formula():
         "topk1%+2bit": CodecSpec("topk", density=0.01, values="2bit")}.items()}
     assert ratio["bf16"] == 2 and 3.9 < ratio["int8"] < 4 and 7.7 < ratio["int4"] < 8
     assert 14 < ratio["2bit"] < 14.3 and 15 < ratio["2bit-sign"] < 16  # codebook: two fp32 levels per block
-    assert ratio["topk1%+2bit"] > 200  # 12-bit indices: 1.5 + 0.25 bytes per kept value, plus scales
+    assert ratio["topk1%+2bit"] > 280  # about 8.6 bits an index (Elias-Fano) + 2 per value, plus scales
 
 
 def test_fp32_is_bit_exact_zero_copy_and_keeps_its_layout():
@@ -416,16 +458,22 @@ def _write(offset, values):
 
 
 def _indices(changes):
-    """Set some of a chunk-64 topk payload's five 12-bit indices (the first 9 bytes) to other values."""
+    """Set some of a chunk-64 topk payload's five indices (k = 3 of 64, then 2 of 36) to other values and
+    code them again, Elias-Fano as the reference does (4 bytes)."""
     def edit(p):
         data = p.data.copy()
-        g = data[:9].astype(np.int64).reshape(3, 3)
-        group = g[:, 0] | g[:, 1] << 8 | g[:, 2] << 16
-        idx = np.stack([group & 0xFFF, group >> 12], 1).reshape(-1)
+        idx = np.concatenate(ref_elias_fano_decode(data[:4], [64, 36], [3, 2]))
         for at, value in changes.items():
             idx[at] = value
-        group = idx[0::2] | idx[1::2] << 12
-        data[:9] = np.stack([group & 0xFF, group >> 8 & 0xFF, group >> 16], 1).reshape(-1).astype(np.uint8)
+        data[:4] = ref_elias_fano([idx[:3], idx[3:]], [64, 36])
+        p.data = data
+    return edit
+
+
+def _flip_bit(bit):
+    def edit(p):
+        data = p.data.copy()
+        data[bit // 8] ^= 1 << bit % 8
         p.data = data
     return edit
 
@@ -462,6 +510,8 @@ INT8, TOPK = CodecSpec("int8", block_size=16), CodecSpec("topk", density=0.05, c
     (TOPK, _indices({4: 36}), "indices"),     # the second chunk has 36 elements
     (TOPK, _indices({1: 0}), "indices"),      # first chunk: [i0, 0, i2] is not increasing
     (TOPK, _indices({0: 5, 1: 5}), "indices"),
+    (TOPK, _flip_bit(12), "indices"),         # the first chunk's upper bitmap (bits 12..18) loses or gains one
+    (TOPK, _flip_bit(30), "indices"),         # the second chunk's (bits 27..31)
 ])
 def test_a_malformed_payload_is_a_codec_error_with_a_reason(spec, edit, match):
     payload, layout = _payload(spec)
