@@ -7,6 +7,7 @@ message that names the key and the fix. Nothing below this module reads environm
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -714,3 +715,29 @@ def load_saved_config(run_dir: Path, overrides: list[str] | None = None) -> RunC
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+def same_config(stored: Mapping[str, Any], current: Mapping[str, Any], section: type[BaseModel] | None = None) -> bool:
+    """Whether a config-dict stored by an earlier version describes the same run as `current`: equal, except
+    that a field added since (absent from `stored`) matches when `current` holds its default, which keeps the
+    behaviour a new option's default must keep. A field removed since never matches."""
+    section = section or RunConfig
+    if set(stored) - set(current):
+        return False
+    for key, value in current.items():
+        field = section.model_fields.get(key)
+        if key not in stored:
+            if field is None:
+                return False
+            default = field.get_default(call_default_factory=True)
+            if (default.model_dump(mode="json") if isinstance(default, BaseModel) else default) != value:
+                return False
+            continue
+        sub = getattr(field, "annotation", None)
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, Mapping) and \
+                isinstance(stored[key], Mapping):
+            if not same_config(stored[key], value, sub):
+                return False
+        elif stored[key] != value:
+            return False
+    return True

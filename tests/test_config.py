@@ -1,5 +1,6 @@
 """Config: every preset validates, overrides parse, and every mistake is a UserError that names the key."""
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ from photon.config import (
     load_config,
     parse_override,
     preset_names,
+    same_config,
 )
 from photon.errors import UserError
 
@@ -298,3 +300,17 @@ def test_a_clipping_radius_must_be_positive_finite_or_median(radius):
     with pytest.raises(UserError, match="federation.clipping.radius"):
         load_config("tiny", [f"federation.clipping.radius={radius}"])
     assert load_config("tiny", ["federation.clipping.radius=2"]).federation.clipping.radius == 2.0
+
+
+def test_a_stored_config_matches_unless_a_field_differs_or_an_added_field_left_its_default():
+    current = config_to_dict(load_config("tiny", ["federation.rounds=3"]))
+    older = copy.deepcopy(current)
+    del older["federation"]["asynchronous"]["staleness"]  # a field added since, at its default
+    del older["federation"]["faults"]                     # a whole section added since, at its defaults
+    assert same_config(current, current) and same_config(older, current)
+    moved = config_to_dict(load_config("tiny", ["federation.rounds=3", "federation.asynchronous.staleness=constant"]))
+    assert not same_config(older, moved)                 # the added field is not at its default
+    assert not same_config(older, config_to_dict(load_config("tiny", ["federation.rounds=4"])))
+    removed = copy.deepcopy(current)
+    removed["federation"]["gone"] = 1                     # a field removed since
+    assert not same_config(removed, current)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from photon.config import same_config
 from photon.errors import UserError
 
 RESULTS_DIR = Path("docs/results")
@@ -76,12 +77,13 @@ def machine(load: LoadSampler | None = None) -> dict[str, Any]:
 
 def finished_arm(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """What a benchmark arm stored in `run_dir/done.json` when it finished, if it finished with this config
-    (a config-dict, `config_to_dict`); None when the arm has to run (again)."""
+    (a config-dict, `config_to_dict`; a field added since the arm ran matches at its default); None when the
+    arm has to run (again)."""
     done = Path(run_dir) / "done.json"
     if not done.exists():
         return None
     stored = json.loads(done.read_text())
-    return stored if stored.get("config") == config else None
+    return stored if isinstance(stored.get("config"), dict) and same_config(stored["config"], config) else None
 
 
 def command_line() -> str:
