@@ -278,6 +278,10 @@ class AsyncConfig(_Frozen):
         "(a step made only of stale replies is as large as a fresh one, which at the default outer LR "
         "over-steps).")
     concurrency: int | None = Field(None, ge=1, description="Clients in flight at once (None = one per node).")
+    dynamic_local_steps: bool = Field(
+        False, description="Give each node's task H × (the fastest node's seconds per step / its own), at least "
+        "1, measured from each node's last task, as Async Local-SGD's dynamic local updates do: a slow machine "
+        "returns about when a fast one does, so its update is fresh and weighs by the steps it took.")
 
 
 class VirtualClockConfig(_Frozen):

@@ -13,6 +13,9 @@ Who trains what, and when, lives here; checking, parking, screening, folding and
 - The server steps when `quorum` replies are parked, or, with a grace window, when the oldest has waited
   `grace_s` and at least `min_replies` are in. The global LR schedule advances H per step.
 - A task past its deadline (fixed or adaptive, as in sync) is given up and its client freed.
+- With `dynamic_local_steps` a node's task has H × (fastest node's seconds per step / its own) local steps
+  (at least 1; H until the node has replied once), its rate measured from its last folded task (dispatch to
+  reply, transfers included, as the server sees it): a slow machine then returns with fresh work.
 - Every outer step is checkpointed with the tasks then in flight (`ServerState.outstanding`). On resume they
   are sent again from the model version they started from (kept by the checkpoints), at the virtual time
   they were first sent when the transport has a virtual clock: the in-process engine then replays exactly
@@ -160,8 +163,20 @@ class AsyncRounds:
             cid = self._pick()
             if cid is None:
                 break
-            self._send(transport, node, agg.task(cid, attempt=1), agg.model_payload(), result)
+            task = agg.task(cid, attempt=1)
+            if self.cfg.dynamic_local_steps:
+                task = replace(task, local_steps=self.local_steps(node))
+            self._send(transport, node, task, agg.model_payload(), result)
         agg.release_model_payload()
+
+    def local_steps(self, node: int) -> int:
+        """A task's local steps on `node` under dynamic local steps: H scaled by how much slower the node is
+        than the fastest one measured."""
+        h, rates = self.agg.cfg.federation.local_steps, self.agg.state.node_step_seconds
+        own = rates.get(str(node))
+        if own is None:
+            return h
+        return max(1, min(h, round(h * min(rates.values()) / own)))
 
     def _send(self, transport: Transport, node: int, task: ClientTask, model: codec.Payload, result: RoundResult,
               at: float | None = None) -> None:
@@ -220,6 +235,8 @@ class AsyncRounds:
         self.no_progress = 0
         agg.task_times.append(now - flight.sent)
         agg.state.task_times = list(agg.task_times)
+        if not task.resend:  # an ask for a kept reply trained nothing: it says nothing of the node's speed
+            agg.state.node_step_seconds[str(node)] = (now - flight.sent) / task.local_steps
         agg._node_ok(node)
         result.node_train[node] = result.node_train.get(node, 0.0) + outcome.train_seconds
         self.parked[cid] = _Parked(outcome, flight, now)

@@ -54,6 +54,7 @@ class ServerState:
     last_norms: list[float] = field(default_factory=list)  # accepted update norms of the last round
     run_uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # keys node caches of client state
     task_times: list[float] = field(default_factory=list)  # recent dispatch->reply times (adaptive deadline)
+    node_step_seconds: dict[str, float] = field(default_factory=dict)  # async: each node's last seconds per step
     clock: float = 0.0  # the transport's clock at the checkpoint (virtual seconds in the in-process engine)
     outstanding: list[dict[str, Any]] = field(default_factory=list)  # async: tasks in flight at the checkpoint
     down_residual: Tensors = field(default_factory=dict)  # error feedback of the compressed down-link
@@ -77,7 +78,7 @@ class ServerState:
         meta = {"kind": "federated", "round": self.round, "global_step": self.global_step,
                 "clients": [asdict(c) for c in self.clients], "rng_state": self.rng_state,
                 "totals": self.totals, "last_norms": self.last_norms, "run_uid": self.run_uid,
-                "task_times": self.task_times, "clock": self.clock, "outstanding": self.outstanding,
+                "task_times": self.task_times, "node_step_seconds": self.node_step_seconds, "clock": self.clock, "outstanding": self.outstanding,
                 "config": config}
         groups = {"model": self.params, "outer": self.outer_state}
         if self.down_residual:
@@ -100,6 +101,7 @@ class ServerState:
                     clients=[ClientRecord(**c) for c in meta["clients"]], rng_state=meta["rng_state"],
                     totals=meta.get("totals", {}), last_norms=meta.get("last_norms", []),
                     run_uid=meta.get("run_uid") or uuid.uuid4().hex, task_times=meta.get("task_times", []),
+                    node_step_seconds=meta.get("node_step_seconds", {}),
                     clock=meta.get("clock", 0.0), outstanding=meta.get("outstanding", []),
                     down_residual=tensors.get("down", {}), clip_centre=tensors.get("clip", {}))
         return state, meta

@@ -85,7 +85,9 @@ def test_a_reply_staler_than_the_bound_is_refused(tiny_prep, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("outer", [(), ("federation.outer.name=delayed-nesterov", "federation.outer.lr=0.7",
-                                          "federation.outer.delay=2", "federation.outer.schedule=cosine")])
+                                          "federation.outer.delay=2", "federation.outer.schedule=cosine"),
+                                   ("federation.faults.slow_node_fraction=0.34",
+                                    "federation.asynchronous.dynamic_local_steps=true")])
 def test_an_async_run_killed_and_resumed_is_bitwise_equal(tiny_prep, tmp_path, outer):
     # Also with an outer optimizer whose state is more than buffers (Delayed Nesterov's place in its cycle, killed
     # mid-cycle) on a scheduled outer LR.
@@ -270,6 +272,27 @@ def test_a_slow_node_is_slow_whichever_client_it_trains(tiny_prep, tmp_path):
         assert r.compute == (4 * nominal if r.node in slow else nominal)
         by_node.setdefault(r.node in slow, set()).add(r.client)
     assert len(by_node[True]) >= 2  # the slow node trained different clients, all of them slowly
+
+
+def test_dynamic_local_steps_shorten_a_slow_nodes_tasks_to_its_speed(tiny_prep, tmp_path):
+    """Async Local-SGD's dynamic local updates: once each node has replied, the slow node's tasks have H × (fast
+    seconds per step / slow), so they take about as long as a fast node's; fast nodes keep H."""
+    from photon.federation.faults import slow_nodes
+
+    cfg = _cfg(tiny_prep, "federation.faults.slow_fraction=0", "federation.faults.slow_node_fraction=0.34",
+               "federation.faults.slow_factor=4", "federation.rounds=6", "federation.local_steps=8",
+               "federation.asynchronous.dynamic_local_steps=true")
+    _, transport = _run(cfg, tmp_path)
+    slow, step_s = slow_nodes(cfg.federation.faults, 3), cfg.federation.virtual_clock.step_seconds
+    steps = {}
+    for r in sorted(transport.records.values(), key=lambda r: r.start):
+        speed = 4 if r.node in slow else 1
+        steps.setdefault(r.node, []).append(round(r.compute / (step_s * speed)))
+    (slow_node,) = slow
+    assert steps[slow_node][0] == 8 and set(steps[slow_node][1:]) == {2}  # 8 × ~1/4 (transfers add a little)
+    assert all(set(s) == {8} for node, s in steps.items() if node != slow_node)
+    state, _ = ServerState.load_latest(tmp_path / "checkpoints")
+    assert set(state.node_step_seconds) == {"0", "1", "2"}  # checkpointed: a resumed run sizes tasks alike
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
