@@ -282,6 +282,10 @@ class AsyncConfig(_Frozen):
         False, description="Give each node's task H × (the fastest node's seconds per step / its own), at least "
         "1, measured from each node's last task, as Async Local-SGD's dynamic local updates do: a slow machine "
         "returns about when a fast one does, so its update is fresh and weighs by the steps it took.")
+    fold_arrived_together: bool = Field(
+        False, description="Fold every reply handed over together with the one that completes the quorum (one "
+        "pull of Flower's, one instant of the virtual clock), not just the quorum: replies that arrive together "
+        "are as fresh as each other, and the surplus, left for the next step, would be a step staler.")
 
 
 class VirtualClockConfig(_Frozen):

@@ -10,7 +10,8 @@ run's virtual duration, then returns. Nodes keep their replies, and a lost one i
 Arms: clean sync (no faults; it sets the target); sync waiting for all (a dead node's task is retried elsewhere,
 a lost reply asked for again); sync with a fixed deadline (2× a nominal task) and with the adaptive one;
 async with normalized staleness weights, with FedBuff's summed ones (the default), and with those and dynamic
-local steps (a slow node's tasks shortened to its speed, as Async Local-SGD does). Every arm trains until
+local steps (a slow node's tasks shortened to its speed, as Async Local-SGD does), and with those folding every
+reply that arrived with the quorum's last. Every arm trains until
 the mean loss of its last 3 evaluations reaches clean sync's (per seed, ≥ 32 evaluation batches per domain)
 or it has folded 3× clean's tokens, on one LR schedule of clean's length in outer steps (later steps train on
 its floor). Training is real; time is virtual (H × `virtual_clock.step_seconds` per task at speed 1), so runs
@@ -49,7 +50,8 @@ from photon.transport.virtual_clock import VirtualClockTransport
 CLEAN, WAIT_ALL, FIXED, ADAPTIVE = "clean sync", "sync, waits for all", "sync, fixed deadline", "sync, adaptive deadline"
 ASYNC_NORMALIZED, ASYNC_SUMMED = "async, normalized weights", "async, FedBuff weights"
 ASYNC_DYNAMIC = "async, FedBuff weights, dynamic local steps"
-ARMS = (CLEAN, WAIT_ALL, FIXED, ADAPTIVE, ASYNC_NORMALIZED, ASYNC_SUMMED, ASYNC_DYNAMIC)
+ASYNC_TOGETHER = "async, FedBuff weights, dynamic local steps, folds what arrived together"
+ARMS = (CLEAN, WAIT_ALL, FIXED, ADAPTIVE, ASYNC_NORMALIZED, ASYNC_SUMMED, ASYNC_DYNAMIC, ASYNC_TOGETHER)
 DEFAULT_ASYNC = ASYNC_SUMMED  # the arm run as `federation.mode=async` runs by default: the goals are its
 PLOT = Path("docs/img/stragglers.png")
 TOKENS_CAP = 3      # an arm that has not reached the target by this multiple of clean's tokens stops
@@ -115,7 +117,9 @@ def arm_overrides(arm: str, cfg: RunConfig, seed: int, clean_clock: float | None
     if arm == ADAPTIVE:
         return common + faults + ["federation.deadline=adaptive", f"federation.round_timeout_s={4 * nominal}"]
     weighting = "normalized" if arm == ASYNC_NORMALIZED else "summed"
-    dynamic = ["federation.asynchronous.dynamic_local_steps=true"] if arm == ASYNC_DYNAMIC else []
+    dynamic = ["federation.asynchronous.dynamic_local_steps=true"] if arm in (ASYNC_DYNAMIC, ASYNC_TOGETHER) else []
+    if arm == ASYNC_TOGETHER:
+        dynamic.append("federation.asynchronous.fold_arrived_together=true")
     return common + faults + ["federation.mode=async", f"federation.asynchronous.weighting={weighting}",
                               f"federation.round_timeout_s={4 * nominal}"] + dynamic
 

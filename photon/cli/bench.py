@@ -136,9 +136,10 @@ def bench_stragglers(
     = Path("runs/bench-stragglers"),
 ) -> None:
     """Clean sync against sync waiting for all, sync with a fixed or adaptive deadline, and async (normalized or
-    FedBuff weights; FedBuff with dynamic local steps) under a slow node, lossy links and a node down for a third of the run, timed to clean's
-    perplexity on the in-process engine's virtual clock (H = 32, 32 clean rounds unless --set says otherwise);
-    stores docs/results/stragglers.json and docs/img/stragglers.png (with --results DIR: DIR and DIR/img)."""
+    FedBuff weights; FedBuff with dynamic local steps, and also folding what arrived together) under a slow node,
+    lossy links and a node down for a third of the run, timed to clean's perplexity on the in-process engine's
+    virtual clock (H = 32, 32 clean rounds unless --set says otherwise); stores docs/results/stragglers.json and
+    docs/img/stragglers.png (with --results DIR: DIR and DIR/img)."""
     from photon.bench.stragglers import DEFAULTS, run_stragglers_bench
 
     cfg = flags_config(preset, [*DEFAULTS, *(overrides or [])])

@@ -11,7 +11,9 @@ Who trains what, and when, lives here; checking, parking, screening, folding and
   and its client freed (nothing of it advances). The weights are normalized (Σ n·s·Δ / Σ n·s), or with
   `weighting: summed` summed as FedBuff does (Σ n·s·Δ / Σ n): a step made only of stale replies is damped.
 - The server steps when `quorum` replies are parked, or, with a grace window, when the oldest has waited
-  `grace_s` and at least `min_replies` are in. The global LR schedule advances H per step.
+  `grace_s` and at least `min_replies` are in. The global LR schedule advances H per step. Replies handed over
+  together with the one that completes the quorum wait for the next step, or with `fold_arrived_together`
+  are folded in this one.
 - A task past its deadline (fixed or adaptive, as in sync) is given up and its client freed.
 - With `dynamic_local_steps` a node's task has H × (fastest node's seconds per step / its own) local steps
   (at least 1; H until the node has replied once), its rate measured from its last folded task (dispatch to
@@ -122,7 +124,7 @@ class AsyncRounds:
             for handle, msg in transport.collect(wait if is_virtual(transport) else min(1.0, wait)):
                 self._on_reply(handle, msg, result, clock())
                 del msg
-                if self._ready(clock()):
+                if self._ready(clock()) and not self.cfg.fold_arrived_together:
                     break  # a step folds a quorum: replies that came with it are collected for the next step
             self._expire(clock(), result, transport)
             if self.no_progress > 4 * self.quorum + 4:

@@ -274,6 +274,21 @@ def test_a_slow_node_is_slow_whichever_client_it_trains(tiny_prep, tmp_path):
     assert len(by_node[True]) >= 2  # the slow node trained different clients, all of them slowly
 
 
+@pytest.mark.parametrize("quorum,together,folded,stale", [(3, False, {3}, False), (2, False, {2}, True),
+                                                         (2, True, {3}, False)])
+def test_replies_that_arrive_together_are_handed_over_together(tiny_prep, tmp_path, quorum, together, folded,
+                                                                stale):
+    """Three equal nodes, no faults: their replies arrive at one instant and the server sees them together, so
+    with a quorum of three every update is fresh. With a quorum of two the third waits for the next step, a step
+    staler, unless `fold_arrived_together` folds it with the quorum."""
+    cfg = _cfg(tiny_prep, "federation.faults.slow_fraction=0", f"federation.asynchronous.quorum={quorum}",
+               f"federation.asynchronous.fold_arrived_together={str(together).lower()}", "federation.rounds=4")
+    _run(cfg, tmp_path)
+    rounds = _rounds(tmp_path)
+    assert {len(r["folded"]) for r in rounds[1:]} == folded
+    assert any(s > 0 for r in rounds for s in r["folded"].values()) == stale
+
+
 def test_dynamic_local_steps_shorten_a_slow_nodes_tasks_to_its_speed(tiny_prep, tmp_path):
     """Async Local-SGD's dynamic local updates: once each node has replied, the slow node's tasks have H × (fast
     seconds per step / slow), so they take about as long as a fast node's; fast nodes keep H."""
