@@ -110,7 +110,7 @@ def _record(times_by_arm):
 
 def test_the_render_reads_the_record():
     data = _record({s.CLEAN: [30, 30], s.WAIT_ALL: [300, 400], s.FIXED: [None, None], s.ADAPTIVE: [500, None],
-                    s.ASYNC_NORMALIZED: [200, 220], s.ASYNC_SUMMED: [150, 250], s.ASYNC_DYNAMIC: [180, 260]})
+                    s.ASYNC_NORMALIZED: [200, 220], s.ASYNC_SUMMED: [150, 250], s.ASYNC_DYNAMIC: [180, 260], s.ASYNC_TOGETHER: [170, 270]})
     text = s.render(data)
     assert "| async, FedBuff weights | 200 s (150, 250; reached 2/2) |" in text
     assert "| sync, fixed deadline | not reached (–, –; reached 0/2) |" in text
@@ -120,7 +120,8 @@ def test_the_render_reads_the_record():
     assert "| async, FedBuff weights | 90.0% | 2.0% | 1.0% | 0.5% | 0.5% | 5.5% | 0.5% | 0.0% |" in text
     assert "- goodput ≥ 93%: 90.0%, NOT met" in text
     assert "| async, FedBuff weights, dynamic local steps | 220 s (180, 260; reached 2/2) |" in text
-    del data["runs"][s.ASYNC_DYNAMIC]  # a record from before that arm was added still renders
+    for arm in (s.ASYNC_DYNAMIC, s.ASYNC_TOGETHER):  # a record from before these arms were added still renders
+        del data["runs"][arm]
     data["summary"] = s.summarize(data)
     assert "dynamic local steps" not in s.render(data) and "dynamic" not in s.render_brief(data)
     assert f"{math.exp(0.01) - 1:+.2%}, met" in text
@@ -128,7 +129,7 @@ def test_the_render_reads_the_record():
 
 def test_the_brief_names_the_first_arm_to_the_target_and_the_busiest():
     data = _record({s.CLEAN: [30, 30], s.WAIT_ALL: [300, 400], s.FIXED: [None, None], s.ADAPTIVE: [500, 100],
-                    s.ASYNC_NORMALIZED: [200, 220], s.ASYNC_SUMMED: [150, 250], s.ASYNC_DYNAMIC: [180, 260]})
+                    s.ASYNC_NORMALIZED: [200, 220], s.ASYNC_SUMMED: [150, 250], s.ASYNC_DYNAMIC: [180, 260], s.ASYNC_TOGETHER: [170, 270]})
     data["runs"][s.ASYNC_SUMMED][0]["node_time"] = {**data["runs"][s.ASYNC_SUMMED][0]["node_time"],
                                                      "folded": 990.0, "idle": 0.0, "lost": 0.0, "cancelled": 0.0}
     data["summary"] = s.summarize(data)
