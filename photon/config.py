@@ -279,11 +279,11 @@ class AsyncConfig(_Frozen):
         "over-steps).")
     concurrency: int | None = Field(None, ge=1, description="Clients in flight at once (None = one per node).")
     dynamic_local_steps: bool = Field(
-        False, description="Give each node's task H × (the fastest node's seconds per step / its own), at least "
+        True, description="Give each node's task H × (the fastest node's seconds per step / its own), at least "
         "1, measured from each node's last task, as Async Local-SGD's dynamic local updates do: a slow machine "
         "returns about when a fast one does, so its update is fresh and weighs by the steps it took.")
     fold_arrived_together: bool = Field(
-        False, description="Fold every reply handed over together with the one that completes the quorum (one "
+        True, description="Fold every reply handed over together with the one that completes the quorum (one "
         "pull of Flower's, one instant of the virtual clock), not just the quorum: replies that arrive together "
         "are as fresh as each other, and the surplus, left for the next step, would be a step staler.")
 
@@ -725,26 +725,44 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def same_config(stored: Mapping[str, Any], current: Mapping[str, Any], section: type[BaseModel] | None = None) -> bool:
+# What a config stored before these fields existed meant, where the field's default has changed since: the
+# behaviour the code had then. Async rounds used to run every task with H steps and to leave replies handed over
+# with the quorum for the next step.
+BEFORE_FIELD = {"federation.asynchronous.dynamic_local_steps": False,
+                "federation.asynchronous.fold_arrived_together": False}
+
+
+def same_config(stored: Mapping[str, Any], current: Mapping[str, Any], section: type[BaseModel] | None = None,
+                at: str = "") -> bool:
     """Whether a config-dict stored by an earlier version describes the same run as `current`: equal, except
-    that a field added since (absent from `stored`) matches when `current` holds its default, which keeps the
-    behaviour a new option's default must keep. A field removed since never matches."""
-    section = section or RunConfig
+    that a field added since (absent from `stored`) matches when `current` holds what its absence meant (the
+    field's default, or `BEFORE_FIELD`'s value where the default changed since). A field removed since never
+    matches, and the async keys do not count between two synchronous runs (a sync run never reads them)."""
+    if section is None:
+        section = RunConfig
+        fed, old = current.get("federation", {}), stored.get("federation", {})
+        if fed.get("mode") != "async" and isinstance(old, Mapping) and old.get("mode") == fed.get("mode"):
+            current = {**current, "federation": {k: v for k, v in fed.items() if k != "asynchronous"}}
+            stored = {**stored, "federation": {k: v for k, v in old.items() if k != "asynchronous"}}
     if set(stored) - set(current):
         return False
     for key, value in current.items():
-        field = section.model_fields.get(key)
+        field, path = section.model_fields.get(key), f"{at}{key}"
         if key not in stored:
             if field is None:
                 return False
             default = field.get_default(call_default_factory=True)
-            if (default.model_dump(mode="json") if isinstance(default, BaseModel) else default) != value:
+            meant = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+            if isinstance(default, BaseModel):  # a whole section added since: each field as its absence meant
+                if not same_config({}, value, field.annotation, f"{path}."):
+                    return False
+            elif BEFORE_FIELD.get(path, meant) != value:
                 return False
             continue
         sub = getattr(field, "annotation", None)
         if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, Mapping) and \
                 isinstance(stored[key], Mapping):
-            if not same_config(stored[key], value, sub):
+            if not same_config(stored[key], value, sub, f"{path}."):
                 return False
         elif stored[key] != value:
             return False

@@ -303,14 +303,23 @@ def test_a_clipping_radius_must_be_positive_finite_or_median(radius):
 
 
 def test_a_stored_config_matches_unless_a_field_differs_or_an_added_field_left_its_default():
-    current = config_to_dict(load_config("tiny", ["federation.rounds=3"]))
+    def cfg(*extra):
+        return config_to_dict(load_config("tiny", ["federation.rounds=3", "federation.mode=async", *extra]))
+
+    current = cfg()
     older = copy.deepcopy(current)
     del older["federation"]["asynchronous"]["staleness"]  # a field added since, at its default
     del older["federation"]["faults"]                     # a whole section added since, at its defaults
     assert same_config(current, current) and same_config(older, current)
-    moved = config_to_dict(load_config("tiny", ["federation.rounds=3", "federation.asynchronous.staleness=constant"]))
-    assert not same_config(older, moved)                 # the added field is not at its default
-    assert not same_config(older, config_to_dict(load_config("tiny", ["federation.rounds=4"])))
+    assert not same_config(older, cfg("federation.asynchronous.staleness=constant"))  # not at its default
+    assert not same_config(older, cfg("federation.rounds=4"))
+    # a field whose default changed since it was added: its absence means the value it had then
+    flipped = copy.deepcopy(current)
+    del flipped["federation"]["asynchronous"]["fold_arrived_together"]
+    assert not same_config(flipped, current)
+    assert same_config(flipped, cfg("federation.asynchronous.fold_arrived_together=false"))
+    sync = {**flipped, "federation": {**flipped["federation"], "mode": "sync"}}
+    assert same_config(sync, {**current, "federation": {**current["federation"], "mode": "sync"}})  # never read
     removed = copy.deepcopy(current)
     removed["federation"]["gone"] = 1                     # a field removed since
     assert not same_config(removed, current)

@@ -9,9 +9,9 @@ run's virtual duration, then returns. Nodes keep their replies, and a lost one i
 
 Arms: clean sync (no faults; it sets the target); sync waiting for all (a dead node's task is retried elsewhere,
 a lost reply asked for again); sync with a fixed deadline (2× a nominal task) and with the adaptive one;
-async with normalized staleness weights, with FedBuff's summed ones (the default), and with those and dynamic
-local steps (a slow node's tasks shortened to its speed, as Async Local-SGD does), and with those folding every
-reply that arrived with the quorum's last. Every arm trains until
+async with normalized staleness weights, with FedBuff's summed ones, with those and dynamic local steps (a slow
+node's tasks shortened to its speed, as Async Local-SGD does), and with those folding every reply that arrived
+with the quorum's last (how async runs by default). Every arm trains until
 the mean loss of its last 3 evaluations reaches clean sync's (per seed, ≥ 32 evaluation batches per domain)
 or it has folded 3× clean's tokens, on one LR schedule of clean's length in outer steps (later steps train on
 its floor). Training is real; time is virtual (H × `virtual_clock.step_seconds` per task at speed 1), so runs
@@ -52,7 +52,7 @@ ASYNC_NORMALIZED, ASYNC_SUMMED = "async, normalized weights", "async, FedBuff we
 ASYNC_DYNAMIC = "async, FedBuff weights, dynamic local steps"
 ASYNC_TOGETHER = "async, FedBuff weights, dynamic local steps, folds what arrived together"
 ARMS = (CLEAN, WAIT_ALL, FIXED, ADAPTIVE, ASYNC_NORMALIZED, ASYNC_SUMMED, ASYNC_DYNAMIC, ASYNC_TOGETHER)
-DEFAULT_ASYNC = ASYNC_SUMMED  # the arm run as `federation.mode=async` runs by default: the goals are its
+DEFAULT_ASYNC = ASYNC_TOGETHER  # the arm run as `federation.mode=async` runs by default: the goals are its
 PLOT = Path("docs/img/stragglers.png")
 TOKENS_CAP = 3      # an arm that has not reached the target by this multiple of clean's tokens stops
 EVAL_BATCHES = 32   # per domain: a target within a few percent needs evaluations quieter than the default's
@@ -117,11 +117,11 @@ def arm_overrides(arm: str, cfg: RunConfig, seed: int, clean_clock: float | None
     if arm == ADAPTIVE:
         return common + faults + ["federation.deadline=adaptive", f"federation.round_timeout_s={4 * nominal}"]
     weighting = "normalized" if arm == ASYNC_NORMALIZED else "summed"
-    dynamic = ["federation.asynchronous.dynamic_local_steps=true"] if arm in (ASYNC_DYNAMIC, ASYNC_TOGETHER) else []
-    if arm == ASYNC_TOGETHER:
-        dynamic.append("federation.asynchronous.fold_arrived_together=true")
+    dynamic, together = arm in (ASYNC_DYNAMIC, ASYNC_TOGETHER), arm == ASYNC_TOGETHER
     return common + faults + ["federation.mode=async", f"federation.asynchronous.weighting={weighting}",
-                              f"federation.round_timeout_s={4 * nominal}"] + dynamic
+                              f"federation.round_timeout_s={4 * nominal}",
+                              f"federation.asynchronous.dynamic_local_steps={str(dynamic).lower()}",
+                              f"federation.asynchronous.fold_arrived_together={str(together).lower()}"]
 
 
 def node_time(transport: VirtualClockTransport, folded: set[str], cfg: RunConfig) -> dict[str, float]:
@@ -338,14 +338,15 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"| {arm} | {a['goodput']:.1%} | " + " | ".join(f"{a['waste'][k]:.1%}" for k in WASTE) +
                      f" | {a['tail']:.1%} |")
     best_deadline = min((FIXED, ADAPTIVE), key=lambda arm: s[arm]["median_time"] or math.inf)
-    lines += ["", f"Goals ({DEFAULT_ASYNC}, how async runs by default, under these faults):"]
+    default = DEFAULT_ASYNC if DEFAULT_ASYNC in s else ASYNC_SUMMED  # the default when an older record was made
+    lines += ["", f"Goals ({default}, how async runs by default, under these faults):"]
     for label, slow, want in ((f"sync waiting for all", WAIT_ALL, 1.5), (f"the best deadline arm ({best_deadline})",
                                                                          best_deadline, 2.0)):
-        x = _speedup(s, slow, DEFAULT_ASYNC)
+        x = _speedup(s, slow, default)
         lines.append(f"- ≥ {want:g}× less virtual time to target than {label}: " +
                      (f"{x:.2f}×, {'met' if x >= want else 'NOT met'}" if x else
                       "not measurable (an arm did not reach the target in most seeds): NOT met"))
-    a = s[DEFAULT_ASYNC]
+    a = s[default]
     lines += [f"- goodput ≥ 93%: {a['goodput']:.1%}, {'met' if a['goodput'] >= 0.93 else 'NOT met'}",
               f"- perplexity at equal tokens within 2% of clean sync: {a['cost']:+.2%}, "
               f"{'met' if a['cost'] <= 0.02 else 'NOT met'}",

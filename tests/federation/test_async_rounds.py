@@ -17,9 +17,12 @@ from tests.helpers import ServerCrash, crash_when, fed_cfg
 
 
 def _cfg(prep, *extra):
+    # Every task H steps and a step that folds exactly its quorum, so the tests below can count folds and weigh
+    # them by hand; dynamic local steps and folding what arrived together (the defaults) have tests of their own.
     return fed_cfg(prep, "data.partition.num_clients=6", "federation.clients_per_round=3", "federation.rounds=5",
                    "federation.mode=async", "federation.faults.slow_fraction=0.34", "federation.round_timeout_s=200",
-                   *extra)
+                   "federation.asynchronous.dynamic_local_steps=false",
+                   "federation.asynchronous.fold_arrived_together=false", *extra)
 
 
 def _run(cfg, run_dir, nodes=3, **kw):
@@ -87,7 +90,8 @@ def test_a_reply_staler_than_the_bound_is_refused(tiny_prep, tmp_path, caplog):
 @pytest.mark.parametrize("outer", [(), ("federation.outer.name=delayed-nesterov", "federation.outer.lr=0.7",
                                           "federation.outer.delay=2", "federation.outer.schedule=cosine"),
                                    ("federation.faults.slow_node_fraction=0.34",
-                                    "federation.asynchronous.dynamic_local_steps=true")])
+                                    "federation.asynchronous.dynamic_local_steps=true",
+                                    "federation.asynchronous.fold_arrived_together=true")])
 def test_an_async_run_killed_and_resumed_is_bitwise_equal(tiny_prep, tmp_path, outer):
     # Also with an outer optimizer whose state is more than buffers (Delayed Nesterov's place in its cycle, killed
     # mid-cycle) on a scheduled outer LR.
