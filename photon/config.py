@@ -279,9 +279,9 @@ class AsyncConfig(_Frozen):
         "over-steps).")
     concurrency: int | None = Field(None, ge=1, description="Clients in flight at once (None = one per node).")
     dynamic_local_steps: bool = Field(
-        True, description="Give each node's task H × (the fastest node's seconds per step / its own), rounded "
-        "down, at least 1, measured from each node's last task, as Async Local-SGD's dynamic local updates do: a "
-        "slow machine returns just before a fast one, so its update is fresh and weighs by the steps it took.")
+        True, description="Give each node's task H × (the fastest node's seconds per step / its own), at least "
+        "1, measured from each node's last task, as Async Local-SGD's dynamic local updates do: a slow machine "
+        "returns about when a fast one does, so its update is fresh and weighs by the steps it took.")
     fold_arrived_together: bool = Field(
         True, description="Fold every reply handed over together with the one that completes the quorum (one "
         "pull of Flower's, one instant of the virtual clock), not just the quorum: replies that arrive together "

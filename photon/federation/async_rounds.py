@@ -15,10 +15,9 @@ Who trains what, and when, lives here; checking, parking, screening, folding and
   together with the one that completes the quorum wait for the next step, or with `fold_arrived_together`
   are folded in this one.
 - A task past its deadline (fixed or adaptive, as in sync) is given up and its client freed.
-- With `dynamic_local_steps` a node's task has H × (fastest node's seconds per step / its own) local steps,
-  rounded down (at least 1; H until the node has replied once), its rate measured from its last folded task
-  (dispatch to reply, transfers included, as the server sees it): a slow machine then returns with fresh work,
-  just before the fast ones.
+- With `dynamic_local_steps` a node's task has H × (fastest node's seconds per step / its own) local steps
+  (at least 1; H until the node has replied once), its rate measured from its last folded task (dispatch to
+  reply, transfers included, as the server sees it): a slow machine then returns with fresh work.
 - Every outer step is checkpointed with the tasks then in flight (`ServerState.outstanding`). On resume they
   are sent again from the model version they started from (kept by the checkpoints), at the virtual time
   they were first sent when the transport has a virtual clock: the in-process engine then replays exactly
@@ -29,7 +28,6 @@ Who trains what, and when, lives here; checking, parking, screening, folding and
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -180,9 +178,7 @@ class AsyncRounds:
         own = rates.get(str(node))
         if own is None:
             return h
-        # rounded down: a slow node then replies just before the fast ones, so the step their replies complete
-        # is taken as they arrive and no fast node is sent work from the model it is about to replace
-        return max(1, min(h, math.floor(h * min(rates.values()) / own)))
+        return max(1, min(h, round(h * min(rates.values()) / own)))
 
     def _send(self, transport: Transport, node: int, task: ClientTask, model: codec.Payload, result: RoundResult,
               at: float | None = None) -> None:
