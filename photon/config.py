@@ -357,8 +357,8 @@ class CompressionConfig(_Frozen):
     recipe: Literal["custom", "sparseloco"] = Field(
         "custom", description="A named recipe, expanded when given as an override (later overrides win): "
         "sparseloco = top-k 1/64 of each 4096-element chunk with Elias-Fano indices (8 bits each), 2-bit "
-        "codebook values, error feedback β 0.95, the contributor mean, the replies as the down-link, outer SGD (FedAvg) lr 1. custom: "
-        "the fields as set.")
+        "codebook values, error feedback β 0.95, the contributor mean, the replies as the down-link, outer SGD "
+        "(FedAvg) lr 1. custom: the fields as set.")
     up: CodecConfig = CodecConfig()
     down: CodecConfig = CodecConfig()
 
@@ -752,11 +752,10 @@ def same_config(stored: Mapping[str, Any], current: Mapping[str, Any], section: 
             if field is None:
                 return False
             default = field.get_default(call_default_factory=True)
-            meant = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
             if isinstance(default, BaseModel):  # a whole section added since: each field as its absence meant
                 if not same_config({}, value, field.annotation, f"{path}."):
                     return False
-            elif BEFORE_FIELD.get(path, meant) != value:
+            elif BEFORE_FIELD.get(path, default) != value:
                 return False
             continue
         sub = getattr(field, "annotation", None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -453,14 +453,16 @@ class _TopK:
     def k(self, width: int) -> int:
         return min(width, max(1, math.floor(self.density * width + 0.5)))
 
-    def kept(self, n: int) -> int:
+    def _over_chunks(self, n: int, per_chunk: Callable[[int], int]) -> int:
+        """The sum of `per_chunk(width)` over the chunks of an n-element tensor."""
         full, rest = divmod(n, self.chunk)
-        return full * self.k(self.chunk) + (self.k(rest) if rest else 0)
+        return full * per_chunk(self.chunk) + (per_chunk(rest) if rest else 0)
+
+    def kept(self, n: int) -> int:
+        return self._over_chunks(n, self.k)
 
     def index_bits(self, n: int) -> int:
-        full, rest = divmod(n, self.chunk)
-        return full * _elias_fano_shape(self.chunk, self.k(self.chunk))[1] + \
-            (_elias_fano_shape(rest, self.k(rest))[1] if rest else 0)
+        return self._over_chunks(n, lambda width: _elias_fano_shape(width, self.k(width))[1])
 
     def sizes(self, n: int) -> list[int]:
         return [-(-self.index_bits(n) // 8)] + self.values.sizes(self.kept(n))

@@ -78,8 +78,8 @@ class ServerState:
         meta = {"kind": "federated", "round": self.round, "global_step": self.global_step,
                 "clients": [asdict(c) for c in self.clients], "rng_state": self.rng_state,
                 "totals": self.totals, "last_norms": self.last_norms, "run_uid": self.run_uid,
-                "task_times": self.task_times, "node_step_seconds": self.node_step_seconds, "clock": self.clock, "outstanding": self.outstanding,
-                "config": config}
+                "task_times": self.task_times, "node_step_seconds": self.node_step_seconds, "clock": self.clock,
+                "outstanding": self.outstanding, "config": config}
         groups = {"model": self.params, "outer": self.outer_state}
         if self.down_residual:
             groups["down"] = self.down_residual
