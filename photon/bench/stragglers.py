@@ -11,7 +11,8 @@ Arms: clean sync (no faults; it sets the target); sync waiting for all (a dead n
 a lost reply asked for again); sync with a fixed deadline (2× a nominal task) and with the adaptive one;
 async with normalized staleness weights, with FedBuff's summed ones, with those and dynamic local steps (a slow
 node's tasks shortened to its speed, as Async Local-SGD does), and with those folding every reply that arrived
-with the quorum's last (how async runs by default). Every arm trains until
+with the quorum's last (how async runs by default); then that default arm with no fault and with each fault
+alone, so the record says what each fault costs and what asynchrony costs by itself. Every arm trains until
 the mean loss of its last 3 evaluations reaches clean sync's (per seed, ≥ 32 evaluation batches per domain)
 or it has folded 3× clean's tokens, on one LR schedule of clean's length in outer steps (later steps train on
 its floor). Training is real; time is virtual (H × `virtual_clock.step_seconds` per task at speed 1), so runs
@@ -53,6 +54,11 @@ ASYNC_DYNAMIC = "async, FedBuff weights, dynamic local steps"
 ASYNC_TOGETHER = "async, FedBuff weights, dynamic local steps, folds what arrived together"
 ARMS = (CLEAN, WAIT_ALL, FIXED, ADAPTIVE, ASYNC_NORMALIZED, ASYNC_SUMMED, ASYNC_DYNAMIC, ASYNC_TOGETHER)
 DEFAULT_ASYNC = ASYNC_TOGETHER  # the arm run as `federation.mode=async` runs by default: the goals are its
+# The default async arm under one fault at a time (and none): what each fault costs, and what async costs alone
+FAULTS = ("slow", "loss", "outage")
+ASYNC_NO_FAULTS = "async (default), no faults"
+FAULT_ARMS = {ASYNC_NO_FAULTS: (), "async (default), the slow node only": ("slow",),
+              "async (default), lost replies only": ("loss",), "async (default), the outage only": ("outage",)}
 PLOT = Path("docs/img/stragglers.png")
 TOKENS_CAP = 3      # an arm that has not reached the target by this multiple of clean's tokens stops
 EVAL_BATCHES = 32   # per domain: a target within a few percent needs evaluations quieter than the default's
@@ -89,11 +95,15 @@ def outage_node(cfg: RunConfig, seed: int) -> int:
     return min(set(range(cfg.federation.num_nodes)) - slow_nodes(faults, cfg.federation.num_nodes))
 
 
-def node_faults(seed: int, outage: tuple[int, float, float] | None) -> list[str]:
-    faults = ["federation.faults.slow_node_fraction=0.25", "federation.faults.slow_factor=3",
-              "federation.faults.drop_probability=0.1", "federation.faults.drop_trace=link",
-              f"federation.faults.seed={seed}"]
-    if outage is not None:
+def node_faults(seed: int, outage: tuple[int, float, float] | None, kinds: tuple[str, ...] = FAULTS) -> list[str]:
+    """The fault overrides of `kinds` (of `FAULTS`), drawn from `seed`: each kind on the same nodes and instants
+    whichever others are on."""
+    faults = [f"federation.faults.seed={seed}"]
+    if "slow" in kinds:
+        faults += ["federation.faults.slow_node_fraction=0.25", "federation.faults.slow_factor=3"]
+    if "loss" in kinds:
+        faults += ["federation.faults.drop_probability=0.1", "federation.faults.drop_trace=link"]
+    if outage is not None and "outage" in kinds:
         node, start, end = outage
         faults.append(f"federation.faults.outage={{{node}: [{start:.6g}, {end:.6g}]}}")
     return faults
@@ -109,7 +119,10 @@ def arm_overrides(arm: str, cfg: RunConfig, seed: int, clean_clock: float | None
         return common + [f"federation.round_timeout_s={4 * nominal}"]
     if clean_clock is None:
         raise ValueError("the faulty arms need the clean run's virtual duration to place the outage")
-    faults = node_faults(seed, (outage_node(cfg, seed), clean_clock / 3, 2 * clean_clock / 3))
+    faults = node_faults(seed, (outage_node(cfg, seed), clean_clock / 3, 2 * clean_clock / 3),
+                         FAULT_ARMS.get(arm, FAULTS))
+    if arm in FAULT_ARMS:
+        arm = DEFAULT_ASYNC
     if arm == WAIT_ALL:  # a backstop only: a dead node's task fails when the node does, and is retried
         return common + faults + [f"federation.round_timeout_s={20 * nominal}"]
     if arm == FIXED:
@@ -222,7 +235,7 @@ def seed_runs(base: RunConfig, out: Path, seed: int, console: Console) -> dict[s
     runs = {CLEAN: clean}
     target = target_of(clean)
     console.print(f"seed {seed}: {CLEAN}: target ppl {math.exp(target):.2f} at {clean['clock']:,.0f} s")
-    for arm in ARMS[1:]:
+    for arm in (*ARMS[1:], *FAULT_ARMS):
         acfg = with_overrides(base, arm_overrides(arm, base, seed, clean["clock"]))
         r = runs[arm] = run_arm(acfg, out / f"seed{seed}" / arm.replace(",", "").replace(" ", "-"), budget, target)
         reached = time_to(r, target)
@@ -249,7 +262,7 @@ def run_stragglers_bench(cfg: RunConfig, out: Path, seeds: int = 4, console: Con
             with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 per_seed = list(pool.map(_seed_runs_in_process, [config_to_dict(base)] * seeds,
                                          [str(out)] * seeds, range(seeds)))
-    runs = {arm: [r[arm] for r in per_seed] for arm in ARMS}  # every arm, this command having run them all
+    runs = {arm: [r[arm] for r in per_seed] for arm in (*ARMS, *FAULT_ARMS)}  # every arm: this command ran them
     data = {"preset": cfg.name, "clients": 8, "k": 4, "nodes": 4, "local_steps": fed.local_steps,
             "rounds": fed.rounds, "batch": t.batch_size, "seq_len": t.seq_len, "budget_tokens": clean_tokens(base),
             "seeds": seeds, "step_seconds": fed.virtual_clock.step_seconds, "tokens_cap": TOKENS_CAP,
@@ -264,7 +277,7 @@ def run_stragglers_bench(cfg: RunConfig, out: Path, seeds: int = 4, console: Con
 def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     runs, budget = data["runs"], data["budget_tokens"]
     out: dict[str, dict[str, Any]] = {}
-    for arm in _arms(runs):
+    for arm in _arms(runs, (*ARMS, *FAULT_ARMS)):
         per_seed = []
         for seed, r in enumerate(runs[arm]):
             target = target_of(runs[CLEAN][seed])
@@ -296,9 +309,9 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _arms(by_arm: dict[str, Any]) -> list[str]:
-    """The arms a record holds, in the table's order (a record from before an arm was added lacks it)."""
-    return [arm for arm in ARMS if arm in by_arm]
+def _arms(by_arm: dict[str, Any], arms: tuple[str, ...] = ARMS) -> list[str]:
+    """Those of `arms` a record holds, in the table's order (a record from before an arm was added lacks it)."""
+    return [arm for arm in arms if arm in by_arm]
 
 
 def _speedup(s: dict[str, dict[str, Any]], slow: str, fast: str) -> float | None:
@@ -337,6 +350,7 @@ def render(data: dict[str, Any]) -> str:
         a = s[arm]
         lines.append(f"| {arm} | {a['goodput']:.1%} | " + " | ".join(f"{a['waste'][k]:.1%}" for k in WASTE) +
                      f" | {a['tail']:.1%} |")
+    lines += _render_fault_costs(s)
     best_deadline = min((FIXED, ADAPTIVE), key=lambda arm: s[arm]["median_time"] or math.inf)
     default = DEFAULT_ASYNC if DEFAULT_ASYNC in s else ASYNC_SUMMED  # the default when an older record was made
     lines += ["", f"Goals ({default}, how async runs by default, under these faults):"]
@@ -352,6 +366,26 @@ def render(data: dict[str, Any]) -> str:
               f"{'met' if a['cost'] <= 0.02 else 'NOT met'}",
               "", f"![perplexity against virtual wall time]({PLOT.relative_to('docs')})"]
     return "\n".join(lines)
+
+
+def _render_fault_costs(s: dict[str, dict[str, Any]]) -> list[str]:
+    """The default async arm under each fault alone, beside all of them and none (absent from older records)."""
+    arms = [*_arms(s, tuple(FAULT_ARMS)), *_arms(s, (DEFAULT_ASYNC,))]
+    if ASYNC_NO_FAULTS not in s:
+        return []
+    lines = ["", f"What each fault costs: {DEFAULT_ASYNC} (async as it runs by default) with no fault, with one "
+             "fault at a time (each on the same node and instants as in the arms above), and with all three:", "",
+             "| faults | virtual time to target (median; per seed) | ppl at clean's tokens | cost vs clean | goodput | "
+             "replies lost | staleness of folded updates |", "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        a = s[arm]
+        label = "all three" if arm == DEFAULT_ASYNC else arm.split(", ", 1)[1]
+        seeds = ", ".join("–" if x is None else f"{x:,.0f}" for x in a["time_to_target"])
+        median = f"{a['median_time']:,.0f} s" if a["median_time"] is not None else "not reached"
+        stale = ", ".join(f"{k}: {v}" for k, v in a["staleness"].items())
+        lines.append(f"| {label} | {median} ({seeds}) | {a['ppl_at_budget']:,.2f} | {a['cost']:+.2%} | "
+                     f"{a['goodput']:.1%} | {a['loss_rate']:.1%} | {stale} |")
+    return lines
 
 
 def render_brief(data: dict[str, Any]) -> str:

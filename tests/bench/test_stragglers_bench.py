@@ -47,6 +47,20 @@ def test_each_arm_is_configured_as_its_label_says(tmp_path):
         s.arm_overrides(s.WAIT_ALL, base, seed=0)
 
 
+def test_each_fault_arm_is_the_default_async_arm_with_only_its_fault(tmp_path):
+    base = with_overrides(tiny_cfg(tmp_path), [*s.SETTING, *s.DEFAULTS])
+    every = with_overrides(base, s.arm_overrides(s.DEFAULT_ASYNC, base, seed=2, clean_clock=900.0)).federation
+    assert len(s.FAULT_ARMS) == 4
+    for arm, kinds in s.FAULT_ARMS.items():
+        fed = with_overrides(base, s.arm_overrides(arm, base, seed=2, clean_clock=900.0)).federation
+        assert fed.model_dump(exclude={"faults"}) == every.model_dump(exclude={"faults"})  # the default async arm
+        f, all3 = fed.faults, every.faults
+        assert slow_nodes(f, 4) == (slow_nodes(all3, 4) if "slow" in kinds else set())
+        assert f.drop_probability == (0.1 if "loss" in kinds else 0.0)
+        assert f.outage == (all3.outage if "outage" in kinds else {})  # the same node, down at the same time
+    assert with_overrides(base, s.arm_overrides(s.ASYNC_NO_FAULTS, base, 2, 900.0)).federation.faults.outage == {}
+
+
 def test_where_node_time_went_adds_up_to_the_nodes_up_time(tiny_prep, tmp_path):
     """An async run with a slow node, lossy links and an outage: every category is a real share of the up-time,
     they add up to it, and the folded share is the training time of the folded tasks."""
@@ -91,7 +105,7 @@ def test_the_target_and_the_time_to_it_are_the_trailing_means():
 
 def _record(times_by_arm):
     runs = {}
-    for arm in s.ARMS:
+    for arm in [a for a in (*s.ARMS, *s.FAULT_ARMS) if a in times_by_arm]:
         runs[arm] = []
         for seed, t in enumerate(times_by_arm[arm]):
             loss = 4.0 if arm == s.CLEAN else 4.01  # clean's target: 4.0; the others 1% worse at its tokens
@@ -127,6 +141,18 @@ def test_the_render_reads_the_record():
     data["summary"] = s.summarize(data)
     assert "| async, FedBuff weights, dynamic" not in s.render(data) and "dynamic" not in s.render_brief(data)
     assert f"{math.exp(0.01) - 1:+.2%}, met" in text
+    assert "What each fault costs" not in text  # a record without the fault arms
+
+
+def test_the_render_says_what_each_fault_costs():
+    times = {arm: [150, 250] for arm in s.ARMS} | {arm: [100, 120] for arm in s.FAULT_ARMS}
+    data = _record(times | {"async (default), the slow node only": [140, None]})
+    text = s.render(data)
+    assert "What each fault costs" in text
+    assert "| no faults | 110 s (100, 120) |" in text and "| lost replies only | 110 s (100, 120) |" in text
+    assert "| the slow node only | not reached (140, –) |" in text
+    assert "| all three | 200 s (150, 250) |" in text
+    assert "| async (default), no faults |" not in text and "no faults" not in s.render_brief(data)
 
 
 def test_the_brief_names_the_first_arm_to_the_target_and_the_busiest():
