@@ -4,11 +4,14 @@ steps on its share of the centralized batch, B/K), over a horizon long enough to
 
 The plan, on one preset (`tiny` by default), in stages, each arm one run (`claims.run.run_arm`, resumable):
 1. `central` (batch B) with its LR swept by the claims rule (a geometric grid grown past an edge); FedAvg
-   η = 1 (the paper) and Nesterov μ = 0.9 at each outer LR of the grid (grown past an edge), each at every H;
-   all at the preset's inner LR, seed 0.
-2. The best Nesterov setting with its inner LR swept the same way.
-3. Headline arms at a second seed (central, the best FedAvg H, the best Nesterov); K = 2 and K = 8 for both
-   outer loops at their best settings (per-replica batch B/K); the best Nesterov on an IID split.
+   η = 1 (the paper) and Nesterov at each momentum μ of its grid and each outer LR of the grid (grown past an
+   edge), each at every H; all at the preset's inner LR, seed 0. The momentum is swept, not fixed at DiLoCo's
+   0.9: what an outer step moves is about η/(1 − μ) of the mean update, and a run of tens of rounds has few
+   rounds to spare for a momentum that remembers ten.
+2. The best Nesterov setting and the best FedAvg H, each with its inner LR swept the same way.
+3. Headline arms at a second seed (central, the best FedAvg H, the best Nesterov); K = 1 (one replica: the
+   outer loop alone, against `central`), 2 and 8 for both outer loops at their best settings (per-replica batch
+   B/K); both on an IID split; Muon inner at the better of the two.
 The horizon is ≥ 20 tokens per non-embedding parameter and ≥ 50 outer rounds at the shortest H. The record
 (docs/results/recipe.json) keeps every arm's overrides and curve; `render` reports the grid, the ratio to
 centralized over the run (25/50/75/100%), bytes per token, and the anchors' published ratios beside ours.
@@ -48,10 +51,10 @@ class RecipePlan:
     steps: int = 1152                                  # global steps S of every arm (each client takes S)
     hs: tuple[int, ...] = (8, 16, 32)                  # local steps per round
     outer_lrs: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0, 1.2)  # Nesterov's outer LR grid (grown past an edge)
-    momentum: float = 0.9
+    momenta: tuple[float, ...] = (0.5, 0.7, 0.9)       # Nesterov's momentum grid (DiLoCo's is 0.9)
     lr_grid: tuple[float, ...] = (0.5, 1.0, 2.0)       # × the preset's LR: central's and the inner sweep's grid
     lr_extend: int = 2                                 # how often a grid may grow past an edge
-    ks: tuple[int, ...] = (2, 8)                       # besides K: per-replica batch B/K
+    ks: tuple[int, ...] = (1, 2, 8)                    # besides K: per-replica batch B/K
     seeds: int = 2                                     # of the headline arms
     jobs: int = 2
     eval_every_steps: int = 32                         # global steps between evaluations, every arm
@@ -70,9 +73,10 @@ def _grow(grid: list[float], scores: dict[float, float], extend: int, step) -> f
     return None
 
 
-def _linear(edge: float, inner: float, _: int) -> float | None:
+def _linear(edge: float, inner: float, _: int) -> float:
+    """One grid step past `edge`, away from `inner`; below the grid's first step, half the edge (never zero)."""
     nxt = round(2 * edge - inner, 3)
-    return nxt if nxt > 0 else None
+    return nxt if nxt > 0 else round(edge / 2, 4)
 
 
 class RecipeArms:
@@ -95,18 +99,25 @@ class RecipeArms:
                                                                                         "train.optimizer=muon"))
 
     def fed(self, outer: str, olr: float, h: int, lr: float, k: int | None = None, split: str = "by-domain",
-            seeds: int = 1, muon: bool = False) -> Arm:
+            seeds: int = 1, muon: bool = False, momentum: float = 0.0) -> Arm:
+        """A federated arm: FedAvg η = 1 (`outer="fedavg"`; `olr` and `momentum` unused) or Nesterov at
+        (`olr`, `momentum`)."""
         k = k or self.plan.clients
         assert self.B % k == 0 and self.plan.steps % h == 0, (k, h)
         every = max(1, self.plan.eval_every_steps // h)
-        tag = "fedavg" if outer == "fedavg" else f"nesterov{olr:g}"
+        tag = "fedavg" if outer == "fedavg" else nesterov_tag(olr, momentum)
         name = f"{tag}-h{h}-k{k}" + ("-iid" if split == "iid" else "") + ("-muon" if muon else "")
-        about = (f"{'FedAvg η=1' if outer == 'fedavg' else f'Nesterov η={olr:g} μ={self.plan.momentum:g}'}, "
+        about = (f"{'FedAvg η=1' if outer == 'fedavg' else f'Nesterov η={olr:g} μ={momentum:g}'}, "
                  f"H={h}, K={k} ({split}), batch {self.B // k} per client" + (", Muon inner" if muon else ""))
         arm = self.rec.fed(name, about, lr, seeds, k=k, h=h, r=self.plan.steps // h, batch=self.B // k,
                            split=split, outer=(outer, olr), eval_every=every)
         extra = ("train.optimizer=muon",) if muon else ()
-        return replace(arm, overrides=(*arm.overrides, f"federation.outer.momentum={self.plan.momentum:g}", *extra))
+        mu = () if outer == "fedavg" else (f"federation.outer.momentum={momentum:g}",)
+        return replace(arm, overrides=(*arm.overrides, *mu, *extra))
+
+
+def nesterov_tag(olr: float, momentum: float) -> str:
+    return f"nesterov{olr:g}-m{momentum:g}"
 
 
 def _final(out: Path, arm: Arm, seed: int = 0) -> float:
@@ -125,40 +136,46 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
         _describe(console, base, plan)
         # 1. central's LR sweep, FedAvg at each H, Nesterov's outer LR grid at each H (seed 0, inner LR lr0)
         lrs = sorted({round_lr(arms.lr0 * x) for x in plan.lr_grid})
-        olrs = {h: sorted(plan.outer_lrs) for h in plan.hs}
+        cells = [(mu, h) for mu in plan.momenta for h in plan.hs]  # each grows its own outer LR grid
+        olrs = {c: sorted(plan.outer_lrs) for c in cells}
         scores_c: dict[float, float] = {}
-        scores_n: dict[int, dict[float, float]] = {h: {} for h in plan.hs}
+        scores_n: dict[tuple[float, int], dict[float, float]] = {c: {} for c in cells}
+
+        def nesterov(c: tuple[float, int], o: float, lr: float = arms.lr0, **kw) -> Arm:
+            return arms.fed("nesterov", o, c[1], lr, momentum=c[0], **kw)
+
         for extension in range(plan.lr_extend + 1):
             jobs = [(arms.central(lr), 0) for lr in lrs if lr not in scores_c]
             if extension == 0:
                 jobs += [(arms.fed("fedavg", 1.0, h, arms.lr0), 0) for h in plan.hs]
-            jobs += [(arms.fed("nesterov", o, h, arms.lr0), 0) for h in plan.hs for o in olrs[h]
-                     if o not in scores_n[h]]
+            jobs += [(nesterov(c, o), 0) for c in cells for o in olrs[c] if o not in scores_n[c]]
             runner.run(jobs, may_fail=True)
             scores_c.update({lr: _final(out, arms.central(lr)) for lr in lrs})
-            for h in plan.hs:
-                scores_n[h].update({o: _final(out, arms.fed("nesterov", o, h, arms.lr0)) for o in olrs[h]})
+            for c in cells:
+                scores_n[c].update({o: _final(out, nesterov(c, o)) for o in olrs[c]})
             left = plan.lr_extend - extension
             grew = False
             if (more := next_grid(lrs, scores_c) if left > 0 else None) is not None:
                 lrs, grew = sorted({*lrs, more}), True
-            for h in plan.hs:
-                if (more := _grow(olrs[h], scores_n[h], left, _linear)) is not None:
-                    olrs[h], grew = sorted({*olrs[h], more}), True
+            for c in cells:
+                if (more := _grow(olrs[c], scores_n[c], left, _linear)) is not None:
+                    olrs[c], grew = sorted({*olrs[c], more}), True
             if not grew:
                 break
         central_lr = min(lrs, key=lambda x: scores_c.get(x, math.inf))
-        best_h, best_olr = min(((h, o) for h in plan.hs for o in olrs[h]),
+        best_c, best_olr = min(((c, o) for c in cells for o in olrs[c]),
                                key=lambda t: scores_n[t[0]].get(t[1], math.inf))
+        best_mu, best_h = best_c
         fedavg_h = min(plan.hs, key=lambda h: _final(out, arms.fed("fedavg", 1.0, h, arms.lr0)))
-        best = {"central_lr": central_lr, "nesterov_h": best_h, "nesterov_lr": best_olr, "inner_lr": arms.lr0,
-                "fedavg_h": fedavg_h, "lr0": arms.lr0}
+        best = {"central_lr": central_lr, "nesterov_h": best_h, "nesterov_lr": best_olr,
+                "nesterov_momentum": best_mu, "inner_lr": arms.lr0, "fedavg_h": fedavg_h, "lr0": arms.lr0}
         grid = {"central": {f"{lr:g}": _num(scores_c.get(lr)) for lr in lrs},
                 "fedavg": {str(h): _num(_final(out, arms.fed("fedavg", 1.0, h, arms.lr0))) for h in plan.hs},
-                "nesterov": {str(h): {f"{o:g}": _num(scores_n[h].get(o)) for o in olrs[h]} for h in plan.hs},
+                "nesterov": {f"{mu:g}": {str(h): {f"{o:g}": _num(scores_n[mu, h].get(o)) for o in olrs[mu, h]}
+                                         for h in plan.hs} for mu in plan.momenta},
                 "inner": {}}
         trained = [*(arms.central(lr) for lr in lrs), *(arms.fed("fedavg", 1.0, h, arms.lr0) for h in plan.hs),
-                   *(arms.fed("nesterov", o, h, arms.lr0) for h in plan.hs for o in olrs[h])]
+                   *(nesterov(c, o) for c in cells for o in olrs[c])]
         # stored after each stage, so a long plan that stops part-way still leaves its finished stages reported
         _store(base, plan, arms, out, 1, best, grid, trained, load, runner, started, console, results_dir)
         # 2. the inner LR of the best setting of each outer loop
@@ -175,7 +192,7 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
             trained.extend(arm_at(lr) for lr in inner)
             return inner, scores
 
-        inner, scores_i = sweep_inner(lambda lr: arms.fed("nesterov", best_olr, best_h, lr))
+        inner, scores_i = sweep_inner(lambda lr: nesterov(best_c, best_olr, lr))
         inner_f, scores_f = sweep_inner(lambda lr: arms.fed("fedavg", 1.0, fedavg_h, lr))
         inner_lr = best["inner_lr"] = min(inner, key=lambda x: scores_i.get(x, math.inf))
         fedavg_lr = best["fedavg_inner_lr"] = min(inner_f, key=lambda x: scores_f.get(x, math.inf))
@@ -184,17 +201,16 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
         _store(base, plan, arms, out, 2, best, grid, trained, load, runner, started, console, results_dir)
         # 3. headline seeds; K, IID for both outer loops; Muon inner at the better of the two
         fedavg_best = arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, seeds=plan.seeds)
-        nesterov_best = arms.fed("nesterov", best_olr, best_h, inner_lr, seeds=plan.seeds)
+        nesterov_best = nesterov(best_c, best_olr, inner_lr, seeds=plan.seeds)
         headline = [arms.central(central_lr, plan.seeds), fedavg_best, nesterov_best]
-        others = [arms.fed("nesterov", best_olr, best_h, inner_lr, split="iid"),
+        others = [nesterov(best_c, best_olr, inner_lr, split="iid"),
                   arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, split="iid")]
         for k in plan.ks:
-            others += [arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, k=k),
-                       arms.fed("nesterov", best_olr, best_h, inner_lr, k=k)]
+            others += [arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, k=k), nesterov(best_c, best_olr, inner_lr, k=k)]
         fedavg_wins = _final(out, fedavg_best) <= _final(out, nesterov_best)
         best["muon_outer"] = "fedavg" if fedavg_wins else "nesterov"
         others.append(arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, muon=True) if fedavg_wins else
-                      arms.fed("nesterov", best_olr, best_h, inner_lr, muon=True))
+                      nesterov(best_c, best_olr, inner_lr, muon=True))
         others.append(arms.central(central_lr, muon=True))  # Muon against Muon, too: the fair ratio
         runner.run([(a, s) for a in headline for s in range(1, a.seeds)] + [(a, 0) for a in others])
         return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, runner, started,
@@ -231,8 +247,9 @@ def _store(base: RunConfig, plan: RecipePlan, arms: RecipeArms, out: Path, stage
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    """The grid as a plot: perplexity over the best `central`'s against the outer LR, a line per H for Nesterov
-    and a marker per H for FedAvg (outer SGD at η = 1, no momentum)."""
+    """The grid as a plot: perplexity over the best `central`'s against the outer LR, a line per (H, μ) for
+    Nesterov (a colour per H, a line style per μ) and a marker per H for FedAvg (outer SGD at η = 1, no
+    momentum)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,11 +258,14 @@ def plot(data: dict[str, Any], path: Path) -> None:
     g, p = data["grid"], data["plan"]
     central = g["central"][f"{data['best']['central_lr']:g}"] if f"{data['best']['central_lr']:g}" in g["central"] \
         else min(v for v in g["central"].values() if v is not None)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ("o:", "s--", "^-", "v-.")
     for i, h in enumerate(p["hs"]):
-        points = sorted((float(lr), v / central) for lr, v in g["nesterov"].get(str(h), {}).items() if v is not None)
-        ax.plot([x for x, _ in points], [y for _, y in points], "o-", color=f"C{i}",
-                label=f"Nesterov μ={p['momentum']:g}, H={h}")
+        for j, mu in enumerate(p["momenta"]):
+            cell = g["nesterov"].get(f"{mu:g}", {}).get(str(h), {})
+            points = sorted((float(lr), v / central) for lr, v in cell.items() if v is not None)
+            ax.plot([x for x, _ in points], [y for _, y in points], styles[j % len(styles)], color=f"C{i}",
+                    label=f"Nesterov μ={mu:g}, H={h}")
         if g["fedavg"].get(str(h)) is not None:
             ax.plot([1.0], [g["fedavg"][str(h)] / central], "*", ms=13, color=f"C{i}", label=f"FedAvg η=1, H={h}")
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
@@ -254,8 +274,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_title(f"{data['preset']}: the outer loop at equal tokens (K = {p['clients']}, inner LR {data['best']['lr0']:g})")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"{data['preset']}: the outer loop at equal tokens (K = {p['clients']}, "
+                 f"inner LR {data['best']['lr0']:g})")
+    ax.legend(fontsize=6, ncol=3)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -300,6 +321,11 @@ def _finals(data: dict[str, Any], key: str) -> dict[str, float]:
     return {s: ppl(r["evals"][-1][2][OVERALL]) for s, r in arm["runs"].items()} if arm else {}
 
 
+def _nesterov(best: dict[str, Any]) -> str:
+    """The best Nesterov setting's arm-name tag."""
+    return nesterov_tag(best["nesterov_lr"], best["nesterov_momentum"])
+
+
 def _ratio_at(data: dict[str, Any], key: str, ref: str, q: float) -> list[float]:
     """Per common seed: the arm's perplexity over the reference's at the first evaluation at ≥ q of the run."""
     a, r = data["arms"].get(key), data["arms"].get(ref)
@@ -337,11 +363,11 @@ def render(data: dict[str, Any]) -> str:
              f"([plot: the ratio against outer LR and H]({PLOT.relative_to('docs')})).", "",
              "| outer | " + " | ".join(f"H={h}" for h in p["hs"]) + " |", "|---|" + "---|" * len(p["hs"])]
     lines.append("| FedAvg η=1 (the paper) | " + " | ".join(cell(g["fedavg"].get(str(h))) for h in p["hs"]) + " |")
-    olrs = sorted({float(o) for h in p["hs"] for o in g["nesterov"].get(str(h), {})})
-    for o in olrs:
-        lines.append(f"| Nesterov η={o:g} μ={p['momentum']:g} | " + " | ".join(
-            cell(g["nesterov"][str(h)][f"{o:g}"]) if f"{o:g}" in g["nesterov"].get(str(h), {}) else "-"
-            for h in p["hs"]) + " |")
+    for mu in p["momenta"]:
+        by_h = g["nesterov"].get(f"{mu:g}", {})
+        for o in sorted({float(o) for h in p["hs"] for o in by_h.get(str(h), {})}):
+            lines.append(f"| Nesterov η={o:g} μ={mu:g} | " + " | ".join(
+                cell(by_h[str(h)][f"{o:g}"]) if f"{o:g}" in by_h.get(str(h), {}) else "-" for h in p["hs"]) + " |")
     lines += ["", "`central`'s LR: " + ", ".join(f"{lr}: {'diverged' if v is None else f'{v:,.1f}'}"
                                                 for lr, v in g["central"].items())
               + f" (best {b['central_lr']:g}). The inner LR of the best Nesterov setting: "
@@ -353,8 +379,8 @@ def render(data: dict[str, Any]) -> str:
     heads = [("`central`", central),
              (f"FedAvg η=1, H={b['fedavg_h']}, inner LR {fa_lr:g}",
               _key(data, f"fedavg-h{b['fedavg_h']}-k{K}", fa_lr)),
-             (f"Nesterov η={b['nesterov_lr']:g}, H={b['nesterov_h']}, inner LR {b['inner_lr']:g}",
-              _key(data, f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}", b["inner_lr"]))]
+             (f"Nesterov η={b['nesterov_lr']:g} μ={b['nesterov_momentum']:g}, H={b['nesterov_h']}, inner LR "
+              f"{b['inner_lr']:g}", _key(data, f"{_nesterov(b)}-h{b['nesterov_h']}-k{K}", b["inner_lr"]))]
     lines += ["Headline arms: the ratio to `central` over the run (mean ± half the range over seeds).", "",
               "| arm | final ppl | 25% | 50% | 75% | 100% | bytes per token | seeds |",
               "|---|---|---|---|---|---|---|---|"]
@@ -375,7 +401,7 @@ def render(data: dict[str, Any]) -> str:
     for label, ratios in ANCHORS:
         lines.append(f"| {label} | " + " | ".join(f"{ratios[k]:.3f}" if k in ratios else "-" for k in ks) + " |")
     for label, name, lr in (("ours: FedAvg η=1", f"fedavg-h{b['fedavg_h']}", fa_lr),
-                            ("ours: Nesterov", f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}", b["inner_lr"])):
+                            ("ours: Nesterov", f"{_nesterov(b)}-h{b['nesterov_h']}", b["inner_lr"])):
         cells = []
         for k in ks:
             r = _ratio_at(data, _key(data, f"{name}-k{k}", lr), central, 1.0)
@@ -383,7 +409,7 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"| {label} (H={name.split('-h')[1]}) | " + " | ".join(cells) + " |")
     extra = []
     for label, name, lr in (("FedAvg η=1", f"fedavg-h{b['fedavg_h']}-k{K}", fa_lr),
-                            ("Nesterov", f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}", b["inner_lr"])):
+                            ("Nesterov", f"{_nesterov(b)}-h{b['nesterov_h']}-k{K}", b["inner_lr"])):
         by_domain = _ratio_at(data, _key(data, name, lr), central, 1.0)
         iid = _ratio_at(data, _key(data, f"{name}-iid", lr), central, 1.0)
         if iid and by_domain:
@@ -395,6 +421,13 @@ def render(data: dict[str, Any]) -> str:
             extra.append(f"- {label} at its best setting with a Muon inner optimizer: ratio {muon[0]:.3f} to "
                          f"`central` with AdamW (AdamW federated: {by_domain[0]:.3f})"
                          + (f", {both[0]:.3f} to `central` with Muon at the same LR" if both else "") + ", seed 0.")
+    one = [(label, _ratio_at(data, _key(data, f"{name}-k1", lr), central, 1.0))
+           for label, name, lr in (("FedAvg η=1", f"fedavg-h{b['fedavg_h']}", fa_lr),
+                                   ("Nesterov", f"{_nesterov(b)}-h{b['nesterov_h']}", b["inner_lr"]))]
+    if all(r for _, r in one):
+        extra.append("- One replica (K = 1, batch B: the outer loop alone against `central`'s steps): "
+                     + ", ".join(f"{label} {r[0]:.3f}" for label, r in one) + ", seed 0 (Charles et al. find "
+                     "DiLoCo with M = 1 at or below data-parallel).")
     if extra:
         lines += ["", *extra]
     return "\n".join(lines)
@@ -408,8 +441,8 @@ def render_brief(data: dict[str, Any]) -> str:
     fa_lr = b.get("fedavg_inner_lr", b["lr0"])
     rows = [("FedAvg (Photon's, the default)", "FedAvg", "1", b["fedavg_h"], fa_lr,
              f"fedavg-h{b['fedavg_h']}-k{K}"),
-            ("DiLoCo's outer loop", f"Nesterov μ={p['momentum']:g}", f"{b['nesterov_lr']:g}", b["nesterov_h"],
-             b["inner_lr"], f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}-k{K}")]
+            ("DiLoCo's outer loop", f"Nesterov μ={b['nesterov_momentum']:g}", f"{b['nesterov_lr']:g}",
+             b["nesterov_h"], b["inner_lr"], f"{_nesterov(b)}-h{b['nesterov_h']}-k{K}")]
     lines = [f"`photon bench recipe` on `{data['preset']}`, K = {K} by-domain clients, equal tokens, each replica "
              "batch B/K (docs/RESULTS.md has the grid):", "",
              "| recipe | outer optimizer | outer LR | H | inner LR | ratio to centralized (final) |",

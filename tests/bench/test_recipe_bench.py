@@ -9,8 +9,8 @@ from tests.helpers import tiny_cfg
 
 from photon.bench.recipe import RecipePlan, _grow, _linear, render, run_recipe_bench
 
-PLAN = RecipePlan("tiny", clients=2, steps=16, hs=(4, 8), outer_lrs=(0.6, 1.0), lr_grid=(1.0, 2.0), lr_extend=0,
-                  ks=(1,), seeds=2, jobs=1, eval_every_steps=8)
+PLAN = RecipePlan("tiny", clients=2, steps=16, hs=(4, 8), outer_lrs=(0.6, 1.0), momenta=(0.5, 0.9),
+                  lr_grid=(1.0, 2.0), lr_extend=0, ks=(1,), seeds=2, jobs=1, eval_every_steps=8)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,13 @@ def test_every_grid_point_and_stage_is_trained_and_stored(recipe_run):
     out, data = recipe_run
     assert data["stages_done"] == 3
     g, b = data["grid"], data["best"]
-    assert set(g["fedavg"]) == {"4", "8"} and all(set(g["nesterov"][h]) == {"0.6", "1"} for h in ("4", "8"))
+    assert set(g["fedavg"]) == {"4", "8"} and set(g["nesterov"]) == {"0.5", "0.9"}
+    assert all(set(g["nesterov"][mu][h]) == {"0.6", "1"} for mu in ("0.5", "0.9") for h in ("4", "8"))
     assert set(g["central"]) == {f"{x:g}" for x in (0.003, 0.006)}
     assert set(g["inner"]) == set(g["inner_fedavg"]) == set(g["central"])
     names = {a["name"] for a in data["arms"].values()}
-    fed_h, nes = f"h{b['fedavg_h']}", f"nesterov{b['nesterov_lr']:g}-h{b['nesterov_h']}"
+    fed_h = f"h{b['fedavg_h']}"
+    nes = f"nesterov{b['nesterov_lr']:g}-m{b['nesterov_momentum']:g}-h{b['nesterov_h']}"
     assert {f"fedavg-{fed_h}-k2-iid", f"{nes}-k2-iid", f"fedavg-{fed_h}-k1", f"{nes}-k1"} <= names
     assert any(n.endswith("-muon") for n in names)
     headline = (f"central@{b['central_lr']:g}", f"fedavg-{fed_h}-k2@{b['fedavg_inner_lr']:g}",
@@ -37,6 +39,10 @@ def test_every_grid_point_and_stage_is_trained_and_stored(recipe_run):
         assert set(data["arms"][key]["runs"]) == {"0", "1"}, key  # the headline arms have every seed
     muon = next(a for a in data["arms"].values() if a["name"].endswith("-muon"))
     assert "train.optimizer=muon" in muon["overrides"]
+    for arm in data["arms"].values():  # each Nesterov arm runs at the momentum its name gives
+        if arm["name"].startswith("nesterov"):
+            mu = arm["name"].split("-m")[1].split("-")[0]
+            assert [o for o in arm["overrides"] if o.startswith("federation.outer.momentum=")][-1].endswith(f"={mu}")
     stored = json.loads((out / "results" / "recipe.json").read_text())["data"]
     assert render(stored) == render(json.loads(json.dumps(stored))) == render(data)
 
@@ -57,5 +63,5 @@ def test_a_grid_grows_one_step_past_the_edge_that_holds_the_best():
     assert _grow([0.4, 0.6], {0.4: 1.0, 0.6: 2.0}, 1, _linear) == pytest.approx(0.2)
     assert _grow([0.4, 0.6], {0.4: 2.0, 0.6: 1.0}, 1, _linear) == pytest.approx(0.8)
     assert _grow([0.4, 0.6, 0.8], {0.4: 2.0, 0.6: 1.0, 0.8: 3.0}, 1, _linear) is None
-    assert _grow([0.2, 0.4], {0.2: 1.0, 0.4: 2.0}, 1, _linear) is None  # never to zero
+    assert _grow([0.2, 0.4], {0.2: 1.0, 0.4: 2.0}, 1, _linear) == pytest.approx(0.1)  # halves: never to zero
     assert _grow([0.4, 0.6], {0.4: 1.0}, 0, _linear) is None  # no growth left
