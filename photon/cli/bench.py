@@ -178,8 +178,8 @@ def bench_recipe(
     = Path("runs/bench-recipe"),
 ) -> None:
     """The outer loop against centralized training at equal tokens, in the DiLoCo anchors' protocol (each
-    replica batch B/K, every replica takes the centralized steps): FedAvg η=1 and Nesterov over a grid of outer
-    LRs and H, the inner LR, K and the split; stores docs/results/recipe.json."""
+    replica batch B/K, every replica takes the centralized steps): FedAvg η=1 and Nesterov over a grid of
+    momenta, outer LRs and H, the inner LR, K and the split; stores docs/results/recipe.json."""
     from photon.bench.recipe import RecipePlan, run_recipe_bench
 
     cfg = flags_config(preset, overrides)
