@@ -209,12 +209,18 @@ def run_recipe_bench(cfg: RunConfig, out: Path, plan: RecipePlan, console: Conso
             others += [arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, k=k), nesterov(best_c, best_olr, inner_lr, k=k)]
         fedavg_wins = _final(out, fedavg_best) <= _final(out, nesterov_best)
         best["muon_outer"] = "fedavg" if fedavg_wins else "nesterov"
-        others.append(arms.fed("fedavg", 1.0, fedavg_h, fedavg_lr, muon=True) if fedavg_wins else
-                      nesterov(best_c, best_olr, inner_lr, muon=True))
-        others.append(arms.central(central_lr, muon=True))  # Muon against Muon, too: the fair ratio
         runner.run([(a, s) for a in headline for s in range(1, a.seeds)] + [(a, 0) for a in others])
-        return _store(base, plan, arms, out, 3, best, grid, [*trained, *headline, *others], load, runner, started,
-                      console, results_dir)
+        trained += [*headline, *others]
+        # Muon inner at the better outer loop, and `central` with Muon (the fair ratio), each at its own best LR:
+        # Muon's update is scaled to AdamW's RMS, but the best LR of the two need not be the same
+        muon, scores_m = sweep_inner(lambda lr: arms.fed("fedavg", 1.0, fedavg_h, lr, muon=True) if fedavg_wins
+                                     else nesterov(best_c, best_olr, lr, muon=True))
+        central_muon, scores_cm = sweep_inner(lambda lr: arms.central(lr, muon=True))
+        best["muon_lr"] = min(muon, key=lambda x: scores_m.get(x, math.inf))
+        best["central_muon_lr"] = min(central_muon, key=lambda x: scores_cm.get(x, math.inf))
+        grid["muon"] = {f"{lr:g}": _num(scores_m.get(lr)) for lr in muon}
+        grid["central_muon"] = {f"{lr:g}": _num(scores_cm.get(lr)) for lr in central_muon}
+        return _store(base, plan, arms, out, 3, best, grid, trained, load, runner, started, console, results_dir)
 
 
 def _store(base: RunConfig, plan: RecipePlan, arms: RecipeArms, out: Path, stage: int, best: dict[str, Any],
@@ -415,12 +421,20 @@ def render(data: dict[str, Any]) -> str:
         if iid and by_domain:
             extra.append(f"- {label} at its best setting, K = {K}: ratio {by_domain[0]:.3f} by domain, "
                          f"{iid[0]:.3f} on an IID split (the anchors' data), seed 0.")
-        muon = _ratio_at(data, _key(data, f"{name}-muon", lr), central, 1.0)
-        both = _ratio_at(data, _key(data, f"{name}-muon", lr), _key(data, "central-muon", b["central_lr"]), 1.0)
+        m_lr, cm_lr = b.get("muon_lr", lr), b.get("central_muon_lr", b["central_lr"])
+        muon = _ratio_at(data, _key(data, f"{name}-muon", m_lr), central, 1.0)
+        both = _ratio_at(data, _key(data, f"{name}-muon", m_lr), _key(data, "central-muon", cm_lr), 1.0)
         if muon and by_domain:
-            extra.append(f"- {label} at its best setting with a Muon inner optimizer: ratio {muon[0]:.3f} to "
-                         f"`central` with AdamW (AdamW federated: {by_domain[0]:.3f})"
-                         + (f", {both[0]:.3f} to `central` with Muon at the same LR" if both else "") + ", seed 0.")
+            swept = "muon_lr" in b
+            extra.append(f"- {label} at its best setting with a Muon inner optimizer (LR {m_lr:g}"
+                         + (", its best" if swept else "") + f"): ratio {muon[0]:.3f} to `central` with AdamW "
+                         f"(AdamW federated: {by_domain[0]:.3f})"
+                         + (f", {both[0]:.3f} to `central` with Muon at LR {cm_lr:g}"
+                            + (" (its best)" if swept else "") if both else "") + ", seed 0.")
+    for label, key in (("the federated Muon arm", "muon"), ("`central` with Muon", "central_muon")):
+        if g.get(key):
+            extra.append(f"- The LR of {label}: " + ", ".join(
+                f"{lr}: {'diverged' if v is None else f'{v:,.1f}'}" for lr, v in g[key].items()) + ".")
     one = [(label, _ratio_at(data, _key(data, f"{name}-k1", lr), central, 1.0))
            for label, name, lr in (("FedAvg η=1", f"fedavg-h{b['fedavg_h']}", fa_lr),
                                    ("Nesterov", f"{_nesterov(b)}-h{b['nesterov_h']}", b["inner_lr"]))]
@@ -441,7 +455,7 @@ def render_brief(data: dict[str, Any]) -> str:
     fa_lr = b.get("fedavg_inner_lr", b["lr0"])
     rows = [("FedAvg (Photon's, the default)", "FedAvg", "1", b["fedavg_h"], fa_lr,
              f"fedavg-h{b['fedavg_h']}-k{K}"),
-            ("DiLoCo's outer loop", f"Nesterov μ={b['nesterov_momentum']:g}", f"{b['nesterov_lr']:g}",
+            ("Nesterov, tuned (DiLoCo's outer loop)", f"Nesterov μ={b['nesterov_momentum']:g}", f"{b['nesterov_lr']:g}",
              b["nesterov_h"], b["inner_lr"], f"{_nesterov(b)}-h{b['nesterov_h']}-k{K}")]
     lines = [f"`photon bench recipe` on `{data['preset']}`, K = {K} by-domain clients, equal tokens, each replica "
              "batch B/K (docs/RESULTS.md has the grid):", "",
@@ -450,8 +464,10 @@ def render_brief(data: dict[str, Any]) -> str:
     for label, outer, olr, h, lr, name in rows:
         ratio = _ratio_at(data, _key(data, name, lr), central, 1.0)
         lines.append(f"| {label} | {outer} | {olr} | {h} | {lr:g} | {_fmt(ratio, 3)} |")
-        muon = _ratio_at(data, _key(data, f"{name}-muon", lr), _key(data, "central-muon", b["central_lr"]), 1.0)
+        m_lr = b.get("muon_lr", lr)
+        muon = _ratio_at(data, _key(data, f"{name}-muon", m_lr),
+                         _key(data, "central-muon", b.get("central_muon_lr", b["central_lr"])), 1.0)
         if muon:
-            lines.append(f"| {label}, Muon inner (against `central` with Muon) | {outer} | {olr} | {h} | {lr:g} | "
+            lines.append(f"| {label}, Muon inner (against `central` with Muon) | {outer} | {olr} | {h} | {m_lr:g} | "
                          f"{_fmt(muon, 3)} |")
     return "\n".join(lines)

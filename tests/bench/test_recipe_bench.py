@@ -39,6 +39,8 @@ def test_every_grid_point_and_stage_is_trained_and_stored(recipe_run):
         assert set(data["arms"][key]["runs"]) == {"0", "1"}, key  # the headline arms have every seed
     muon = next(a for a in data["arms"].values() if a["name"].endswith("-muon"))
     assert "train.optimizer=muon" in muon["overrides"]
+    assert set(g["muon"]) == set(g["central_muon"]) == set(g["central"])  # Muon's LR swept on both sides
+    assert f"central-muon@{b['central_muon_lr']:g}" in data["arms"] and b["muon_lr"] in {0.003, 0.006}
     for arm in data["arms"].values():  # each Nesterov arm runs at the momentum its name gives
         if arm["name"].startswith("nesterov"):
             mu = arm["name"].split("-m")[1].split("-")[0]
