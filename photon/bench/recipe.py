@@ -455,8 +455,8 @@ def render_brief(data: dict[str, Any]) -> str:
     fa_lr = b.get("fedavg_inner_lr", b["lr0"])
     rows = [("FedAvg (Photon's, the default)", "FedAvg", "1", b["fedavg_h"], fa_lr,
              f"fedavg-h{b['fedavg_h']}-k{K}"),
-            ("Nesterov, tuned (DiLoCo's outer loop)", f"Nesterov μ={b['nesterov_momentum']:g}", f"{b['nesterov_lr']:g}",
-             b["nesterov_h"], b["inner_lr"], f"{_nesterov(b)}-h{b['nesterov_h']}-k{K}")]
+            ("Nesterov, tuned (DiLoCo's outer loop)", f"Nesterov μ={b['nesterov_momentum']:g}",
+             f"{b['nesterov_lr']:g}", b["nesterov_h"], b["inner_lr"], f"{_nesterov(b)}-h{b['nesterov_h']}-k{K}")]
     lines = [f"`photon bench recipe` on `{data['preset']}`, K = {K} by-domain clients, equal tokens, each replica "
              "batch B/K (docs/RESULTS.md has the grid):", "",
              "| recipe | outer optimizer | outer LR | H | inner LR | ratio to centralized (final) |",
