@@ -103,6 +103,14 @@ def test_the_target_and_the_time_to_it_are_the_trailing_means():
     assert s.loss_at_tokens({"evals": evals}, 9) == (4.0, False)
 
 
+def test_the_capacity_bound_is_when_the_faulty_machines_can_have_done_clean_s_training():
+    clean = {"clock": 1000.0, "node_time": {"folded": 4000.0}}
+    # two full-speed nodes, one at a third, one down from 333 to 667 s: (2 + 1/3 + 1) t - 333.3 = 4000
+    assert s.capacity_bound(clean, 4) == pytest.approx(1300.0)
+    short = {"clock": 1000.0, "node_time": {"folded": 300.0}}  # done before the outage: 3 1/3 t = 300
+    assert s.capacity_bound(short, 4) == pytest.approx(90.0)
+
+
 def _record(times_by_arm):
     runs = {}
     for arm in [a for a in (*s.ARMS, *s.FAULT_ARMS) if a in times_by_arm]:
@@ -114,7 +122,7 @@ def _record(times_by_arm):
             node = {"up": 1000.0, "folded": 900.0, "tail": 0.0, "lost": 20.0, "cancelled": 10.0, "refused": 5.0,
                     "died": 5.0, "idle": 55.0, "transfer": 5.0}
             runs[arm].append({"evals": evals, "node_time": node, "loss_rate": 0.1, "dropped": 0.0, "tokens": 100,
-                              "staleness": {"0": 3}})
+                              "staleness": {"0": 3}, "clock": 30.0})
     data = {"preset": "tiny", "clients": 8, "k": 4, "nodes": 4, "local_steps": 32, "rounds": 32, "batch": 8,
             "seq_len": 64, "budget_tokens": 100, "seeds": 2, "step_seconds": 1.0, "tokens_cap": 3,
             "eval_batches": 32, "eval_every": 2, "runs": runs}
@@ -135,6 +143,9 @@ def test_the_render_reads_the_record():
     assert "than the best deadline arm (sync, fixed deadline): not measurable" in text
     assert "| async, FedBuff weights | 90.0% | 2.0% | 1.0% | 0.5% | 0.5% | 5.5% | 0.5% | 0.0% |" in text
     assert "- goodput ≥ 93%: 90.0%, NOT met" in text
+    bound = s.capacity_bound(data["runs"][s.CLEAN][0], 4)
+    assert f"no arm can reach the target before {bound:,.0f} s" in text
+    assert f"1.75×, met (at most {350 / bound:.2f}× is possible" in text  # wait-all: 350 s
     assert "| async, FedBuff weights, dynamic local steps | 220 s (180, 260; reached 2/2) |" in text
     for arm in (s.ASYNC_DYNAMIC, s.ASYNC_TOGETHER):  # a record from before these arms were added still renders
         del data["runs"][arm]
