@@ -215,10 +215,13 @@ def trailing(evals: list[list[float]]) -> list[tuple[float, float, float]]:
 
 def capacity_bound(clean: dict[str, Any], nodes: int) -> float:
     """The earliest virtual time at which the faulty machines can have done the training clean sync folded to
-    reach its target (its folded node-time), were every second of theirs folded and no token worth less than
-    in clean sync: the slow node at 1/`SLOW_FACTOR` speed, the outage node idle for the middle third of clean's
-    duration. No arm can reach the target sooner. Solved by bisection on the capacity, which grows with time."""
-    work, start, end = clean["node_time"]["folded"], clean["clock"] / 3, 2 * clean["clock"] / 3
+    reach its target (its folded node-time, which grows evenly: equal nodes, no faults), were every second of
+    theirs folded and no token worth less than in clean sync: the slow node at 1/`SLOW_FACTOR` speed, the
+    outage node idle for the middle third of clean's duration. No arm can reach the target sooner. Solved by
+    bisection on the capacity, which grows with time."""
+    reached = time_to(clean, target_of(clean))
+    work = clean["node_time"]["folded"] * reached / clean["clock"]
+    start, end = clean["clock"] / 3, 2 * clean["clock"] / 3
     slow = round(SLOW_FRACTION * nodes)
 
     def capacity(t: float) -> float:

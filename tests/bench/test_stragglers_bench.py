@@ -104,11 +104,13 @@ def test_the_target_and_the_time_to_it_are_the_trailing_means():
 
 
 def test_the_capacity_bound_is_when_the_faulty_machines_can_have_done_clean_s_training():
-    clean = {"clock": 1000.0, "node_time": {"folded": 4000.0}}
+    evals = [[0, 0, 7.0], [250, 1, 6.0], [500, 2, 5.0], [750, 3, 4.0], [1000, 4, 4.0]]
+    clean = {"clock": 1000.0, "node_time": {"folded": 4000.0}, "evals": evals}  # its target, 4.0, at the end
     # two full-speed nodes, one at a third, one down from 333 to 667 s: (2 + 1/3 + 1) t - 333.3 = 4000
     assert s.capacity_bound(clean, 4) == pytest.approx(1300.0)
-    short = {"clock": 1000.0, "node_time": {"folded": 300.0}}  # done before the outage: 3 1/3 t = 300
-    assert s.capacity_bound(short, 4) == pytest.approx(90.0)
+    # trailing means 5, 4, 4.17: its target (4.17) first reached at 750 s, after 3000 node-seconds of work
+    early = {**clean, "evals": [[0, 0, 7.0], [250, 1, 4.0], [500, 2, 4.0], [750, 3, 4.0], [1000, 4, 4.5]]}
+    assert s.capacity_bound(early, 4) == pytest.approx(1000.0)
 
 
 def _record(times_by_arm):
