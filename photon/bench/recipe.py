@@ -327,6 +327,23 @@ def _finals(data: dict[str, Any], key: str) -> dict[str, float]:
     return {s: ppl(r["evals"][-1][2][OVERALL]) for s, r in arm["runs"].items()} if arm else {}
 
 
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A record from before the momentum was swept (one `momentum`, grid and arm names without it) in
+    today's shape; today's records unchanged."""
+    p = data["plan"]
+    if "momenta" in p:
+        return data
+    mu = p["momentum"]
+    tag = f"-m{mu:g}-h"
+
+    def renamed(name: str) -> str:
+        return name.replace("-h", tag, 1) if name.startswith("nesterov") else name
+
+    arms = {renamed(k): {**a, "name": renamed(a["name"])} for k, a in data["arms"].items()}
+    return {**data, "plan": {**p, "momenta": [mu]}, "best": {**data["best"], "nesterov_momentum": mu},
+            "grid": {**data["grid"], "nesterov": {f"{mu:g}": data["grid"]["nesterov"]}}, "arms": arms}
+
+
 def _nesterov(best: dict[str, Any]) -> str:
     """The best Nesterov setting's arm-name tag."""
     return nesterov_tag(best["nesterov_lr"], best["nesterov_momentum"])
@@ -349,6 +366,7 @@ def _ratio_at(data: dict[str, Any], key: str, ref: str, q: float) -> list[float]
 
 
 def render(data: dict[str, Any]) -> str:
+    data = _upgrade(data)
     b, g, p = data["best"], data["grid"], data["plan"]
     K = p["clients"]
     fa_lr = b.get("fedavg_inner_lr", b["lr0"])
@@ -449,6 +467,7 @@ def render(data: dict[str, Any]) -> str:
 
 def render_brief(data: dict[str, Any]) -> str:
     """The README's table: each outer loop at its best measured setting, and which one `photon run` uses."""
+    data = _upgrade(data)
     b, p = data["best"], data["plan"]
     K = p["clients"]
     central = _key(data, "central", b["central_lr"])

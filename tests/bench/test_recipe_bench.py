@@ -67,3 +67,17 @@ def test_a_grid_grows_one_step_past_the_edge_that_holds_the_best():
     assert _grow([0.4, 0.6, 0.8], {0.4: 2.0, 0.6: 1.0, 0.8: 3.0}, 1, _linear) is None
     assert _grow([0.2, 0.4], {0.2: 1.0, 0.4: 2.0}, 1, _linear) == pytest.approx(0.1)  # halves: never to zero
     assert _grow([0.4, 0.6], {0.4: 1.0}, 0, _linear) is None  # no growth left
+
+
+def test_a_record_from_before_the_momentum_was_swept_still_renders(recipe_run):
+    _, data = recipe_run
+    old = json.loads(json.dumps(data))
+    plan, best = old["plan"], old["best"]
+    del plan["momenta"]
+    plan["momentum"] = 0.9
+    old["grid"]["nesterov"] = old["grid"]["nesterov"]["0.9"]
+    del best["nesterov_momentum"]
+    old["arms"] = {k.replace("-m0.9-h", "-h"): {**a, "name": a["name"].replace("-m0.9-h", "-h")}
+                   for k, a in old["arms"].items() if "-m0.5-" not in k}
+    text = render(old)
+    assert "| Nesterov η=0.6 μ=0.9 |" in text and "μ=0.5" not in text
