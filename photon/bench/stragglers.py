@@ -48,7 +48,8 @@ from photon.runlog import read_metrics
 from photon.train.evaluate import perplexity
 from photon.transport.virtual_clock import VirtualClockTransport
 
-CLEAN, WAIT_ALL, FIXED, ADAPTIVE = "clean sync", "sync, waits for all", "sync, fixed deadline", "sync, adaptive deadline"
+CLEAN, WAIT_ALL = "clean sync", "sync, waits for all"
+FIXED, ADAPTIVE = "sync, fixed deadline", "sync, adaptive deadline"
 ASYNC_NORMALIZED, ASYNC_SUMMED = "async, normalized weights", "async, FedBuff weights"
 ASYNC_DYNAMIC = "async, FedBuff weights, dynamic local steps"
 ASYNC_TOGETHER = "async, FedBuff weights, dynamic local steps, folds what arrived together"

@@ -27,7 +27,8 @@ def test_each_arm_is_configured_as_its_label_says(tmp_path):
         fed = cfg.federation
         f = fed.faults
         faults.add(f.model_dump_json())
-        assert (f.slow_node_fraction, f.slow_factor, f.drop_probability, f.drop_trace, f.seed) == (0.25, 3, 0.1, "link", 2)
+        drawn = (f.slow_node_fraction, f.slow_factor, f.drop_probability, f.drop_trace, f.seed)
+        assert drawn == (0.25, 3, 0.1, "link", 2)
         (node, window), = f.outage.items()
         assert window == (300.0, 600.0) and node not in slow_nodes(f, 4)
         assert fed.aggregation == "mean" and fed.min_cosine is None and fed.resend_lost > 0
