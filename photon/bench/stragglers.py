@@ -218,22 +218,18 @@ def capacity_bound(clean: dict[str, Any], nodes: int) -> float:
     """The earliest virtual time at which the faulty machines can have done the training clean sync folded to
     reach its target (its folded node-time, which grows evenly: equal nodes, no faults), were every second of
     theirs folded and no token worth less than in clean sync: the slow node at 1/`SLOW_FACTOR` speed, the
-    outage node idle for the middle third of clean's duration. No arm can reach the target sooner. Solved by
-    bisection on the capacity, which grows with time."""
+    outage node idle for the middle third of clean's duration. No arm can reach the target sooner. The
+    capacity grows at `rate` node-seconds per second, one less during the outage: solved piece by piece."""
     reached = time_to(clean, target_of(clean))
     work = clean["node_time"]["folded"] * reached / clean["clock"]
     start, end = clean["clock"] / 3, 2 * clean["clock"] / 3
     slow = round(SLOW_FRACTION * nodes)
-
-    def capacity(t: float) -> float:
-        return (nodes - 1 - slow) * t + slow * t / SLOW_FACTOR + t - max(0.0, min(t, end) - min(t, start))
-
-    lo, hi = 0.0, 1.0
-    while capacity(hi) < work:
-        hi *= 2
-    for _ in range(60):
-        lo, hi = (lo, (lo + hi) / 2) if capacity((lo + hi) / 2) >= work else ((lo + hi) / 2, hi)
-    return hi
+    rate = nodes - slow + slow / SLOW_FACTOR
+    if work <= rate * start:  # done before the outage
+        return work / rate
+    if work <= rate * end - (end - start):  # done during it
+        return start + (work - rate * start) / (rate - 1)
+    return (work + end - start) / rate
 
 
 def target_of(clean: dict[str, Any]) -> float:
@@ -361,10 +357,8 @@ def render(data: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in _arms(s):
         a = s[arm]
-        seeds = ", ".join("–" if x is None else f"{x:,.0f}" for x in a["time_to_target"])
-        median = f"{a['median_time']:,.0f} s" if a["median_time"] is not None else "not reached"
+        median, seeds, stale = _cells(a)
         ppl = f"{a['ppl_at_budget']:,.2f}" + ("" if a["all_at_budget"] else " (a seed stopped sooner, at the target)")
-        stale = ", ".join(f"{k}: {v}" for k, v in a["staleness"].items())
         lines.append(f"| {arm} | {median} ({seeds}; reached {a['reached']}) | {ppl} | {a['cost']:+.2%} | "
                      f"{a['tokens']:.2f}× | {a['goodput']:.1%} | {a['loss_rate']:.1%} | {a['dropped']:.1%} | {stale} |")
     lines += ["", "Where the node-time went (share of steady-state node-time: time nodes were up, less the "
@@ -401,6 +395,13 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cells(a: dict[str, Any]) -> tuple[str, str, str]:
+    """An arm summary's median time to target, its per-seed times and its staleness counts, as table cells."""
+    median = f"{a['median_time']:,.0f} s" if a["median_time"] is not None else "not reached"
+    seeds = ", ".join("–" if x is None else f"{x:,.0f}" for x in a["time_to_target"])
+    return median, seeds, ", ".join(f"{k}: {v}" for k, v in a["staleness"].items())
+
+
 def _render_fault_costs(s: dict[str, dict[str, Any]]) -> list[str]:
     """The default async arm under each fault alone, beside all of them and none (absent from older records)."""
     arms = [*_arms(s, tuple(FAULT_ARMS)), *_arms(s, (DEFAULT_ASYNC,))]
@@ -413,9 +414,7 @@ def _render_fault_costs(s: dict[str, dict[str, Any]]) -> list[str]:
     for arm in arms:
         a = s[arm]
         label = "all three" if arm == DEFAULT_ASYNC else arm.split(", ", 1)[1]
-        seeds = ", ".join("–" if x is None else f"{x:,.0f}" for x in a["time_to_target"])
-        median = f"{a['median_time']:,.0f} s" if a["median_time"] is not None else "not reached"
-        stale = ", ".join(f"{k}: {v}" for k, v in a["staleness"].items())
+        median, seeds, stale = _cells(a)
         lines.append(f"| {label} | {median} ({seeds}) | {a['ppl_at_budget']:,.2f} | {a['cost']:+.2%} | "
                      f"{a['goodput']:.1%} | {a['loss_rate']:.1%} | {stale} |")
     return lines
@@ -427,8 +426,7 @@ def render_brief(data: dict[str, Any]) -> str:
     cells, arms = [], _arms(s)[1:]
     for arm in arms:
         a = s[arm]
-        when = f"{a['median_time']:,.0f} s" if a["median_time"] is not None else "not reached"
-        cells.append(f"| {arm} | {when} | {a['cost']:+.1%} | {a['goodput']:.1%} |")
+        cells.append(f"| {arm} | {_cells(a)[0]} | {a['cost']:+.1%} | {a['goodput']:.1%} |")
     clean = s[CLEAN]["median_time"]
     fastest = min(arms, key=lambda arm: s[arm]["median_time"] or math.inf)
     busiest = max(arms, key=lambda arm: s[arm]["goodput"])
